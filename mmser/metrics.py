@@ -1,0 +1,108 @@
+"""Metrics as pure functions, and the paper's Table 11 aggregation.
+
+- UA (unweighted average recall) = mean of per-class recalls: the paper's headline metric.
+- WA (weighted accuracy) = overall accuracy.
+- macro-F1 = mean of per-class F1.
+Classes absent from `y_true` are left out of UA and macro-F1 (their recall is undefined), and the
+classes used are reported. Built on scikit-learn where it does the same thing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.metrics import confusion_matrix as _sk_confusion
+
+
+def confusion(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> np.ndarray:
+    """Confusion matrix C[i, j] = count of true class i predicted as j."""
+    return _sk_confusion(np.asarray(y_true), np.asarray(y_pred), labels=list(range(num_classes)))
+
+
+def per_class_recall(cm: np.ndarray) -> np.ndarray:
+    """Recall per class; NaN for a class with no true examples."""
+    support = cm.sum(axis=1).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(support > 0, np.diag(cm) / np.maximum(support, 1), np.nan)
+
+
+def per_class_f1(cm: np.ndarray) -> np.ndarray:
+    tp = np.diag(cm).astype(float)
+    support = cm.sum(axis=1).astype(float)
+    predicted = cm.sum(axis=0).astype(float)
+    denom = support + predicted
+    f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+    return np.where(support > 0, f1, np.nan)
+
+
+def ua(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> float:
+    """Unweighted average recall over the classes present in y_true."""
+    return float(np.nanmean(per_class_recall(confusion(y_true, y_pred, num_classes))))
+
+
+def wa(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+    """Weighted accuracy = overall accuracy."""
+    t, p = np.asarray(y_true), np.asarray(y_pred)
+    if t.size == 0:
+        raise ValueError("wa: empty input")
+    return float((t == p).mean())
+
+
+def macro_f1(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> float:
+    """Mean F1 over the classes present in y_true."""
+    return float(np.nanmean(per_class_f1(confusion(y_true, y_pred, num_classes))))
+
+
+def classification_report(
+    y_true: Sequence[int], y_pred: Sequence[int], class_names: Sequence[str]
+) -> dict:
+    """All metrics of one evaluation, JSON-ready."""
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"length mismatch: {len(y_true)} labels vs {len(y_pred)} predictions")
+    if len(y_true) == 0:
+        raise ValueError("classification_report: no examples")
+    k = len(class_names)
+    cm = confusion(y_true, y_pred, k)
+    rec = per_class_recall(cm)
+    return {
+        "ua": float(np.nanmean(rec)),
+        "wa": wa(y_true, y_pred),
+        "macro_f1": float(np.nanmean(per_class_f1(cm))),
+        "n": int(len(y_true)),
+        "classes": list(class_names),
+        "per_class_recall": {c: (None if np.isnan(r) else float(r)) for c, r in zip(class_names, rec)},
+        "support": {c: int(s) for c, s in zip(class_names, cm.sum(axis=1))},
+        "confusion": cm.tolist(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Table 11: per session mean ± std (ddof 0) over seeds; "Average" = mean of the session means.
+# --------------------------------------------------------------------------------------------
+
+
+def table11(scores: dict[int, Sequence[float]]) -> dict:
+    """Aggregate {session: [score per seed]} the way the paper's Table 11 does.
+
+    Returns {"sessions": {s: {"mean", "std", "n"}}, "average": mean of session means,
+    "std_of_session_means": population std of the session means}. Never best-of-N.
+    """
+    if not scores:
+        raise ValueError("table11: no scores")
+    sessions = {}
+    for s in sorted(scores):
+        v = np.asarray(scores[s], dtype=float)
+        if v.size == 0:
+            raise ValueError(f"table11: session {s} has no scores")
+        sessions[s] = {"mean": float(v.mean()), "std": float(v.std(ddof=0)), "n": int(v.size)}
+    means = np.array([sessions[s]["mean"] for s in sessions])
+    return {
+        "sessions": sessions,
+        "average": float(means.mean()),
+        "std_of_session_means": float(means.std(ddof=0)),
+    }
+
+
+def format_mean_std(mean: float, std: float, scale: float = 100.0, digits: int = 1) -> str:
+    return f"{mean * scale:.{digits}f}±{std * scale:.{digits}f}"
