@@ -5,6 +5,7 @@
     mmser folds MANIFEST [-c cfg.yaml ... key=value ...]
     mmser train -c configs/vft.yaml --session 1 --seed 0 [key=value ...]
     mmser cv -c configs/vft.yaml --sessions 1-5 --seeds 5 [key=value ...]
+    mmser compare runs/vft runs/tapt ... --out runs/compare
     mmser transcribe MANIFEST --backend faster-whisper --model tiny.en --out FILE
     mmser demo [--out DIR]
 """
@@ -98,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experiment folder (default: output_dir/experiment)")
     _add_config_args(p)
 
+    p = sub.add_parser("compare", help="one comparison table + plot over several experiment folders")
+    p.add_argument("experiments", nargs="+", type=Path, help="experiment folders (cv outputs)")
+    p.add_argument("--out", type=Path, required=True, help="folder for comparison.md/.csv/.png")
+
     p = sub.add_parser("transcribe", help="Whisper ASR over a manifest, cached JSONL + WER")
     p.add_argument("manifest", type=Path)
     p.add_argument("--backend", choices=["faster-whisper", "openai-whisper"], default="faster-whisper")
@@ -169,6 +174,14 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         summary = run_cv(cfg, sessions=args.sessions, seeds=args.seeds, out_dir=out, command=command)
         print(summary.markdown)
         return 0 if not summary.failed else 1
+    if args.command == "compare":
+        from mmser.report import collect, plot_comparison, write_summary
+
+        results = [collect(e) for e in args.experiments]
+        command = "mmser compare " + " ".join(map(str, args.experiments)) + f" --out {args.out}"
+        print(write_summary(results, args.out, command=command, stem="comparison"))
+        plot_comparison(results, args.out / "comparison_ua.png")
+        return 0
     if args.command == "transcribe":
         from mmser.text.transcribe import transcribe_manifest
 

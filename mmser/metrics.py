@@ -86,7 +86,8 @@ def table11(scores: dict[int, Sequence[float]]) -> dict:
     """Aggregate {session: [score per seed]} the way the paper's Table 11 does.
 
     Returns {"sessions": {s: {"mean", "std", "n"}}, "average": mean of session means,
-    "std_of_session_means": population std of the session means}. Never best-of-N.
+    "std_of_session_means": population std of the session means, "std_all_runs": population std
+    over every (session, seed) score pooled}. Never best-of-N.
     """
     if not scores:
         raise ValueError("table11: no scores")
@@ -97,10 +98,12 @@ def table11(scores: dict[int, Sequence[float]]) -> dict:
             raise ValueError(f"table11: session {s} has no scores")
         sessions[s] = {"mean": float(v.mean()), "std": float(v.std(ddof=0)), "n": int(v.size)}
     means = np.array([sessions[s]["mean"] for s in sessions])
+    pooled = np.concatenate([np.asarray(scores[s], dtype=float) for s in sorted(scores)])
     return {
         "sessions": sessions,
         "average": float(means.mean()),
         "std_of_session_means": float(means.std(ddof=0)),
+        "std_all_runs": float(pooled.std(ddof=0)),
     }
 
 

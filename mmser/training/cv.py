@@ -1,0 +1,156 @@
+"""Leave-one-session-out cross-validation: every (test session, seed), resumable.
+
+    out_dir/
+      cv_config.yaml           the resolved config every run of this experiment shares
+      pretrain/s{k}/...        pre-training artifacts, once per fold (TAPT / P-TAPT only)
+      s{k}-seed{n}/            one run folder each (see mmser.training.run)
+      summary.md, summary.csv  Table 11 form, with the command that produced them
+      summary_ua.png           per-session bars
+      failures.json            runs that raised, with the error (the others still ran)
+
+A run whose metrics.json exists is complete and is skipped. Pre-training stages run once per
+fold and hand their checkpoint to the fine-tuning runs by explicit path. A failed run is logged
+and reported; it does not stop the others (KeyboardInterrupt does).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from mmser.config import Config, ConfigError, save_config, to_dict
+from mmser.io import atomic_write_json, atomic_write_text
+from mmser.report import collect, plot_comparison, write_summary
+
+log = logging.getLogger(__name__)
+
+# Fields that may differ between invocations of the same experiment without changing its runs.
+_VOLATILE = {("tracking", "wandb"), ("trainer", "enable_progress_bar"), ("data", "num_workers")}
+
+
+@dataclass
+class CVSummary:
+    out_dir: Path
+    markdown: str
+    completed: list[tuple[int, int]] = field(default_factory=list)
+    skipped: list[tuple[int, int]] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+
+
+def run_dir_for(out_dir: Path, session: int, seed: int) -> Path:
+    return out_dir / f"s{session}-seed{seed}"
+
+
+def _comparable(d: dict) -> dict:
+    d = copy.deepcopy(d)
+    for section, key in _VOLATILE:
+        d.get(section, {}).pop(key, None)
+    return d
+
+
+def _check_same_experiment(cfg: Config, out_dir: Path) -> None:
+    """Refuse to mix runs of different configs under one experiment folder."""
+    saved = out_dir / "cv_config.yaml"
+    if saved.exists():
+        old = yaml.safe_load(saved.read_text()) or {}
+        if _comparable(old) != _comparable(to_dict(cfg)):
+            diff = _diff(_comparable(old), _comparable(to_dict(cfg)))
+            raise ConfigError(
+                f"{saved}: this experiment folder holds runs of another config ({'; '.join(diff[:6])}). "
+                "Use another experiment name (experiment=...) or --out folder.")
+    else:
+        save_config(cfg, saved)
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
+
+
+def run_cv(cfg: Config, sessions: list[int], seeds: list[int], out_dir: Path,
+           command: str | None = None, run_fn=None) -> CVSummary:
+    """Run (or resume) the cross-validation and write the Table 11 summary.
+
+    `run_fn(cfg, test_session=, seed=, run_dir=)` trains one run; default mmser.training.run.run_one.
+    """
+    if run_fn is None:
+        from mmser.training.run import run_one as run_fn
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_experiment(cfg, out_dir)
+    summary = CVSummary(out_dir=out_dir, markdown="")
+    for session in sessions:
+        fold_cfg = cfg
+        if cfg.pretrain != "none":
+            try:
+                fold_cfg = _pretrained_fold_config(cfg, session, out_dir)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # the fold's pre-training failed: its runs cannot run
+                log.error("fold %d: pre-training failed: %s", session, e)
+                for seed in seeds:
+                    summary.failed.append(_failure(session, seed, "pretrain", e))
+                continue
+        for seed in seeds:
+            run_dir = run_dir_for(out_dir, session, seed)
+            if (run_dir / "metrics.json").exists():
+                log.info("s%d seed %d: complete, skipped (%s)", session, seed, run_dir)
+                summary.skipped.append((session, seed))
+                continue
+            log.info("s%d seed %d: training -> %s", session, seed, run_dir)
+            try:
+                run_fn(fold_cfg, test_session=session, seed=seed, run_dir=run_dir)
+                summary.completed.append((session, seed))
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:
+                log.error("s%d seed %d failed: %s", session, seed, e)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(run_dir / "error.txt", traceback.format_exc())
+                summary.failed.append(_failure(session, seed, "finetune", e))
+    if summary.failed:
+        atomic_write_json(out_dir / "failures.json", summary.failed)
+    elif (out_dir / "failures.json").exists():
+        (out_dir / "failures.json").unlink()
+    summary.markdown = summarize(out_dir, command=command, name=cfg.experiment,
+                                 failed=summary.failed)
+    return summary
+
+
+def _failure(session: int, seed: int, stage: str, e: BaseException) -> dict:
+    return {"session": session, "seed": seed, "stage": stage, "error": f"{type(e).__name__}: {e}"}
+
+
+def summarize(out_dir: Path, command: str | None = None, name: str | None = None,
+              failed: list[dict] | None = None) -> str:
+    """(Re)write summary.md / summary.csv / summary_ua.png from the complete runs in out_dir."""
+    res = collect(out_dir, name=name)
+    notes = []
+    if failed:
+        notes.append(f"**{len(failed)} run(s) failed** (see failures.json): "
+                     + ", ".join(f"s{f['session']}-seed{f['seed']} ({f['stage']})" for f in failed))
+    md = write_summary([res], out_dir, command=command, notes=notes)
+    plot_comparison([res], out_dir / "summary_ua.png")
+    return md
+
+
+def _pretrained_fold_config(cfg: Config, session: int, out_dir: Path) -> Config:
+    """Run the fold's pre-training stage (once; resumable) and point the encoder at its output."""
+    from mmser.training.pretrain import pretrain_fold
+
+    checkpoint = pretrain_fold(cfg, test_session=session, out_dir=out_dir / "pretrain" / f"s{session}")
+    fold_cfg = copy.deepcopy(cfg)
+    fold_cfg.encoder.name = str(checkpoint)
+    return fold_cfg
