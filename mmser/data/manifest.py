@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmser.io import read_jsonl
+from mmser.io import atomic_write_json, read_jsonl
 from mmser.labels import CLASSES
 
 SESSIONS = (1, 2, 3, 4, 5)
@@ -133,3 +133,22 @@ def fold_table(records: list[dict], data_cfg=None) -> str:
             lines.append(f"| {s} | {label} | {len(part)} | " + " | ".join(str(cc[c]) for c in CLASSES)
                          + f" | {hours:.2f} |")
     return "\n".join(lines)
+
+
+def write_fold_files(records: list[dict], folds_dir: str | Path, data_cfg=None) -> list[Path]:
+    """Write `folds_dir/fold{k}.json` = {"test_session": k, "train": [ids], "test": [ids]}
+    (plus "val" when the policy has one) for every session with 4-class utterances, s3prl-style:
+    reviewable files beside the manifest. Ids are sorted. Returns the paths written."""
+    folds_dir = Path(folds_dir)
+    paths = []
+    for s in sorted({r["session"] for r in task_records(records)}):
+        fold = split_fold(records, s, data_cfg)
+        obj: dict = {"test_session": s, "train": sorted(r["id"] for r in fold.train)}
+        if fold.val_policy != "none":
+            obj["val_policy"] = fold.val_policy
+            obj["val"] = sorted(r["id"] for r in fold.val)
+        obj["test"] = sorted(r["id"] for r in fold.test)
+        path = folds_dir / f"fold{s}.json"
+        atomic_write_json(path, obj)
+        paths.append(path)
+    return paths

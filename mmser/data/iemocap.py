@@ -1,0 +1,549 @@
+"""IEMOCAP release tree -> utterance manifest (`mmser prepare iemocap ROOT --out DIR`).
+
+Reads `IEMOCAP_full_release/` READ-ONLY (layout: /work/shared/IEMOCAP.md) and writes, atomically:
+- `DIR/manifest.jsonl`: one record per utterance wav under `SessionN/sentences/wav/<dialog>/`,
+  sorted by id, with exactly the fields of `mmser.data.manifest.REQUIRED_FIELDS`. Utterances
+  outside the 4-class task are kept with `label: null` (their `emotion_code` as given, or null
+  when the turn has no consensus line).
+- `DIR/prepare_report.json`: counts per session/class/code, skipped files with reasons,
+  warnings, the input fingerprint, the manifest's sha256.
+- `DIR/folds/fold{k}.json`: leave-one-session-out ids (paper default: no validation).
+
+No torch here. Durations come from `soundfile.info` (header only; no file is read whole).
+
+What happens on bad input (decided per case; `strict=True` / `--strict` turns every SKIP into an
+error, raised once as a ValueError that lists all problems):
+- root is not a folder, or a `SessionN` folder (N = 1..5) or its `sentences/wav` or
+  `dialog/EmoEvaluation` folder is missing: ERROR naming the folder. A fold needs every session.
+- a wav that soundfile cannot read, that is not RIFF/WAVE, or that holds no samples: SKIP, listed
+  in the report. One damaged file should not block a 10,000-file corpus; the count check below
+  and the report make the loss visible.
+- a wav that is readable but not 16 kHz mono: ERROR (all such files listed at once). That means
+  the copy was converted; the models assume 16 kHz mono and silently dropping or resampling would
+  change the experiment.
+- a wav whose name is not `<dialog>_<F|M><3 digits>.wav` inside its dialog folder, or a dialog
+  folder that is neither `impro` nor `script`: SKIP.
+- a consensus label file (`EmoEvaluation/<dialog>.txt`) that does not parse, or that is missing
+  for a dialog that has wavs: ERROR naming the file (and line). Dropping a dialog would silently
+  change the fold counts.
+- a wav without a consensus line: kept with `emotion_code: null` (counted in the report).
+- a missing transcription file or folder, or a wav without a transcript line: `transcript: null`,
+  with a WARNING. Audio-only experiments do not need transcripts.
+- macOS AppleDouble files (`._*`) and `.DS_Store`: ignored (counted in the report).
+
+On what looks like the real corpus (all 5 sessions, >= 5,000 utterances with a consensus code)
+a WARNING is logged unless the 4-class count is 5,531 with per-session counts
+1,085 / 1,023 / 1,151 / 1,031 / 1,241 (PAPER.md; IEMOCAP.md).
+
+Idempotent: a second run with unchanged inputs (fingerprint over the relevant files' paths, sizes
+and mtimes, plus MANIFEST_FORMAT_VERSION) does no work and returns `reused=True`; `force=True`
+rebuilds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import soundfile as sf
+
+from mmser.data.manifest import SESSIONS, write_fold_files
+from mmser.io import atomic_write_json, fingerprint, write_jsonl
+from mmser.labels import CLASSES, label_of_code
+
+log = logging.getLogger(__name__)
+
+# Bump when the manifest's content or format changes: it invalidates earlier outputs.
+MANIFEST_FORMAT_VERSION = 1
+SAMPLE_RATE = 16000  # IEMOCAP.md: sentence wavs are 16 kHz mono 16-bit PCM
+# IEMOCAP.md / PAPER.md: expected 4-class counts on the real release (exc merged into hap).
+EXPECTED_TASK_TOTAL = 5531
+EXPECTED_PER_SESSION = {1: 1085, 2: 1023, 3: 1151, 4: 1031, 5: 1241}
+# A tree "looks like the real corpus" from this many utterances with a consensus code on.
+REAL_CORPUS_MIN_LABELLED = 5000
+# Consensus codes of the release (IEMOCAP.md); xxx = no agreement.
+EMOTION_CODES = frozenset({"neu", "hap", "exc", "ang", "sad", "fru", "sur", "fea", "oth", "dis", "xxx"})
+
+MANIFEST_NAME = "manifest.jsonl"
+REPORT_NAME = "prepare_report.json"
+FOLDS_DIR = "folds"
+_MAX_LISTED = 20  # problems listed in an error message
+
+# `[6.2901 - 8.2357]<TAB>Ses01F_impro01_F000<TAB>neu<TAB>[2.5000, 2.5000, 2.5000]`
+_CONSENSUS_RE = re.compile(
+    r"^\[\s*(?P<start>[0-9.]+)\s*-\s*(?P<end>[0-9.]+)\s*\]\s+(?P<id>\S+)\s+(?P<code>\S+)\s+"
+    r"\[(?P<vad>[^\]]*)\]\s*$")
+# A line that starts like a consensus line: `[` or a turn name.
+_CONSENSUS_LIKE_RE = re.compile(r"^(\[|Ses\d)")
+# `Ses01F_impro01_F000 [006.2901-008.2357]: Excuse me.` (time part optional, to be lenient)
+_TRANSCRIPT_RE = re.compile(r"^(?P<id>Ses[^\s:\[]+)\s*(?:\[[^\]]*\])?\s*:\s?(?P<text>.*)$")
+# An utterance (turn with a wav): dialog + `_` + speaking actor's gender + 3 digits.
+_UTTERANCE_RE = re.compile(r"^(?P<dialog>Ses0(?P<session>\d)[FM]_\w+?)_(?P<gender>[FM])\d{3}$")
+
+
+def _is_junk(name: str) -> bool:
+    """macOS AppleDouble (`._x`), Finder metadata and other hidden files."""
+    return name.startswith(".")
+
+
+def _read_text(path: Path, lenient: bool = False) -> str:
+    """UTF-8 text of `path`; undecodable bytes raise (labels) or become U+FFFD with a warning
+    (transcripts: a stray byte in a transcript should not block the audio experiments)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if not lenient:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); is this a real label file?") from None
+        log.warning("%s: not UTF-8 text (byte %d); undecodable bytes replaced", path, e.start)
+        return data.decode("utf-8", errors="replace")
+
+
+# --------------------------------------------------------------------------------------------
+# Label and transcript files
+# --------------------------------------------------------------------------------------------
+
+
+def parse_emo_evaluation(path: str | Path) -> dict[str, dict]:
+    """Consensus labels of one `EmoEvaluation/<dialog>.txt`: {turn id: {code, start, end, vad}}.
+
+    Only consensus lines count; annotator lines (`C-E2:`, `A-E3:`), the `%` header and blank lines
+    are skipped. A line that starts like a consensus line (`[` or a turn name) but does not parse,
+    an unknown emotion code, or a turn given twice with different codes raises ValueError naming
+    file and line (a verbatim repeat keeps the first).
+    """
+    path = Path(path)
+    out: dict[str, dict] = {}
+    for lineno, raw in enumerate(_read_text(path).splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("%") or line.startswith(("C-", "A-")):
+            continue
+        if not _CONSENSUS_LIKE_RE.match(line):
+            continue
+        m = _CONSENSUS_RE.match(line)
+        where = f"{path}:{lineno}"
+        if m is None:
+            raise ValueError(f"{where}: consensus label line does not parse: {line!r} "
+                             "(expected '[START - END]<TAB>TURN<TAB>CODE<TAB>[V, A, D]')")
+        try:
+            start, end = float(m["start"]), float(m["end"])
+            vad = [float(v) for v in m["vad"].split(",")]
+        except ValueError:
+            raise ValueError(f"{where}: bad number in consensus label line: {line!r}") from None
+        if len(vad) != 3:
+            raise ValueError(f"{where}: expected 3 values [V, A, D], got {len(vad)}: {line!r}")
+        if end < start:
+            raise ValueError(f"{where}: end time {end} before start time {start}")
+        code = m["code"]
+        if code not in EMOTION_CODES:
+            raise ValueError(f"{where}: unknown emotion code {code!r} "
+                             f"(known: {', '.join(sorted(EMOTION_CODES))})")
+        if m["id"] in out:
+            if out[m["id"]]["code"] != code:
+                raise ValueError(f"{where}: turn {m['id']} labelled twice ({out[m['id']]['code']}, {code})")
+            continue
+        out[m["id"]] = {"code": code, "start": start, "end": end, "vad": vad}
+    return out
+
+
+def parse_transcriptions(path: str | Path) -> dict[str, str]:
+    """Transcripts of one `transcriptions/<dialog>.txt`: {utterance id: raw text}.
+
+    Quirks of the release: lines without a turn id (`F: Yeah.`) and turns like `..._MXX0` (no wav,
+    no label) are left out; bracketed tokens such as `[LAUGHTER]` stay in the raw text
+    (normalisation belongs to the text stage). A turn given twice keeps its first text.
+    """
+    path = Path(path)
+    out: dict[str, str] = {}
+    for raw in _read_text(path, lenient=True).splitlines():
+        m = _TRANSCRIPT_RE.match(raw.strip())
+        if m is None or not _UTTERANCE_RE.match(m["id"]):
+            continue
+        if m["id"] in out:
+            log.warning("%s: turn %s transcribed twice; keeping the first", path, m["id"])
+            continue
+        out[m["id"]] = m["text"].strip()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Tree scan
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Inputs:
+    """The relevant files of a release tree (junk excluded), listed once."""
+
+    root: Path
+    wav_dirs: dict[int, dict[str, list[Path]]] = field(default_factory=dict)  # session -> dialog -> wavs
+    stray: list[tuple[Path, str]] = field(default_factory=list)  # skipped while listing
+    emo_files: dict[int, dict[str, Path]] = field(default_factory=dict)  # session -> dialog -> file
+    transcript_files: dict[int, dict[str, Path]] = field(default_factory=dict)
+    missing_transcript_dirs: list[Path] = field(default_factory=list)
+    n_junk: int = 0
+
+    def files(self) -> list[Path]:
+        out: list[Path] = []
+        for s in SESSIONS:
+            for wavs in self.wav_dirs[s].values():
+                out.extend(wavs)
+            out.extend(self.emo_files[s].values())
+            out.extend(self.transcript_files[s].values())
+        return sorted(out)
+
+
+def _listdir(path: Path, inputs: _Inputs) -> list[os.DirEntry]:
+    """Entries of `path` sorted by name, junk dropped (and counted)."""
+    entries = []
+    with os.scandir(path) as it:
+        for e in it:
+            if _is_junk(e.name):
+                inputs.n_junk += 1
+            else:
+                entries.append(e)
+    return sorted(entries, key=lambda e: e.name)
+
+
+def _txt_files(folder: Path, inputs: _Inputs) -> dict[str, Path]:
+    return {e.name[:-4]: Path(e.path) for e in _listdir(folder, inputs)
+            if e.name.endswith(".txt") and e.is_file()}
+
+
+def _list_inputs(root: Path) -> _Inputs:
+    if not root.is_dir():
+        raise FileNotFoundError(f"IEMOCAP root {root}: no such folder")
+    inputs = _Inputs(root=root)
+    for s in SESSIONS:
+        sess = root / f"Session{s}"
+        if not sess.is_dir():
+            hint = ""
+            if (root / "IEMOCAP_full_release" / f"Session{s}").is_dir():
+                hint = f" (did you mean {root / 'IEMOCAP_full_release'}?)"
+            raise FileNotFoundError(f"IEMOCAP root {root}: missing session folder {sess}; "
+                                    f"expected Session1 .. Session5{hint}")
+        wav_root = sess / "sentences" / "wav"
+        emo_root = sess / "dialog" / "EmoEvaluation"
+        for folder in (wav_root, emo_root):
+            if not folder.is_dir():
+                raise FileNotFoundError(f"IEMOCAP root {root}: missing folder {folder}")
+        dialogs: dict[str, list[Path]] = {}
+        for d in _listdir(wav_root, inputs):
+            if not d.is_dir():
+                continue  # e.g. a stray file next to the dialog folders
+            wavs = [Path(e.path) for e in _listdir(Path(d.path), inputs)
+                    if e.name.endswith(".wav") and e.is_file()]
+            if "_impro" not in d.name and "_script" not in d.name:
+                inputs.stray.extend((w, f"dialog folder {d.name} is neither impro nor script")
+                                    for w in wavs)
+                continue
+            dialogs[d.name] = wavs
+        inputs.wav_dirs[s] = dialogs
+        inputs.emo_files[s] = _txt_files(emo_root, inputs)
+        tr_root = sess / "dialog" / "transcriptions"
+        if tr_root.is_dir():
+            inputs.transcript_files[s] = _txt_files(tr_root, inputs)
+        else:
+            inputs.transcript_files[s] = {}
+            inputs.missing_transcript_dirs.append(tr_root)
+    return inputs
+
+
+def _input_fingerprint(inputs: _Inputs) -> str:
+    def items():
+        yield "format_version", MANIFEST_FORMAT_VERSION
+        yield "root", str(inputs.root)
+        for p in inputs.files():
+            st = p.stat()
+            yield str(p), [st.st_size, st.st_mtime_ns]
+
+    return fingerprint(items())
+
+
+@dataclass
+class _Scan:
+    records: list[dict]
+    skipped: list[dict]
+    warnings: list[str]
+    errors: list[str]
+    n_junk: int
+    n_no_label_line: int
+    n_no_transcript: int
+
+
+def _scan(inputs: _Inputs) -> _Scan:
+    records: list[dict] = []
+    skipped = [{"path": str(p), "reason": why} for p, why in inputs.stray]
+    warnings: list[str] = []
+    format_errors: list[str] = []
+    n_no_label = 0
+    no_text: list[str] = []
+    for s in SESSIONS:
+        emo_files = inputs.emo_files[s]
+        tr_files = inputs.transcript_files[s]
+        tr_dir_missing = inputs.root / f"Session{s}" / "dialog" / "transcriptions" in inputs.missing_transcript_dirs
+        labelled_without_wav: list[str] = []
+        for dialog, wavs in inputs.wav_dirs[s].items():
+            if dialog not in emo_files:
+                if not wavs:
+                    continue
+                raise FileNotFoundError(
+                    f"{inputs.root / f'Session{s}' / 'dialog' / 'EmoEvaluation' / (dialog + '.txt')}: "
+                    f"missing consensus label file for dialog {dialog} ({len(wavs)} wavs)")
+            labels = parse_emo_evaluation(emo_files[dialog])
+            texts: dict[str, str] | None = None
+            if dialog in tr_files:
+                texts = parse_transcriptions(tr_files[dialog])
+            elif wavs and not tr_dir_missing:
+                warnings.append(f"{inputs.root / f'Session{s}' / 'dialog' / 'transcriptions' / (dialog + '.txt')}: "
+                                f"missing transcription file; transcripts of {dialog} are null")
+            labelled_without_wav.extend(sorted(set(labels) - {w.name[:-4] for w in wavs}))
+            for wav in wavs:
+                rec = _record(wav, s, dialog, skipped, format_errors)
+                if rec is None:
+                    continue
+                lab = labels.get(rec["id"])
+                n_no_label += lab is None
+                rec["emotion_code"] = lab["code"] if lab else None
+                rec["label"] = label_of_code(rec["emotion_code"])
+                if texts is not None:
+                    rec["transcript"] = texts.get(rec["id"])
+                    if rec["transcript"] is None:
+                        no_text.append(rec["id"])
+                records.append(rec)
+        for dialog in sorted(set(emo_files) - set(inputs.wav_dirs[s])):
+            labelled_without_wav.extend(sorted(parse_emo_evaluation(emo_files[dialog])))
+        if labelled_without_wav:
+            warnings.append(f"Session{s}: {len(labelled_without_wav)} labelled turn(s) have no wav, "
+                            f"e.g. {', '.join(labelled_without_wav[:3])}")
+    for d in inputs.missing_transcript_dirs:
+        warnings.append(f"{d}: missing transcriptions folder; transcripts of that session are null")
+    if no_text:
+        warnings.append(f"{len(no_text)} utterance(s) have no transcript line, e.g. {', '.join(no_text[:3])}")
+    records.sort(key=lambda r: r["id"])
+    return _Scan(records=records, skipped=skipped, warnings=warnings, errors=format_errors,
+                 n_junk=inputs.n_junk, n_no_label_line=n_no_label, n_no_transcript=len(no_text))
+
+
+def _record(wav: Path, session: int, dialog: str, skipped: list[dict], errors: list[str]) -> dict | None:
+    """The audio part of one manifest record (labels and transcript filled in by the caller),
+    or None after appending the reason to `skipped` or `errors`."""
+    utt = wav.name[:-4]
+    m = _UTTERANCE_RE.match(utt)
+    if m is None or m["dialog"] != dialog:
+        skipped.append({"path": str(wav), "reason": f"file name is not {dialog}_<F|M><3 digits>.wav"})
+        return None
+    if int(m["session"]) != session:
+        skipped.append({"path": str(wav), "reason": f"utterance of session {m['session']} inside Session{session}"})
+        return None
+    try:
+        info = sf.info(str(wav))  # header only
+    except (RuntimeError, OSError, ValueError) as e:
+        skipped.append({"path": str(wav), "reason": f"unreadable audio ({_short(e)})"})
+        return None
+    if info.format not in ("WAV", "WAVEX"):
+        skipped.append({"path": str(wav), "reason": f"not a RIFF/WAVE file (format {info.format})"})
+        return None
+    if info.frames <= 0:
+        skipped.append({"path": str(wav), "reason": "no audio samples"})
+        return None
+    if info.samplerate != SAMPLE_RATE or info.channels != 1:
+        errors.append(f"{wav}: {info.samplerate} Hz, {info.channels} channel(s); expected {SAMPLE_RATE} Hz mono")
+        return None
+    gender = m["gender"]  # the speaking actor: the utterance's letter, not the dialog's
+    return {
+        "id": utt,
+        "path": os.path.abspath(wav),
+        "session": session,
+        "speaker": f"Ses{session:02d}{gender}",
+        "gender": gender,
+        "dialog": dialog,
+        "scripted": "_script" in dialog,
+        "emotion_code": None,
+        "label": None,
+        "transcript": None,
+        "duration": info.frames / info.samplerate,
+    }
+
+
+def _short(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200]
+
+
+def _raise_problems(title: str, problems: list[str]) -> None:
+    shown = problems[:_MAX_LISTED]
+    more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+    raise ValueError(f"{title}: {len(problems)} problem(s):\n  " + "\n  ".join(shown) + more)
+
+
+def _check_scan(scan: _Scan, strict: bool) -> None:
+    if scan.errors:
+        _raise_problems("IEMOCAP audio is not 16 kHz mono (was the copy converted?)", scan.errors)
+    if strict and scan.skipped:
+        _raise_problems("IEMOCAP preparation (strict)", [f"{x['path']}: {x['reason']}" for x in scan.skipped])
+
+
+def scan_iemocap(root: str | Path, strict: bool = False) -> list[dict]:
+    """Manifest records (sorted by id) of an IEMOCAP release tree, read-only; writes nothing.
+
+    Errors and skips follow the module docstring; skips are logged as warnings.
+    """
+    scan = _scan(_list_inputs(Path(os.path.abspath(root))))
+    _check_scan(scan, strict)
+    for x in scan.skipped:
+        log.warning("skipped %s: %s", x["path"], x["reason"])
+    return scan.records
+
+
+def check_expected_counts(records: list[dict]) -> list[str]:
+    """Warnings when records look like the real corpus but miss the paper's 4-class counts.
+
+    "Looks like the real corpus": all 5 sessions and >= 5,000 utterances with a consensus code.
+    """
+    sessions = {r["session"] for r in records}
+    n_coded = sum(r["emotion_code"] is not None for r in records)
+    if sessions != set(SESSIONS) or n_coded < REAL_CORPUS_MIN_LABELLED:
+        return []
+    task = [r for r in records if r["label"] is not None]
+    per_session = Counter(r["session"] for r in task)
+    got = {s: per_session.get(s, 0) for s in SESSIONS}
+    if len(task) == EXPECTED_TASK_TOTAL and got == EXPECTED_PER_SESSION:
+        return []
+    fmt = "/".join
+    return [f"this looks like the real IEMOCAP release but its 4-class count is {len(task):,} "
+            f"(per session {fmt(str(got[s]) for s in SESSIONS)}); the paper has {EXPECTED_TASK_TOTAL:,} "
+            f"({fmt(str(EXPECTED_PER_SESSION[s]) for s in SESSIONS)}). Check the skipped files in "
+            f"{REPORT_NAME} and whether the copy is complete."]
+
+
+# --------------------------------------------------------------------------------------------
+# prepare: tree -> manifest + report + fold files, idempotent
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PrepareResult:
+    """What `prepare_iemocap` produced (or found up to date)."""
+
+    manifest: Path
+    report: Path
+    folds: list[Path]
+    counts: dict
+    skipped: list[dict]
+    warnings: list[str]
+    reused: bool
+
+    def summary(self) -> str:
+        c = self.counts
+        per_class = " / ".join(f"{k} {c['per_class'].get(k, 0)}" for k in CLASSES)
+        head = "inputs unchanged, reused" if self.reused else "wrote"
+        lines = [f"IEMOCAP: {head} {self.manifest}: {c['utterances']} utterances, "
+                 f"{c['task']} in the 4-class task ({per_class}), {c['task_hours']:.2f} h",
+                 f"  skipped {len(self.skipped)} file(s), {len(self.warnings)} warning(s); "
+                 f"details in {self.report}"]
+        lines += [f"  skipped {x['path']}: {x['reason']}" for x in self.skipped[:_MAX_LISTED]]
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _counts(records: list[dict]) -> dict:
+    task = [r for r in records if r["label"] is not None]
+    per_session = {}
+    for s in SESSIONS:
+        srecs = [r for r in records if r["session"] == s]
+        stask = [r for r in srecs if r["label"] is not None]
+        cc = Counter(r["label"] for r in stask)
+        per_session[str(s)] = {**{k: cc.get(k, 0) for k in CLASSES}, "task": len(stask),
+                               "utterances": len(srecs),
+                               "task_hours": round(sum(r["duration"] for r in stask) / 3600, 4)}
+    cc = Counter(r["label"] for r in task)
+    return {
+        "utterances": len(records),
+        "task": len(task),
+        "task_hours": round(sum(r["duration"] for r in task) / 3600, 4),
+        "per_class": {k: cc.get(k, 0) for k in CLASSES},
+        "per_session": per_session,
+        "per_code": dict(sorted(Counter(r["emotion_code"] or "none" for r in records).items())),
+    }
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _try_reuse(out_dir: Path, fp: str) -> dict | None:
+    """The previous report if its outputs are intact and were built from the same inputs."""
+    report_path = out_dir / REPORT_NAME
+    manifest = out_dir / MANIFEST_NAME
+    if not (report_path.is_file() and manifest.is_file()):
+        return None
+    try:
+        report = json.loads(report_path.read_text())
+    except (ValueError, OSError):
+        return None
+    if not isinstance(report, dict) or report.get("fingerprint") != fp:
+        return None
+    if report.get("manifest_sha256") != _sha256(manifest):
+        log.info("%s changed since it was written; rebuilding", manifest)
+        return None
+    if not all((out_dir / f).is_file() for f in report.get("fold_files", [None])):
+        return None
+    return report
+
+
+def prepare_iemocap(root: str | Path, out_dir: str | Path, strict: bool = False,
+                    force: bool = False) -> PrepareResult:
+    """Prepare the IEMOCAP release at `root` (read-only) into `out_dir`; see the module docstring."""
+    root = Path(os.path.abspath(root))
+    out_dir = Path(out_dir)
+    inputs = _list_inputs(root)
+    fp = _input_fingerprint(inputs)
+    report = None if force else _try_reuse(out_dir, fp)
+    if report is not None:
+        if strict and report["skipped"]:
+            _raise_problems("IEMOCAP preparation (strict)",
+                            [f"{x['path']}: {x['reason']}" for x in report["skipped"]])
+        log.info("IEMOCAP inputs unchanged (fingerprint %s): reusing %s", fp, out_dir / MANIFEST_NAME)
+        for w in report["warnings"]:
+            log.warning("%s", w)
+        return PrepareResult(manifest=out_dir / MANIFEST_NAME, report=out_dir / REPORT_NAME,
+                             folds=[out_dir / f for f in report["fold_files"]], counts=report["counts"],
+                             skipped=report["skipped"], warnings=report["warnings"], reused=True)
+
+    scan = _scan(inputs)
+    _check_scan(scan, strict)
+    warnings = scan.warnings + check_expected_counts(scan.records)
+    for x in scan.skipped:
+        log.warning("skipped %s: %s", x["path"], x["reason"])
+    for w in warnings:
+        log.warning("%s", w)
+
+    fold_paths = write_fold_files(scan.records, out_dir / FOLDS_DIR)
+    manifest = out_dir / MANIFEST_NAME
+    write_jsonl(manifest, scan.records)
+    counts = _counts(scan.records)
+    report = {
+        "format_version": MANIFEST_FORMAT_VERSION,
+        "root": str(root),
+        "fingerprint": fp,
+        "manifest_sha256": _sha256(manifest),
+        "counts": counts,
+        "no_label_line": scan.n_no_label_line,
+        "no_transcript": scan.n_no_transcript,
+        "ignored_junk_files": scan.n_junk,
+        "skipped": scan.skipped,
+        "warnings": warnings,
+        "fold_files": [str(p.relative_to(out_dir)) for p in fold_paths],
+    }
+    # Written last: the report's fingerprint marks the outputs as complete.
+    atomic_write_json(out_dir / REPORT_NAME, report)
+    log.info("IEMOCAP: %d utterances (%d in the 4-class task) -> %s", counts["utterances"],
+             counts["task"], manifest)
+    return PrepareResult(manifest=manifest, report=out_dir / REPORT_NAME, folds=fold_paths,
+                         counts=counts, skipped=scan.skipped, warnings=warnings, reused=False)
