@@ -48,8 +48,12 @@ TINY_ARGS = dict(
 # Flag combinations that change the forward pass (each differs from TINY_ARGS).
 VARIANTS = {
     "large-flags": {},
-    "zero-pad-gelu-skipfeat": dict(agg_zero_pad=True, activation="gelu", skip_connections_feat=True),
-    "nonaffine-nobias-nolog": dict(non_affine_group_norm=True, no_conv_bias=True, log_compression=False),
+    "zero-pad-gelu-skipfeat": dict(
+        agg_zero_pad=True, activation="gelu", skip_connections_feat=True
+    ),
+    "nonaffine-nobias-nolog": dict(
+        non_affine_group_norm=True, no_conv_bias=True, log_compression=False
+    ),
     "agg-width-change": dict(
         conv_aggregator_layers="[(16, 2, 1), (24, 3, 1), (24, 5, 1)]", residual_scale=0.3
     ),
@@ -205,7 +209,8 @@ def test_refuses_other_architectures(tmp_path: Path) -> None:
 
 
 def test_missing_args_take_fairseq_arch_defaults(caplog: pytest.LogCaptureFixture) -> None:
-    args = {k: v for k, v in TINY_ARGS.items() if k not in ("log_compression", "skip_connections_agg")}
+    dropped = ("log_compression", "skip_connections_agg")
+    args = {k: v for k, v in TINY_ARGS.items() if k not in dropped}
     with caplog.at_level(logging.WARNING):
         cfg = config_from_fairseq_args(args, source="old.pt")
     # base_wav2vec_architecture: store_true flags default to off
@@ -257,3 +262,20 @@ def test_encode_masks_and_dropout() -> None:
         assert not torch.allclose(model.context(audio), model.context(audio))
     with pytest.raises(ValueError, match=r"\(B, T\)"):
         model.features(audio[0])
+
+
+@pytest.mark.slow
+def test_real_wav2vec_large_checkpoint() -> None:
+    """Opt-in: MMSER_WAV2VEC1_CHECKPOINT=/path/wav2vec_large.pt pytest -m slow -k real_wav2vec"""
+    path = os.environ.get("MMSER_WAV2VEC1_CHECKPOINT")
+    if not path:
+        pytest.skip("set MMSER_WAV2VEC1_CHECKPOINT to fairseq's wav2vec_large.pt")
+    model = Wav2Vec1.from_fairseq(path)
+    # the released model follows the wav2vec_large recipe (fairseq examples/wav2vec/README.md)
+    expected = Wav2Vec1Config()
+    for name in ("conv_feature_layers", "conv_aggregator_layers", "log_compression",
+                 "skip_connections_agg", "skip_connections_feat", "agg_zero_pad"):  # fmt: skip
+        assert getattr(model.cfg, name) == getattr(expected, name), name
+    with torch.no_grad():
+        c = model.context(_wave(1, 16000))
+    assert c.shape == (1, 512, 98) and torch.isfinite(c).all()

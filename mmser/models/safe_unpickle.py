@@ -218,4 +218,5 @@ def safe_torch_load(
     except RefusedGlobalError:
         raise
     except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
-        raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+        reason = f"{type(e).__name__}: {e}"
+        raise ValueError(f"{path}: not a readable torch checkpoint ({reason})") from e

@@ -59,7 +59,9 @@ class Wav2Vec1Config:
     --residual-scale 0.5 --log-compression; the other flags at their argparse defaults).
     """
 
-    conv_feature_layers: ConvLayers = field(default_factory=lambda: list(WAV2VEC_LARGE_FEATURE_LAYERS))
+    conv_feature_layers: ConvLayers = field(
+        default_factory=lambda: list(WAV2VEC_LARGE_FEATURE_LAYERS)
+    )
     conv_aggregator_layers: ConvLayers = field(
         default_factory=lambda: list(WAV2VEC_LARGE_AGGREGATOR_LAYERS)
     )
@@ -219,7 +221,7 @@ class Wav2Vec1(nn.Module):
         return self.feature_extractor(wav)  # (B, C_feat, T')
 
     def context(self, wav: torch.Tensor) -> torch.Tensor:
-        """Aggregator output c: (B, T) waveform -> (B, C_agg, T'). Dropouts act only in train mode."""
+        """Aggregator output c: (B, T) waveform -> (B, C_agg, T'); dropouts act in training only."""
         z = self.dropout_feats(self.features(wav))  # (B, C_feat, T')
         return self.dropout_agg(self.feature_aggregator(z))  # (B, C_agg, T')
 
@@ -397,7 +399,8 @@ def _select_state(
     """Keep the feature extractor / aggregator tensors; drop pre-training-only ones; refuse
     anything else (a sign of a different architecture)."""
     if not isinstance(state, Mapping):
-        raise ValueError(f"{path}: checkpoint['model'] is a {type(state).__name__}, not a state_dict")
+        kind = type(state).__name__
+        raise ValueError(f"{path}: checkpoint['model'] is a {kind}, not a state_dict")
     expected = set(model.state_dict())
     kept, unknown = {}, []
     for key, value in state.items():
@@ -416,5 +419,5 @@ def _select_state(
         )
     dropped = len(state) - len(kept)
     if dropped:
-        logger.info("%s: ignoring %d pre-training-only tensors (wav2vec_predictions.*)", path, dropped)
+        logger.info("%s: ignoring %d pre-training-only tensors", path, dropped)
     return kept
