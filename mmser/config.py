@@ -77,6 +77,12 @@ class EncoderConfig:
     freeze_feature_encoder: bool = True
     freeze_feature_projection: bool = True
     gradient_checkpointing: bool = False  # PAPER.md pitfalls: the documented fix for OOM at batch 64
+    # Whether the wrapper passes the sample-level attention mask into the HF model. "auto" = only
+    # for layer-norm feature extractors: HF's docs say group-norm models such as wav2vec2-base were
+    # pre-trained without one and should get zero-padded input and no attention_mask
+    # (`return_attention_mask=False` in their feature extractor). Pooling and SpecAugment use the
+    # valid frames either way. "always" matches the reference's encoder-level mask.
+    attention_mask: Literal["auto", "always", "never"] = "auto"
     # SpecAugment during fine-tuning (PAPER.md V-FT).
     mask_time_prob: float = 0.08
     mask_time_length: int = 15
@@ -118,6 +124,7 @@ class TrackingConfig:
     project: str = "mmser"
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
+    init_timeout_s: float = 30.0  # W&B init never blocks a run longer than this
 
 
 @dataclass

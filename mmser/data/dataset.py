@@ -1,0 +1,93 @@
+"""Utterance dataset over manifest records: reads 16 kHz mono audio with soundfile, crops for
+training, and attaches optional frozen text features.
+
+Training keeps each utterance's FIRST `crop_s` seconds (PAPER.md V-FT: the reference truncates to
+the first 10 s); testing uses full utterances (crop_s=None).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import soundfile as sf
+import torch
+from torch.utils.data import Dataset
+
+from mmser.labels import CLASS_TO_INDEX
+
+
+class TextFeatures(NamedTuple):
+    """Frozen text features of one utterance: token features (L, D) and a pooled vector (D,)."""
+
+    tokens: torch.Tensor
+    pooled: torch.Tensor
+
+
+def read_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
+    """float32 waveform (T,) of a mono file at `sample_rate`; errors name the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: audio file not found")
+    try:
+        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError) as e:
+        raise ValueError(f"{path}: cannot read audio ({e})") from None
+    if sr != sample_rate:
+        raise ValueError(f"{path}: sample rate {sr} Hz, expected {sample_rate} Hz (resample the corpus first)")
+    if wav.shape[1] != 1:
+        raise ValueError(f"{path}: {wav.shape[1]} channels, expected mono")
+    if wav.shape[0] == 0:
+        raise ValueError(f"{path}: empty audio file")
+    return wav[:, 0]
+
+
+def num_samples(record: dict, sample_rate: int, crop_s: float | None = None) -> int:
+    """Length in samples from the manifest's duration (no file read), after the optional crop."""
+    n = int(round(float(record["duration"]) * sample_rate))
+    if crop_s is not None:
+        n = min(n, int(round(crop_s * sample_rate)))
+    return max(n, 1)
+
+
+class UtteranceDataset(Dataset):
+    """Items: {"id", "audio" FloatTensor (T,), "label" int, ["text" (L, D), "text_pooled" (D,)]}."""
+
+    def __init__(
+        self,
+        records: Sequence[dict],
+        sample_rate: int = 16000,
+        crop_s: float | None = None,
+        text_features: Mapping[str, TextFeatures] | None = None,
+    ):
+        self.records = list(records)
+        self.sample_rate = sample_rate
+        self.crop_s = crop_s
+        self.text_features = text_features
+        for r in self.records:
+            if r.get("label") not in CLASS_TO_INDEX:
+                raise ValueError(f"utterance {r.get('id')}: label {r.get('label')!r} is not one of {list(CLASS_TO_INDEX)}")
+        if text_features is not None:
+            missing = [r["id"] for r in self.records if r["id"] not in text_features]
+            if missing:
+                raise KeyError(f"text features missing for {len(missing)} utterances, e.g. {missing[:3]}")
+        # Lengths (samples, after cropping) for the length-bucketed sampler.
+        self.lengths = [num_samples(r, sample_rate, crop_s) for r in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.records[i]
+        wav = read_audio(r["path"], self.sample_rate)
+        if self.crop_s is not None:
+            wav = wav[: int(round(self.crop_s * self.sample_rate))]  # the FIRST crop_s seconds
+        item = {"id": r["id"], "audio": torch.from_numpy(np.ascontiguousarray(wav)),
+                "label": CLASS_TO_INDEX[r["label"]]}
+        if self.text_features is not None:
+            feats = self.text_features[r["id"]]
+            item["text"] = torch.as_tensor(feats[0], dtype=torch.float32)
+            item["text_pooled"] = torch.as_tensor(feats[1], dtype=torch.float32)
+        return item

@@ -1,0 +1,248 @@
+"""wav2vec 2.0-style audio encoders (wav2vec2 / HuBERT / WavLM): load, freeze, SpecAugment, frames.
+
+`build_encoder(enc_cfg)` returns the bare Hugging Face model (no heads) with the paper's
+fine-tuning setup applied (PAPER.md "V-FT"):
+- the CNN feature encoder, the feature projection and `masked_spec_embed` are frozen;
+- SpecAugment values come from `EncoderConfig` (time p=0.08, span 15, min 2; channel p=0.05, span 64,
+  min 1).
+
+`AudioEncoder` wraps it with the batch contract's `encode(audio, audio_mask) -> (frames, frame_mask)`.
+It computes the time mask itself, from the valid frames of each utterance, and hands it to the HF
+model as `mask_time_indices`, for two reasons:
+1. group-norm models (wav2vec2-base) get no attention mask (HF's advice), so HF alone would spread
+   time masks over padding frames too; and
+2. HF raises when a batch has fewer frames than the mask span (clips under ~0.3 s with span 15):
+   such a batch gets no time mask instead (utterances shorter than the span get none anyway).
+Channel masking stays with HF (`mask_feature_*` in the model config): it is over the hidden axis
+and does not depend on lengths.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import (
+    HubertConfig,
+    HubertModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    Wav2Vec2Config,
+    Wav2Vec2Model,
+    WavLMConfig,
+    WavLMModel,
+)
+from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
+
+from mmser.config import EncoderConfig
+
+log = logging.getLogger(__name__)
+
+# kind -> (config class, bare model class). Wiring in Python, not names in YAML.
+ENCODER_CLASSES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
+    "wav2vec2": (Wav2Vec2Config, Wav2Vec2Model),
+    "hubert": (HubertConfig, HubertModel),
+    "wavlm": (WavLMConfig, WavLMModel),
+}
+
+
+class EncoderNotAvailableError(FileNotFoundError):
+    """Pretrained encoder weights that cannot be found locally or downloaded."""
+
+
+def _encoder_classes(kind: str) -> tuple[type[PretrainedConfig], type[PreTrainedModel]]:
+    if kind not in ENCODER_CLASSES:
+        raise ValueError(f"encoder.kind must be one of {sorted(ENCODER_CLASSES)}, got {kind!r}")
+    return ENCODER_CLASSES[kind]
+
+
+def spec_augment_kwargs(enc_cfg: EncoderConfig) -> dict:
+    """The HF config fields that set SpecAugment (PAPER.md V-FT values by default)."""
+    return {
+        "apply_spec_augment": True,
+        "mask_time_prob": enc_cfg.mask_time_prob,
+        "mask_time_length": enc_cfg.mask_time_length,
+        "mask_time_min_masks": enc_cfg.mask_time_min_masks,
+        "mask_feature_prob": enc_cfg.mask_feature_prob,
+        "mask_feature_length": enc_cfg.mask_feature_length,
+        "mask_feature_min_masks": enc_cfg.mask_feature_min_masks,
+    }
+
+
+def make_hf_config(enc_cfg: EncoderConfig) -> PretrainedConfig:
+    """HF config of a randomly initialised encoder built from `EncoderConfig`'s architecture fields.
+
+    For wav2vec2 the quantizer fields are set too, so `Wav2Vec2ForPreTraining(make_hf_config(c))`
+    gives the matching pre-training model (TAPT).
+    """
+    config_cls, _ = _encoder_classes(enc_cfg.kind)
+    if not (len(enc_cfg.conv_dim) == len(enc_cfg.conv_kernel) == len(enc_cfg.conv_stride)):
+        raise ValueError(
+            "encoder.conv_dim, conv_kernel and conv_stride must have the same length, got "
+            f"{len(enc_cfg.conv_dim)}, {len(enc_cfg.conv_kernel)}, {len(enc_cfg.conv_stride)}"
+        )
+    kwargs = dict(
+        hidden_size=enc_cfg.hidden_size,
+        num_hidden_layers=enc_cfg.num_hidden_layers,
+        num_attention_heads=enc_cfg.num_attention_heads,
+        intermediate_size=enc_cfg.intermediate_size,
+        conv_dim=list(enc_cfg.conv_dim),
+        conv_kernel=list(enc_cfg.conv_kernel),
+        conv_stride=list(enc_cfg.conv_stride),
+        feat_extract_norm=enc_cfg.feat_extract_norm,
+        num_conv_pos_embeddings=enc_cfg.num_conv_pos_embeddings,
+        num_conv_pos_embedding_groups=enc_cfg.num_conv_pos_embedding_groups,
+        **spec_augment_kwargs(enc_cfg),
+    )
+    if enc_cfg.kind in ("wav2vec2", "wavlm"):
+        kwargs.update(
+            codevector_dim=enc_cfg.codevector_dim,
+            num_codevector_groups=enc_cfg.num_codevector_groups,
+            num_codevectors_per_group=enc_cfg.num_codevectors_per_group,
+            proj_codevector_dim=enc_cfg.proj_codevector_dim,
+        )
+    return config_cls(**kwargs)
+
+
+def _load_pretrained(enc_cfg: EncoderConfig) -> PreTrainedModel:
+    _, model_cls = _encoder_classes(enc_cfg.kind)
+    name = enc_cfg.name
+    path = Path(name).expanduser()
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local:
+        if not path.is_dir():
+            raise EncoderNotAvailableError(f"encoder.name={name}: no such directory")
+        if not (path / "config.json").is_file():
+            raise EncoderNotAvailableError(
+                f"encoder.name={name}: no config.json there (expected a folder written by save_pretrained)"
+            )
+        # A folder saved from Wav2Vec2ForPreTraining (TAPT output) holds "wav2vec2.*" weights;
+        # from_pretrained on the bare model strips that prefix and drops the quantizer.
+        return model_cls.from_pretrained(str(path), **spec_augment_kwargs(enc_cfg))
+    try:
+        return model_cls.from_pretrained(name, **spec_augment_kwargs(enc_cfg))
+    except OSError as e:  # offline, unknown name, gated repo: one actionable message
+        raise EncoderNotAvailableError(
+            f"could not load encoder '{name}' ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            "Without network access, download it on a machine that has it, e.g. "
+            f"`huggingface-cli download {name} --local-dir DIR`, copy DIR here and set "
+            "`encoder.name=DIR`; or use `encoder.name=random` for a randomly initialised model."
+        ) from None
+
+
+def apply_freezing(model: PreTrainedModel, enc_cfg: EncoderConfig) -> None:
+    """Freeze the parts PAPER.md V-FT keeps fixed: CNN feature encoder, feature projection,
+    masked_spec_embed (trainable: positional conv, transformer layers, final LayerNorm)."""
+    if enc_cfg.freeze_feature_encoder:
+        # HF's own switch: also skips the CNN's backward pass.
+        model.feature_extractor._freeze_parameters()
+    if enc_cfg.freeze_feature_projection:
+        for p in model.feature_projection.parameters():
+            p.requires_grad = False
+        if getattr(model, "masked_spec_embed", None) is not None:
+            model.masked_spec_embed.requires_grad = False
+
+
+def build_encoder(enc_cfg: EncoderConfig) -> PreTrainedModel:
+    """The bare HF encoder (Wav2Vec2Model / HubertModel / WavLMModel) named by `enc_cfg`.
+
+    `name`: "random" (architecture from the config fields), a local folder written by
+    `save_pretrained` (also a `Wav2Vec2ForPreTraining` folder, i.e. TAPT output), or a hub name.
+    """
+    if enc_cfg.name == "random":
+        _, model_cls = _encoder_classes(enc_cfg.kind)
+        model = model_cls(make_hf_config(enc_cfg))
+    else:
+        model = _load_pretrained(enc_cfg)
+    hidden = model.config.hidden_size
+    if enc_cfg.mask_feature_prob > 0 and enc_cfg.mask_feature_length > hidden:
+        raise ValueError(
+            f"encoder.mask_feature_length={enc_cfg.mask_feature_length} exceeds the hidden size {hidden}: "
+            "set encoder.mask_feature_length to at most the hidden size (or mask_feature_prob=0)"
+        )
+    apply_freezing(model, enc_cfg)
+    if enc_cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs and with DDP.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def uses_attention_mask(config: PretrainedConfig, policy: str = "auto") -> bool:
+    """Whether to pass the attention mask into the HF model (see EncoderConfig.attention_mask)."""
+    if policy == "always":
+        return True
+    if policy == "never":
+        return False
+    if policy != "auto":
+        raise ValueError(f"encoder.attention_mask must be auto/always/never, got {policy!r}")
+    return getattr(config, "feat_extract_norm", "group") == "layer"
+
+
+def compute_time_mask(frame_mask: torch.Tensor, mask_prob: float, mask_length: int,
+                      min_masks: int) -> torch.Tensor:
+    """SpecAugment time-mask spans inside each utterance's valid frames.
+
+    frame_mask: (B, F) bool, True = valid (right-padded). Returns (B, F) bool, True = masked.
+    Uses HF's `_compute_mask_indices` with the attention mask (span starts are drawn from each
+    utterance's own valid range; the global RNG is numpy's, seeded by `seed_everything`). A batch
+    with fewer frames than the span gets no time mask (HF would raise; see module doc).
+    """
+    batch, frames = frame_mask.shape
+    if mask_prob <= 0 or frames < mask_length:
+        return torch.zeros_like(frame_mask)
+    spans = _compute_mask_indices(
+        (batch, frames), mask_prob=mask_prob, mask_length=mask_length,
+        attention_mask=frame_mask.long().cpu(), min_masks=min_masks,
+    )
+    # HF pads rows with no span with a dummy index on the last (padding) frame: keep valid frames only.
+    return torch.from_numpy(np.asarray(spans)).to(frame_mask.device) & frame_mask
+
+
+class AudioEncoder(nn.Module):
+    """Batch-contract wrapper: `encode(audio (B, T), audio_mask (B, T)) -> (frames (B, F, H), frame_mask (B, F))`."""
+
+    def __init__(self, model: PreTrainedModel, attention_mask: str = "auto"):
+        super().__init__()
+        self.model = model
+        self.attention_mask_policy = attention_mask
+        self.pass_attention_mask = uses_attention_mask(model.config, attention_mask)
+
+    @classmethod
+    def from_config(cls, enc_cfg: EncoderConfig) -> AudioEncoder:
+        return cls(build_encoder(enc_cfg), attention_mask=enc_cfg.attention_mask)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def frame_lengths(self, sample_lengths: torch.Tensor) -> torch.Tensor:
+        """Number of encoder frames for each waveform length (HF's conv-arithmetic)."""
+        return self.model._get_feat_extract_output_lengths(sample_lengths).long()
+
+    def encode(self, audio: torch.Tensor, audio_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """audio (B, T) float, audio_mask (B, T) bool -> frames (B, F, H), frame_mask (B, F) bool."""
+        if audio.dim() != 2 or audio_mask.shape != audio.shape:
+            raise ValueError(f"encode: expected audio (B, T) and a mask of the same shape, got "
+                             f"{tuple(audio.shape)} and {tuple(audio_mask.shape)}")
+        lengths = audio_mask.sum(-1)  # (B,)
+        total_frames = int(self.frame_lengths(torch.tensor(audio.shape[1])))
+        if total_frames < 1:
+            raise ValueError(f"encode: batch of {audio.shape[1]} samples is shorter than one encoder frame")
+        frame_len = self.frame_lengths(lengths).clamp(1, total_frames)  # (B,)
+        frame_mask = torch.arange(total_frames, device=audio.device)[None, :] < frame_len[:, None]  # (B, F)
+
+        mask_time_indices = None
+        cfg = self.model.config
+        if self.training and getattr(cfg, "apply_spec_augment", True) and cfg.mask_time_prob > 0:
+            # Always passed in training (all False when skipped) so HF never draws its own time mask.
+            mask_time_indices = compute_time_mask(frame_mask, cfg.mask_time_prob, cfg.mask_time_length,
+                                                  cfg.mask_time_min_masks)
+        attention_mask = audio_mask.long() if self.pass_attention_mask else None
+        out = self.model(audio, attention_mask=attention_mask, mask_time_indices=mask_time_indices)
+        frames = out.last_hidden_state  # (B, F, H)
+        if frames.shape[1] != total_frames:
+            raise AssertionError(f"encoder returned {frames.shape[1]} frames, expected {total_frames}")
+        return frames, frame_mask

@@ -1,0 +1,262 @@
+"""One run = (config, test session, seed) -> a run dir. The stage function behind `mmser train`.
+
+    run_dir/config.yaml          resolved config
+    run_dir/checkpoints/last.ckpt  saved every epoch; a killed run resumes from it
+    run_dir/csv/metrics.csv      per-step / per-epoch logs (plus run_dir/wandb/ when W&B is on)
+    run_dir/predictions.csv      id, true, pred, one probability column per class (test session)
+    run_dir/model/               model.safetensors + config.json (rebuild with `load_model`)
+    run_dir/metrics.json         written LAST, atomically: its presence means "complete"
+
+The tested weights are those of the last epoch ("last", the paper) or of the best validation
+epoch ("best_val", needs a validation set). Nothing is ever selected on the test session.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import platform
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.utilities import rank_zero_only
+from safetensors.torch import load_model as load_safetensors_model
+from safetensors.torch import save_model as save_safetensors_model
+from torch import nn
+
+import mmser
+from mmser import tracking
+from mmser.config import Config, TrainerConfig, save_config, to_dict
+from mmser.data.datamodule import SERDataModule
+from mmser.data.dataset import TextFeatures
+from mmser.data.manifest import load_manifest, split_fold
+from mmser.io import atomic_write_json, atomic_write_text
+from mmser.labels import CLASSES
+from mmser.metrics import classification_report
+from mmser.models.heads import AudioClassifier
+from mmser.models.wav2vec2 import AudioEncoder
+from mmser.training.finetune import ClassifierModule
+
+log = logging.getLogger(__name__)
+
+MODEL_FORMAT = "mmser-classifier/1"
+
+
+def default_run_dir(cfg: Config, session: int, seed: int) -> Path:
+    """output_dir/experiment/s{session}-seed{seed}."""
+    return Path(cfg.output_dir) / cfg.experiment / f"s{session}-seed{seed}"
+
+
+def resolve_precision(trainer_cfg: TrainerConfig) -> str:
+    """"auto" -> bf16-mixed on a GPU that supports it, 16-mixed on other GPUs, 32-true on CPU."""
+    if trainer_cfg.precision != "auto":
+        return trainer_cfg.precision
+    wants_gpu = trainer_cfg.accelerator in ("auto", "gpu", "cuda")
+    if wants_gpu and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def _devices(text: str) -> int | str:
+    return int(text) if text.strip().isdigit() else text
+
+
+def build_audio_model(cfg: Config) -> AudioClassifier:
+    """The paper's V-FT classifier: encoder from `cfg.encoder` + the mean-pool linear head."""
+    return AudioClassifier(AudioEncoder.from_config(cfg.encoder), num_classes=len(CLASSES))
+
+
+# -- saved models ---------------------------------------------------------------------------------
+
+
+def save_model(model: nn.Module, cfg: Config, out_dir: str | Path) -> None:
+    """out_dir/model.safetensors (state dict) + out_dir/config.json (architecture + resolved config)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": MODEL_FORMAT,
+        "mmser_version": mmser.__version__,
+        "task": cfg.task,
+        "classes": list(CLASSES),
+        "architecture": model.config_dict() if hasattr(model, "config_dict") else None,
+        "config": to_dict(cfg),
+    }
+    tmp = out_dir / ".model.safetensors.tmp"
+    save_safetensors_model(model, str(tmp))  # handles shared tensors
+    tmp.replace(out_dir / "model.safetensors")
+    atomic_write_json(out_dir / "config.json", meta)
+
+
+def load_model(model_dir: str | Path) -> nn.Module:
+    """Rebuild a model saved by `save_model` (no pretrained download needed) in eval mode."""
+    model_dir = Path(model_dir)
+    cfg_path, weights = model_dir / "config.json", model_dir / "model.safetensors"
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: missing (not a folder written by mmser save_model)")
+    meta = json.loads(cfg_path.read_text())
+    if meta.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{cfg_path}: unknown model format {meta.get('format')!r}")
+    arch = meta.get("architecture") or {}
+    if arch.get("model") != "AudioClassifier":
+        raise ValueError(f"{cfg_path}: cannot rebuild architecture {arch.get('model')!r} here")
+    model = AudioClassifier.from_config_dict(arch)
+    load_safetensors_model(model, str(weights), strict=True)
+    return model.eval()
+
+
+# -- outputs ----------------------------------------------------------------------------------------
+
+
+def predictions_csv(rows: Sequence[dict], class_names: Sequence[str] = CLASSES) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", "true", "pred"] + [f"prob_{c}" for c in class_names])
+    for r in rows:
+        w.writerow([r["id"], class_names[r["true"]], class_names[r["pred"]]]
+                   + [f"{p:.6f}" for p in r["probs"]])
+    return buf.getvalue()
+
+
+def _report(rows: Sequence[dict]) -> dict | None:
+    if not rows:
+        return None
+    return classification_report([r["true"] for r in rows], [r["pred"] for r in rows], CLASSES)
+
+
+def _hardware() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or None}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
+
+
+# -- the run ------------------------------------------------------------------------------------------
+
+
+def run_one(
+    cfg: Config,
+    test_session: int,
+    seed: int,
+    run_dir: str | Path,
+    *,
+    model_factory: Callable[[Config], nn.Module] | None = None,
+    text_features: Mapping[str, TextFeatures] | None = None,
+    callbacks: Sequence[Callback] = (),
+    job_type: str = "finetune",
+) -> dict:
+    """Train on the fold's training sessions, test on session `test_session`; return metrics.json.
+
+    A run dir with metrics.json is complete: it is returned without training. A run dir with
+    checkpoints/last.ckpt (a killed run) resumes from it. `model_factory` builds the classifier
+    (default: the audio V-FT model; fusion passes its own) and `text_features` (id -> (tokens, pooled))
+    adds text to the batches. `callbacks` are extra Lightning callbacks.
+    """
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.is_file():
+        log.info("%s: complete (metrics.json exists), not retraining", run_dir)
+        return json.loads(metrics_path.read_text())
+    if model_factory is None:
+        if cfg.task != "audio":
+            raise ValueError(f"run_one: task={cfg.task!r} needs a model_factory (the default builds audio models)")
+        model_factory = build_audio_model
+
+    records = load_manifest(cfg.data.manifest)
+    fold = split_fold(records, test_session, cfg.data)
+    if cfg.finetune.test_checkpoint == "best_val" and not fold.val:
+        raise ValueError("finetune.test_checkpoint=best_val needs a validation set "
+                         "(data.validation=speaker or fraction); the test session is never used to select")
+
+    pl.seed_everything(seed, workers=True)
+    dm = SERDataModule(fold, cfg.data, seed=seed, text_features=text_features)
+    model = model_factory(cfg)
+    module = ClassifierModule(model, dm.class_weights if cfg.finetune.class_weighted_loss else None,
+                              lr=cfg.finetune.lr, sample_rate=cfg.data.sample_rate)
+
+    if rank_zero_only.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    name = f"{cfg.experiment}-s{test_session}-seed{seed}"
+    loggers = tracking.make_loggers(cfg, run_dir, name=name, group=cfg.experiment, job_type=job_type)
+    ckpt_dir = run_dir / "checkpoints"
+    last_cb = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_epochs=1,
+                              save_on_train_epoch_end=True)
+    cbs: list[Callback] = [last_cb]
+    best_cb = None
+    if fold.val:
+        best_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/ua", mode="max",
+                                  save_top_k=1, every_n_epochs=1)
+        cbs.append(best_cb)
+    precision = resolve_precision(cfg.trainer)
+    tc = cfg.trainer
+    trainer = pl.Trainer(
+        accelerator=tc.accelerator, devices=_devices(tc.devices), num_nodes=tc.num_nodes,
+        strategy=tc.strategy, precision=precision, deterministic=tc.deterministic,
+        max_epochs=cfg.finetune.epochs, max_steps=cfg.finetune.max_steps,
+        logger=loggers, callbacks=cbs + list(callbacks), default_root_dir=str(run_dir),
+        log_every_n_steps=tc.log_every_n_steps, gradient_clip_val=tc.gradient_clip_val,
+        enable_progress_bar=tc.enable_progress_bar, enable_model_summary=False,
+        num_sanity_val_steps=0, use_distributed_sampler=False,  # our sampler shards by rank itself
+        limit_val_batches=None if fold.val else 0,
+    )
+    exit_code = 1
+    try:
+        resume = ckpt_dir / "last.ckpt"
+        if resume.is_file():
+            log.info("%s: resuming from %s", run_dir, resume)
+        trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume.is_file() else None)
+        epochs_trained = int(trainer.current_epoch)
+        test_ckpt = None
+        if cfg.finetune.test_checkpoint == "best_val":
+            assert best_cb is not None
+            if not best_cb.best_model_path:
+                raise RuntimeError(f"{run_dir}: no best validation checkpoint was saved")
+            test_ckpt = best_cb.best_model_path
+        val_report = None
+        if fold.val:
+            trainer.validate(module, datamodule=dm, ckpt_path=test_ckpt, verbose=False)
+            val_report = module.val_report
+        trainer.test(module, datamodule=dm, ckpt_path=test_ckpt, verbose=False)
+        rows = module.test_predictions
+        by_id = {r["id"]: r for r in fold.test}
+        if sorted(r["id"] for r in rows) != sorted(by_id):
+            raise RuntimeError(f"{run_dir}: test predictions do not cover the test session exactly")
+        improvised = [r for r in rows if not by_id[r["id"]]["scripted"]]
+        summary = module.training_summary()
+        metrics = {
+            "test": _report(rows),
+            "test_improvised": _report(improvised),
+            "val": val_report,
+            "counts": dm.counts(),
+            "class_weights": {c: float(w) for c, w in zip(CLASSES, dm.class_weights)},
+            "experiment": cfg.experiment,
+            "test_session": test_session,
+            "seed": seed,
+            "test_checkpoint": cfg.finetune.test_checkpoint,
+            "epochs_trained": epochs_trained,
+            "padding_efficiency": summary["padding_efficiency"],
+            "train_seconds": summary["train_seconds"],
+            "throughput": summary["throughput"],  # training audio seconds per wall second (per process)
+            "train_steps": summary["train_steps"],
+            "precision": precision,
+            "world_size": trainer.world_size,
+            "hardware": _hardware(),
+        }
+        if trainer.is_global_zero:
+            atomic_write_text(run_dir / "predictions.csv", predictions_csv(rows))
+            save_model(module.model, cfg, run_dir / "model")
+            tracking.log_final(loggers, metrics, [r["true"] for r in rows], [r["pred"] for r in rows], CLASSES)
+            atomic_write_json(metrics_path, metrics)  # last: marks the run complete
+        log.info("%s: test UA %.4f WA %.4f (%d utterances)", run_dir, metrics["test"]["ua"],
+                 metrics["test"]["wa"], metrics["test"]["n"])
+        exit_code = 0
+        return metrics
+    finally:
+        tracking.finish(loggers, exit_code=exit_code)
