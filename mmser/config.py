@@ -189,11 +189,25 @@ class TextConfig:
 
 @dataclass
 class FusionConfig:
+    # The extension beyond the paper (PAPER.md "Beyond the paper"): no paper values here; these are
+    # design defaults of mmser.models.fusion. hidden_size / dropout / text_pooling also size the
+    # text-only baseline head (task: text), so text-only and fusion share one MLP shape.
     head: Literal["none", "concat", "decision", "cross_attention"] = "none"
     hidden_size: int = 256
     num_heads: int = 4
     dropout: float = 0.1
     freeze_audio: bool = False
+    # Text utterance vector for the text-only, concat and decision heads: masked mean of the token
+    # features ("mean") or the text encoder's pooled vector ("pooled", batch key text_pooled).
+    text_pooling: Literal["mean", "pooled"] = "mean"
+    # Decision fusion: one learned audio/text weight pair per class ("class") or one for all ("global").
+    decision_weights: Literal["class", "global"] = "class"
+    # Decision fusion pooling: weighted product of the branch posteriors ("log_linear": combines
+    # partial evidence of both modalities) or their weighted average ("linear"); see DecisionFusion.
+    decision_rule: Literal["log_linear", "linear"] = "log_linear"
+    # Cross-attention: bidirectional layers, and a position-wise FFN (width 4 x hidden) after each.
+    num_layers: int = 1
+    ffn: bool = True
 
 
 @dataclass
@@ -213,25 +227,11 @@ class Config:
     ptapt: PtaptConfig = field(default_factory=PtaptConfig)
     text: TextConfig = field(default_factory=TextConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
-    # The extension beyond the paper (PAPER.md "Beyond the paper"): no paper values here; these are
-    # design defaults of mmser.models.fusion. hidden_size / dropout / text_pooling also size the
-    # text-only baseline head (task: text), so text-only and fusion share one MLP shape.
 
 
 # --------------------------------------------------------------------------------------------
 # Loading, merging, validation
 # --------------------------------------------------------------------------------------------
-    # Text utterance vector for the text-only, concat and decision heads: masked mean of the token
-    # features ("mean") or the text encoder's pooled vector ("pooled", batch key text_pooled).
-    text_pooling: Literal["mean", "pooled"] = "mean"
-    # Decision fusion: one learned audio/text weight pair per class ("class") or one for all ("global").
-    decision_weights: Literal["class", "global"] = "class"
-    # Decision fusion pooling: weighted product of the branch posteriors ("log_linear": combines
-    # partial evidence of both modalities) or their weighted average ("linear"); see DecisionFusion.
-    decision_rule: Literal["log_linear", "linear"] = "log_linear"
-    # Cross-attention: bidirectional layers, and a position-wise FFN (width 4 x hidden) after each.
-    num_layers: int = 1
-    ffn: bool = True
 
 
 def _type_name(tp: Any) -> str:
