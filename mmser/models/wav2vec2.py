@@ -128,7 +128,8 @@ def _load_pretrained(enc_cfg: EncoderConfig) -> PreTrainedModel:
         raise EncoderNotAvailableError(
             f"could not load encoder '{name}' ({type(e).__name__}: {str(e).splitlines()[0]}). "
             "Without network access, download it on a machine that has it, e.g. "
-            f"`huggingface-cli download {name} --local-dir DIR`, copy DIR here and set "
+            f"`hf download {name} --local-dir DIR` (older clients: `huggingface-cli download`), copy DIR "
+            "here and set "
             "`encoder.name=DIR`; or use `encoder.name=random` for a randomly initialised model."
         ) from None
 
@@ -165,8 +166,13 @@ def build_encoder(enc_cfg: EncoderConfig) -> PreTrainedModel:
         )
     apply_freezing(model, enc_cfg)
     if enc_cfg.gradient_checkpointing:
-        # Non-reentrant checkpointing works with frozen inputs and with DDP.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant checkpointing works with frozen inputs and with DDP. (transformers >= 5.x
+        # renamed gradient_checkpointing_enable to activation_checkpointing_enable.)
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
 
 
