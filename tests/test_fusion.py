@@ -234,15 +234,21 @@ def test_empty_transcript_gives_finite_outputs_and_gradients(name: str) -> None:
 
 
 def test_cross_attention_empty_text_row_is_classified_from_audio_alone() -> None:
-    """With no transcript, the audio side gets no cross-modal update: the output equals the one
-    computed with the text side of that utterance replaced by any other empty text."""
+    """With no transcript, the audio side gets no cross-modal update at all (not even the
+    attention output projection's bias): computed by hand, it is LayerNorm, FFN, pool, MLP."""
     model = _model("xattn").eval()
+    with torch.no_grad():
+        for p in model.parameters():  # trained-looking weights: non-zero biases everywhere
+            p.add_(0.3 * torch.randn_like(p))
     d = make_task(3, seed=5)
     d["text_mask"][:] = False
+    block = model.audio_to_text[0]
+    assert block.ffn is not None and block.norm2 is not None
     with torch.no_grad():
         out = call(model, d)
-        a = model.audio_proj(d["audio"].masked_fill(~d["frame_mask"][..., None], 0))
-        a = model.audio_to_text[0](a, torch.zeros(3, 1, 16), torch.zeros(3, 1, dtype=torch.bool))
+        a = model.audio_proj(d["audio"].masked_fill(~d["frame_mask"][..., None], 0))  # (B, F, H)
+        a = block.norm1(a)  # residual with a zero attention update
+        a = block.norm2(a + block.ffn(a))
         expected = model.mlp(torch.cat([masked_mean(a, d["frame_mask"]), torch.zeros(3, 16)], dim=-1))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
@@ -327,17 +333,19 @@ def _shuffled(d: dict[str, Tensor], keys: tuple[str, ...]) -> dict[str, Tensor]:
 
 
 @pytest.mark.parametrize(
-    "name,task",
-    [(name, make_task) for name in FUSION_HEADS if name != "decision_linear"]
-    + [("decision_linear", make_complementary_task), ("decision_class", make_complementary_task)],
+    "name,task,n_train",
+    [(name, make_task, 256) for name in FUSION_HEADS if name != "decision_linear"]
+    + [("decision_linear", make_complementary_task, 768), ("decision_class", make_complementary_task, 768)],
 )
-def test_fusion_head_learns_a_task_that_needs_both_modalities(name: str, task) -> None:
+def test_fusion_head_learns_a_task_that_needs_both_modalities(name: str, task, n_train: int) -> None:
     """Factorised task (class = 2a + b) for every head but the linear-pool decision head, which
     cannot combine partial evidence (see DecisionFusion); it and the default decision head get
-    the complementary task (the class is in one modality per utterance)."""
+    the complementary task (the class is in one modality per utterance). The linear pool needs
+    the branch that sees only noise to stay near uniform: with 256 training utterances it
+    overfits that noise (0.92-0.97 test accuracy over 6 seeds), with 768 it reaches 0.97-0.99."""
     torch.manual_seed(0)
     model = _model(name)
-    train, test = task(256, seed=10), task(512, seed=11)
+    train, test = task(n_train, seed=10), task(512, seed=11)
     _fit(model, train, steps=120, lr=1e-2)
     assert _accuracy(model, test) > 0.9
     # Break the pairing of one modality with the labels: accuracy falls back towards 50 %.

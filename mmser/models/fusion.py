@@ -240,12 +240,12 @@ class DecisionFusion(nn.Module):
           a weighted product of experts (with global weights: softmax of the weighted branch
           log-probabilities). A class must be plausible to both branches, so partial evidence
           from each modality combines: on the test suite's task where the class is 2a + b, bit a
-          heard only in the audio and bit b only in the text, it learns > 90 % accuracy.
+          heard only in the audio and bit b only in the text, it reached 100 % (4 seeds).
       rule="linear": p(c) ∝ w_audio[c] p_audio(c) + w_text[c] p_text(c), the classic weighted
           average of posteriors (a linear opinion pool). It follows the more confident branch:
           good when one modality is uninformative for an utterance (noisy audio, empty
-          transcript), but on the 2a + b task it reached only 63-72 %: a branch's arbitrary split
-          between the classes it cannot tell apart decides the output.
+          transcript: 92-97 % on such a task), but on the 2a + b task it reached 64-91 % (4 seeds):
+          a branch's arbitrary split between the classes it cannot tell apart decides the output.
 
     forward returns log p (B, C) computed in log space (logsumexp, no log(0)): a valid logit
     vector (softmax(log p) = p), so cross-entropy works on it unchanged. After each forward the
