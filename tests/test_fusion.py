@@ -346,7 +346,7 @@ def test_fusion_head_learns_a_task_that_needs_both_modalities(name: str, task, n
     torch.manual_seed(0)
     model = _model(name)
     train, test = task(n_train, seed=10), task(512, seed=11)
-    _fit(model, train, steps=120, lr=1e-2)
+    _fit(model, train, steps=80, lr=1e-2)
     assert _accuracy(model, test) > 0.9
     # Break the pairing of one modality with the labels: accuracy falls back towards 50 %.
     assert _accuracy(model, _shuffled(test, ("text", "text_mask", "text_pooled"))) < 0.75
