@@ -1,7 +1,11 @@
 """TAPT: the wav2vec 2.0 objective in fp32, masks inside valid frames, the paper's schedule."""
 
+import json
+import math
+
 import pytest
 import torch
+import yaml
 from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
 
 from mmser.config import TaptConfig
@@ -112,3 +116,40 @@ def test_module_refuses_zero_mask_prob_and_schedule_matches_paper():
     with pytest.raises(ValueError):
         warmup_hold_decay(0, 600, 600, 1000)
     assert gumbel_temperature(0) == 2.0 and gumbel_temperature(10**7) == 0.5
+
+
+def test_tapt_stage_sees_only_training_sessions_and_feeds_vft(tmp_path, monkeypatch):
+    """TAPT via the cv runner: once per fold, training split only, resumable, V-FT loads it."""
+    from helpers import tiny_config, write_toy_corpus
+
+    from mmser.training import tapt as taptmod
+    from mmser.training.cv import run_cv
+
+    manifest = write_toy_corpus(tmp_path / "toy", per_class=2, durations=(0.4, 0.6))
+    cfg = tiny_config(tmp_path, manifest, ["experiment=tapt-toy", "pretrain=tapt", "finetune.epochs=1",
+                                           "tapt.total_steps=4", "tapt.warmup_steps=1", "tapt.hold_steps=1",
+                                           "tapt.mask_time_length=4", "tapt.num_negatives=5",
+                                           "tapt.max_batch_seconds=4.0"])
+    seen = []
+    real_init = taptmod.RandomCropDataset.__init__
+
+    def spy(self, records, *a, **k):
+        seen.append({r["session"] for r in records})
+        real_init(self, records, *a, **k)
+
+    monkeypatch.setattr(taptmod.RandomCropDataset, "__init__", spy)
+    out = tmp_path / "runs" / "tapt-toy"
+    summary = run_cv(cfg, sessions=[2], seeds=[0, 1], out_dir=out)
+    assert not summary.failed, summary.failed
+    assert seen == [{1, 3, 4, 5}]  # one TAPT per fold, never session 2
+    done = json.loads((out / "pretrain" / "s2" / "done.json").read_text())
+    assert done["steps"] == 4 and done["train_sessions"] == [1, 3, 4, 5]
+    assert math.isfinite(done["final_loss"])
+    # Both fine-tuning runs started from the TAPT folder, by explicit path.
+    for seed in (0, 1):
+        run_cfg = yaml.safe_load((out / f"s2-seed{seed}" / "config.yaml").read_text())
+        assert run_cfg["encoder"]["name"] == str(out / "pretrain" / "s2" / "encoder")
+    # Second call: nothing is pre-trained or trained again.
+    seen.clear()
+    again = run_cv(cfg, sessions=[2], seeds=[0, 1], out_dir=out)
+    assert seen == [] and sorted(again.skipped) == [(2, 0), (2, 1)]

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
+import time
+from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
@@ -26,7 +29,18 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import (
     _sample_negative_indices,
 )
 
-from mmser.config import TaptConfig
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from mmser import tracking
+from mmser.config import Config, TaptConfig, save_config
+from mmser.data.batching import BucketBatchSampler, collate_batch
+from mmser.data.dataset import UtteranceDataset, read_audio
+from mmser.data.manifest import Fold
+from mmser.io import atomic_write_json
+from mmser.labels import CLASS_TO_INDEX
+from mmser.models.wav2vec2 import EncoderNotAvailableError, make_hf_config
+from mmser.training.run import _devices, resolve_precision
 from mmser.training.schedule import make_scheduler
 
 log = logging.getLogger(__name__)
@@ -37,8 +51,7 @@ def frame_lengths(model: Wav2Vec2ForPreTraining, audio_mask: torch.Tensor) -> to
     return model._get_feat_extract_output_lengths(audio_mask.sum(-1)).long()
 
 
-def tapt_masks(lengths: torch.Tensor, num_frames: int, cfg: TaptConfig, rng: np.random.Generator | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+def tapt_masks(lengths: torch.Tensor, num_frames: int, cfg: TaptConfig) -> tuple[np.ndarray, np.ndarray]:
     """Time masks inside valid frames (min 2 spans) and negative indices (from masked frames of the
     same utterance), both as numpy arrays: (B, F) bool and (B, F, num_negatives) int."""
     b = lengths.numel()
@@ -134,3 +147,157 @@ def min_tapt_samples(model: Wav2Vec2ForPreTraining, cfg: TaptConfig) -> int:
     while int(model._get_feat_extract_output_lengths(n)) < need:
         n = math.ceil(n * 1.25)
     return n
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: random crops <= crop_s (hop-aligned), length-bucketed dynamic batches
+# ------------------------------------------------------------------------------------------------
+
+
+def random_crop_bounds(n: int, max_len: int, hop: int, rng: np.random.Generator) -> tuple[int, int]:
+    """A random window of at most `max_len` samples of an `n`-sample clip whose start is a
+    multiple of `hop` (the encoder's frame hop, 320 for wav2vec 2.0), so frame-level targets
+    (P-TAPT pseudo-labels) can be cropped in step: frames [start // hop, ...)."""
+    if n <= max_len:
+        return 0, n
+    start = int(rng.integers(0, (n - max_len) // hop + 1)) * hop
+    return start, start + max_len
+
+
+class RandomCropDataset(UtteranceDataset):
+    """UtteranceDataset whose training items are random windows of <= crop_s seconds."""
+
+    def __init__(self, records, sample_rate: int, crop_s: float, hop: int = 320, seed: int = 0):
+        super().__init__(records, sample_rate, crop_s=crop_s)  # lengths = min(len, crop) for bucketing
+        self.max_len = int(round(crop_s * sample_rate))
+        self.hop = hop
+        self.seed = seed
+        self.epoch = 0
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.records[i]
+        wav = read_audio(r["path"], self.sample_rate)
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        a, b = random_crop_bounds(len(wav), self.max_len, self.hop, rng)
+        return {"id": r["id"], "audio": torch.from_numpy(np.ascontiguousarray(wav[a:b])),
+                "label": CLASS_TO_INDEX[r["label"]], "crop_start": a}
+
+
+class _CropEpoch(pl.Callback):
+    """Tell the random-crop dataset the epoch, so each epoch draws new crops (still seeded)."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        ds = trainer.train_dataloader.dataset
+        if isinstance(ds, RandomCropDataset):
+            ds.epoch = trainer.current_epoch
+
+
+# ------------------------------------------------------------------------------------------------
+# The stage: fold's training audio -> a wav2vec 2.0 folder V-FT loads by explicit path
+# ------------------------------------------------------------------------------------------------
+
+
+def build_pretraining_model(cfg: Config) -> Wav2Vec2ForPreTraining:
+    """Wav2Vec2ForPreTraining from `cfg.encoder` (random, local dir or hub name), with TAPT's
+    time masking in its config (mask_time_prob must be > 0; no channel masking in pre-training)
+    and every parameter trainable (PAPER.md: CNN and quantizer included)."""
+    enc = cfg.encoder
+    if enc.kind != "wav2vec2":
+        raise ValueError(f"TAPT continues wav2vec 2.0's contrastive objective: encoder.kind must be "
+                         f"wav2vec2, got {enc.kind!r}")
+    masking = {"mask_time_prob": cfg.tapt.mask_time_prob, "mask_time_length": cfg.tapt.mask_time_length,
+               "mask_time_min_masks": cfg.tapt.mask_time_min_masks, "mask_feature_prob": 0.0,
+               "apply_spec_augment": True, "num_negatives": cfg.tapt.num_negatives,
+               "contrastive_logits_temperature": cfg.tapt.contrastive_temperature,
+               "diversity_loss_weight": cfg.tapt.diversity_loss_weight}
+    if enc.name == "random":
+        hf = make_hf_config(enc)
+        for k, v in masking.items():
+            setattr(hf, k, v)
+        model = Wav2Vec2ForPreTraining(hf)
+    else:
+        path = Path(enc.name).expanduser()
+        try:
+            model = Wav2Vec2ForPreTraining.from_pretrained(str(path) if path.is_dir() else enc.name, **masking)
+        except OSError as e:
+            raise EncoderNotAvailableError(
+                f"TAPT: could not load '{enc.name}' with its quantizer ({type(e).__name__}: "
+                f"{str(e).splitlines()[0]}). Offline, download it where there is network (e.g. "
+                f"`huggingface-cli download {enc.name} --local-dir DIR`) and set encoder.name=DIR."
+            ) from None
+    for p in model.parameters():
+        p.requires_grad = True
+    if enc.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def run_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int = 0) -> Path:
+    """TAPT on `fold.train` only (never the test session, nor the validation split). Idempotent:
+    a finished stage (out_dir/done.json) returns at once; a killed one resumes from
+    out_dir/checkpoints/last.ckpt. Returns out_dir/encoder (save_pretrained folder)."""
+    out_dir = Path(out_dir)
+    encoder_dir, done = out_dir / "encoder", out_dir / "done.json"
+    if done.is_file() and (encoder_dir / "config.json").is_file():
+        log.info("TAPT fold %d: complete (%s)", fold.test_session, encoder_dir)
+        return encoder_dir
+    tc = cfg.tapt
+    if any(r["session"] == fold.test_session for r in fold.train):
+        raise AssertionError("TAPT: test-session audio in the training split")  # split_fold guarantees
+    pl.seed_everything(seed + 1000 * fold.test_session, workers=True)
+    model = build_pretraining_model(cfg)
+    hop = int(np.prod(model.config.conv_stride))
+    min_len = min_tapt_samples(model, tc)
+    sr = cfg.data.sample_rate
+    records = [r for r in fold.train if float(r["duration"]) * sr >= min_len]
+    if len(records) < len(fold.train):
+        log.warning("TAPT fold %d: %d clips shorter than %d samples (2 mask spans) left out",
+                    fold.test_session, len(fold.train) - len(records), min_len)
+    if not records:
+        raise ValueError(f"TAPT fold {fold.test_session}: no training clip is long enough ({min_len} samples)")
+    dataset = RandomCropDataset(records, sr, tc.crop_s, hop=hop, seed=seed)
+    sampler = BucketBatchSampler(dataset.lengths, max_batch_samples=int(tc.max_batch_seconds * sr),
+                                 num_buckets=cfg.data.num_buckets, shuffle=True, seed=seed)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_batch,
+                        num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
+    module = TaptModule(model, tc, seed=seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    loggers = tracking.make_loggers(cfg, out_dir, name=f"{cfg.experiment}-tapt-s{fold.test_session}",
+                                    group=cfg.experiment, job_type="tapt")
+    ckpt_dir = out_dir / "checkpoints"
+    last_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
+                              every_n_train_steps=max(1, min(500, tc.total_steps // 4)),
+                              enable_version_counter=False)
+    trainer = pl.Trainer(
+        accelerator=cfg.trainer.accelerator, devices=_devices(cfg.trainer.devices),
+        num_nodes=cfg.trainer.num_nodes, strategy=cfg.trainer.strategy,
+        precision=resolve_precision(cfg.trainer), max_steps=tc.total_steps, max_epochs=-1,
+        logger=loggers, callbacks=[last_cb, _CropEpoch()], default_root_dir=str(out_dir),
+        log_every_n_steps=cfg.trainer.log_every_n_steps, gradient_clip_val=cfg.trainer.gradient_clip_val,
+        enable_progress_bar=cfg.trainer.enable_progress_bar, enable_model_summary=False,
+        use_distributed_sampler=False, deterministic=cfg.trainer.deterministic,
+    )
+    exit_code = 1
+    t0 = time.time()
+    try:
+        resume = ckpt_dir / "last.ckpt"
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=str(resume) if resume.is_file() else None)
+        if trainer.is_global_zero:
+            tmp = out_dir / ".encoder.tmp"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            model.save_pretrained(str(tmp))
+            if encoder_dir.exists():
+                shutil.rmtree(encoder_dir)
+            tmp.rename(encoder_dir)
+            atomic_write_json(done, {
+                "stage": "tapt", "test_session": fold.test_session, "steps": int(trainer.global_step),
+                "train_utterances": len(records), "excluded_short": len(fold.train) - len(records),
+                "train_sessions": sorted({r["session"] for r in records}),
+                "final_loss": float(trainer.callback_metrics.get("tapt/loss", float("nan"))),
+                "seconds": round(time.time() - t0, 1), "encoder": str(encoder_dir)})
+        exit_code = 0
+    finally:
+        tracking.finish(loggers, exit_code=exit_code)
+    return encoder_dir
