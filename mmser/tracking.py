@@ -30,6 +30,7 @@ def make_loggers(cfg: Config, run_dir: str | Path, name: str, group: str, job_ty
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    _keep_previous_csv(run_dir / "csv")
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
     mode = cfg.tracking.wandb
     if mode == "disabled":
@@ -63,6 +64,18 @@ def make_loggers(cfg: Config, run_dir: str | Path, name: str, group: str, job_ty
         return loggers
     loggers.append(wandb_logger)
     return loggers
+
+
+def _keep_previous_csv(csv_dir: Path) -> None:
+    """Lightning's CSVLogger deletes an existing metrics.csv; a resumed run keeps the earlier
+    attempt's rows as metrics.attempt-K.csv instead."""
+    current = csv_dir / "metrics.csv"
+    if not current.is_file():
+        return
+    k = 1
+    while (csv_dir / f"metrics.attempt-{k}.csv").exists():
+        k += 1
+    current.rename(csv_dir / f"metrics.attempt-{k}.csv")
 
 
 def wandb_active(loggers: Sequence[Logger]) -> bool:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
@@ -24,6 +25,20 @@ TINY_CONFIGS = (CONFIGS / "base.yaml", CONFIGS / "vft.yaml", CONFIGS / "tiny.yam
 SAMPLE_RATE = 16000
 # Tone frequency (Hz) of each class, in CLASSES order.
 CLASS_FREQS = {"angry": 1760.0, "happy": 880.0, "neutral": 220.0, "sad": 440.0}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_torch_thread():
+    """Run tiny models on one intra-op thread (import this fixture into a test module to use it).
+
+    Measured on the 2-core dev machine under load from parallel jobs: a tiny-model training step
+    took 20 ms with 1 thread and 400 ms with 2 (OpenMP threads fighting over busy cores); tiny
+    matrices gain nothing from a second thread anyway. The previous setting is restored after.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tone(freq: float, duration_s: float, rng: np.random.Generator, sample_rate: int = SAMPLE_RATE) -> np.ndarray:

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import tiny_config, write_toy_corpus
+from helpers import (  # noqa: F401 (single_torch_thread: autouse fixture)
+    single_torch_thread, tiny_config, write_toy_corpus,
+)
 from lightning_fabric.utilities.data import _set_sampler_epoch
 from torch.utils.data import DataLoader
 

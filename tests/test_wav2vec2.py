@@ -7,7 +7,9 @@ import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
-from helpers import make_batch, tiny_audio_classifier, tiny_encoder_config
+from helpers import (  # noqa: F401 (single_torch_thread: autouse fixture)
+    make_batch, single_torch_thread, tiny_audio_classifier, tiny_encoder_config,
+)
 from torch import nn
 from transformers import Wav2Vec2ForPreTraining
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices

@@ -102,9 +102,10 @@ class ClassifierModule(pl.LightningModule):
         self.stats["train_seconds"] += elapsed
         self.stats["audio_seconds"] += self._epoch_audio
         if elapsed > 0:
-            self.log("train/throughput_audio_s_per_s", self._epoch_audio / elapsed)
+            self.log("train/throughput_audio_s_per_s", self._epoch_audio / elapsed, sync_dist=True)
         if self.stats["padded_samples"]:
-            self.log("train/padding_efficiency", self.stats["real_samples"] / self.stats["padded_samples"])
+            self.log("train/padding_efficiency", self.stats["real_samples"] / self.stats["padded_samples"],
+                     sync_dist=True)
 
     def training_summary(self) -> dict:
         """Padding efficiency and throughput (audio seconds per wall second) of this process."""
@@ -156,11 +157,11 @@ class ClassifierModule(pl.LightningModule):
         loss = sum(r.pop("wnll") for r in rows) / max(sum(r.pop("w") for r in rows), 1e-12)
         report = classification_report([r["true"] for r in rows], [r["pred"] for r in rows], self.class_names)
         report["loss"] = float(loss)
-        # Every rank holds the same gathered numbers: no further sync needed.
-        self.log(f"{stage}/loss", float(loss), sync_dist=False)
-        self.log(f"{stage}/ua", report["ua"], sync_dist=False)
-        self.log(f"{stage}/wa", report["wa"], sync_dist=False)
-        self.log(f"{stage}/macro_f1", report["macro_f1"], sync_dist=False)
+        # Every rank holds the same gathered numbers; sync_dist only averages identical values.
+        self.log(f"{stage}/loss", float(loss), sync_dist=True)
+        self.log(f"{stage}/ua", report["ua"], sync_dist=True)
+        self.log(f"{stage}/wa", report["wa"], sync_dist=True)
+        self.log(f"{stage}/macro_f1", report["macro_f1"], sync_dist=True)
         return rows, report
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

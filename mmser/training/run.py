@@ -66,6 +66,18 @@ def _devices(text: str) -> int | str:
     return int(text) if text.strip().isdigit() else text
 
 
+def resolve_strategy(trainer_cfg: TrainerConfig) -> str:
+    """Lightning strategy name. "ddp" becomes "ddp_find_unused_parameters_true": wav2vec 2.0's
+    LayerDrop (config.layerdrop, 0.1 by default) skips random transformer layers in training, so a
+    step can leave trained parameters unused, which plain DDP rejects. Spawn-based strategies are
+    refused: their worker processes would keep the test predictions that run_one writes."""
+    strategy = trainer_cfg.strategy
+    if "spawn" in strategy:
+        raise ValueError(f"trainer.strategy={strategy}: use 'ddp' (one process per device, started by "
+                         "Lightning), not a spawn-based strategy")
+    return "ddp_find_unused_parameters_true" if strategy == "ddp" else strategy
+
+
 def build_audio_model(cfg: Config) -> AudioClassifier:
     """The paper's V-FT classifier: encoder from `cfg.encoder` + the mean-pool linear head."""
     return AudioClassifier(AudioEncoder.from_config(cfg.encoder), num_classes=len(CLASSES))
@@ -186,19 +198,21 @@ def run_one(
     name = f"{cfg.experiment}-s{test_session}-seed{seed}"
     loggers = tracking.make_loggers(cfg, run_dir, name=name, group=cfg.experiment, job_type=job_type)
     ckpt_dir = run_dir / "checkpoints"
-    last_cb = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_epochs=1,
-                              save_on_train_epoch_end=True)
+    # checkpoints/last.ckpt, overwritten at the end of every epoch (monitor=None + top_k=1 keeps
+    # only the newest). Not save_last: with save_top_k=0 Lightning writes it only when training ends.
+    last_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
+                              every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
     cbs: list[Callback] = [last_cb]
     best_cb = None
     if fold.val:
         best_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/ua", mode="max",
-                                  save_top_k=1, every_n_epochs=1)
+                                  save_top_k=1, every_n_epochs=1, enable_version_counter=False)
         cbs.append(best_cb)
     precision = resolve_precision(cfg.trainer)
     tc = cfg.trainer
     trainer = pl.Trainer(
         accelerator=tc.accelerator, devices=_devices(tc.devices), num_nodes=tc.num_nodes,
-        strategy=tc.strategy, precision=precision, deterministic=tc.deterministic,
+        strategy=resolve_strategy(tc), precision=precision, deterministic=tc.deterministic,
         max_epochs=cfg.finetune.epochs, max_steps=cfg.finetune.max_steps,
         logger=loggers, callbacks=cbs + list(callbacks), default_root_dir=str(run_dir),
         log_every_n_steps=tc.log_every_n_steps, gradient_clip_val=tc.gradient_clip_val,
