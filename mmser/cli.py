@@ -165,11 +165,16 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         print(fold_table(load_manifest(args.manifest), cfg.data))
         return 0
     if args.command == "train":
-        from mmser.training.run import default_run_dir, run_one
+        from mmser.training.multimodal import run_task
+        from mmser.training.run import default_run_dir
 
         cfg = _load(args)
         run_dir = args.run_dir or default_run_dir(cfg, args.session, args.seed)
-        metrics = run_one(cfg, test_session=args.session, seed=args.seed, run_dir=run_dir)
+        if cfg.pretrain != "none":  # the fold's pre-training stage (once; reused by later runs)
+            from mmser.training.cv import pretrained_fold_config
+
+            cfg = pretrained_fold_config(cfg, args.session, Path(cfg.output_dir) / cfg.experiment)
+        metrics = run_task(cfg, test_session=args.session, seed=args.seed, run_dir=run_dir)
         print(f"{run_dir}: test UA {metrics['test']['ua']:.4f} WA {metrics['test']['wa']:.4f}")
         return 0
     if args.command == "cv":

@@ -150,17 +150,44 @@ class PtaptConfig:
     # "wav2vec2" = any wav2vec 2.0-style encoder (a documented deviation, for when no wav2vec 1.0
     # checkpoint is available).
     frame_model: Literal["wav2vec1", "wav2vec2"] = "wav2vec1"
+    # Path to fairseq's wav2vec_large.pt, or "random" = a randomly initialised wav2vec 1.0 built from
+    # the two layer lists below (tests and the offline demo only).
     wav2vec1_checkpoint: str | None = None
-    frame_lr: float = 1e-4
-    frame_steps: int = 10000
-    frame_warmup_steps: int = 500
+    # Random-init wav2vec 1.0 architecture, [dim, kernel, stride] per layer (used only with
+    # wav2vec1_checkpoint == "random"). Defaults: wav2vec_large's (fairseq examples/wav2vec README).
+    wav2vec1_feature_layers: list[list[int]] = field(default_factory=lambda: [
+        [512, 10, 5], [512, 8, 4], [512, 4, 2], [512, 4, 2], [512, 4, 2], [512, 1, 1], [512, 1, 1]])
+    wav2vec1_aggregator_layers: list[list[int]] = field(
+        default_factory=lambda: [[512, k, 1] for k in range(2, 14)])
+    # PAPER.md P-TAPT 1: Conv1d(512, 512, 4, stride 2) + ReLU -> 512-d frame features (the ones
+    # clustered); heads Linear(512, 128)-Tanh-Linear(128, 4); BiLSTM 256 per direction (512 out).
+    frame_dim: int = 512
+    frame_head_hidden: int = 128
+    frame_lstm_hidden: int = 256
+    frame_lr: float = 1e-4  # PAPER.md P-TAPT 1: Adam lr 1e-4
+    frame_steps: int = 10000  # PAPER.md P-TAPT 1: 10,000 steps
+    frame_warmup_steps: int = 500  # PAPER.md P-TAPT 1: warm-up 500, flat 500, linear decay
     frame_hold_steps: int = 500
-    frame_batch_size: int = 64
-    frame_val_fraction: float = 0.1
+    frame_batch_size: int = 64  # PAPER.md P-TAPT 1: batch 64, cropped to the batch's shortest item
+    frame_val_fraction: float = 0.1  # PAPER.md P-TAPT 1: training split divided 90/10 (seed 58)
     frame_val_seed: int = 58
-    # Step (b): k-means.
+    # PAPER.md P-TAPT 1: SpecAugment on the feature extractor output z, masked values = 0
+    # (time p=0.08 span 15; channel p=0.05 span 64; min 2 / 1 spans: reference FeatureFuser.py).
+    frame_mask_time_prob: float = 0.08
+    frame_mask_time_length: int = 15
+    frame_mask_time_min_masks: int = 2
+    frame_mask_feature_prob: float = 0.05
+    frame_mask_feature_length: int = 64
+    frame_mask_feature_min_masks: int = 1
+    # Step (b): k-means (PAPER.md P-TAPT 2: 20 iterations, K = 64, 512, 4,096).
     cluster_sizes: list[int] = field(default_factory=lambda: [64, 512, 4096])
     kmeans_iters: int = 20
+    # Initial centroids: "random" = K distinct frames (faiss' default, the reference); "k-means++"
+    # (Arthur & Vassilvitskii 2007) avoids the bad local minima random starts can fall into.
+    kmeans_init: Literal["k-means++", "random"] = "k-means++"
+    # Fraction of each utterance's frames k-means is fitted on (every frame is then labelled).
+    # 1.0 = every training-split frame (PAPER.md); the reference cluster.py fits on a random 20%.
+    kmeans_fit_fraction: float = 1.0
     # Step (c): masked pseudo-label prediction.
     lr: float = 1e-4
     warmup_steps: int = 100
@@ -171,6 +198,9 @@ class PtaptConfig:
     mask_time_prob: float = 0.06
     mask_time_length: int = 15
     mask_time_min_masks: int = 2
+    head_hidden_size: int = 256  # PAPER.md P-TAPT 3: Linear(768, 256)-Tanh-Linear(256, K) per K
+    # Seed of every P-TAPT stage (pre-training runs once per fold, not per fine-tuning seed).
+    seed: int = 0
 
 
 @dataclass
@@ -195,6 +225,11 @@ class FusionConfig:
     # design defaults of mmser.models.fusion. hidden_size / dropout / text_pooling also size the
     # text-only baseline head (task: text), so text-only and fusion share one MLP shape.
     head: Literal["none", "concat", "decision", "cross_attention"] = "none"
+    # Where the audio side comes from: None = a fresh encoder from `encoder` (a hub name, a local
+    # folder, or the fold's TAPT / P-TAPT output when `pretrain` is set); or an experiment folder of
+    # finished audio runs (e.g. runs/vft): fold k, seed n then starts from the fine-tuned model of
+    # that folder's s{k}-seed{n} run, which never saw session k.
+    audio_runs: str | None = None
     hidden_size: int = 256
     num_heads: int = 4
     dropout: float = 0.1
@@ -210,6 +245,9 @@ class FusionConfig:
     # Cross-attention: bidirectional layers, and a position-wise FFN (width 4 x hidden) after each.
     num_layers: int = 1
     ffn: bool = True
+    # Decision fusion: weight of the cross-entropy on each branch's own logits, added to the loss
+    # on the fused output (so each branch stays a classifier of its own).
+    branch_loss_weight: float = 0.5
 
 
 @dataclass

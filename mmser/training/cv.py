@@ -82,10 +82,11 @@ def run_cv(cfg: Config, sessions: list[int], seeds: list[int], out_dir: Path,
            command: str | None = None, run_fn=None) -> CVSummary:
     """Run (or resume) the cross-validation and write the Table 11 summary.
 
-    `run_fn(cfg, test_session=, seed=, run_dir=)` trains one run; default mmser.training.run.run_one.
+    `run_fn(cfg, test_session=, seed=, run_dir=)` trains one run; default
+    mmser.training.multimodal.run_task (audio V-FT, text-only or fusion, by cfg.task).
     """
     if run_fn is None:
-        from mmser.training.run import run_one as run_fn
+        from mmser.training.multimodal import run_task as run_fn
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -95,7 +96,7 @@ def run_cv(cfg: Config, sessions: list[int], seeds: list[int], out_dir: Path,
         fold_cfg = cfg
         if cfg.pretrain != "none":
             try:
-                fold_cfg = _pretrained_fold_config(cfg, session, out_dir)
+                fold_cfg = pretrained_fold_config(cfg, session, out_dir)
             except KeyboardInterrupt:
                 raise
             except Exception as e:  # the fold's pre-training failed: its runs cannot run
@@ -146,7 +147,7 @@ def summarize(out_dir: Path, command: str | None = None, name: str | None = None
     return md
 
 
-def _pretrained_fold_config(cfg: Config, session: int, out_dir: Path) -> Config:
+def pretrained_fold_config(cfg: Config, session: int, out_dir: Path) -> Config:
     """Run the fold's pre-training stage (once; resumable) and point the encoder at its output."""
     from mmser.training.pretrain import pretrain_fold
 
