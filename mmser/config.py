@@ -100,6 +100,9 @@ class FinetuneConfig:
     # Checkpoint used for testing: "last" (paper) or "best_val" (needs data.validation != none).
     test_checkpoint: Literal["last", "best_val"] = "last"
     max_steps: int = -1  # -1 = no cap (tests and demos shrink epochs instead)
+    # Keep checkpoints/ after a run completes (metrics.json written). They exist for resuming; a
+    # wav2vec2-base last.ckpt with Adam state is ~1.1 GB, x 25 runs per method.
+    keep_checkpoints: bool = False
 
 
 @dataclass

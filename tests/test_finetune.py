@@ -47,6 +47,7 @@ def test_weighted_loss_is_the_weighted_mean_nll():
     nll = -torch.log_softmax(logits, -1)[torch.arange(6), labels]
     expected = (w[labels] * nll).sum() / w[labels].sum()
     assert torch.allclose(module.loss(logits, labels), expected)
+    assert torch.allclose(module.loss(logits, labels), F.cross_entropy(logits, labels, weight=w))
     assert torch.allclose(ClassifierModule(_TableModel({})).loss(logits, labels), nll.mean())
     with pytest.raises(ValueError, match="class_weights"):
         ClassifierModule(_TableModel({}), class_weights=torch.ones(3))

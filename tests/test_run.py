@@ -43,8 +43,9 @@ def test_run_one_writes_a_complete_consistent_run_dir(tmp_path, toy_manifest, mo
     m = run_one(cfg, test_session=2, seed=7, run_dir=run_dir)
 
     for name in ("config.yaml", "metrics.json", "predictions.csv", "model/model.safetensors",
-                 "model/config.json", "checkpoints/last.ckpt", "csv/metrics.csv"):
+                 "model/config.json", "csv/metrics.csv"):
         assert (run_dir / name).is_file(), name
+    assert not (run_dir / "checkpoints").exists()  # resume-only state, removed once complete
     assert json.loads((run_dir / "metrics.json").read_text()) == json.loads(json.dumps(m))
     assert to_dict(load_config(run_dir / "config.yaml")) == to_dict(cfg)
 
@@ -134,7 +135,7 @@ def test_best_val_needs_a_validation_set(tmp_path, toy_manifest):
 def test_speaker_validation_best_val_and_wandb_offline(tmp_path, toy_manifest):
     cfg = tiny_config(tmp_path, toy_manifest, [
         "data.validation=speaker", "finetune.test_checkpoint=best_val", "finetune.epochs=2",
-        "tracking.wandb=offline"])
+        "tracking.wandb=offline", "finetune.keep_checkpoints=true"])
     run_dir = tmp_path / "run"
     m = run_one(cfg, test_session=1, seed=0, run_dir=run_dir)
     # validation = the F actor of session 2, never the test session
@@ -143,6 +144,7 @@ def test_speaker_validation_best_val_and_wandb_offline(tmp_path, toy_manifest):
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb")), offline
+    assert list(offline[0].glob("files/media/table/test/confusion_matrix*.table.json"))  # logged at the end
 
 
 def test_wandb_failure_does_not_fail_the_run(tmp_path, monkeypatch):

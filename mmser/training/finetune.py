@@ -18,7 +18,6 @@ from collections.abc import Sequence
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from mmser.labels import CLASSES
@@ -34,6 +33,21 @@ def _gather_objects(obj: list) -> list:
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, obj)
     return [x for p in parts for x in p]
+
+
+def weighted_nll(logits: torch.Tensor, labels: torch.Tensor,
+                 weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-item w_y * NLL and w_y, so that weighted CE = sum(first) / sum(second)
+    (= F.cross_entropy(logits, labels, weight=weight)).
+
+    Hand-written because torch's NLLLoss is on the list of CUDA ops that raise under
+    torch.use_deterministic_algorithms(True) (Trainer(deterministic=True)); log_softmax + gather
+    are deterministic. Computed in fp32.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, C)
+    nll = -logp.gather(1, labels[:, None]).squeeze(1)  # (B,)
+    w = weight.to(nll.dtype)[labels] if weight is not None else torch.ones_like(nll)  # (B,)
+    return w * nll, w
 
 
 class ClassifierModule(pl.LightningModule):
@@ -73,8 +87,9 @@ class ClassifierModule(pl.LightningModule):
         return self.model(batch)  # (B, C)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # fp32 loss under mixed precision.
-        return F.cross_entropy(logits.float(), labels, weight=self.class_weights)
+        """Class-weighted cross-entropy (fp32 under mixed precision)."""
+        wnll, w = weighted_nll(logits, labels, self.class_weights)
+        return wnll.sum() / w.sum()
 
     # -- training -----------------------------------------------------------------------------
 
@@ -136,8 +151,7 @@ class ClassifierModule(pl.LightningModule):
         logits = self(batch).float()  # (B, C)
         labels = batch["labels"]
         # Per-item weighted NLL and weight, so the split's loss equals the weighted CE over all of it.
-        wnll = F.cross_entropy(logits, labels, weight=self.class_weights, reduction="none").cpu()
-        w = (self.class_weights[labels] if self.class_weights is not None else torch.ones_like(wnll)).cpu()
+        wnll, w = (t.cpu() for t in weighted_nll(logits, labels, self.class_weights))
         probs = torch.softmax(logits, dim=-1).cpu()
         preds = probs.argmax(dim=-1)
         for i, uid in enumerate(batch["ids"]):

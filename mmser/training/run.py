@@ -1,7 +1,8 @@
 """One run = (config, test session, seed) -> a run dir. The stage function behind `mmser train`.
 
     run_dir/config.yaml          resolved config
-    run_dir/checkpoints/last.ckpt  saved every epoch; a killed run resumes from it
+    run_dir/checkpoints/last.ckpt  saved every epoch; a killed run resumes from it (deleted once the
+                                   run is complete unless finetune.keep_checkpoints)
     run_dir/csv/metrics.csv      per-step / per-epoch logs (plus run_dir/wandb/ when W&B is on)
     run_dir/predictions.csv      id, true, pred, one probability column per class (test session)
     run_dir/model/               model.safetensors + config.json (rebuild with `load_model`)
@@ -18,6 +19,7 @@ import io
 import json
 import logging
 import platform
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -268,6 +270,8 @@ def run_one(
             save_model(module.model, cfg, run_dir / "model")
             tracking.log_final(loggers, metrics, [r["true"] for r in rows], [r["pred"] for r in rows], CLASSES)
             atomic_write_json(metrics_path, metrics)  # last: marks the run complete
+            if not cfg.finetune.keep_checkpoints:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)  # only needed to resume an unfinished run
         log.info("%s: test UA %.4f WA %.4f (%d utterances)", run_dir, metrics["test"]["ua"],
                  metrics["test"]["wa"], metrics["test"]["n"])
         exit_code = 0
