@@ -68,7 +68,8 @@ class UtteranceDataset(Dataset):
         self.text_features = text_features
         for r in self.records:
             if r.get("label") not in CLASS_TO_INDEX:
-                raise ValueError(f"utterance {r.get('id')}: label {r.get('label')!r} is not one of {list(CLASS_TO_INDEX)}")
+                raise ValueError(f"utterance {r.get('id')}: label {r.get('label')!r} is not one of "
+                                 f"{list(CLASS_TO_INDEX)}")
         if text_features is not None:
             missing = [r["id"] for r in self.records if r["id"] not in text_features]
             if missing:

@@ -251,7 +251,9 @@ def run_one(
             "test_improvised": _report(improvised),
             "val": val_report,
             "counts": dm.counts(),
-            "class_weights": {c: float(w) for c, w in zip(CLASSES, dm.class_weights)},
+            # the CE weights used (None = unweighted loss)
+            "class_weights": ({c: float(w) for c, w in zip(CLASSES, dm.class_weights)}
+                              if cfg.finetune.class_weighted_loss else None),
             "experiment": cfg.experiment,
             "test_session": test_session,
             "seed": seed,
