@@ -2,7 +2,8 @@
 training, and attaches optional frozen text features.
 
 Training keeps each utterance's FIRST `crop_s` seconds (PAPER.md V-FT: the reference truncates to
-the first 10 s); testing uses full utterances (crop_s=None).
+the first 10 s); testing uses full utterances (crop_s=None). Waveforms are used as read, without
+per-utterance normalisation, as in the reference (wav2vec2-base was pre-trained on raw waveforms).
 """
 
 from __future__ import annotations

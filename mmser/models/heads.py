@@ -39,7 +39,7 @@ class AudioClassifier(nn.Module):
     def embed(self, batch: dict) -> torch.Tensor:
         """ReLU(masked mean over valid frames of ReLU(encoder frames)) -> (B, H)."""
         frames, frame_mask = self.encoder.encode(batch["audio"], batch["audio_mask"])  # (B, F, H), (B, F)
-        pooled = masked_mean(torch.relu(frames), frame_mask)  # (B, H)
+        pooled = masked_mean(torch.relu(frames).float(), frame_mask)  # (B, H), summed in fp32 under AMP
         return torch.relu(pooled)
 
     def forward(self, batch: dict) -> torch.Tensor:
