@@ -163,8 +163,13 @@ def test_frame_model_on_a_wav2vec2_backbone_has_the_encoder_frame_grid():
     audio, mask = torch.randn(2, 4000), torch.ones(2, 4000, dtype=torch.bool)
     x, fm = model.frame_features(audio, mask)
     assert x.shape == (2, conv_frames(4000, [10, 8, 4], [5, 4, 2]), 32) and fm.all()
-    assert model(  {"audio": audio, "audio_mask": mask}).shape == (2, 4)
+    assert model({"audio": audio, "audio_mask": mask}).shape == (2, 4)
     assert model.hop_samples == 40
+    hc = model.backbone.model.config  # SpecAugment from ptapt.frame_mask_*, not encoder.mask_*
+    assert (hc.mask_time_prob, hc.mask_time_length, hc.mask_feature_prob, hc.mask_feature_length) == (0.08, 5, 0.05, 4)
+    assert not any(p.requires_grad for p in model.backbone.model.feature_projection.parameters())
+    with pytest.raises(ValueError, match="ptapt.frame_mask_feature_length=64 exceeds"):
+        build_frame_model(tiny_config("ptapt.frame_model=wav2vec2", "ptapt.frame_mask_feature_length=64"))
     with pytest.raises(ValueError, match="wav2vec1_checkpoint is not set"):
         build_frame_model(tiny_config("ptapt.wav2vec1_checkpoint=null"))
 

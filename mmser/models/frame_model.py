@@ -218,12 +218,21 @@ def build_frame_model(cfg: Config) -> FrameEmotionModel:
         backbone.train()
         return FrameEmotionModel(backbone, pc)
     if pc.frame_model == "wav2vec2":
+        # SpecAugment from ptapt.frame_mask_* (HF applies it: time spans -> masked_spec_embed, channels -> 0).
+        # Channel masking is switched on after the build, once the hidden size is known.
         enc_cfg = dataclasses.replace(
             cfg.encoder, freeze_feature_encoder=True, freeze_feature_projection=True,
             mask_time_prob=pc.frame_mask_time_prob, mask_time_length=pc.frame_mask_time_length,
-            mask_time_min_masks=pc.frame_mask_time_min_masks, mask_feature_prob=pc.frame_mask_feature_prob,
-            mask_feature_length=pc.frame_mask_feature_length, mask_feature_min_masks=pc.frame_mask_feature_min_masks)
+            mask_time_min_masks=pc.frame_mask_time_min_masks, mask_feature_prob=0.0)
         log.warning("P-TAPT frame model on a wav2vec 2.0 backbone (%s): a documented deviation from the "
                     "paper's wav2vec 1.0 large", cfg.encoder.name)
-        return FrameEmotionModel(AudioEncoder.from_config(enc_cfg), pc)
+        encoder = AudioEncoder.from_config(enc_cfg)
+        hc = encoder.model.config
+        if pc.frame_mask_feature_prob > 0 and pc.frame_mask_feature_length > hc.hidden_size:
+            raise ValueError(f"ptapt.frame_mask_feature_length={pc.frame_mask_feature_length} exceeds the encoder's "
+                             f"hidden size {hc.hidden_size}: lower it (or set ptapt.frame_mask_feature_prob=0)")
+        hc.mask_feature_prob = pc.frame_mask_feature_prob
+        hc.mask_feature_length = pc.frame_mask_feature_length
+        hc.mask_feature_min_masks = pc.frame_mask_feature_min_masks
+        return FrameEmotionModel(encoder, pc)
     raise ValueError(f"ptapt.frame_model must be wav2vec1 or wav2vec2, got {pc.frame_model!r}")
