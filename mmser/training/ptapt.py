@@ -497,7 +497,7 @@ def _stage_c(cfg: Config, fold: Fold, labels_dir: Path, work_dir: Path, enc_dir:
                         num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
     module = PtaptModule(encoder, meta["cluster_sizes"], pc, attention_mask=cfg.encoder.attention_mask)
     ckpt_dir = work_dir / "checkpoints"
-    # last.ckpt every 1,000 steps (and at the end): the resume point of an interrupted run
+    # last.ckpt every 1,000 steps: the resume point of an interrupted run (final weights: enc_dir)
     last_cb = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                               every_n_train_steps=max(1, min(1000, pc.total_steps)))
     name = f"{cfg.experiment}-ptapt-s{fold.test_session}"
