@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -108,7 +109,7 @@ class FinetuneConfig:
 @dataclass
 class TrainerConfig:
     accelerator: str = "auto"
-    devices: str = "auto"  # "auto", "1", "4", "0,1" (Lightning's own syntax)
+    devices: int | str = "auto"  # "auto", 1, 4, "0,1" (Lightning's own syntax)
     num_nodes: int = 1
     strategy: str = "auto"  # "ddp" for several GPUs
     # "auto": bf16-mixed where the GPU supports it, else 16-mixed on GPU, 32 on CPU.
@@ -281,6 +282,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against type hint `tp` (with mild coercion: int -> float); return it."""
     origin = typing.get_origin(tp)
@@ -318,6 +322,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        # YAML 1.1 (PyYAML) reads `1e-4` (no dot) as a string: accept numeric strings here.
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -87,3 +87,12 @@ def test_every_shipped_config_loads():
     files = sorted(root.glob("*.yaml"))
     for f in files:
         load_config(f)  # raises on any unknown key or wrong type
+
+
+def test_yaml_1_1_quirks_are_accepted():
+    # PyYAML reads `1e-4` (no dot) as a string; devices may be given as a number.
+    cfg = load_config(overrides=["finetune.lr=1e-4", "trainer.devices=2", "tapt.lr=-2.5E-3"])
+    assert cfg.finetune.lr == 1e-4 and cfg.tapt.lr == -2.5e-3
+    assert cfg.trainer.devices == 2
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config(overrides=["finetune.lr=1e-4x"])

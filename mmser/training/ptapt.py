@@ -66,6 +66,7 @@ from mmser.labels import CLASS_TO_INDEX
 from mmser.models.frame_model import FrameEmotionModel, build_frame_model
 from mmser.models.wav2vec2 import build_encoder, compute_time_mask, uses_attention_mask
 from mmser.training import pseudo_labels as pl_stage
+from mmser.training.run import trainer_kwargs
 from mmser.training.schedule import make_scheduler
 
 log = logging.getLogger(__name__)
@@ -339,25 +340,12 @@ def build_ptapt_encoder(cfg: Config) -> PreTrainedModel:
 # ================================================================================================
 
 
-def _resolve_precision(cfg: Config) -> str:
-    from mmser.training.run import resolve_precision  # shared with fine-tuning
-
-    return resolve_precision(cfg.trainer)
-
-
 def _trainer(cfg: Config, stage_dir: Path, max_steps: int, callbacks: list, name: str, job_type: str,
              validate: bool) -> tuple[pl.Trainer, list]:
-    tc = cfg.trainer
     loggers = tracking.make_loggers(cfg, stage_dir, name=name, group=cfg.experiment, job_type=job_type)
-    devices = int(tc.devices) if tc.devices.strip().isdigit() else tc.devices
-    trainer = pl.Trainer(
-        accelerator=tc.accelerator, devices=devices, num_nodes=tc.num_nodes, strategy=tc.strategy,
-        precision=_resolve_precision(cfg), deterministic=tc.deterministic, max_steps=max_steps, max_epochs=-1,
-        logger=loggers, callbacks=callbacks, default_root_dir=str(stage_dir),
-        log_every_n_steps=tc.log_every_n_steps, gradient_clip_val=tc.gradient_clip_val,
-        enable_progress_bar=tc.enable_progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
-        use_distributed_sampler=False,  # BucketBatchSampler shards by rank itself
-        limit_val_batches=None if validate else 0)
+    trainer = pl.Trainer(**trainer_kwargs(cfg), max_steps=max_steps, max_epochs=-1, logger=loggers,
+                         callbacks=callbacks, default_root_dir=str(stage_dir),
+                         limit_val_batches=None if validate else 0)
     return trainer, loggers
 
 

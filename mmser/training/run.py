@@ -64,8 +64,24 @@ def resolve_precision(trainer_cfg: TrainerConfig) -> str:
     return "32-true"
 
 
-def _devices(text: str) -> int | str:
-    return int(text) if text.strip().isdigit() else text
+def _devices(value: int | str) -> int | str:
+    if isinstance(value, int):
+        return value
+    return int(value) if value.strip().isdigit() else value
+
+
+def trainer_kwargs(cfg: Config) -> dict:
+    """The pl.Trainer arguments every stage shares (fine-tuning, TAPT, P-TAPT): hardware, strategy,
+    precision, determinism, logging cadence. Our BucketBatchSampler shards by rank itself, so
+    Lightning's distributed sampler is off."""
+    tc = cfg.trainer
+    return dict(
+        accelerator=tc.accelerator, devices=_devices(tc.devices), num_nodes=tc.num_nodes,
+        strategy=resolve_strategy(tc), precision=resolve_precision(tc), deterministic=tc.deterministic,
+        log_every_n_steps=tc.log_every_n_steps, gradient_clip_val=tc.gradient_clip_val,
+        enable_progress_bar=tc.enable_progress_bar, enable_model_summary=False,
+        num_sanity_val_steps=0, use_distributed_sampler=False,
+    )
 
 
 def resolve_strategy(trainer_cfg: TrainerConfig) -> str:
@@ -211,15 +227,9 @@ def run_one(
                                   save_top_k=1, every_n_epochs=1, enable_version_counter=False)
         cbs.append(best_cb)
     precision = resolve_precision(cfg.trainer)
-    tc = cfg.trainer
     trainer = pl.Trainer(
-        accelerator=tc.accelerator, devices=_devices(tc.devices), num_nodes=tc.num_nodes,
-        strategy=resolve_strategy(tc), precision=precision, deterministic=tc.deterministic,
-        max_epochs=cfg.finetune.epochs, max_steps=cfg.finetune.max_steps,
+        **trainer_kwargs(cfg), max_epochs=cfg.finetune.epochs, max_steps=cfg.finetune.max_steps,
         logger=loggers, callbacks=cbs + list(callbacks), default_root_dir=str(run_dir),
-        log_every_n_steps=tc.log_every_n_steps, gradient_clip_val=tc.gradient_clip_val,
-        enable_progress_bar=tc.enable_progress_bar, enable_model_summary=False,
-        num_sanity_val_steps=0, use_distributed_sampler=False,  # our sampler shards by rank itself
         limit_val_batches=None if fold.val else 0,
     )
     exit_code = 1

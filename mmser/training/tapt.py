@@ -40,7 +40,7 @@ from mmser.data.manifest import Fold
 from mmser.io import atomic_write_json
 from mmser.labels import CLASS_TO_INDEX
 from mmser.models.wav2vec2 import EncoderNotAvailableError, make_hf_config
-from mmser.training.run import _devices, resolve_precision
+from mmser.training.run import trainer_kwargs
 from mmser.training.schedule import make_scheduler
 
 log = logging.getLogger(__name__)
@@ -269,15 +269,8 @@ def run_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int = 0) -> Path:
     last_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
                               every_n_train_steps=max(1, min(500, tc.total_steps // 4)),
                               enable_version_counter=False)
-    trainer = pl.Trainer(
-        accelerator=cfg.trainer.accelerator, devices=_devices(cfg.trainer.devices),
-        num_nodes=cfg.trainer.num_nodes, strategy=cfg.trainer.strategy,
-        precision=resolve_precision(cfg.trainer), max_steps=tc.total_steps, max_epochs=-1,
-        logger=loggers, callbacks=[last_cb, _CropEpoch()], default_root_dir=str(out_dir),
-        log_every_n_steps=cfg.trainer.log_every_n_steps, gradient_clip_val=cfg.trainer.gradient_clip_val,
-        enable_progress_bar=cfg.trainer.enable_progress_bar, enable_model_summary=False,
-        use_distributed_sampler=False, deterministic=cfg.trainer.deterministic,
-    )
+    trainer = pl.Trainer(**trainer_kwargs(cfg), max_steps=tc.total_steps, max_epochs=-1, logger=loggers,
+                         callbacks=[last_cb, _CropEpoch()], default_root_dir=str(out_dir))
     exit_code = 1
     t0 = time.time()
     try:
