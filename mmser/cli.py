@@ -118,7 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="end-to-end demo on the synthetic corpus (CPU, tiny models)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=2, help="fine-tuning seeds per fold (default 2)")
+    p.add_argument("--per-class", type=int, default=6, help="synthetic utterances per class per actor")
+    p.add_argument("--wandb", choices=["offline", "disabled", "online"], default="offline")
+    p.add_argument("--only", nargs="+", default=None, metavar="EXPERIMENT",
+                   help="run only these experiments (vft tapt ptapt text-gold text-asr fusion-...)")
     return parser
 
 
@@ -206,7 +210,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
     if args.command == "demo":
         from mmser.demo import run_demo
 
-        run_demo(args.out, seeds=args.seeds)
+        run_demo(args.out, seeds=args.seeds, per_class=args.per_class, wandb=args.wandb, only=args.only)
         return 0
     raise AssertionError(args.command)
 

@@ -77,6 +77,11 @@ class EncoderConfig:
     # PAPER.md V-FT: frozen CNN feature encoder, feature projection and masked_spec_embed.
     freeze_feature_encoder: bool = True
     freeze_feature_projection: bool = True
+    # Regularisation of the encoder; None keeps the model's own value (wav2vec2-base's config:
+    # layerdrop 0.1, hidden/attention dropout 0.1). Tiny random models train better without.
+    layerdrop: float | None = None
+    hidden_dropout: float | None = None
+    attention_dropout: float | None = None
     gradient_checkpointing: bool = False  # PAPER.md pitfalls: the documented fix for OOM at batch 64
     # Whether the wrapper passes the sample-level attention mask into the HF model. "auto" = only
     # for layer-norm feature extractors: HF's docs say group-norm models such as wav2vec2-base were

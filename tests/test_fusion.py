@@ -473,3 +473,36 @@ def test_build_fusion_head_rejects_none_and_text_classifier_follows_config() -> 
         build_fusion_head(FusionConfig(head="none"), audio_dim=HA, text_dim=HT)
     clf = build_text_classifier(FusionConfig(hidden_size=8, text_pooling="pooled"), text_dim=HT)
     assert clf.pooling == "pooled" and clf.mlp[1].out_features == 8
+
+
+def test_decision_branches_add_their_own_loss():
+    """FusionClassifier names the decision branches' logits for the training loss; the
+    ClassifierModule adds weight x CE for each, so the loss differs from the fused CE alone."""
+    from mmser.models.fusion import DecisionFusion, FusionClassifier
+    from mmser.training.finetune import ClassifierModule
+
+    torch.manual_seed(0)
+
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(1, 8, 320, stride=320)
+
+        def encode(self, audio, audio_mask):
+            frames = self.conv(audio[:, None]).transpose(1, 2)  # (B, F, 8)
+            return frames, audio_mask[:, ::320][:, : frames.shape[1]]
+
+    batch = {"audio": torch.randn(4, 3200), "audio_mask": torch.ones(4, 3200, dtype=torch.bool),
+             "text": torch.randn(4, 5, 6), "text_mask": torch.ones(4, 5, dtype=torch.bool),
+             "text_pooled": torch.randn(4, 6), "labels": torch.tensor([0, 1, 2, 3]), "ids": list("abcd")}
+    losses = {}
+    for w in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = FusionClassifier(Enc(), DecisionFusion(8, 6, 4, 16, 0.0), branch_loss_weight=w)
+        module = ClassifierModule(model)
+        module.log = lambda *a, **k: None  # no trainer attached
+        fused = F.cross_entropy(model(batch), batch["labels"])
+        assert len(model.auxiliary_logits()) == (2 if w else 0)
+        losses[w] = (module.training_step(batch, 0).item(), fused.item())
+    assert losses[0.0][0] == pytest.approx(losses[0.0][1])
+    assert losses[0.5][0] > losses[0.5][1] + 0.1  # two branch CEs (each ~ln 4) at weight 0.5

@@ -446,8 +446,10 @@ class FusionClassifier(nn.Module):
     (frozen features are then deterministic: no dropout, no SpecAugment).
     """
 
-    def __init__(self, audio_encoder: nn.Module, fusion: nn.Module, freeze_audio: bool = False) -> None:
+    def __init__(self, audio_encoder: nn.Module, fusion: nn.Module, freeze_audio: bool = False,
+                 branch_loss_weight: float = 0.0) -> None:
         super().__init__()
+        self.branch_loss_weight = branch_loss_weight
         if not callable(getattr(audio_encoder, "encode", None)):
             raise TypeError(
                 f"FusionClassifier: audio_encoder {type(audio_encoder).__name__} "
@@ -465,6 +467,14 @@ class FusionClassifier(nn.Module):
         if self.freeze_audio:
             self.audio_encoder.eval()
         return self
+
+    def auxiliary_logits(self) -> list[tuple[float, Tensor]]:
+        """(weight, logits) pairs the training loss adds a cross-entropy for, from the last forward:
+        the audio and text branches of a DecisionFusion head (each branch stays a classifier)."""
+        branches = getattr(self.fusion, "last_branch_logits", None)
+        if not self.branch_loss_weight or branches is None:
+            return []
+        return [(self.branch_loss_weight, logits) for logits in branches]
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         for key in ("audio", "audio_mask"):

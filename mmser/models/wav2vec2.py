@@ -72,6 +72,17 @@ def spec_augment_kwargs(enc_cfg: EncoderConfig) -> dict:
     }
 
 
+def config_overrides(enc_cfg: EncoderConfig) -> dict:
+    """Every HF config field `EncoderConfig` sets on a random or a pretrained encoder: SpecAugment,
+    plus the regularisation fields that are not None (None keeps the model's own value)."""
+    out = spec_augment_kwargs(enc_cfg)
+    for key in ("layerdrop", "hidden_dropout", "attention_dropout"):
+        value = getattr(enc_cfg, key)
+        if value is not None:
+            out[key] = value
+    return out
+
+
 def make_hf_config(enc_cfg: EncoderConfig) -> PretrainedConfig:
     """HF config of a randomly initialised encoder built from `EncoderConfig`'s architecture fields.
 
@@ -95,7 +106,7 @@ def make_hf_config(enc_cfg: EncoderConfig) -> PretrainedConfig:
         feat_extract_norm=enc_cfg.feat_extract_norm,
         num_conv_pos_embeddings=enc_cfg.num_conv_pos_embeddings,
         num_conv_pos_embedding_groups=enc_cfg.num_conv_pos_embedding_groups,
-        **spec_augment_kwargs(enc_cfg),
+        **config_overrides(enc_cfg),
     )
     if enc_cfg.kind in ("wav2vec2", "wavlm"):
         kwargs.update(
@@ -121,9 +132,9 @@ def _load_pretrained(enc_cfg: EncoderConfig) -> PreTrainedModel:
             )
         # A folder saved from Wav2Vec2ForPreTraining (TAPT output) holds "wav2vec2.*" weights;
         # from_pretrained on the bare model strips that prefix and drops the quantizer.
-        return model_cls.from_pretrained(str(path), **spec_augment_kwargs(enc_cfg))
+        return model_cls.from_pretrained(str(path), **config_overrides(enc_cfg))
     try:
-        return model_cls.from_pretrained(name, **spec_augment_kwargs(enc_cfg))
+        return model_cls.from_pretrained(name, **config_overrides(enc_cfg))
     except OSError as e:  # offline, unknown name, gated repo: one actionable message
         raise EncoderNotAvailableError(
             f"could not load encoder '{name}' ({type(e).__name__}: {str(e).splitlines()[0]}). "

@@ -100,6 +100,11 @@ class ClassifierModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch)
         loss = self.loss(logits, batch["labels"])
+        # Models with extra supervised outputs (decision fusion's branches) name them here.
+        aux = getattr(self.model, "auxiliary_logits", None)
+        if callable(aux):
+            for weight, extra in aux():
+                loss = loss + weight * self.loss(extra, batch["labels"])
         bsz = batch["labels"].shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=bsz)
         mask = batch["audio_mask"]

@@ -89,7 +89,8 @@ def run_task(cfg: Config, test_session: int, seed: int, run_dir: str | Path) -> 
         def factory(c: Config) -> nn.Module:
             encoder = _audio_encoder(c, test_session, seed)
             head = build_fusion_head(c.fusion, encoder.hidden_size, text_dim)
-            return FusionClassifier(encoder, head, freeze_audio=c.fusion.freeze_audio)
+            return FusionClassifier(encoder, head, freeze_audio=c.fusion.freeze_audio,
+                                    branch_loss_weight=c.fusion.branch_loss_weight)
     else:
         raise ValueError(f"unknown task {cfg.task!r}")
     return run_one(cfg, test_session=test_session, seed=seed, run_dir=run_dir, model_factory=factory,
