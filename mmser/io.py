@@ -38,6 +38,17 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file; a missing or broken file raises an error that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
@@ -71,3 +82,27 @@ def fingerprint(items: Iterable[tuple[str, Any]]) -> str:
     for name, value in items:
         h.update(json.dumps([name, value], sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
+
+
+DONE_FILE = "DONE.json"
+
+
+def stage_done(stage_dir: str | Path, fp: str) -> bool:
+    """True when the stage in `stage_dir` finished from inputs with fingerprint `fp`; a folder made
+    from other inputs is refused (never silently reused)."""
+    marker = Path(stage_dir) / DONE_FILE
+    if not marker.is_file():
+        return False
+    try:
+        saved = json.loads(marker.read_text()).get("fingerprint")
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{marker}: unreadable done marker ({e}); delete {stage_dir} to redo the stage") from None
+    if saved != fp:
+        raise ValueError(f"{stage_dir} was made from other inputs (fingerprint {saved} != {fp}): "
+                         "delete it, or use another output folder")
+    return True
+
+
+def mark_stage_done(stage_dir: str | Path, fp: str, info: dict) -> None:
+    """Write the stage's done marker (last, atomically) with its input fingerprint."""
+    atomic_write_json(Path(stage_dir) / DONE_FILE, {"fingerprint": fp, **info})

@@ -142,7 +142,7 @@ def test_tapt_stage_sees_only_training_sessions_and_feeds_vft(tmp_path, monkeypa
     summary = run_cv(cfg, sessions=[2], seeds=[0, 1], out_dir=out)
     assert not summary.failed, summary.failed
     assert seen == [{1, 3, 4, 5}]  # one TAPT per fold, never session 2
-    done = json.loads((out / "pretrain" / "s2" / "done.json").read_text())
+    done = json.loads((out / "pretrain" / "s2" / "DONE.json").read_text())
     assert done["steps"] == 4 and done["train_sessions"] == [1, 3, 4, 5]
     assert math.isfinite(done["final_loss"])
     # Both fine-tuning runs started from the TAPT folder, by explicit path.

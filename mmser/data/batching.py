@@ -129,14 +129,25 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
-        self.num_replicas, self.rank = _dist_info(num_replicas, rank)
+        # Resolved when batches are drawn, not now: samplers are often built before Lightning
+        # starts the process group (TAPT / P-TAPT build theirs before the Trainer).
+        self._replicas_arg, self._rank_arg = num_replicas, rank
+        _dist_info(num_replicas, rank)  # validate explicit values early
         self.epoch = 0
-        self._cache: tuple[int, list[list[int]]] | None = None
+        self._cache: tuple[tuple[int, int, int], list[list[int]]] | None = None
         # Stable sort: ties keep index order, so the result does not depend on the platform.
         self._sorted = np.argsort(self.lengths, kind="stable")
 
     # Lightning calls set_epoch on `dataloader.batch_sampler.sampler` (lightning_fabric
     # _set_sampler_epoch), not on the batch sampler itself: point that attribute here.
+    @property
+    def num_replicas(self) -> int:
+        return _dist_info(self._replicas_arg, self._rank_arg)[0]
+
+    @property
+    def rank(self) -> int:
+        return _dist_info(self._replicas_arg, self._rank_arg)[1]
+
     @property
     def sampler(self) -> BucketBatchSampler:
         return self
@@ -179,18 +190,18 @@ class BucketBatchSampler(Sampler[list[int]]):
     def rank_batches(self, epoch: int | None = None) -> list[list[int]]:
         """This rank's batches for the epoch (the same count on every rank)."""
         epoch = self.epoch if epoch is None else epoch
-        if self._cache is not None and self._cache[0] == epoch:
+        w, rank = _dist_info(self._replicas_arg, self._rank_arg)
+        if self._cache is not None and self._cache[0] == (epoch, w, rank):
             return self._cache[1]
         batches = self.all_batches(epoch)
-        w = self.num_replicas
         if w > 1 and len(batches) % w:
             if self.drop_last and len(batches) >= w:
                 batches = batches[: len(batches) - len(batches) % w]
             else:
                 need = w * math.ceil(len(batches) / w) - len(batches)
                 batches = batches + [batches[i % len(batches)] for i in range(need)]
-        mine = batches[self.rank::w]
-        self._cache = (epoch, mine)
+        mine = batches[rank::w]
+        self._cache = ((epoch, w, rank), mine)
         return mine
 
     def __iter__(self) -> Iterator[list[int]]:

@@ -21,17 +21,11 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from mmser.config import Config, ConfigError, save_config, to_dict
+from mmser.config import Config, check_same_config, save_config
 from mmser.io import atomic_write_json, atomic_write_text
 from mmser.report import collect, plot_comparison, write_summary
 
 log = logging.getLogger(__name__)
-
-# Fields that may differ between invocations of the same experiment without changing its runs.
-_VOLATILE = {("tracking", "wandb"), ("trainer", "enable_progress_bar"), ("data", "num_workers")}
-
 
 @dataclass
 class CVSummary:
@@ -46,36 +40,13 @@ def run_dir_for(out_dir: Path, session: int, seed: int) -> Path:
     return out_dir / f"s{session}-seed{seed}"
 
 
-def _comparable(d: dict) -> dict:
-    d = copy.deepcopy(d)
-    for section, key in _VOLATILE:
-        d.get(section, {}).pop(key, None)
-    return d
-
-
 def _check_same_experiment(cfg: Config, out_dir: Path) -> None:
     """Refuse to mix runs of different configs under one experiment folder."""
     saved = out_dir / "cv_config.yaml"
     if saved.exists():
-        old = yaml.safe_load(saved.read_text()) or {}
-        if _comparable(old) != _comparable(to_dict(cfg)):
-            diff = _diff(_comparable(old), _comparable(to_dict(cfg)))
-            raise ConfigError(
-                f"{saved}: this experiment folder holds runs of another config ({'; '.join(diff[:6])}). "
-                "Use another experiment name (experiment=...) or --out folder.")
+        check_same_config(saved, cfg, "this experiment folder")
     else:
         save_config(cfg, saved)
-
-
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
-    return out
 
 
 def run_cv(cfg: Config, sessions: list[int], seeds: list[int], out_dir: Path,
@@ -114,6 +85,7 @@ def run_cv(cfg: Config, sessions: list[int], seeds: list[int], out_dir: Path,
             try:
                 run_fn(fold_cfg, test_session=session, seed=seed, run_dir=run_dir)
                 summary.completed.append((session, seed))
+                (run_dir / "error.txt").unlink(missing_ok=True)  # from an earlier failed attempt
             except KeyboardInterrupt:
                 raise
             except Exception as e:

@@ -16,17 +16,17 @@ cached on disk (mmser.text.embed), so folds, seeds and epochs reuse them.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from torch import nn
 
-from mmser.config import Config
+from mmser.config import Config, check_same_config
 from mmser.data.dataset import TextFeatures
 from mmser.data.manifest import load_manifest, task_records
+from mmser.io import read_json
 from mmser.models.fusion import FusionClassifier, build_fusion_head, build_text_classifier
-from mmser.models.wav2vec2 import AudioEncoder
+from mmser.models.wav2vec2 import AudioEncoder, apply_freezing
 from mmser.training.run import load_model, run_one
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,11 @@ def _audio_encoder(cfg: Config, test_session: int, seed: int) -> AudioEncoder:
     if cfg.fusion.audio_runs:
         classifier = load_model(audio_run_model_dir(cfg.fusion.audio_runs, test_session, seed))
         encoder = classifier.encoder
+        # The rebuilt model is fully trainable: freeze what V-FT freezes (fusion.freeze_audio
+        # freezes the rest), and honour gradient checkpointing.
+        apply_freezing(encoder.model, cfg.encoder)
+        if cfg.encoder.gradient_checkpointing:
+            encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         encoder.train()
         return encoder
     return AudioEncoder.from_config(cfg.encoder)
@@ -76,7 +81,9 @@ def run_task(cfg: Config, test_session: int, seed: int, run_dir: str | Path) -> 
         return run_one(cfg, test_session=test_session, seed=seed, run_dir=run_dir)
     metrics_path = Path(run_dir) / "metrics.json"
     if metrics_path.is_file():  # complete (as run_one would say), without loading text features
-        return json.loads(metrics_path.read_text())
+        if (Path(run_dir) / "config.yaml").is_file():
+            check_same_config(Path(run_dir) / "config.yaml", cfg, "this run folder")
+        return read_json(metrics_path)
     feats = text_features_for(cfg)
     text_dim = int(next(iter(feats.values())).pooled.shape[-1])
     if cfg.task == "text":

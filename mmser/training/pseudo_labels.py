@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 LABELS_FILE = "labels.npz"
 CENTROIDS_FILE = "centroids.npz"
 META_FILE = "meta.json"
-DONE_FILE = "DONE.json"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,7 +182,7 @@ def make_pseudo_labels(features: dict[str, np.ndarray], cluster_sizes: Sequence[
                        seed: int, out_dir: str | Path, fit_fraction: float = 1.0, init: str = "k-means++",
                        device: torch.device | str = "cpu", extra_meta: dict | None = None) -> Path:
     """k-means for every K on the frames of `features` (id -> (F, D)); label every frame; write the
-    folder described in the module docstring (DONE.json last). Returns out_dir."""
+    folder described in the module docstring (the driver then adds DONE.json). Returns out_dir."""
     out_dir = Path(out_dir)
     if not features:
         raise ValueError("make_pseudo_labels: no utterances")

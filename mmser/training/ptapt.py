@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import logging
 import os
 import shutil
@@ -61,7 +60,7 @@ from mmser.data.batching import BucketBatchSampler, collate_batch
 from mmser.data.datamodule import class_weights as compute_class_weights
 from mmser.data.dataset import UtteranceDataset, num_samples, read_audio
 from mmser.data.manifest import Fold
-from mmser.io import atomic_write_bytes, atomic_write_json, fingerprint
+from mmser.io import atomic_write_bytes, atomic_write_json, fingerprint, mark_stage_done, stage_done
 from mmser.labels import CLASS_TO_INDEX
 from mmser.models.frame_model import FrameEmotionModel, build_frame_model
 from mmser.models.wav2vec2 import build_encoder, compute_time_mask, uses_attention_mask
@@ -72,7 +71,6 @@ from mmser.training.schedule import make_scheduler
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-DONE_FILE = "DONE.json"
 
 
 # ================================================================================================
@@ -267,8 +265,9 @@ class PtaptModule(pl.LightningModule):
     """Step (c): wav2vec 2.0 encoder + one Linear(H, 256)-Tanh-Linear(256, K) head per K."""
 
     def __init__(self, encoder: PreTrainedModel, cluster_sizes: Sequence[int], cfg: PtaptConfig,
-                 attention_mask: str = "auto"):
+                 attention_mask: str = "auto", sample_rate: int = 16000):
         super().__init__()
+        self.sample_rate = sample_rate
         if cfg.mask_time_prob <= 0:
             raise ValueError("ptapt.mask_time_prob must be > 0 (the loss is computed on masked frames)")
         if getattr(encoder, "masked_spec_embed", None) is None:
@@ -309,7 +308,7 @@ class PtaptModule(pl.LightningModule):
         if not torch.isfinite(loss):
             raise FloatingPointError(f"P-TAPT loss is not finite at step {self.global_step}")
         logs = {"ptapt/loss": loss.detach(), "ptapt/masked_frames": parts["n_masked"].float(),
-                "ptapt/audio_seconds": batch["audio_mask"].sum().float() / 16000.0}
+                "ptapt/audio_seconds": batch["audio_mask"].sum().float() / self.sample_rate}
         for i, k in enumerate(self.cluster_sizes):
             logs[f"ptapt/ce_k{k}"] = parts[f"ce_{i}"]
             logs[f"ptapt/acc_k{k}"] = parts[f"acc_{i}"]
@@ -341,11 +340,11 @@ def build_ptapt_encoder(cfg: Config) -> PreTrainedModel:
 
 
 def _trainer(cfg: Config, stage_dir: Path, max_steps: int, callbacks: list, name: str, job_type: str,
-             validate: bool) -> tuple[pl.Trainer, list]:
+             validate: bool, **extra) -> tuple[pl.Trainer, list]:
     loggers = tracking.make_loggers(cfg, stage_dir, name=name, group=cfg.experiment, job_type=job_type)
     trainer = pl.Trainer(**trainer_kwargs(cfg), max_steps=max_steps, max_epochs=-1, logger=loggers,
                          callbacks=callbacks, default_root_dir=str(stage_dir),
-                         limit_val_batches=None if validate else 0)
+                         limit_val_batches=None if validate else 0, **extra)
     return trainer, loggers
 
 
@@ -353,25 +352,6 @@ def _check_no_test_session(records: Sequence[dict], fold: Fold, stage: str) -> N
     bad = [r["id"] for r in records if r["session"] == fold.test_session]
     if bad:
         raise AssertionError(f"P-TAPT {stage}: test-session {fold.test_session} utterances in its input: {bad[:5]}")
-
-
-def _done(stage_dir: Path, fp: str) -> bool:
-    """True when the stage finished with these inputs; refuses a folder made from other inputs."""
-    marker = stage_dir / DONE_FILE
-    if not marker.is_file():
-        return False
-    try:
-        saved = json.loads(marker.read_text()).get("fingerprint")
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{marker}: unreadable done marker ({e}); delete {stage_dir} to redo the stage") from None
-    if saved != fp:
-        raise ValueError(f"{stage_dir} was made from other inputs (fingerprint {saved} != {fp}): "
-                         "delete it, or use another output folder")
-    return True
-
-
-def _mark_done(stage_dir: Path, fp: str, info: dict) -> None:
-    atomic_write_json(stage_dir / DONE_FILE, {"fingerprint": fp, **info})
 
 
 def _encoder_fingerprint_items(cfg: Config) -> dict:
@@ -402,7 +382,11 @@ def _stage_a(cfg: Config, fold: Fold, stage_dir: Path, fp: str) -> FrameEmotionM
     best_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1,
                               save_last=True)
     name = f"{cfg.experiment}-ptapt-frame-s{fold.test_session}"
-    trainer, loggers = _trainer(cfg, stage_dir, pc.frame_steps, [best_cb], name, "ptapt-frame", validate=True)
+    # Validate once per epoch (the reference), or more often when the whole stage is shorter than
+    # a few epochs, so that a best checkpoint always exists.
+    every = min(len(train_sampler), max(1, pc.frame_steps // 4))
+    trainer, loggers = _trainer(cfg, stage_dir, pc.frame_steps, [best_cb], name, "ptapt-frame", validate=True,
+                                val_check_interval=every, check_val_every_n_epoch=None)
     resume = ckpt_dir / "last.ckpt"
     try:
         trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume) if resume.is_file() else None)
@@ -413,7 +397,7 @@ def _stage_a(cfg: Config, fold: Fold, stage_dir: Path, fp: str) -> FrameEmotionM
     state = torch.load(best_cb.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
     atomic_write_bytes(stage_dir / "model.pt", _torch_bytes(model.state_dict()))
-    _mark_done(stage_dir, fp, {"seconds": round(time.perf_counter() - t0, 3),
+    mark_stage_done(stage_dir, fp, {"seconds": round(time.perf_counter() - t0, 3),
                                "best_val_loss": float(best_cb.best_model_score),
                                "best_checkpoint": Path(best_cb.best_model_path).name,
                                "steps": int(trainer.global_step), "n_train": len(train), "n_val": len(val)})
@@ -452,7 +436,7 @@ def _stage_b(cfg: Config, fold: Fold, model: FrameEmotionModel, stage_dir: Path,
     pl_stage.make_pseudo_labels(feats, pc.cluster_sizes, pc.kmeans_iters, pc.seed, stage_dir,
                                 fit_fraction=pc.kmeans_fit_fraction, init=pc.kmeans_init, device=device,
                                 extra_meta={"hop_samples": model.hop_samples, "feature_seconds": round(t_feat, 3)})
-    _mark_done(stage_dir, fp, {"seconds": round(time.perf_counter() - t0, 3), "n_utterances": len(records)})
+    mark_stage_done(stage_dir, fp, {"seconds": round(time.perf_counter() - t0, 3), "n_utterances": len(records)})
 
 
 def _stage_c(cfg: Config, fold: Fold, labels_dir: Path, work_dir: Path, enc_dir: Path, fp: str) -> None:
@@ -483,7 +467,8 @@ def _stage_c(cfg: Config, fold: Fold, labels_dir: Path, work_dir: Path, enc_dir:
                                  num_buckets=cfg.data.num_buckets, shuffle=True, seed=pc.seed)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_pseudo,
                         num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
-    module = PtaptModule(encoder, meta["cluster_sizes"], pc, attention_mask=cfg.encoder.attention_mask)
+    module = PtaptModule(encoder, meta["cluster_sizes"], pc, attention_mask=cfg.encoder.attention_mask,
+                         sample_rate=cfg.data.sample_rate)
     ckpt_dir = work_dir / "checkpoints"
     # last.ckpt every 1,000 steps: the resume point of an interrupted run (final weights: enc_dir)
     last_cb = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
@@ -495,16 +480,17 @@ def _stage_c(cfg: Config, fold: Fold, labels_dir: Path, work_dir: Path, enc_dir:
         trainer.fit(module, loader, ckpt_path=str(resume) if resume.is_file() else None)
     finally:
         tracking.finish(loggers)
-    if trainer.global_rank != 0:
-        return
-    # Save the encoder (heads dropped) into a temporary folder, then rename it into place.
-    if enc_dir.exists():
-        shutil.rmtree(enc_dir)  # an incomplete folder (no DONE.json) of an earlier attempt
-    tmp = Path(tempfile.mkdtemp(prefix=f".{enc_dir.name}.", dir=enc_dir.parent))
-    encoder.save_pretrained(str(tmp))
-    _mark_done(tmp, fp, {"seconds": round(time.perf_counter() - t0, 3), "steps": int(trainer.global_step),
-                         "n_utterances": len(keep), "cluster_sizes": meta["cluster_sizes"]})
-    os.replace(tmp, enc_dir)
+    if trainer.global_rank == 0:
+        # Save the encoder (heads dropped) into a temporary folder, then rename it into place.
+        if enc_dir.exists():
+            shutil.rmtree(enc_dir)  # an incomplete folder (no DONE.json) of an earlier attempt
+        tmp = Path(tempfile.mkdtemp(prefix=f".{enc_dir.name}.", dir=enc_dir.parent))
+        encoder.save_pretrained(str(tmp))
+        mark_stage_done(tmp, fp, {"seconds": round(time.perf_counter() - t0, 3),
+                                  "steps": int(trainer.global_step), "n_utterances": len(keep),
+                                  "cluster_sizes": meta["cluster_sizes"]})
+        os.replace(tmp, enc_dir)
+    trainer.strategy.barrier()  # other ranks go on only once rank 0 has written the folder
 
 
 def run_ptapt(cfg: Config, fold: Fold, out_dir: str | Path) -> Path:
@@ -534,7 +520,7 @@ def run_ptapt(cfg: Config, fold: Fold, out_dir: str | Path) -> Path:
     timings: dict[str, float] = {}
 
     model = None
-    if _done(frame_dir, fp_a):
+    if stage_done(frame_dir, fp_a):
         log.info("P-TAPT step (a): done, skipped (%s)", frame_dir)
     else:
         t0 = time.perf_counter()
@@ -542,7 +528,7 @@ def run_ptapt(cfg: Config, fold: Fold, out_dir: str | Path) -> Path:
         log.info("P-TAPT step (a): frame-level emotion model -> %s", frame_dir)
         model = _stage_a(cfg, fold, frame_dir, fp_a)
         timings["frame_model"] = time.perf_counter() - t0
-    if _done(labels_dir, fp_b):
+    if stage_done(labels_dir, fp_b):
         log.info("P-TAPT step (b): done, skipped (%s)", labels_dir)
     else:
         t0 = time.perf_counter()
@@ -552,7 +538,7 @@ def run_ptapt(cfg: Config, fold: Fold, out_dir: str | Path) -> Path:
         _stage_b(cfg, fold, model, labels_dir, fp_b)
         timings["pseudo_labels"] = time.perf_counter() - t0
     del model
-    if _done(enc_dir, fp_c):
+    if stage_done(enc_dir, fp_c):
         log.info("P-TAPT step (c): done, skipped (%s)", enc_dir)
     else:
         t0 = time.perf_counter()

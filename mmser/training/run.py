@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import platform
 import shutil
@@ -33,11 +32,11 @@ from torch import nn
 
 import mmser
 from mmser import tracking
-from mmser.config import Config, TrainerConfig, save_config, to_dict
+from mmser.config import Config, TrainerConfig, check_same_config, save_config, to_dict
 from mmser.data.datamodule import SERDataModule
 from mmser.data.dataset import TextFeatures
 from mmser.data.manifest import load_manifest, split_fold
-from mmser.io import atomic_write_json, atomic_write_text
+from mmser.io import atomic_write_json, atomic_write_text, read_json
 from mmser.labels import CLASSES
 from mmser.metrics import classification_report
 from mmser.models.heads import AudioClassifier
@@ -77,7 +76,10 @@ def trainer_kwargs(cfg: Config) -> dict:
     tc = cfg.trainer
     return dict(
         accelerator=tc.accelerator, devices=_devices(tc.devices), num_nodes=tc.num_nodes,
-        strategy=resolve_strategy(tc), precision=resolve_precision(tc), deterministic=tc.deterministic,
+        # "warn": deterministic kernels wherever torch has them, a warning (not a crash) where it has
+        # none (e.g. some CUDA scatter/NLL kernels).
+        strategy=resolve_strategy(tc), precision=resolve_precision(tc),
+        deterministic="warn" if tc.deterministic else False,
         log_every_n_steps=tc.log_every_n_steps, gradient_clip_val=tc.gradient_clip_val,
         enable_progress_bar=tc.enable_progress_bar, enable_model_summary=False,
         num_sanity_val_steps=0, use_distributed_sampler=False,
@@ -129,7 +131,7 @@ def load_model(model_dir: str | Path) -> nn.Module:
     for p in (cfg_path, weights):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: missing (not a folder written by mmser save_model)")
-    meta = json.loads(cfg_path.read_text())
+    meta = read_json(cfg_path)
     if meta.get("format") != MODEL_FORMAT:
         raise ValueError(f"{cfg_path}: unknown model format {meta.get('format')!r}")
     arch = meta.get("architecture") or {}
@@ -190,9 +192,11 @@ def run_one(
     """
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.json"
+    if (run_dir / "config.yaml").is_file():  # never reuse or resume a run of another config
+        check_same_config(run_dir / "config.yaml", cfg, "this run folder")
     if metrics_path.is_file():
         log.info("%s: complete (metrics.json exists), not retraining", run_dir)
-        return json.loads(metrics_path.read_text())
+        return read_json(metrics_path)
     if model_factory is None:
         if cfg.task != "audio":
             raise ValueError(f"run_one: task={cfg.task!r} needs a model_factory (the default builds audio models)")

@@ -33,13 +33,18 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from mmser import tracking
-from mmser.config import Config, TaptConfig, save_config
+from mmser.config import Config, TaptConfig, save_config, to_dict
 from mmser.data.batching import BucketBatchSampler, collate_batch
 from mmser.data.dataset import UtteranceDataset, read_audio
 from mmser.data.manifest import Fold
-from mmser.io import atomic_write_json
+from mmser.io import fingerprint, mark_stage_done, stage_done
 from mmser.labels import CLASS_TO_INDEX
-from mmser.models.wav2vec2 import EncoderNotAvailableError, make_hf_config
+from mmser.models.wav2vec2 import (
+    EncoderNotAvailableError,
+    config_overrides,
+    make_hf_config,
+    uses_attention_mask,
+)
 from mmser.training.run import trainer_kwargs
 from mmser.training.schedule import make_scheduler
 
@@ -102,14 +107,17 @@ def gumbel_temperature(step: int, start: float = 2.0, end: float = 0.5, decay: f
 class TaptModule(pl.LightningModule):
     """Lightning wrapper: one step = masks + negatives -> forward -> fp32 loss / masked frames."""
 
-    def __init__(self, model: Wav2Vec2ForPreTraining, cfg: TaptConfig, seed: int = 0):
+    def __init__(self, model: Wav2Vec2ForPreTraining, cfg: TaptConfig, sample_rate: int = 16000,
+                 attention_mask: str = "auto"):
         super().__init__()
         if cfg.mask_time_prob <= 0:
             # transformers: a model built with mask_time_prob = 0 fails when given masks
             raise ValueError("tapt.mask_time_prob must be > 0")
         self.model = model
         self.cfg = cfg
-        self.rng_seed = seed
+        self.sample_rate = sample_rate
+        # As in fine-tuning (encoder.attention_mask): none into group-norm models (HF's advice).
+        self.pass_attention_mask = uses_attention_mask(model.config, attention_mask)
 
     def training_step(self, batch, batch_idx):
         audio, audio_mask = batch["audio"], batch["audio_mask"]
@@ -119,7 +127,7 @@ class TaptModule(pl.LightningModule):
         mask_np, neg_np = tapt_masks(lengths, num_frames, self.cfg)
         mask = torch.as_tensor(mask_np, device=audio.device)
         negatives = torch.as_tensor(neg_np, device=audio.device, dtype=torch.long)
-        attn = audio_mask.long() if self.model.config.feat_extract_norm == "layer" else None
+        attn = audio_mask.long() if self.pass_attention_mask else None
         out = self.model(audio, attention_mask=attn, mask_time_indices=mask)
         parts = contrastive_diversity_loss(self.model, out, mask, negatives, self.cfg)
         loss = parts["loss_sum"] / parts["n_masked"].clamp(min=1)
@@ -130,7 +138,7 @@ class TaptModule(pl.LightningModule):
                        "tapt/contrastive": parts["contrastive"].detach() / parts["n_masked"],
                        "tapt/diversity": parts["diversity"].detach() / parts["n_masked"],
                        "tapt/accuracy": parts["accuracy"], "tapt/perplexity": parts["perplexity"],
-                       "tapt/audio_seconds": audio_mask.sum().float() / 16000.0},
+                       "tapt/audio_seconds": audio_mask.sum().float() / self.sample_rate},
                       batch_size=bs, on_step=True, prog_bar=False)
         return loss
 
@@ -210,15 +218,17 @@ def build_pretraining_model(cfg: Config) -> Wav2Vec2ForPreTraining:
                "apply_spec_augment": True, "num_negatives": cfg.tapt.num_negatives,
                "contrastive_logits_temperature": cfg.tapt.contrastive_temperature,
                "diversity_loss_weight": cfg.tapt.diversity_loss_weight}
+    # The encoder's own overrides (e.g. dropout / LayerDrop), then TAPT's masking on top.
+    overrides = {**config_overrides(enc), **masking}
     if enc.name == "random":
         hf = make_hf_config(enc)
-        for k, v in masking.items():
+        for k, v in overrides.items():
             setattr(hf, k, v)
         model = Wav2Vec2ForPreTraining(hf)
     else:
         path = Path(enc.name).expanduser()
         try:
-            model = Wav2Vec2ForPreTraining.from_pretrained(str(path) if path.is_dir() else enc.name, **masking)
+            model = Wav2Vec2ForPreTraining.from_pretrained(str(path) if path.is_dir() else enc.name, **overrides)
         except OSError as e:
             raise EncoderNotAvailableError(
                 f"TAPT: could not load '{enc.name}' with its quantizer ({type(e).__name__}: "
@@ -237,13 +247,17 @@ def run_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int = 0) -> Path:
     a finished stage (out_dir/done.json) returns at once; a killed one resumes from
     out_dir/checkpoints/last.ckpt. Returns out_dir/encoder (save_pretrained folder)."""
     out_dir = Path(out_dir)
-    encoder_dir, done = out_dir / "encoder", out_dir / "done.json"
-    if done.is_file() and (encoder_dir / "config.json").is_file():
-        log.info("TAPT fold %d: complete (%s)", fold.test_session, encoder_dir)
-        return encoder_dir
+    encoder_dir = out_dir / "encoder"
     tc = cfg.tapt
     if any(r["session"] == fold.test_session for r in fold.train):
         raise AssertionError("TAPT: test-session audio in the training split")  # split_fold guarantees
+    # Everything the encoder depends on: a finished stage made from other inputs is refused.
+    fp = fingerprint([("tapt", to_dict(tc)), ("encoder", to_dict(cfg.encoder)), ("seed", seed),
+                      ("sample_rate", cfg.data.sample_rate), ("num_buckets", cfg.data.num_buckets),
+                      ("train_ids", sorted(r["id"] for r in fold.train))])
+    if stage_done(out_dir, fp) and (encoder_dir / "config.json").is_file():
+        log.info("TAPT fold %d: complete (%s)", fold.test_session, encoder_dir)
+        return encoder_dir
     pl.seed_everything(seed + 1000 * fold.test_session, workers=True)
     model = build_pretraining_model(cfg)
     hop = int(np.prod(model.config.conv_stride))
@@ -260,7 +274,7 @@ def run_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int = 0) -> Path:
                                  num_buckets=cfg.data.num_buckets, shuffle=True, seed=seed)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_batch,
                         num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
-    module = TaptModule(model, tc, seed=seed)
+    module = TaptModule(model, tc, sample_rate=sr, attention_mask=cfg.encoder.attention_mask)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
     loggers = tracking.make_loggers(cfg, out_dir, name=f"{cfg.experiment}-tapt-s{fold.test_session}",
@@ -284,12 +298,15 @@ def run_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int = 0) -> Path:
             if encoder_dir.exists():
                 shutil.rmtree(encoder_dir)
             tmp.rename(encoder_dir)
-            atomic_write_json(done, {
+            mark_stage_done(out_dir, fp, {
                 "stage": "tapt", "test_session": fold.test_session, "steps": int(trainer.global_step),
                 "train_utterances": len(records), "excluded_short": len(fold.train) - len(records),
                 "train_sessions": sorted({r["session"] for r in records}),
                 "final_loss": float(trainer.callback_metrics.get("tapt/loss", float("nan"))),
                 "seconds": round(time.time() - t0, 1), "encoder": str(encoder_dir)})
+            if not cfg.finetune.keep_checkpoints:  # full model + Adam state: ~1 GB per fold at base size
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
+        trainer.strategy.barrier()  # other ranks return the folder only once rank 0 has written it
         exit_code = 0
     finally:
         tracking.finish(loggers, exit_code=exit_code)
