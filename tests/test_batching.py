@@ -235,3 +235,19 @@ def test_datamodule_loaders_never_see_the_test_session(tmp_path, toy_manifest, v
     assert counts["train"]["n"] == len(fold.train)
     assert Counter(r["label"] for r in fold.test) == Counter(
         {c: n for c, n in counts["test"]["classes"].items() if n})
+
+
+def test_rank_is_read_when_batches_are_drawn_not_at_construction(monkeypatch):
+    """TAPT / P-TAPT build their sampler before Lightning starts the process group: the shard
+    must follow the group that exists when the epoch is drawn."""
+    import mmser.data.batching as batching
+
+    sampler = BucketBatchSampler(RNG_LENGTHS, batch_size=8, seed=5)  # no process group yet
+    alone = list(sampler)
+    monkeypatch.setattr(batching.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(batching.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(batching.dist, "get_rank", lambda: 1)
+    shard = list(sampler)
+    assert sampler.num_replicas == 2 and sampler.rank == 1
+    assert len(shard) == -(-len(alone) // 2)  # half the batches (rounded up: wrap-around)
+    assert shard == (sampler.all_batches() + sampler.all_batches()[:1])[1::2][: len(shard)]

@@ -16,7 +16,7 @@ from helpers import (  # noqa: F401 (single_torch_thread: autouse fixture)
     write_toy_corpus,
 )
 
-from mmser.config import TrainerConfig, load_config, to_dict
+from mmser.config import ConfigError, TrainerConfig, load_config, to_dict
 from mmser.data.batching import collate_batch
 from mmser.data.dataset import UtteranceDataset
 from mmser.data.manifest import load_manifest
@@ -184,3 +184,16 @@ def test_ddp_on_two_cpu_processes_via_the_cli(tmp_path, toy_manifest):
     assert m["test"]["n"] == 16  # gathered from both ranks, no duplicates
     assert m["train_steps"] == 2 * 64 // 8 // 2  # each rank ran half of every epoch's batches
     assert len(_read_predictions(run_dir / "predictions.csv")) == 16
+
+
+def test_a_run_dir_of_another_config_is_never_reused_or_resumed(tmp_path, toy_manifest):
+    cfg = tiny_config(tmp_path, toy_manifest, ["finetune.epochs=1"])
+    run_dir = tmp_path / "run"
+    run_one(cfg, test_session=1, seed=0, run_dir=run_dir)
+    other = tiny_config(tmp_path, toy_manifest, ["finetune.epochs=1", "finetune.lr=0.5"])
+    with pytest.raises(ConfigError, match=r"config.yaml: this run folder was made with another config "
+                                          r"\(finetune.lr: 0.001 -> 0.5\)"):
+        run_one(other, test_session=1, seed=0, run_dir=run_dir)
+    # a volatile field (W&B mode) is not another config: the finished run is returned as it is
+    same = tiny_config(tmp_path, toy_manifest, ["finetune.epochs=1", "tracking.wandb=offline"])
+    assert run_one(same, test_session=1, seed=0, run_dir=run_dir)["seed"] == 0

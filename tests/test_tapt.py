@@ -153,3 +153,10 @@ def test_tapt_stage_sees_only_training_sessions_and_feeds_vft(tmp_path, monkeypa
     seen.clear()
     again = run_cv(cfg, sessions=[2], seeds=[0, 1], out_dir=out)
     assert seen == [] and sorted(again.skipped) == [(2, 0), (2, 1)]
+    # A TAPT folder made with other settings is refused, never silently reused.
+    from mmser.training.pretrain import pretrain_fold
+
+    cfg.tapt.lr = 0.5
+    with pytest.raises(ValueError, match="was made from other inputs"):
+        pretrain_fold(cfg, test_session=2, out_dir=out / "pretrain" / "s2")
+    assert seen == []
