@@ -105,7 +105,3 @@ def table11(scores: dict[int, Sequence[float]]) -> dict:
         "std_of_session_means": float(means.std(ddof=0)),
         "std_all_runs": float(pooled.std(ddof=0)),
     }
-
-
-def format_mean_std(mean: float, std: float, scale: float = 100.0, digits: int = 1) -> str:
-    return f"{mean * scale:.{digits}f}±{std * scale:.{digits}f}"

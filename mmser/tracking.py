@@ -78,10 +78,6 @@ def _keep_previous_csv(csv_dir: Path) -> None:
     current.rename(csv_dir / f"metrics.attempt-{k}.csv")
 
 
-def wandb_active(loggers: Sequence[Logger]) -> bool:
-    return any(isinstance(lg, WandbLogger) for lg in loggers)
-
-
 def log_final(loggers: Sequence[Logger], metrics: dict, y_true: Sequence[int], y_pred: Sequence[int],
               class_names: Sequence[str]) -> None:
     """Final test metrics into the W&B summary, plus the test confusion matrix (no-op without W&B)."""

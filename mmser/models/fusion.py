@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from mmser.config import FusionConfig
 from mmser.labels import CLASSES
+from mmser.models.heads import masked_mean
 
 TextPooling = Literal["mean", "pooled"]
 
@@ -54,19 +55,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # Masking helpers
 # --------------------------------------------------------------------------------------------
-
-
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of `x` (B, T, D) over the positions where `mask` (B, T) is True -> (B, D).
-
-    Hand-written (transformers' Wav2Vec2ForSequenceClassification does the same inline in its
-    forward, with no guard): padding is removed with masked_fill rather than a multiplication, so
-    NaN/inf garbage in padded positions cannot leak (0 * inf = NaN), and a row with no valid
-    position pools to zeros instead of 0/0 = NaN.
-    """
-    x = x.masked_fill(~mask.unsqueeze(-1), 0.0)  # (B, T, D)
-    count = mask.sum(dim=1, keepdim=True).clamp(min=1).to(x.dtype)  # (B, 1)
-    return x.sum(dim=1) / count  # (B, D)
 
 
 def _check_sequence(x: Tensor | None, mask: Tensor | None, name: str, who: str) -> None:

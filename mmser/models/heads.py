@@ -17,14 +17,17 @@ from mmser.models.wav2vec2 import ENCODER_CLASSES, AudioEncoder
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x (B, F, H) over the positions where mask (B, F) is True -> (B, H).
+    """Mean of `x` (B, T, D) over the positions where `mask` (B, T) is True -> (B, D).
 
-    A row with no True position gives zeros (not NaN).
+    Hand-written (transformers' Wav2Vec2ForSequenceClassification does the same inline in its
+    forward, with no guard): padding is removed with masked_fill rather than a multiplication, so
+    NaN/inf garbage in padded positions cannot leak (0 * inf = NaN), and a row with no valid
+    position pools to zeros instead of 0/0 = NaN. Divides by the number of valid positions (the
+    reference's len-1 off-by-one is not copied).
     """
-    m = mask.to(x.dtype).unsqueeze(-1)  # (B, F, 1)
-    total = (x * m).sum(dim=1)  # (B, H)
-    count = m.sum(dim=1).clamp_min(1.0)  # (B, 1)
-    return total / count
+    x = x.masked_fill(~mask.unsqueeze(-1), 0.0)  # (B, T, D)
+    count = mask.sum(dim=1, keepdim=True).clamp(min=1).to(x.dtype)  # (B, 1)
+    return x.sum(dim=1) / count  # (B, D)
 
 
 class AudioClassifier(nn.Module):
