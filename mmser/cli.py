@@ -210,7 +210,11 @@ def _dispatch(args: argparse.Namespace) -> int | None:
     if args.command == "demo":
         from mmser.demo import run_demo
 
-        run_demo(args.out, seeds=args.seeds, per_class=args.per_class, wandb=args.wandb, only=args.only)
+        try:
+            run_demo(args.out, seeds=args.seeds, per_class=args.per_class, wandb=args.wandb, only=args.only)
+        except RuntimeError as e:  # failed runs: reported in the table and here; finished ones are kept
+            print(f"mmser demo: {e}", file=sys.stderr)
+            return 1
         return 0
     raise AssertionError(args.command)
 

@@ -120,7 +120,9 @@ def run_demo(out: Path, seeds: int = 2, per_class: int = 6, wandb: str = "offlin
 
     results = [collect(out / "runs" / e.name) for e in exps if (out / "runs" / e.name).is_dir()]
     notes = [BANNER.replace("=", "").strip(),
-             f"ASR WER (faster-whisper tiny.en vs gold transcripts): {report.summary().splitlines()[0]}"]
+             "ASR (faster-whisper tiny.en, beam 5) WER vs gold transcripts: "
+             + (f"{100 * report.wer:.1f}%" if report.wer is not None else "n/a") + " overall; per session "
+             + ", ".join(f"S{k}: {100 * v:.1f}%" for k, v in sorted(report.per_session.items()) if v is not None)]
     if failed:
         notes.append("FAILED runs: " + "; ".join(failed))
     md = write_summary(results, out, command=f"mmser demo --out {out} --seeds {seeds}", stem="comparison",

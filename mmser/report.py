@@ -169,7 +169,7 @@ def plot_comparison(results: list[ExperimentResult], path: Path, section: str = 
     ax.set_xticks(x, [f"S{s}" for s in sessions] + ["avg"])
     ax.set_ylabel(f"{metric.upper()} % ({section})")
     ax.axhline(25, color="grey", lw=0.8, ls="--")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")

@@ -393,7 +393,8 @@ def _stage_a(cfg: Config, fold: Fold, stage_dir: Path, fp: str) -> FrameEmotionM
     finally:
         tracking.finish(loggers)
     if not best_cb.best_model_path:
-        raise RuntimeError(f"{stage_dir}: no validation checkpoint was saved")
+        raise RuntimeError(f"{stage_dir}: no validation checkpoint was saved (an earlier attempt may have "
+                           f"reached ptapt.frame_steps without validating: delete {stage_dir} to redo step (a))")
     state = torch.load(best_cb.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
     atomic_write_bytes(stage_dir / "model.pt", _torch_bytes(model.state_dict()))
