@@ -224,7 +224,10 @@ class TextConfig:
     # "cls" = [CLS] state; "mean" = masked mean over real tokens; "sentence" = the model's own
     # sentence-transformers pipeline (all-MiniLM-L6-v2: mean then L2 norm). See mmser/text/embed.py.
     pooling: Literal["cls", "mean", "sentence"] = "mean"
+    # true: features computed once and cached (fast); false: the text encoder is fine-tuned inside
+    # the text-only / fusion model, at its own learning rate `lr` (BERT fine-tuning: 2e-5 to 5e-5).
     freeze: bool = True
+    lr: float = 2e-5
     max_length: int = 64
     cache_dir: str = "runs/cache/text"
 

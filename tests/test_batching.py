@@ -251,3 +251,11 @@ def test_rank_is_read_when_batches_are_drawn_not_at_construction(monkeypatch):
     assert sampler.num_replicas == 2 and sampler.rank == 1
     assert len(shard) == -(-len(alone) // 2)  # half the batches (rounded up: wrap-around)
     assert shard == (sampler.all_batches() + sampler.all_batches()[:1])[1::2][: len(shard)]
+
+
+def test_collate_pads_text_token_ids():
+    items = [{"id": "a", "audio": torch.ones(5), "label": 0, "text_ids": torch.tensor([101, 7, 102])},
+             {"id": "b", "audio": torch.ones(3), "label": 1, "text_ids": torch.tensor([101, 102])}]
+    b = collate_batch(items)
+    assert b["text_ids"].tolist() == [[101, 7, 102], [101, 102, 0]]
+    assert b["text_ids_mask"].tolist() == [[True, True, True], [True, True, False]]

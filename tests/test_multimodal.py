@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from helpers import (  # noqa: F401 (single_torch_thread: autouse fixture)
     CONFIGS,
     single_torch_thread,
@@ -59,3 +60,31 @@ def test_fusion_heads_train_end_to_end_from_a_finished_audio_run(toy, head):
     # A fold without its audio run is a clear error, never a silent fresh encoder.
     with pytest.raises(FileNotFoundError, match="no finished audio run for session 3, seed 0"):
         audio_run_model_dir(audio_dir, 3, 0)
+
+
+def test_text_encoder_can_be_fine_tuned_inside_fusion(toy):
+    """text.freeze=false: token ids in the batches, the real MiniLM trained at its own lr."""
+    from safetensors.torch import load_file
+
+    from mmser.config import TextConfig
+    from mmser.text.embed import TextEncoderSpec, build_text_model
+
+    root, manifest = toy
+    audio_dir = root / "runs" / "audio-ft"
+    run_one(_cfg(root, manifest, (), ["experiment=audio-ft", "finetune.epochs=1"]), test_session=4, seed=0,
+            run_dir=audio_dir / "s4-seed0")
+    cfg = _cfg(root, manifest, [CONFIGS / "fusion_concat.yaml"],
+               ["experiment=ft-text", f"fusion.audio_runs={audio_dir}", "fusion.hidden_size=32",
+                "finetune.epochs=1", "text.freeze=false", "text.lr=1e-4", "text.max_length=16"])
+    run_dir = root / "runs" / "ft-text" / "s4-seed0"
+    m = run_task(cfg, test_session=4, seed=0, run_dir=run_dir)
+    assert m["test"]["n"] == 16
+    saved = load_file(str(run_dir / "model" / "model.safetensors"))
+    key = "text_encoder.model.embeddings.word_embeddings.weight"
+    assert key in saved  # the text encoder is part of the trained model
+    _, original = build_text_model(TextEncoderSpec.from_config(TextConfig()))
+    before = original.embeddings.word_embeddings.weight.detach()
+    assert not torch.equal(saved[key], before)  # it was trained
+    # 8 Adam steps move a weight by about lr per step at most: text.lr 1e-4 -> < 8e-4 (the
+    # head's 1e-3 would allow ~8e-3), so the text encoder had its own, smaller learning rate.
+    assert (saved[key] - before).abs().max() < 1.6e-3

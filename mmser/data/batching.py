@@ -55,6 +55,16 @@ def collate_batch(items: list[dict]) -> dict:
         batch["text"] = text
         batch["text_mask"] = text_mask
         batch["text_pooled"] = torch.stack([it["text_pooled"] for it in items]).float()  # (B, D)
+    if "text_ids" in items[0]:  # token ids for a fine-tuned text encoder (padded with 0)
+        l_max = max(int(it["text_ids"].shape[0]) for it in items)
+        ids = torch.zeros(bsz, l_max, dtype=torch.long)  # (B, L)
+        ids_mask = torch.zeros(bsz, l_max, dtype=torch.bool)  # (B, L)
+        for i, it in enumerate(items):
+            n = int(it["text_ids"].shape[0])
+            ids[i, :n] = it["text_ids"]
+            ids_mask[i, :n] = True
+        batch["text_ids"] = ids
+        batch["text_ids_mask"] = ids_mask
     return batch
 
 

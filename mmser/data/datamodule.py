@@ -38,7 +38,8 @@ class SERDataModule(pl.LightningDataModule):
     """
 
     def __init__(self, fold: Fold, data_cfg: DataConfig, seed: int = 0,
-                 text_features: Mapping[str, TextFeatures] | None = None):
+                 text_features: Mapping[str, TextFeatures] | None = None,
+                 text_ids: Mapping[str, torch.Tensor] | None = None):
         super().__init__()
         self.fold = fold
         self.cfg = data_cfg
@@ -54,9 +55,10 @@ class SERDataModule(pl.LightningDataModule):
             raise ValueError(f"fold {fold.test_session}: empty training split")
         self.class_weights = class_weights(self.train_records)
         sr = data_cfg.sample_rate
-        self.train_set = UtteranceDataset(self.train_records, sr, data_cfg.train_crop_s, text_features)
-        self.val_set = UtteranceDataset(self.val_records, sr, None, text_features) if self.val_records else None
-        self.test_set = UtteranceDataset(self.test_records, sr, None, text_features)
+        text = {"text_features": text_features, "text_ids": text_ids}
+        self.train_set = UtteranceDataset(self.train_records, sr, data_cfg.train_crop_s, **text)
+        self.val_set = UtteranceDataset(self.val_records, sr, None, **text) if self.val_records else None
+        self.test_set = UtteranceDataset(self.test_records, sr, None, **text)
 
     def counts(self) -> dict:
         """Split sizes and per-class counts (for metrics.json)."""

@@ -62,19 +62,22 @@ class UtteranceDataset(Dataset):
         sample_rate: int = 16000,
         crop_s: float | None = None,
         text_features: Mapping[str, TextFeatures] | None = None,
+        text_ids: Mapping[str, torch.Tensor] | None = None,
     ):
         self.records = list(records)
         self.sample_rate = sample_rate
         self.crop_s = crop_s
         self.text_features = text_features
+        self.text_ids = text_ids  # token ids per utterance, for a fine-tuned text encoder
         for r in self.records:
             if r.get("label") not in CLASS_TO_INDEX:
                 raise ValueError(f"utterance {r.get('id')}: label {r.get('label')!r} is not one of "
                                  f"{list(CLASS_TO_INDEX)}")
-        if text_features is not None:
-            missing = [r["id"] for r in self.records if r["id"] not in text_features]
-            if missing:
-                raise KeyError(f"text features missing for {len(missing)} utterances, e.g. {missing[:3]}")
+        for what, table in (("text features", text_features), ("text token ids", text_ids)):
+            if table is not None:
+                missing = [r["id"] for r in self.records if r["id"] not in table]
+                if missing:
+                    raise KeyError(f"{what} missing for {len(missing)} utterances, e.g. {missing[:3]}")
         # Lengths (samples, after cropping) for the length-bucketed sampler.
         self.lengths = [num_samples(r, sample_rate, crop_s) for r in self.records]
 
@@ -92,4 +95,6 @@ class UtteranceDataset(Dataset):
             feats = self.text_features[r["id"]]
             item["text"] = torch.as_tensor(feats[0], dtype=torch.float32)
             item["text_pooled"] = torch.as_tensor(feats[1], dtype=torch.float32)
+        if self.text_ids is not None:
+            item["text_ids"] = torch.as_tensor(self.text_ids[r["id"]], dtype=torch.long)
         return item

@@ -148,7 +148,8 @@ class ClassifierModule(pl.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("ClassifierModule: the model has no trainable parameters")
-        return torch.optim.Adam(params, lr=self.lr)
+        groups = getattr(self.model, "optimizer_groups", None)  # e.g. a smaller lr for a text encoder
+        return torch.optim.Adam(groups(self.lr) if callable(groups) else params, lr=self.lr)
 
     # -- evaluation ---------------------------------------------------------------------------
 

@@ -3,15 +3,16 @@
 `run_task(cfg, test_session, seed, run_dir)` is what `mmser train` and `mmser cv` call for any
 `cfg.task`:
 - "audio": V-FT (mmser.training.run.run_one as it is);
-- "text": the text-only baseline, an MLP over frozen text features (`cfg.text`: gold transcripts
-  or an ASR transcript file; a BERT-family / sentence-transformers encoder);
+- "text": the text-only baseline, an MLP over text features (`cfg.text`: gold transcripts or an
+  ASR transcript file; a BERT-family / sentence-transformers encoder, frozen with cached features
+  by default, or fine-tuned inside the model with text.freeze=false);
 - "fusion": an audio encoder + a fusion head (`cfg.fusion.head`: concat / decision /
   cross_attention) over the same frozen text features. The audio side is a fresh encoder from
   `cfg.encoder` (a hub name, a local folder, or the fold's TAPT / P-TAPT output via `pretrain`), or
   the fine-tuned model of the matching (session, seed) run of `cfg.fusion.audio_runs`.
 
-Text features are computed once per (encoder, text source) over every 4-class utterance and
-cached on disk (mmser.text.embed), so folds, seeds and epochs reuse them.
+Frozen text features are computed once per (encoder, text source) over every 4-class utterance
+and cached on disk (mmser.text.embed), so folds, seeds and epochs reuse them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from mmser.data.dataset import TextFeatures
 from mmser.data.manifest import load_manifest, task_records
 from mmser.io import read_json
 from mmser.models.fusion import FusionClassifier, build_fusion_head, build_text_classifier
+from mmser.models.text_encoder import TextEncoder, WithTextEncoder, tokenize
 from mmser.models.wav2vec2 import AudioEncoder, apply_freezing
 from mmser.training.run import load_model, run_one
 
@@ -38,10 +40,6 @@ def text_features_for(cfg: Config) -> dict[str, TextFeatures]:
     """Frozen text features of every 4-class utterance of the manifest (cached on disk)."""
     from mmser.text.embed import TextEncoderSpec, text_features
 
-    if not cfg.text.freeze:
-        raise NotImplementedError(
-            "text.freeze=false (fine-tuning the text encoder inside fusion) is not built yet; "
-            "text features are frozen and cached")
     key = (str(cfg.data.manifest), str(cfg.text.source), cfg.text.encoder, cfg.text.pooling,
            cfg.text.max_length, str(cfg.text.cache_dir))
     if key not in _FEATURES:
@@ -84,21 +82,35 @@ def run_task(cfg: Config, test_session: int, seed: int, run_dir: str | Path) -> 
         if (Path(run_dir) / "config.yaml").is_file():
             check_same_config(Path(run_dir) / "config.yaml", cfg, "this run folder")
         return read_json(metrics_path)
-    feats = text_features_for(cfg)
-    text_dim = int(next(iter(feats.values())).pooled.shape[-1])
-    if cfg.task == "text":
-        def factory(c: Config) -> nn.Module:
-            return build_text_classifier(c.fusion, text_dim)
-    elif cfg.task == "fusion":
-        if cfg.fusion.head == "none":
-            raise ValueError("task=fusion needs fusion.head (concat, decision or cross_attention)")
+    if cfg.task not in ("text", "fusion"):
+        raise ValueError(f"unknown task {cfg.task!r}")
+    if cfg.task == "fusion" and cfg.fusion.head == "none":
+        raise ValueError("task=fusion needs fusion.head (concat, decision or cross_attention)")
+    feats = ids = None
+    if cfg.text.freeze:  # cached features: the models read text / text_mask / text_pooled
+        feats = text_features_for(cfg)
+        text_dim = int(next(iter(feats.values())).pooled.shape[-1])
+    else:  # a fine-tuned text encoder turns token ids into those keys inside the model
+        from mmser.text.embed import TextEncoderSpec, build_text_model, texts_for
 
-        def factory(c: Config) -> nn.Module:
+        spec = TextEncoderSpec.from_config(cfg.text)
+        tokenizer, text_model = build_text_model(spec)
+        ids = tokenize(texts_for(task_records(load_manifest(cfg.data.manifest)), cfg.text.source),
+                       tokenizer, cfg.text.max_length)
+        text_dim = int(text_model.config.hidden_size)
+
+    def factory(c: Config) -> nn.Module:
+        if c.task == "text":
+            model = build_text_classifier(c.fusion, text_dim)
+        else:
             encoder = _audio_encoder(c, test_session, seed)
             head = build_fusion_head(c.fusion, encoder.hidden_size, text_dim)
-            return FusionClassifier(encoder, head, freeze_audio=c.fusion.freeze_audio,
-                                    branch_loss_weight=c.fusion.branch_loss_weight)
-    else:
-        raise ValueError(f"unknown task {cfg.task!r}")
+            model = FusionClassifier(encoder, head, freeze_audio=c.fusion.freeze_audio,
+                                     branch_loss_weight=c.fusion.branch_loss_weight)
+        if ids is None:
+            return model
+        text_model.train()
+        return WithTextEncoder(model, TextEncoder(text_model, c.text.pooling), text_lr=c.text.lr)
+
     return run_one(cfg, test_session=test_session, seed=seed, run_dir=run_dir, model_factory=factory,
-                   text_features=feats, job_type=cfg.task)
+                   text_features=feats, text_ids=ids, job_type=cfg.task)

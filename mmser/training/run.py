@@ -180,6 +180,7 @@ def run_one(
     *,
     model_factory: Callable[[Config], nn.Module] | None = None,
     text_features: Mapping[str, TextFeatures] | None = None,
+    text_ids: Mapping[str, torch.Tensor] | None = None,
     callbacks: Sequence[Callback] = (),
     job_type: str = "finetune",
 ) -> dict:
@@ -188,7 +189,8 @@ def run_one(
     A run dir with metrics.json is complete: it is returned without training. A run dir with
     checkpoints/last.ckpt (a killed run) resumes from it. `model_factory` builds the classifier
     (default: the audio V-FT model; fusion passes its own) and `text_features` (id -> (tokens, pooled))
-    adds text to the batches. `callbacks` are extra Lightning callbacks.
+    adds text to the batches (or `text_ids`, id -> token ids, for a fine-tuned text encoder).
+    `callbacks` are extra Lightning callbacks.
     """
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.json"
@@ -209,7 +211,7 @@ def run_one(
                          "(data.validation=speaker or fraction); the test session is never used to select")
 
     pl.seed_everything(seed, workers=True)
-    dm = SERDataModule(fold, cfg.data, seed=seed, text_features=text_features)
+    dm = SERDataModule(fold, cfg.data, seed=seed, text_features=text_features, text_ids=text_ids)
     model = model_factory(cfg)
     module = ClassifierModule(model, dm.class_weights if cfg.finetune.class_weighted_loss else None,
                               lr=cfg.finetune.lr, sample_rate=cfg.data.sample_rate)
