@@ -65,7 +65,8 @@ def run_cv(cfg: Config, sessions: list[int], seeds: list[int], out_dir: Path,
     summary = CVSummary(out_dir=out_dir, markdown="")
     for session in sessions:
         fold_cfg = cfg
-        if cfg.pretrain != "none":
+        fold_complete = all((run_dir_for(out_dir, session, seed) / "metrics.json").exists() for seed in seeds)
+        if cfg.pretrain != "none" and not fold_complete:  # nothing left to fine-tune: no need for it
             try:
                 fold_cfg = pretrained_fold_config(cfg, session, out_dir)
             except KeyboardInterrupt:
