@@ -81,7 +81,7 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipeline(corpus, tmp_path_factory):
-    cfg = tiny_config()
+    cfg = tiny_config("finetune.keep_checkpoints=true")  # the tests below read the resume points
     fold = split_fold(corpus, 2)
     out = tmp_path_factory.mktemp("ptapt_run")
     t0 = time.perf_counter()
@@ -389,3 +389,8 @@ def test_pipeline_refuses_stale_stages_and_resumes_step_c(pipeline, tmp_path):
     assert time.perf_counter() - t0 < 10
     done = json.loads((enc_dir / "DONE.json").read_text())
     assert done["steps"] == cfg.ptapt.total_steps
+    # By default the resume points go once every stage is done; the selected frame model stays.
+    run_ptapt(tiny_config(), fold, work)
+    assert not (work / "encoder_training" / "checkpoints").exists()
+    assert not (work / "frame_model" / "checkpoints").exists()
+    assert (work / "frame_model" / "model.pt").is_file() and (work / "encoder" / "config.json").is_file()

@@ -549,4 +549,9 @@ def run_ptapt(cfg: Config, fold: Fold, out_dir: str | Path) -> Path:
         timings["encoder"] = time.perf_counter() - t0
     if timings:
         log.info("P-TAPT stage times (s): %s", {k: round(v, 1) for k, v in timings.items()})
+    if not cfg.finetune.keep_checkpoints and stage_done(enc_dir, fp_c):
+        # Resume points are not needed once the stages are done (full models + Adam state:
+        # about 1 GB each at base size). The selected frame model stays as frame_model/model.pt.
+        for d in (frame_dir / "checkpoints", work_dir / "checkpoints"):
+            shutil.rmtree(d, ignore_errors=True)
     return enc_dir
