@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
+
+# Tests never reach for a model hub: every model is tiny and built from a config, or ships in an
+# installed package (MiniLM, Whisper tiny.en). Set before transformers / huggingface_hub import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest
 from fake_iemocap import make_fake_iemocap
