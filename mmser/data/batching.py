@@ -23,17 +23,23 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 
+def _pad(seqs: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad variable-length sequences (L_i, ...) with zeros -> (B, L, ...) and a (B, L) bool
+    mask, True = real position."""
+    lengths = [int(x.shape[0]) for x in seqs]
+    out = torch.zeros(len(seqs), max(lengths), *seqs[0].shape[1:], dtype=dtype)
+    mask = torch.zeros(len(seqs), max(lengths), dtype=torch.bool)
+    for i, (x, n) in enumerate(zip(seqs, lengths)):
+        out[i, :n] = x
+        mask[i, :n] = True
+    return out, mask
+
+
 def collate_batch(items: list[dict]) -> dict:
     """List of dataset items -> one batch dict (the batch contract), zero-padded on the right."""
     if not items:
         raise ValueError("collate_batch: empty batch")
-    lengths = [int(it["audio"].shape[0]) for it in items]
-    bsz, t_max = len(items), max(lengths)
-    audio = torch.zeros(bsz, t_max, dtype=torch.float32)  # (B, T)
-    audio_mask = torch.zeros(bsz, t_max, dtype=torch.bool)  # (B, T)
-    for i, (it, n) in enumerate(zip(items, lengths)):
-        audio[i, :n] = it["audio"]
-        audio_mask[i, :n] = True
+    audio, audio_mask = _pad([it["audio"] for it in items], torch.float32)  # (B, T), (B, T)
     batch = {
         "ids": [it["id"] for it in items],
         "audio": audio,
@@ -44,27 +50,10 @@ def collate_batch(items: list[dict]) -> dict:
     if any(has_text):
         if not all(has_text):
             raise ValueError("collate_batch: some items have text features and others do not")
-        l_max = max(int(it["text"].shape[0]) for it in items)
-        dim = int(items[0]["text"].shape[-1])
-        text = torch.zeros(bsz, l_max, dim, dtype=torch.float32)  # (B, L, D)
-        text_mask = torch.zeros(bsz, l_max, dtype=torch.bool)  # (B, L)
-        for i, it in enumerate(items):
-            n = int(it["text"].shape[0])
-            text[i, :n] = it["text"]
-            text_mask[i, :n] = True
-        batch["text"] = text
-        batch["text_mask"] = text_mask
+        batch["text"], batch["text_mask"] = _pad([it["text"] for it in items], torch.float32)  # (B, L, D)
         batch["text_pooled"] = torch.stack([it["text_pooled"] for it in items]).float()  # (B, D)
     if "text_ids" in items[0]:  # token ids for a fine-tuned text encoder (padded with 0)
-        l_max = max(int(it["text_ids"].shape[0]) for it in items)
-        ids = torch.zeros(bsz, l_max, dtype=torch.long)  # (B, L)
-        ids_mask = torch.zeros(bsz, l_max, dtype=torch.bool)  # (B, L)
-        for i, it in enumerate(items):
-            n = int(it["text_ids"].shape[0])
-            ids[i, :n] = it["text_ids"]
-            ids_mask[i, :n] = True
-        batch["text_ids"] = ids
-        batch["text_ids_mask"] = ids_mask
+        batch["text_ids"], batch["text_ids_mask"] = _pad([it["text_ids"] for it in items], torch.long)
     return batch
 
 
