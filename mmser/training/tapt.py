@@ -24,10 +24,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from transformers import Wav2Vec2ForPreTraining
-from transformers.models.wav2vec2.modeling_wav2vec2 import (
-    _compute_mask_indices,
-    _sample_negative_indices,
-)
+from transformers.models.wav2vec2.modeling_wav2vec2 import _sample_negative_indices
 
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
@@ -41,6 +38,7 @@ from mmser.io import fingerprint, mark_stage_done, stage_done
 from mmser.labels import CLASS_TO_INDEX
 from mmser.models.wav2vec2 import (
     EncoderNotAvailableError,
+    compute_time_mask,
     config_overrides,
     make_hf_config,
     uses_attention_mask,
@@ -60,12 +58,13 @@ def tapt_masks(lengths: torch.Tensor, num_frames: int, cfg: TaptConfig) -> tuple
     """Time masks inside valid frames (min 2 spans) and negative indices (from masked frames of the
     same utterance), both as numpy arrays: (B, F) bool and (B, F, num_negatives) int."""
     b = lengths.numel()
-    frame_mask = (torch.arange(num_frames)[None, :] < lengths.cpu()[:, None]).long()
+    frame_mask = torch.arange(num_frames)[None, :] < lengths.cpu()[:, None]  # (B, F)
     if num_frames < cfg.mask_time_length:
         raise ValueError(f"batch of {num_frames} frames is shorter than the mask span "
                          f"{cfg.mask_time_length}; filter such clips out before TAPT")
-    mask = _compute_mask_indices((b, num_frames), cfg.mask_time_prob, cfg.mask_time_length,
-                                 attention_mask=frame_mask, min_masks=cfg.mask_time_min_masks)
+    # Fine-tuning's SpecAugment spans (HF's sampler, kept inside each item's valid frames).
+    mask = compute_time_mask(frame_mask, cfg.mask_time_prob, cfg.mask_time_length,
+                             cfg.mask_time_min_masks).numpy()
     # _sample_negative_indices needs >= 2 masked frames per item
     if (mask.sum(-1) < 2).any():
         raise ValueError("an utterance got fewer than 2 masked frames; filter clips shorter than "
