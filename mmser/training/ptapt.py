@@ -65,7 +65,7 @@ from mmser.labels import CLASS_TO_INDEX
 from mmser.models.frame_model import FrameEmotionModel, build_frame_model
 from mmser.models.wav2vec2 import build_encoder, compute_time_mask, uses_attention_mask
 from mmser.training import pseudo_labels as pl_stage
-from mmser.training.run import trainer_kwargs
+from mmser.training.run import make_trainer
 from mmser.training.schedule import make_scheduler
 
 log = logging.getLogger(__name__)
@@ -342,9 +342,9 @@ def build_ptapt_encoder(cfg: Config) -> PreTrainedModel:
 def _trainer(cfg: Config, stage_dir: Path, max_steps: int, callbacks: list, name: str, job_type: str,
              validate: bool, **extra) -> tuple[pl.Trainer, list]:
     loggers = tracking.make_loggers(cfg, stage_dir, name=name, group=cfg.experiment, job_type=job_type)
-    trainer = pl.Trainer(**trainer_kwargs(cfg), max_steps=max_steps, max_epochs=-1, logger=loggers,
-                         callbacks=callbacks, default_root_dir=str(stage_dir),
-                         limit_val_batches=None if validate else 0, **extra)
+    trainer = make_trainer(cfg, max_steps=max_steps, max_epochs=-1, logger=loggers,
+                           callbacks=callbacks, default_root_dir=str(stage_dir),
+                           limit_val_batches=None if validate else 0, **extra)
     return trainer, loggers
 
 

@@ -86,6 +86,33 @@ def trainer_kwargs(cfg: Config) -> dict:
     )
 
 
+class TrainMode(Callback):
+    """Put the whole LightningModule in train mode when training starts and at every epoch start.
+
+    Hugging Face's `from_pretrained` returns models in eval mode, and Lightning 2.x does not switch
+    submodules back (it only warns "Found N module(s) in eval mode at the start of training"), so an
+    encoder loaded from a folder (facebook/wav2vec2-base, a TAPT / P-TAPT output) would train with
+    dropout, LayerDrop and HF's channel masking off, and TAPT's quantizer would take its argmax path
+    (no Gumbel softmax, no gradient to the codebooks). The reference's Lightning 1.4 called
+    `model.train()` on the whole module at the start of training, frozen parts included (e.g. the
+    frozen feature projection's dropout stays active in V-FT): so does this. Modules that must stay
+    in eval mode override `train()` (e.g. a frozen audio branch in fusion). Lightning's evaluation
+    loops put the module in eval mode for validation / test and restore the mode afterwards.
+    """
+
+    def on_train_start(self, trainer, pl_module):
+        pl_module.train()
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        pl_module.train()
+
+
+def make_trainer(cfg: Config, *, callbacks: Sequence[Callback] = (), **kwargs) -> pl.Trainer:
+    """The one Trainer factory of every training stage (fine-tuning, text, fusion, TAPT, P-TAPT):
+    `trainer_kwargs(cfg)` plus `TrainMode` ahead of the stage's own callbacks."""
+    return pl.Trainer(**trainer_kwargs(cfg), callbacks=[TrainMode(), *callbacks], **kwargs)
+
+
 def resolve_strategy(trainer_cfg: TrainerConfig) -> str:
     """Lightning strategy name. "ddp" becomes "ddp_find_unused_parameters_true": wav2vec 2.0's
     LayerDrop (config.layerdrop, 0.1 by default) skips random transformer layers in training, so a
@@ -233,8 +260,8 @@ def run_one(
                                   save_top_k=1, every_n_epochs=1, enable_version_counter=False)
         cbs.append(best_cb)
     precision = resolve_precision(cfg.trainer)
-    trainer = pl.Trainer(
-        **trainer_kwargs(cfg), max_epochs=cfg.finetune.epochs, max_steps=cfg.finetune.max_steps,
+    trainer = make_trainer(
+        cfg, max_epochs=cfg.finetune.epochs, max_steps=cfg.finetune.max_steps,
         logger=loggers, callbacks=cbs + list(callbacks), default_root_dir=str(run_dir),
         limit_val_batches=None if fold.val else 0,
     )

@@ -43,7 +43,7 @@ from mmser.models.wav2vec2 import (
     make_hf_config,
     uses_attention_mask,
 )
-from mmser.training.run import trainer_kwargs
+from mmser.training.run import make_trainer
 from mmser.training.schedule import make_scheduler
 
 log = logging.getLogger(__name__)
@@ -282,8 +282,8 @@ def run_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int = 0) -> Path:
     last_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
                               every_n_train_steps=max(1, min(500, tc.total_steps // 4)),
                               enable_version_counter=False)
-    trainer = pl.Trainer(**trainer_kwargs(cfg), max_steps=tc.total_steps, max_epochs=-1, logger=loggers,
-                         callbacks=[last_cb, _CropEpoch()], default_root_dir=str(out_dir))
+    trainer = make_trainer(cfg, max_steps=tc.total_steps, max_epochs=-1, logger=loggers,
+                           callbacks=[last_cb, _CropEpoch()], default_root_dir=str(out_dir))
     exit_code = 1
     t0 = time.time()
     try:
