@@ -1,17 +1,23 @@
 """Test-only reference: fairseq's wav2vec 1.0 model and checkpoint format, without fairseq.
 
 Written from fairseq's source, facebookresearch/fairseq fairseq/models/wav2vec/wav2vec.py
-(Namespace era, with `base_wav2vec_architecture`, and the later Wav2VecConfig version, commit
-1c3b984c), re-typed here in fairseq's structure: same class names, constructor arguments,
-attribute names and Sequential indices (so state_dict keys are fairseq's), and the same forward
-arithmetic (ka + kb padding, abs/+1/log compression, strided feature residuals, Fp32GroupNorm).
-It is deliberately *not* shared with mmser.models.wav2vec1, so the tests compare two independent
-implementations.
+(Namespace era, and the later Wav2VecConfig version, commit 1c3b984c), re-typed here in fairseq's
+structure: same class names, constructor arguments, attribute names and Sequential indices (so
+state_dict keys are fairseq's), and the same forward arithmetic (ka + kb padding, abs/+1/log
+compression, strided feature residuals, Fp32GroupNorm). It is deliberately *not* shared with
+mmser.models.wav2vec1, so the tests compare two independent implementations.
 
 `save_fairseq_checkpoint` writes what fairseq's checkpoint_utils.save_state wrote: a dict with
 argparse.Namespace "args", an fp16 "model" state_dict, "optimizer_history", "extra_state" holding
 fairseq.meters objects, and "last_optimizer_state". The meter classes live in a fake
-`fairseq.meters` module that exists in sys.modules only while pickling.
+`fairseq.meters` module that exists in sys.modules only while pickling (or trusted loading).
+
+`save_2019_checkpoint` writes it the way the released wav2vec_large.pt (2019) is: the Namespace
+holds the pre-rename names (arch "audio_cpc", task "speech_pretraining", criterion
+"binary_cross_entropy") and no `activation` / `vq_type` (fairseq added them in 2020), fp16 weights,
+torch's legacy (non-zip) serialisation. `load_fairseq_reference` reads a checkpoint back the way
+fairseq >= 0.12 does (checkpoint_utils._upgrade_state_dict's renames, then the Wav2VecConfig
+defaults for missing fields, as convert_namespace_to_omegaconf fills them), with plain pickle.
 """
 
 from __future__ import annotations
@@ -72,37 +78,112 @@ WAV2VEC_LARGE_ARGS = dict(
 )
 
 
-def base_wav2vec_architecture(args: argparse.Namespace) -> None:
-    """fairseq's defaults for args a checkpoint lacks (the Namespace-era function)."""
-    d = dict(
-        conv_feature_layers="[(512, 10, 5)] + [(512, 8, 4)] + [(512, 4, 2)] * 3",
-        conv_aggregator_layers="[(512, 3, 1)] * 9",
-        prediction_steps=12,
-        num_negatives=1,
-        sample_distance=None,
-        cross_sample_negatives=False,
-        dropout=0.0,
-        dropout_features=0.0,
-        dropout_agg=0.0,
-        encoder="cnn",
-        aggregator="cnn",
-        skip_connections_feat=False,
-        skip_connections_agg=False,
-        residual_scale=0.5,
-        gru_dim=512,
-        no_conv_bias=False,
-        agg_zero_pad=False,
-        log_compression=False,
-        balanced_classes=False,
-        project_features="none",
-        non_affine_group_norm=False,
-        offset="auto",
-        activation="relu",
-        vq_type="none",
-    )
-    for k, v in d.items():
+# fairseq/models/wav2vec/wav2vec.py `Wav2VecConfig` field defaults (fairseq >= 0.12), for the
+# fields this reference reads. convert_namespace_to_omegaconf -> _override_attr uses them for every
+# field a Namespace checkpoint lacks.
+WAV2VEC_CONFIG_DEFAULTS = dict(
+    prediction_steps=12,
+    sample_distance=None,
+    cross_sample_negatives=0,
+    num_negatives=10,
+    conv_feature_layers="[(512, 10, 5), (512, 8, 4), (512, 4, 2), (512, 4, 2), (512, 4, 2), "
+    "(512, 1, 1), (512, 1, 1), (512, 1, 1)]",
+    conv_aggregator_layers="[(512, 2, 1), (512, 3, 1), (512, 4, 1), (512, 5, 1), (512, 6, 1), "
+    "(512, 7, 1), (512, 8, 1), (512, 9, 1), (512, 10, 1), (512, 11, 1), (512, 12, 1), "
+    "(512, 13, 1)]",
+    dropout=0.0,
+    dropout_features=0.0,
+    dropout_agg=0.0,
+    aggregator="cnn",
+    gru_dim=512,
+    no_conv_bias=False,
+    agg_zero_pad=False,
+    skip_connections_feat=False,
+    skip_connections_agg=True,
+    residual_scale=0.5,
+    log_compression=True,
+    balanced_classes=False,
+    project_features="none",
+    non_affine_group_norm=False,
+    offset="auto",
+    activation="relu",
+    vq_type="none",
+)
+
+
+def fill_wav2vec_config_defaults(args: argparse.Namespace) -> None:
+    for k, v in WAV2VEC_CONFIG_DEFAULTS.items():
         if not hasattr(args, k):
             setattr(args, k, v)
+
+
+def upgrade_args(args: argparse.Namespace) -> None:
+    """fairseq/checkpoint_utils.py `_upgrade_state_dict`, the wav2vec renames (in place)."""
+    if hasattr(args, "criterion") and args.criterion in [
+        "binary_cross_entropy",
+        "kd_binary_cross_entropy",
+    ]:
+        args.criterion = "wav2vec"
+    if hasattr(args, "task") and args.task == "speech_pretraining":
+        args.task = "audio_pretraining"
+    if hasattr(args, "arch") and args.arch == "audio_cpc":
+        args.arch = "wav2vec"
+
+
+# What the 2019 trainer stored besides the options given on the command line: fairseq's train.py
+# (options.parse_args_and_arch) ran the architecture function on the args before training, so the
+# Namespace holds every field the 2019 `base_wav2vec_architecture` set (fairseq commit 392fce8a,
+# fairseq/models/wav2vec.py; model options without a value are otherwise absent, argparse.SUPPRESS).
+BASE_WAV2VEC_ARCHITECTURE_2019 = dict(
+    conv_feature_layers="[(512, 10, 5)] + [(512, 8, 4)] + [(512, 4, 2)] * 3",
+    conv_aggregator_layers="[(512, 3, 1)] * 9",
+    prediction_steps=12,
+    num_negatives=1,
+    sample_distance=None,
+    cross_sample_negatives=False,
+    dropout=0.0,
+    dropout_features=0.0,
+    dropout_agg=0.0,
+    encoder="cnn",
+    aggregator="cnn",
+    skip_connections_feat=False,
+    skip_connections_agg=False,
+    residual_scale=0.5,
+    gru_dim=512,
+    no_conv_bias=False,
+    agg_zero_pad=False,
+    log_compression=False,
+    balanced_classes=False,
+    project_features="none",
+    non_affine_group_norm=False,
+    offset="auto",
+)
+
+# Some training options of the 2019 release's Namespace (fairseq 0.8 train.py; values as in the
+# wav2vec_large recipe): not read by the model, present so the Namespace looks like the real one.
+_ARGS_2019_TRAINING = dict(
+    data="/manifest/path",
+    sample_rate=16000,
+    max_sample_size=150000,
+    min_lr=1e-09,
+    optimizer="adam",
+    lr_scheduler="cosine",
+    warmup_updates=500,
+    max_tokens=1500000,
+)
+
+
+def legacy_2019_args(args: dict) -> argparse.Namespace:
+    """`args` as the 2019 release stores them: pre-rename names, no activation / vq_type.
+
+    The 2019 code had neither field (ReLU everywhere, no quantizer), so they must be the values
+    fairseq fills in later, "relu" and "none"."""
+    if args.get("activation", "relu") != "relu" or args.get("vq_type", "none") != "none":
+        raise ValueError("a 2019 checkpoint can only hold activation=relu, vq_type=none")
+    ns = {**_ARGS_2019_TRAINING, **BASE_WAV2VEC_ARCHITECTURE_2019}
+    ns.update((k, v) for k, v in args.items() if k not in ("activation", "vq_type"))
+    ns.update(arch="audio_cpc", task="speech_pretraining", criterion="binary_cross_entropy")
+    return argparse.Namespace(**ns)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,7 +312,8 @@ class Wav2VecPredictionsModel(nn.Module):
 class Wav2VecModel(nn.Module):
     def __init__(self, args):
         super().__init__()
-        base_wav2vec_architecture(args)
+        args = copy.copy(args)
+        fill_wav2vec_config_defaults(args)  # fairseq >= 0.12 gets a complete Wav2VecConfig
         self.prediction_steps = args.prediction_steps
         activation = nn.ReLU() if args.activation == "relu" else nn.GELU()
         feature_enc_layers = _literal_layers(args.conv_feature_layers)
@@ -310,6 +392,10 @@ def randomize_(model: nn.Module, seed: int) -> nn.Module:
 # --------------------------------------------------------------------------------------------
 
 
+# Stand-ins for fairseq 0.8's fairseq/meters.py classes (same names and attributes), pickled as
+# `fairseq.meters.<Name>` inside `fake_fairseq_meters()`.
+
+
 class AverageMeter:
     def __init__(self):
         self.val, self.avg, self.sum, self.count = 0.0, 0.0, 0.0, 0
@@ -333,7 +419,7 @@ class StopwatchMeter:
 
 @contextlib.contextmanager
 def fake_fairseq_meters() -> Iterator[types.ModuleType]:
-    """Make `fairseq.meters` importable (for pickling) only inside the block."""
+    """Make `fairseq.meters` importable (for pickling and trusted loading) only inside the block."""
     saved = {k: sys.modules.get(k) for k in ("fairseq", "fairseq.meters")}
     pkg = types.ModuleType("fairseq")
     meters = types.ModuleType("fairseq.meters")
@@ -402,3 +488,26 @@ def save_fairseq_checkpoint(
         ckpt.update(extra)
     with fake_fairseq_meters():
         torch.save(ckpt, path, _use_new_zipfile_serialization=not legacy_format)
+
+
+def save_2019_checkpoint(model: Wav2VecModel, args: dict, path: str | Path) -> argparse.Namespace:
+    """Write `model` as the released wav2vec_large.pt is: legacy Namespace args, fp16 weights,
+    legacy serialisation, fairseq.meters objects. Returns the Namespace stored."""
+    ns = legacy_2019_args(args)
+    save_fairseq_checkpoint(model, ns, path, legacy_format=True, fp16=True)
+    return ns
+
+
+def load_fairseq_reference(path: str | Path) -> Wav2VecModel:
+    """Read a checkpoint the way fairseq >= 0.12's load_model_ensemble_and_task does, with plain
+    (trusting) pickle: upgrade the args, fill Wav2VecConfig defaults, build, load the weights
+    (fp16 copied into the float32 modules), eval mode."""
+    with fake_fairseq_meters():
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    args = ckpt["args"]
+    upgrade_args(args)
+    assert args.arch == "wav2vec", args.arch
+    fill_wav2vec_config_defaults(args)
+    model = Wav2VecModel(args)
+    model.load_state_dict(ckpt["model"], strict=True)
+    return model.eval()

@@ -1,10 +1,13 @@
-"""wav2vec 1.0: equivalence with a fairseq-structured reference, and safe checkpoint loading."""
+"""wav2vec 1.0: equivalence with a fairseq-structured reference, and safe checkpoint loading, for
+checkpoints with modern args and as the 2019 release (wav2vec_large.pt) stores them."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -12,17 +15,29 @@ import pytest
 import torch
 from fairseq_ref import (
     WAV2VEC_LARGE_ARGS,
+    AverageMeter,
+    StopwatchMeter,
+    TimeMeter,
     Wav2VecModel,
+    fake_fairseq_meters,
+    legacy_2019_args,
+    load_fairseq_reference,
     randomize_,
+    save_2019_checkpoint,
     save_fairseq_checkpoint,
+    upgrade_args,
 )
 
-from mmser.models.safe_unpickle import RefusedGlobalError, safe_torch_load
+from mmser.config import load_config
+from mmser.models.frame_model import build_frame_model
+from mmser.models.safe_unpickle import InertObject, RefusedGlobalError, safe_torch_load
+from mmser.models.safe_unpickle import loads as safe_loads
 from mmser.models.wav2vec1 import (
     Wav2Vec1,
     Wav2Vec1Config,
     config_from_fairseq_args,
     parse_layers,
+    upgrade_fairseq_args,
 )
 
 TINY_ARGS = dict(
@@ -77,12 +92,31 @@ def _wave(b: int, t: int, seed: int = 1) -> torch.Tensor:
     return 0.1 * torch.randn(b, t, generator=g)  # (B, T)
 
 
-@pytest.mark.parametrize("legacy_format", [False, True], ids=["zip", "legacy"])
+# Checkpoint styles: modern args (arch wav2vec, every field) in torch's zip or legacy format, and
+# the 2019 release's (arch audio_cpc, task speech_pretraining, no activation / vq_type, fp16,
+# legacy format).
+STYLES = ["zip", "legacy", "2019"]
+
+
+def _save(ref: Wav2VecModel, args: dict, path: Path, style: str, **kw) -> argparse.Namespace:
+    """Write `ref` with `args` in `style`; returns the Namespace stored."""
+    ns = legacy_2019_args(args) if style == "2019" else argparse.Namespace(**args)
+    save_fairseq_checkpoint(ref, ns, path, legacy_format=style != "zip", fp16=True, **kw)
+    return ns
+
+
+def _for_style(args: dict, style: str) -> dict:
+    """The 2019 code had ReLU only (no `activation` field): variants using GELU become ReLU."""
+    return {**args, "activation": "relu"} if style == "2019" else args
+
+
+@pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_matches_fairseq_reference(tmp_path: Path, variant: str, legacy_format: bool) -> None:
-    ref, ns = _reference({**TINY_ARGS, **VARIANTS[variant]})
+def test_matches_fairseq_reference(tmp_path: Path, variant: str, style: str) -> None:
+    args = _for_style({**TINY_ARGS, **VARIANTS[variant]}, style)
+    ref, _ = _reference(args)
     path = tmp_path / "wav2vec_tiny.pt"
-    save_fairseq_checkpoint(ref, ns, path, legacy_format=legacy_format)
+    ns = _save(ref, args, path, style)
     assert "fairseq" not in sys.modules
 
     model = Wav2Vec1.from_fairseq(path)
@@ -90,23 +124,28 @@ def test_matches_fairseq_reference(tmp_path: Path, variant: str, legacy_format: 
     assert not model.training
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
-    ref = _as_loaded(ref)
+    # fairseq's own reading of the file (renames, Wav2VecConfig defaults) and the in-memory model
+    # (built with the full args, fp16-rounded like the stored weights) must both agree with it
+    refs = {"fairseq-load": load_fairseq_reference(path), "in-memory": _as_loaded(ref)}
     wav = _wave(2, 3000)
-    with torch.no_grad():
-        z_ref, c_ref = ref.extract(wav)
-        z, c = model.features(wav), model.context(wav)
-    assert z.shape == z_ref.shape and c.shape == c_ref.shape
-    assert c.shape[1] == int(parse_layers(ns.conv_aggregator_layers)[-1][0])
-    torch.testing.assert_close(z, z_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(c, c_ref, atol=1e-5, rtol=1e-5)
+    for name, r in refs.items():
+        with torch.no_grad():
+            z_ref, c_ref = r.extract(wav)
+            z, c = model.features(wav), model.context(wav)
+        assert z.shape == z_ref.shape and c.shape == c_ref.shape, name
+        assert c.shape[1] == int(parse_layers(ns.conv_aggregator_layers)[-1][0])
+        torch.testing.assert_close(z, z_ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name} z: {m}")
+        torch.testing.assert_close(c, c_ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name} c: {m}")
     assert c.abs().mean() > 1e-2  # not a degenerate all-zero comparison
 
 
-def test_full_size_wav2vec_large_architecture(tmp_path: Path) -> None:
+@pytest.mark.parametrize("style", ["legacy", "2019"])
+def test_full_size_wav2vec_large_architecture(tmp_path: Path, style: str) -> None:
     """The real layer lists and flags load into the right modules; 1 s -> 98 frames of 512."""
-    ref, ns = _reference(WAV2VEC_LARGE_ARGS, seed=3)
+    ref, _ = _reference(WAV2VEC_LARGE_ARGS, seed=3)
     path = tmp_path / "wav2vec_large.pt"
-    save_fairseq_checkpoint(ref, ns, path, legacy_format=True)
+    ns = _save(ref, WAV2VEC_LARGE_ARGS, path, style)
+    assert ns.arch == ("audio_cpc" if style == "2019" else "wav2vec")
     model = Wav2Vec1.from_fairseq(path)
     assert model.cfg == Wav2Vec1Config()  # defaults are wav2vec_large's
     assert len(model.feature_extractor.conv_layers) == 7
@@ -124,17 +163,125 @@ def test_full_size_wav2vec_large_architecture(tmp_path: Path) -> None:
     torch.testing.assert_close(c, c_ref, atol=1e-5, rtol=1e-5)
 
 
-def test_extra_state_meters_become_inert(tmp_path: Path) -> None:
-    ref, ns = _reference(TINY_ARGS)
+def test_2019_fp16_checkpoint_loads_as_float32_equal_to_stored(tmp_path: Path) -> None:
+    ref, _ = _reference(TINY_ARGS, seed=5)
+    path = tmp_path / "wav2vec_2019.pt"
+    save_2019_checkpoint(ref, TINY_ARGS, path)
+    with open(path, "rb") as f:  # torch's legacy format starts with a pickled magic number
+        assert f.read(2) == b"\x80\x02"
+    stored = safe_torch_load(path)["model"]
+    assert {v.dtype for v in stored.values()} == {torch.float16}
+
+    loaded = Wav2Vec1.from_fairseq(path).state_dict()
+    assert loaded and set(loaded) <= set(stored)
+    assert set(stored) - set(loaded) == {k for k in stored if k.startswith("wav2vec_predictions.")}
+    for key, value in loaded.items():
+        assert value.dtype == torch.float32, key
+        assert torch.equal(value, stored[key].float()), key  # exact: fp16 -> fp32 is lossless
+    # and the stored values are the model's, rounded to fp16 (not some other tensor)
+    w = "feature_aggregator.conv_layers.1.1.weight"
+    assert torch.equal(loaded[w], ref.state_dict()[w].half().float())
+    assert not torch.equal(loaded[w], ref.state_dict()[w])  # fp16 rounding did happen
+
+
+def test_2019_args_are_upgraded_like_fairseq(caplog: pytest.LogCaptureFixture) -> None:
+    ns = legacy_2019_args(TINY_ARGS)
+    assert (ns.arch, ns.task, ns.criterion) == ("audio_cpc", "speech_pretraining", "binary_cross_entropy")
+    assert not hasattr(ns, "activation") and not hasattr(ns, "vq_type")
+
+    upgraded = upgrade_fairseq_args(vars(ns))
+    expected = copy.copy(ns)
+    upgrade_args(expected)  # the fixture's re-typing of fairseq's _upgrade_state_dict
+    assert upgraded == vars(expected)
+    assert (upgraded["arch"], upgraded["task"], upgraded["criterion"]) == (
+        "wav2vec", "audio_pretraining", "wav2vec"
+    )  # fmt: skip
+    assert ns.arch == "audio_cpc"  # the input is not modified
+    # only the exact legacy values are renamed; others (and non-strings) pass through
+    for key, value in [("criterion", "kd_binary_cross_entropy"), ("criterion", "cross_entropy"),
+                       ("task", "audio_pretraining"), ("arch", "audio_cpc_gru"), ("arch", ["audio_cpc"])]:  # fmt: skip
+        other = argparse.Namespace(**{key: value})
+        upgrade_args(other)
+        assert upgrade_fairseq_args({key: value}) == vars(other), (key, value)
+
+    # missing activation / vq_type: fairseq's defaults, logged as expected (INFO), no warning
+    with caplog.at_level(logging.INFO, logger="mmser.models.wav2vec1"):
+        cfg = config_from_fairseq_args(upgraded, source="old.pt")
+    assert cfg.activation == "relu"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "activation" in caplog.text and "vq_type" in caplog.text
+    # without the upgrade the legacy arch is refused, naming it
+    with pytest.raises(ValueError, match="old.pt: arch is 'audio_cpc'"):
+        config_from_fairseq_args(vars(ns), source="old.pt")
+
+
+def test_ptapt_frame_model_trains_on_2019_checkpoint(tmp_path: Path) -> None:
+    """P-TAPT step (a) (`build_frame_model` with ptapt.wav2vec1_checkpoint=PATH): forward, backward
+    and one Adam step on the 2019-format checkpoint."""
+    ref, _ = _reference(TINY_ARGS, seed=7)
+    path = tmp_path / "wav2vec_2019.pt"
+    save_2019_checkpoint(ref, TINY_ARGS, path)
+    cfg = load_config(overrides=[
+        f"ptapt.wav2vec1_checkpoint={path}", "ptapt.frame_model=wav2vec1", "ptapt.frame_dim=24",
+        "ptapt.frame_head_hidden=8", "ptapt.frame_lstm_hidden=8", "ptapt.frame_mask_feature_length=4",
+        "ptapt.frame_mask_time_length=5",
+    ])  # fmt: skip
+    model = build_frame_model(cfg)
+    assert model.kind == "wav2vec1" and model.training
+    stored = safe_torch_load(path)["model"]
+    backbone = model.backbone.state_dict()
+    assert all(torch.equal(backbone[k], stored[k].float()) for k in backbone)  # the checkpoint's weights
+
+    torch.manual_seed(0)
+    batch = {"audio": _wave(4, 3000, seed=2), "audio_mask": torch.ones(4, 3000, dtype=torch.bool),
+             "labels": torch.tensor([0, 1, 2, 3])}  # fmt: skip
+    parts = model.loss(batch)
+    assert parts["utterance_logits"].shape == (4, 4) and torch.isfinite(parts["loss"])
+    parts["loss"].backward()
+    fe, agg = model.backbone.feature_extractor, model.backbone.feature_aggregator
+    assert all(p.grad is None and not p.requires_grad for p in fe.parameters())  # frozen
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in agg.parameters())
+    assert model.proj.weight.grad.abs().sum() > 0
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    torch.optim.Adam(trainable, lr=1e-3).step()
+    after = model.backbone.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in fe.state_dict(prefix="feature_extractor."))
+    assert not torch.equal(after["feature_aggregator.conv_layers.0.1.weight"],
+                           before["feature_aggregator.conv_layers.0.1.weight"])  # fmt: skip
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_extra_state_meters_become_inert(tmp_path: Path, style: str) -> None:
+    ref, _ = _reference(TINY_ARGS)
     path = tmp_path / "ckpt.pt"
-    save_fairseq_checkpoint(ref, ns, path)
+    _save(ref, TINY_ARGS, path, style)
     ckpt = safe_torch_load(path)
-    assert isinstance(ckpt["args"], argparse.Namespace) and ckpt["args"].arch == "wav2vec"
+    assert isinstance(ckpt["args"], argparse.Namespace)
+    assert ckpt["args"].arch == ("audio_cpc" if style == "2019" else "wav2vec")  # read as stored
     assert ckpt["model"]["feature_extractor.conv_layers.0.0.weight"].dtype == torch.float16
-    meter = ckpt["extra_state"]["train_meters"]["train_loss"]
-    assert type(meter).__name__ == "AverageMeter" and "inert" in repr(meter)
+    meters = ckpt["extra_state"]["train_meters"]
+    assert [type(m).__name__ for m in meters.values()] == ["AverageMeter", "TimeMeter", "StopwatchMeter"]
+    assert all(isinstance(m, InertObject) and "inert fairseq.meters." in repr(m) for m in meters.values())
+    meter = meters["train_loss"]
     assert meter.inert_state["sum"] == pytest.approx(3.21 * 8)  # state kept, not interpreted
     assert not hasattr(meter, "update")  # fairseq's class was not imported
+    assert "fairseq" not in sys.modules
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_meters_pickled_with_any_protocol_become_inert(protocol: int) -> None:
+    loss = AverageMeter()
+    loss.update(2.0, 4)
+    with fake_fairseq_meters():
+        data = pickle.dumps({"loss": loss, "wps": TimeMeter(), "wall": StopwatchMeter()}, protocol=protocol)
+    out = safe_loads(data)
+    assert {k: type(v).__name__ for k, v in out.items()} == {
+        "loss": "AverageMeter", "wps": "TimeMeter", "wall": "StopwatchMeter"
+    }  # fmt: skip
+    assert all(isinstance(v, InertObject) for v in out.values())
+    assert out["loss"].inert_state == {"val": 2.0, "avg": 2.0, "sum": 8.0, "count": 4}
 
 
 class _Marker:
@@ -157,19 +304,46 @@ class _Shell:
         return (os.system, (self.cmd,))
 
 
-@pytest.mark.parametrize("legacy_format", [False, True], ids=["zip", "legacy"])
-def test_refuses_code_execution(tmp_path: Path, legacy_format: bool) -> None:
-    ref, ns = _reference(TINY_ARGS)
+@pytest.mark.parametrize("style", STYLES)
+def test_refuses_code_execution(tmp_path: Path, style: str) -> None:
+    ref, _ = _reference(TINY_ARGS)
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    save_fairseq_checkpoint(
-        ref, ns, path, legacy_format=legacy_format, extra={"x": _Shell(f"touch {marker}")}
-    )
+    _save(ref, TINY_ARGS, path, style, extra={"x": _Shell(f"touch {marker}")})
     with pytest.raises(RefusedGlobalError) as err:
         Wav2Vec1.from_fairseq(path)
     msg = str(err.value)
-    assert str(path) in msg and f"'{os.system.__module__}.system'" in msg
+    assert str(path) in msg and f"'{os.system.__module__}.system'" in msg and "\n" not in msg
     assert not marker.exists()
+
+
+def _global_call(module: str, name: str, arg: str) -> bytes:
+    """Protocol-0 pickle calling module.name(arg) (GLOBAL + REDUCE), as a crafted file would."""
+    return f"c{module}\n{name}\n(V{arg}\ntR.".encode()
+
+
+@pytest.mark.parametrize(
+    "module, name",
+    [("os", "system"), ("posix", "system"), ("subprocess", "check_call"), ("builtins", "eval"),
+     ("__builtin__", "eval"), ("builtins", "getattr"), ("builtins", "__import__"), ("torch", "load"),
+     ("fairseq", "meters"), ("fairseq.metersx", "AverageMeter"), ("torch._utils", "os")],
+)  # fmt: skip
+def test_restricted_unpickler_refuses_crafted_globals(tmp_path: Path, module: str, name: str) -> None:
+    marker = tmp_path / "pwned"
+    with pytest.raises(RefusedGlobalError, match=r"refused to unpickle '[\w.]+\.\w+'"):
+        safe_loads(_global_call(module, name, f"touch {marker}"))
+    assert not marker.exists()
+
+
+def test_inert_module_classes_never_run_code(tmp_path: Path) -> None:
+    """A crafted file may name any class under fairseq.meters and call it: it gets a placeholder
+    that only stores the arguments."""
+    marker = tmp_path / "pwned"
+    for name in ("AverageMeter", "system", "__init__"):
+        obj = safe_loads(_global_call("fairseq.meters", name, f"touch {marker}"))
+        assert isinstance(obj, InertObject) and obj.inert_args == (f"touch {marker}",)
+    assert not marker.exists()
+    assert "fairseq" not in sys.modules
 
 
 def test_refuses_unknown_class(tmp_path: Path) -> None:
@@ -193,6 +367,26 @@ def test_bad_files_get_clear_errors(tmp_path: Path) -> None:
     torch.save({"weights": torch.zeros(2)}, plain)
     with pytest.raises(ValueError, match="plain.pt: not a fairseq checkpoint"):
         Wav2Vec1.from_fairseq(plain)
+    cut = tmp_path / "cut.pt"  # a truncated 2019-format download
+    ref, _ = _reference(TINY_ARGS)
+    save_2019_checkpoint(ref, TINY_ARGS, cut)
+    cut.write_bytes(cut.read_bytes()[:3000])
+    with pytest.raises(ValueError, match="cut.pt: not a readable torch checkpoint") as err:
+        Wav2Vec1.from_fairseq(cut)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("style", ["zip", "2019"])
+def test_weights_that_do_not_fit_the_args_get_one_line(tmp_path: Path, style: str) -> None:
+    ref, _ = _reference(TINY_ARGS)
+    wider = {**TINY_ARGS, "conv_aggregator_layers": "[(16, 2, 1), (16, 3, 1), (16, 5, 1)]"}
+    path = tmp_path / "mismatch.pt"
+    _save(ref, wider, path, style)  # same tensor names, one kernel size differs
+    with pytest.raises(ValueError) as err:
+        Wav2Vec1.from_fairseq(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: weights do not fit the architecture in its args")
+    assert "feature_aggregator.conv_layers.2.1.weight" in msg and "\n" not in msg
 
 
 def test_refuses_other_architectures(tmp_path: Path) -> None:
@@ -208,18 +402,25 @@ def test_refuses_other_architectures(tmp_path: Path) -> None:
             Wav2Vec1.from_fairseq(path)
 
 
-def test_missing_args_take_fairseq_arch_defaults(caplog: pytest.LogCaptureFixture) -> None:
-    dropped = ("log_compression", "skip_connections_agg")
-    args = {k: v for k, v in TINY_ARGS.items() if k not in dropped}
-    with caplog.at_level(logging.WARNING):
+def test_missing_args_take_fairseq_wav2vec_config_defaults(caplog: pytest.LogCaptureFixture) -> None:
+    dropped = ("log_compression", "skip_connections_agg", "no_conv_bias", "activation", "vq_type")
+    args = {**TINY_ARGS, "log_compression": False, "skip_connections_agg": False, "no_conv_bias": True}
+    args = {k: v for k, v in args.items() if k not in dropped}
+    with caplog.at_level(logging.INFO, logger="mmser.models.wav2vec1"):
         cfg = config_from_fairseq_args(args, source="old.pt")
-    # base_wav2vec_architecture: store_true flags default to off
-    assert cfg.log_compression is False and cfg.skip_connections_agg is False
-    assert "old.pt" in caplog.text and "log_compression" in caplog.text
-    # the default layer expression uses + and *
-    assert config_from_fairseq_args({"arch": "wav2vec"}).conv_feature_layers == [
-        (512, 10, 5), (512, 8, 4), (512, 4, 2), (512, 4, 2), (512, 4, 2)
+    # fairseq/models/wav2vec/wav2vec.py Wav2VecConfig: log_compression and skip_connections_agg
+    # default on, no_conv_bias off, activation relu (the values stored above were the opposite)
+    assert (cfg.log_compression, cfg.skip_connections_agg, cfg.no_conv_bias) == (True, True, False)
+    assert cfg.activation == "relu"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "old.pt" in warnings[0] and "log_compression" in warnings[0]
+    assert "activation" not in warnings[0]  # absent from every 2019 checkpoint: INFO only
+    # with nothing stored, the layer lists are Wav2VecConfig's (8 feature layers, 12 aggregator)
+    empty = config_from_fairseq_args({"arch": "wav2vec"})
+    assert empty.conv_feature_layers == [
+        (512, 10, 5), (512, 8, 4), (512, 4, 2), (512, 4, 2), (512, 4, 2), (512, 1, 1), (512, 1, 1), (512, 1, 1)
     ]  # fmt: skip
+    assert empty.conv_aggregator_layers == [(512, k, 1) for k in range(2, 14)]
 
 
 def test_parse_layers_refuses_code() -> None:

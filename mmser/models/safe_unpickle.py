@@ -108,17 +108,19 @@ class InertObject:
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # absorb REDUCE-style construction
         pass
 
+    # setdefault: protocol 0/1 pickles build instances with copyreg._reconstructor, i.e.
+    # object.__new__(cls), which skips __new__ above.
     def __setstate__(self, state: Any) -> None:  # BUILD
         self.__dict__["inert_state"] = state
 
     def __setitem__(self, key: Any, value: Any) -> None:  # SETITEMS (dict subclasses)
-        self.__dict__["inert_items"][key] = value
+        self.__dict__.setdefault("inert_items", {})[key] = value
 
     def append(self, value: Any) -> None:  # APPENDS (list subclasses)
-        self.__dict__["inert_list"].append(value)
+        self.__dict__.setdefault("inert_list", []).append(value)
 
     def extend(self, values: Iterable[Any]) -> None:
-        self.__dict__["inert_list"].extend(values)
+        self.__dict__.setdefault("inert_list", []).extend(values)
 
     def __repr__(self) -> str:
         return f"<inert {self._inert_qualname}>"
@@ -206,7 +208,7 @@ def safe_torch_load(
 
     Raises FileNotFoundError for a missing file, `RefusedGlobalError` (naming the file and the
     refused `module.Class`) for a global outside the allow-list, and ValueError naming the file
-    when it is not a readable torch checkpoint.
+    when it is not a readable torch checkpoint; every message is one line.
     """
     path = Path(path)
     if not path.is_file():
@@ -217,6 +219,8 @@ def safe_torch_load(
         return torch.load(path, map_location=map_location, pickle_module=module, weights_only=False)
     except RefusedGlobalError:
         raise
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
-        reason = f"{type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - a damaged or crafted file fails in many ways
+        # (UnpicklingError, EOFError, RuntimeError from torch, TypeError/ValueError from a
+        # REDUCE with bad arguments); all are one message naming the file, on one line.
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
         raise ValueError(f"{path}: not a readable torch checkpoint ({reason})") from e

@@ -12,6 +12,12 @@ The contrastive prediction head (`wav2vec_predictions.*`), `offset` and `predict
 serve pre-training and are dropped on load. vq-wav2vec checkpoints (`vq_type` != "none") and the
 GRU aggregator are refused with a clear error.
 
+The released `wav2vec_large.pt` (2019) predates the wav2vec names: its argparse.Namespace args say
+`arch='audio_cpc'`, `task='speech_pretraining'`, `criterion='binary_cross_entropy'` and have no
+`activation` / `vq_type` (added in 2020 with vq-wav2vec). `upgrade_fairseq_args` renames them as
+fairseq's `checkpoint_utils._upgrade_state_dict` does, and missing fields take the defaults of
+fairseq's `Wav2VecConfig` (relu, "none"), as `convert_namespace_to_omegaconf` fills them.
+
 Input is the raw 16 kHz waveform, not normalised (wav2vec 1.0 was trained on raw audio).
 Frames are 10 ms apart (total stride 160). Every conv block ends in GroupNorm(1, C), which
 normalises over all time steps: zero padding changes every frame of a padded item, so batch items
@@ -278,7 +284,11 @@ class Wav2Vec1(nn.Module):
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            raise ValueError(f"{path}: weights do not fit the architecture in its args: {e}") from e
+            # torch's message spans several lines (one per mismatch); keep ours on one
+            reason = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            raise ValueError(
+                f"{path}: weights do not fit the architecture in its args ({reason})"
+            ) from e
         logger.info("loaded wav2vec 1.0 from %s (%d tensors)", path, len(state))
         return model.eval()
 
@@ -287,26 +297,64 @@ class Wav2Vec1(nn.Module):
 # fairseq args -> Wav2Vec1Config
 # --------------------------------------------------------------------------------------------
 
-# Values fairseq's `base_wav2vec_architecture` (the Namespace-era checkpoints' code) fills in for
-# args a checkpoint lacks; for these flags that is "off". Released checkpoints store every flag.
+# What fairseq fills in for wav2vec args a checkpoint lacks: the field defaults of `Wav2VecConfig`
+# (fairseq/models/wav2vec/wav2vec.py). fairseq >= 0.12 (the first release with the audio_cpc
+# rename below) reads a Namespace checkpoint through checkpoint_utils._upgrade_state_dict ->
+# dataclass/utils.py convert_namespace_to_omegaconf -> `_override_attr`, which takes the dataclass
+# default for every field the Namespace lacks. (`encoder` is no Wav2VecConfig field: the feature
+# encoder is always the CNN; the Namespace-era `--encoder` only accepted "cnn".)
+# The Namespace-era loader (fairseq <= 0.10: `Wav2VecModel.build_model` ->
+# `base_wav2vec_architecture`) had other values for the layer lists, skip_connections_agg and
+# log_compression, but a Namespace written by fairseq's trainer stores those (train.py ran that
+# architecture function on the args before training): only fields added after a checkpoint was
+# written can be missing, and for those (activation, vq_type) both eras agree.
 _FAIRSEQ_ARCH_DEFAULTS: dict[str, Any] = {
-    "conv_feature_layers": "[(512, 10, 5)] + [(512, 8, 4)] + [(512, 4, 2)] * 3",
-    "conv_aggregator_layers": "[(512, 3, 1)] * 9",
+    "conv_feature_layers": "[(512, 10, 5), (512, 8, 4), (512, 4, 2), (512, 4, 2), (512, 4, 2), "
+    "(512, 1, 1), (512, 1, 1), (512, 1, 1)]",
+    "conv_aggregator_layers": "[(512, 2, 1), (512, 3, 1), (512, 4, 1), (512, 5, 1), (512, 6, 1), "
+    "(512, 7, 1), (512, 8, 1), (512, 9, 1), (512, 10, 1), (512, 11, 1), (512, 12, 1), "
+    "(512, 13, 1)]",
     "dropout": 0.0,
     "dropout_features": 0.0,
     "dropout_agg": 0.0,
     "encoder": "cnn",
     "aggregator": "cnn",
     "skip_connections_feat": False,
-    "skip_connections_agg": False,
+    "skip_connections_agg": True,
     "residual_scale": 0.5,
     "no_conv_bias": False,
     "agg_zero_pad": False,
-    "log_compression": False,
+    "log_compression": True,
     "non_affine_group_norm": False,
     "activation": "relu",
     "vq_type": "none",
 }
+
+# Fields fairseq added after the wav2vec 1.0 release (vq-wav2vec, Feb 2020): the 2019
+# wav2vec_large.pt lacks them by design, so filling them in is logged at INFO, not WARNING.
+_FIELDS_NEWER_THAN_2019: frozenset[str] = frozenset({"activation", "vq_type"})
+
+# fairseq/checkpoint_utils.py `_upgrade_state_dict`: renames of legacy values in a checkpoint's
+# argparse.Namespace args (2019 wav2vec was trained as "audio_cpc" on "speech_pretraining").
+_LEGACY_ARG_RENAMES: dict[str, dict[str, str]] = {
+    "criterion": {"binary_cross_entropy": "wav2vec", "kd_binary_cross_entropy": "wav2vec"},
+    "task": {"speech_pretraining": "audio_pretraining"},
+    "arch": {"audio_cpc": "wav2vec"},
+}
+
+
+def upgrade_fairseq_args(args: Mapping[str, Any], source: str = "checkpoint") -> dict[str, Any]:
+    """A copy of Namespace-era args with fairseq's legacy renames applied (criterion
+    binary_cross_entropy / kd_binary_cross_entropy -> wav2vec, task speech_pretraining ->
+    audio_pretraining, arch audio_cpc -> wav2vec), as `_upgrade_state_dict` does; other values
+    are left alone (its remaining upgrades concern data/optimizer fields the model never reads)."""
+    out = dict(args)
+    for key, renames in _LEGACY_ARG_RENAMES.items():
+        value = out.get(key)
+        if isinstance(value, str) and value in renames:
+            out[key] = renames[value]
+            logger.info("%s: legacy args %s=%r read as %r", source, key, value, out[key])
+    return out
 
 
 def parse_layers(expr: str, where: str = "conv layers") -> ConvLayers:
@@ -346,11 +394,12 @@ def parse_layers(expr: str, where: str = "conv layers") -> ConvLayers:
 
 
 def _stored_args(ckpt: Mapping, path: Path) -> Mapping[str, Any]:
-    """The training args: checkpoint['args'] (argparse.Namespace, fairseq < 0.10) or a plain
-    dict checkpoint['cfg']['model']."""
+    """The training args: checkpoint['args'] (argparse.Namespace, fairseq <= 0.10; upgraded like
+    fairseq's `_upgrade_state_dict`, which only touches Namespace args) or a plain dict
+    checkpoint['cfg']['model']."""
     args = ckpt.get("args")
     if isinstance(args, argparse.Namespace):
-        return vars(args)
+        return upgrade_fairseq_args(vars(args), source=str(path))
     cfg = ckpt.get("cfg")
     if isinstance(cfg, Mapping) and isinstance(cfg.get("model"), Mapping):
         return cfg["model"]
@@ -361,16 +410,22 @@ def _stored_args(ckpt: Mapping, path: Path) -> Mapping[str, Any]:
 
 
 def config_from_fairseq_args(args: Mapping[str, Any], source: str = "checkpoint") -> Wav2Vec1Config:
-    """Map fairseq wav2vec args (a Namespace's vars or a dict) to `Wav2Vec1Config`."""
+    """Map fairseq wav2vec args (a Namespace's vars after `upgrade_fairseq_args`, or a dict
+    cfg['model']) to `Wav2Vec1Config`; missing fields take fairseq's `Wav2VecConfig` defaults."""
     arch = args.get("arch", args.get("_name", "wav2vec"))
     if arch != "wav2vec":
         raise ValueError(
-            f"{source}: arch is {arch!r}, not 'wav2vec' (wav2vec 1.0); wav2vec 2.0 checkpoints "
-            f"load through the wav2vec2 encoder instead"
+            f"{source}: arch is {arch!r}, not 'wav2vec' (wav2vec 1.0, or 'audio_cpc' in 2019 "
+            f"checkpoints); wav2vec 2.0 checkpoints load through the wav2vec2 encoder instead"
         )
     missing = sorted(k for k in _FAIRSEQ_ARCH_DEFAULTS if k not in args)
-    if missing:
-        logger.warning("%s: args lack %s; using fairseq's architecture defaults", source, missing)
+    newer = [k for k in missing if k in _FIELDS_NEWER_THAN_2019]
+    other = [k for k in missing if k not in _FIELDS_NEWER_THAN_2019]
+    if newer:
+        logger.info("%s: args predate %s; using fairseq's defaults %s", source, newer,
+                    {k: _FAIRSEQ_ARCH_DEFAULTS[k] for k in newer})  # fmt: skip
+    if other:
+        logger.warning("%s: args lack %s; using fairseq's Wav2VecConfig defaults", source, other)
     a = {k: args.get(k, default) for k, default in _FAIRSEQ_ARCH_DEFAULTS.items()}
     vq = a["vq_type"]
     if vq not in (None, "none"):
