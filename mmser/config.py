@@ -59,6 +59,10 @@ class EncoderConfig:
     # (e.g. a TAPT/P-TAPT output), or "random" = a randomly initialised model built from the
     # fields below (tiny models for tests and the offline demo).
     name: str = "facebook/wav2vec2-base"
+    # Hub revision of `name` (a branch, tag or commit; ignored for local folders). "auto" = the
+    # reference's pin for facebook/wav2vec2-base (2dcc7b7f9b11f0ef271067e62599a27317a03114,
+    # FT-w2v2-ser modules/FeatureFuser.py), the hub's default branch for other names.
+    revision: str = "auto"
     kind: Literal["wav2vec2", "hubert", "wavlm"] = "wav2vec2"
     # Random-init architecture (used only when name == "random").
     hidden_size: int = 768
@@ -83,14 +87,23 @@ class EncoderConfig:
     layerdrop: float | None = None
     hidden_dropout: float | None = None
     attention_dropout: float | None = None
-    gradient_checkpointing: bool = False  # PAPER.md pitfalls: the documented fix for OOM at batch 64
-    # Whether the wrapper passes the sample-level attention mask into the HF model. "auto" = only
-    # for layer-norm feature extractors: HF's docs say group-norm models such as wav2vec2-base were
-    # pre-trained without one and should get zero-padded input and no attention_mask
-    # (`return_attention_mask=False` in their feature extractor). Pooling and SpecAugment use the
-    # valid frames either way. "always" matches the reference's encoder-level mask.
-    attention_mask: Literal["auto", "always", "never"] = "auto"
+    # The only authority on activation checkpointing (V-FT, TAPT, P-TAPT, fusion): false also turns
+    # off what a checkpoint's config.json switches on (facebook/wav2vec2-base's does; the reference
+    # disables it, FeatureFuser.py). PAPER.md pitfalls: true is the documented fix for OOM at batch 64.
+    gradient_checkpointing: bool = False
+    # Whether the padding mask goes into the transformer (never into the CNN, which runs on the
+    # zero-padded waveform either way). "always" = the reference (V-FT and P-TAPT:
+    # `encoder(x, attention_mask=mask)`, FeatureFuser.py Wav2vec2Wrapper.forward). "auto" = HF's
+    # advice, only for layer-norm feature extractors (group-norm models such as wav2vec2-base then
+    # attend to padded frames). Pooling and SpecAugment use the valid frames either way.
+    attention_mask: Literal["auto", "always", "never"] = "always"
     # SpecAugment during fine-tuning (PAPER.md V-FT).
+    # How many time-mask spans an utterance gets (mmser.models.wav2vec2.compute_time_mask):
+    # "expected" = the reference's expected masked fraction (~8% of valid frames on IEMOCAP; its
+    # random batches of 64 counted spans from the padded ~10 s length); "padded" = the reference's
+    # sampler applied to mmser's length-bucketed batches (~20%); "per_utterance" = at least
+    # mask_time_min_masks spans per utterance (mmser < 0.2; ~20%).
+    mask_time_policy: Literal["expected", "padded", "per_utterance"] = "expected"
     mask_time_prob: float = 0.08
     mask_time_length: int = 15
     mask_time_min_masks: int = 2
@@ -149,9 +162,30 @@ class TaptConfig:
     mask_time_prob: float = 0.05  # HF wav2vec2-base config value; must be > 0
     mask_time_length: int = 10
     mask_time_min_masks: int = 2
+    # Span sampler (mmser.models.wav2vec2.compute_time_mask). "padded" = the reference's (transformers
+    # 4.10, span count from the batch's padded length, min 2, attention mask applied), on length-
+    # bucketed batches as the reference's.
+    mask_time_policy: Literal["expected", "padded", "per_utterance"] = "padded"
     num_negatives: int = 100
+    # Where the negatives come from. "all_frames" = the reference (transformers 4.10
+    # Wav2Vec2ForPreTraining._sample_negatives called without an attention mask: any other frame of
+    # the same padded row, padding included); "masked" = fairseq / HF >= 4.11 (masked frames only).
+    negatives: Literal["all_frames", "masked"] = "all_frames"
     contrastive_temperature: float = 0.1
     diversity_loss_weight: float = 0.1
+    # Loss form. "reference" = transformers 4.10: contrastive cross-entropy SUMMED over masked frames
+    # + diversity_loss_weight x the unscaled diversity term (G*V - perplexity) / (G*V); "fairseq" =
+    # the diversity term scaled by the number of masked frames and the sum divided by it (per-frame
+    # loss: lr independent of batch size). Both computed in float32.
+    loss_form: Literal["reference", "fairseq"] = "reference"
+    # Gumbel-softmax temperature. "constant" = the reference (transformers 4.10 never updates it:
+    # its value at init, 1 in 4.10's Wav2Vec2GumbelVectorQuantizer); "fairseq" = annealed
+    # max(2 x 0.999995^step, 0.5) as in wav2vec 2.0's pre-training.
+    gumbel_schedule: Literal["constant", "fairseq"] = "constant"
+    gumbel_temperature: float = 1.0
+    # Padding mask into the model during TAPT. "never" = the reference (Wav2vec2PretrainWrapper calls
+    # the model with mask_time_indices only; the attention mask is commented out).
+    attention_mask: Literal["auto", "always", "never"] = "never"
 
 
 @dataclass
@@ -189,6 +223,10 @@ class PtaptConfig:
     frame_mask_feature_prob: float = 0.05
     frame_mask_feature_length: int = 64
     frame_mask_feature_min_masks: int = 1
+    # wav2vec 1.0 backbone: apply the checkpoint's dropout_features (on z) and dropout_agg (on c)
+    # around the aggregator. false = the reference, which calls feature_aggregator(z) directly
+    # (FeatureFuser.py Wav2vecWrapper.forward); the aggregator's own block dropout applies either way.
+    frame_feature_dropouts: bool = False
     # Step (b): k-means (PAPER.md P-TAPT 2: 20 iterations, K = 64, 512, 4,096).
     cluster_sizes: list[int] = field(default_factory=lambda: [64, 512, 4096])
     kmeans_iters: int = 20

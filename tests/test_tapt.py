@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -15,6 +16,7 @@ from mmser.training.tapt import (
     contrastive_diversity_loss,
     frame_lengths,
     gumbel_temperature,
+    reference_negative_indices,
     tapt_masks,
 )
 
@@ -41,66 +43,119 @@ def _batch():
     return audio, mask
 
 
-def _step_loss(model, audio, audio_mask, autocast_dtype=None):
+def _step_loss(model, audio, audio_mask, autocast_dtype=None, cfg=CFG):
     lengths = frame_lengths(model, audio_mask)
     n = int(model._get_feat_extract_output_lengths(audio.shape[1]))
-    mask_np, neg_np = tapt_masks(lengths, n, CFG)
-    mask, neg = torch.as_tensor(mask_np), torch.as_tensor(neg_np).long()
+    mask, neg = tapt_masks(lengths, n, cfg)
     ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else torch.autocast("cpu", enabled=False)
     with ctx:
         out = model(audio, attention_mask=audio_mask.long(), mask_time_indices=mask)
-        parts = contrastive_diversity_loss(model, out, mask, neg, CFG)
-    return parts["loss_sum"] / parts["n_masked"], parts, mask_np, lengths
+        parts = contrastive_diversity_loss(model, out, mask, neg, cfg)
+    return parts["loss"], parts, mask, lengths
 
 
-def test_masks_stay_inside_valid_frames_and_have_two_spans():
-    import numpy as np
-
-    np.random.seed(0)
+def test_reference_masks_share_one_span_count_from_the_padded_length():
+    """tapt.mask_time_policy=padded (default): transformers 4.10's sampler, padding excluded."""
+    torch.manual_seed(0)
     lengths = torch.tensor([50, 20, 35])
-    for _ in range(20):
-        mask, neg = tapt_masks(lengths, 50, CFG)
+    cfg = TaptConfig(num_negatives=10, mask_time_length=4, mask_time_prob=0.3)
+    for _ in range(50):
+        mask, neg = tapt_masks(lengths, 50, cfg)
+        assert neg.shape == (3, 50, 10)
         for i, n in enumerate(lengths.tolist()):
             assert not mask[i, n:].any()
-            assert mask[i, :n].sum() >= CFG.mask_time_length  # >= min 2 spans (may overlap)
-            # negatives of masked frames point at masked frames of the same item
-            flat = neg[i][mask[i]] - i * 50
+        # the full-length row holds all of the batch's spans: int(0.3 * 50 / 4 + U) in {3, 4}, distinct
+        # starts, so between 4 (all overlapping) and 16 frames
+        assert 4 <= int(mask[0].sum()) <= 16
+
+
+def test_reference_negatives_are_other_frames_of_the_same_padded_row():
+    torch.manual_seed(0)
+    b, f, k = 3, 12, 200
+    neg = reference_negative_indices(b, f, k)  # (B, F, K) flat
+    row, col = neg // f, neg % f
+    assert (row == torch.arange(b)[:, None, None]).all()  # same utterance
+    assert (col != torch.arange(f)[None, :, None]).all()  # never the frame itself
+    # uniform over the other F - 1 frames, padding included (no attention mask in the reference)
+    counts = torch.bincount(col[:, 0].reshape(-1), minlength=f)
+    assert counts[0] == 0 and (counts[1:] > 0).all()
+
+
+def test_masked_negatives_switch_keeps_fairseq_sampling():
+    np.random.seed(0)
+    torch.manual_seed(0)
+    lengths = torch.tensor([50, 20, 35])
+    cfg = TaptConfig(num_negatives=10, mask_time_length=4, mask_time_prob=0.3, negatives="masked",
+                     mask_time_policy="per_utterance")
+    for _ in range(20):
+        mask, neg = tapt_masks(lengths, 50, cfg)
+        for i, n in enumerate(lengths.tolist()):
+            assert not mask[i, n:].any()
+            assert mask[i, :n].sum() >= cfg.mask_time_length  # >= min 2 spans (may overlap)
+            flat = neg[i][mask[i]] - i * 50  # negatives of masked frames: masked frames of the item
             assert mask[i][flat].all()
 
 
+@pytest.mark.parametrize("loss_form", ["reference", "fairseq"])
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
-def test_loss_is_fp32_finite_and_decreases(dtype):
+def test_loss_is_fp32_finite_and_decreases(dtype, loss_form):
+    torch.manual_seed(0)
+    cfg = TaptConfig(num_negatives=10, mask_time_length=4, mask_time_prob=0.3, loss_form=loss_form)
     model = tiny_pretraining_model()
     audio, audio_mask = _batch()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
-    for _ in range(12):
-        loss, parts, _, _ = _step_loss(model, audio, audio_mask, dtype)
-        assert parts["loss_sum"].dtype == torch.float32
+    # fp16 trains under a gradient scaler on GPU (Lightning's 16-mixed), not here: forward only
+    for _ in range(1 if dtype == torch.float16 else 12):
+        loss, parts, mask, _ = _step_loss(model, audio, audio_mask, dtype, cfg)
+        assert parts["loss"].dtype == torch.float32
         assert torch.isfinite(loss)
+        if dtype == torch.float16:
+            return
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(loss.item())
+        losses.append(loss.item() / (mask.sum().item() if loss_form == "reference" else 1))
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
 
 
-def test_contrastive_loss_matches_transformers_reference():
-    """Our fp32 loss equals transformers' own Wav2Vec2ForPreTraining loss in fp32."""
+@pytest.mark.parametrize("loss_form", ["reference", "fairseq"])
+def test_contrastive_loss_matches_transformers(loss_form):
+    """Against transformers' own Wav2Vec2ForPreTraining loss (contrastive sum + w x diversity x M):
+    "reference" = 4.10's sum + w x the UNSCALED diversity; "fairseq" = transformers' loss / M."""
+    torch.manual_seed(0)
+    cfg = TaptConfig(num_negatives=10, mask_time_length=4, mask_time_prob=0.3, loss_form=loss_form)
     model = tiny_pretraining_model().eval()  # eval: no dropout, deterministic quantizer
     audio, audio_mask = _batch()
     audio_mask = torch.ones_like(audio_mask)
     lengths = frame_lengths(model, audio_mask)
     n = int(model._get_feat_extract_output_lengths(audio.shape[1]))
-    mask_np, neg_np = tapt_masks(lengths, n, CFG)
-    mask, neg = torch.as_tensor(mask_np), torch.as_tensor(neg_np).long()
-    model.config.contrastive_logits_temperature = CFG.contrastive_temperature
-    model.config.diversity_loss_weight = CFG.diversity_loss_weight
+    mask, neg = tapt_masks(lengths, n, cfg)
+    model.config.contrastive_logits_temperature = cfg.contrastive_temperature
+    model.config.diversity_loss_weight = cfg.diversity_loss_weight
     with torch.no_grad():
         ref = model(audio, mask_time_indices=mask, sampled_negative_indices=neg)
-        ours = contrastive_diversity_loss(model, ref, mask, neg, CFG)
-    assert ours["contrastive"].item() == pytest.approx(ref.contrastive_loss.item(), rel=1e-4)
-    assert ours["loss_sum"].item() == pytest.approx(ref.loss.item(), rel=1e-4)
+        ours = contrastive_diversity_loss(model, ref, mask, neg, cfg)
+    m = mask.sum().item()
+    assert ours["contrastive_per_frame"].item() * m == pytest.approx(ref.contrastive_loss.item(), rel=1e-4)
+    if loss_form == "reference":
+        expected = ref.contrastive_loss.item() + cfg.diversity_loss_weight * ref.diversity_loss.item() / m
+    else:
+        expected = ref.loss.item() / m
+    assert ours["loss"].item() == pytest.approx(expected, rel=1e-4)
+    # the reference's diversity term weighs M times less than fairseq's, relative to the contrastive sum
+    assert ours["diversity"].item() == pytest.approx(ref.diversity_loss.item() / m, rel=1e-5)
+
+
+def test_gumbel_temperature_is_constant_by_default_and_annealed_as_a_switch():
+    audio, audio_mask = _batch()
+    batch = {"audio": audio, "audio_mask": audio_mask}
+    for schedule, expected in (("constant", 1.0), ("fairseq", 2.0)):
+        cfg = TaptConfig(num_negatives=10, mask_time_length=4, mask_time_prob=0.3, gumbel_schedule=schedule)
+        module = TaptModule(tiny_pretraining_model(), cfg)
+        module.log_dict = lambda *a, **k: None
+        module.training_step(batch, 0)
+        assert module.model.quantizer.temperature == expected  # transformers 5 starts at 2
 
 
 def test_module_refuses_zero_mask_prob_and_schedule_matches_paper():

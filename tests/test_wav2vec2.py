@@ -111,11 +111,41 @@ def test_padded_batch_equals_single_items_on_layer_norm():
     assert _single_vs_padded(tiny_audio_classifier()) < 1e-5
 
 
-def test_group_norm_without_attention_mask_is_padding_sensitive():
-    # Documents why eval uses batch 1 / length buckets for wav2vec2-base (STYLE.md).
-    model = tiny_audio_classifier(feat_extract_norm="group")
-    assert not model.encoder.pass_attention_mask
-    assert _single_vs_padded(model) > 1e-4
+def test_group_norm_is_padding_sensitive_with_or_without_the_attention_mask():
+    # Documents why eval uses batch 1 / length buckets for wav2vec2-base (STYLE.md): the CNN's group
+    # norm sees the padding whatever goes into the transformer.
+    for policy in ("auto", "always"):
+        model = tiny_audio_classifier(feat_extract_norm="group", attention_mask=policy)
+        assert model.encoder.pass_attention_mask == (policy == "always")
+        assert _single_vs_padded(model) > 1e-4
+
+
+@pytest.mark.parametrize("policy", ["always", "auto"])
+def test_padding_mask_goes_into_the_transformer_not_the_cnn(policy):
+    """Given the same CNN features on valid frames, what the padded frames hold no longer changes a
+    valid frame's transformer output ("always" = the reference); without the mask it does."""
+    enc = AudioEncoder.from_config(tiny_encoder_config(feat_extract_norm="group", attention_mask=policy)).eval()
+    batch = make_batch([8000, 3200])
+    n_valid = int(enc.frame_lengths(torch.tensor(3200)))
+    outs = []
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+
+        def noisy_padding(module, args, out, g=g):  # out: (B, C, F) CNN features
+            out = out.clone()
+            out[1, :, n_valid:] = torch.randn(out[1, :, n_valid:].shape, generator=g)
+            return out
+
+        h = enc.model.feature_extractor.register_forward_hook(noisy_padding)
+        with torch.no_grad():
+            frames, _ = enc.encode(batch["audio"], batch["audio_mask"])
+        h.remove()
+        outs.append(frames[1, :n_valid])
+    diff = float((outs[0] - outs[1]).abs().max())
+    if policy == "always":
+        assert diff < 1e-5
+    else:
+        assert diff > 1e-3
 
 
 def test_frame_mask_matches_hf_output_lengths():
@@ -133,12 +163,12 @@ def test_frame_mask_matches_hf_output_lengths():
     assert fmask.sum(1).tolist() == expected
 
 
-def test_time_masks_stay_inside_valid_frames():
+def test_per_utterance_time_masks_stay_inside_valid_frames():
     np.random.seed(0)
     lengths = torch.tensor([100, 60, 30, 16, 10])
     fmask = torch.arange(100)[None, :] < lengths[:, None]
     for _ in range(50):
-        m = compute_time_mask(fmask, mask_prob=0.3, mask_length=15, min_masks=2)
+        m = compute_time_mask(fmask, mask_prob=0.3, mask_length=15, min_masks=2, policy="per_utterance")
         assert not (m & ~fmask).any()
         # every utterance at least as long as the span gets masked frames; shorter ones none
         assert (m[:4].sum(1) >= 15).all()
@@ -147,6 +177,46 @@ def test_time_masks_stay_inside_valid_frames():
     np.random.seed(0)
     raw = _compute_mask_indices((5, 100), 0.3, 15, attention_mask=fmask.long(), min_masks=2)
     assert raw[4, 99]
+
+
+def _masked_fraction(policy, lengths, frames, trials, p=0.08, span=15, min_masks=2):
+    """Mean fraction of valid frames masked, per row, over `trials` draws."""
+    fmask = torch.arange(frames)[None, :] < torch.tensor(lengths)[:, None]
+    total = torch.zeros(len(lengths))
+    for _ in range(trials):
+        m = compute_time_mask(fmask, p, span, min_masks, policy=policy)
+        assert not (m & ~fmask).any()
+        total += m.sum(1).float()
+    return total / trials / torch.tensor(lengths, dtype=torch.float)
+
+
+def test_padded_policy_counts_spans_from_the_padded_length():
+    """The reference's sampler: a 1 s clip in a batch padded to 10 s gets ~8% masked (spans fall on it
+    by chance); alone in its batch, the minimum of 2 spans of 15 frames masks ~60% of it."""
+    torch.manual_seed(0)
+    in_long_batch = _masked_fraction("padded", [500, 50], 500, 2000)
+    alone = _masked_fraction("padded", [50], 50, 500)
+    assert 0.065 < float(in_long_batch[0]) < 0.085  # 2.67 spans x 15 / 500, minus overlaps
+    assert 0.05 < float(in_long_batch[1]) < 0.10
+    assert float(alone[0]) > 0.45
+
+
+def test_expected_policy_masks_p_of_every_utterance_whatever_the_padding():
+    """V-FT's default: int(p * n / span + U) spans per utterance, no minimum -> ~p of each
+    utterance's valid frames, on bucketed or random batches alike."""
+    torch.manual_seed(0)
+    frac = _masked_fraction("expected", [500, 150, 50, 10], 500, 2000)
+    assert 0.07 < float(frac[0]) < 0.085
+    assert 0.07 < float(frac[1]) < 0.09
+    assert 0.06 < float(frac[2]) < 0.10
+    assert float(frac[3]) == 0.0  # shorter than one span
+    per_utt = _masked_fraction("per_utterance", [50], 50, 300)
+    assert float(per_utt[0]) > 0.45  # the old default's 2-span minimum on a 1 s clip
+
+
+def test_unknown_time_mask_policy_is_refused():
+    with pytest.raises(ValueError, match="policy"):
+        compute_time_mask(torch.ones(1, 50, dtype=torch.bool), 0.1, 5, 2, policy="fancy")
 
 
 def test_spec_augment_replaces_valid_frames_only_in_training():
@@ -219,6 +289,61 @@ def test_other_encoder_kinds_build_and_encode(kind):
     logits = model(make_batch(LENGTHS))
     assert logits.shape == (3, 4)
     assert model.encoder.model.__class__.__name__.lower().startswith(kind)
+
+
+def _folder_with_checkpointing_in_its_config(tmp_path):
+    """A save_pretrained folder whose config.json holds "gradient_checkpointing": true, as
+    facebook/wav2vec2-base's does."""
+    import json
+
+    pre = Wav2Vec2ForPreTraining(make_hf_config(tiny_encoder_config()))
+    pre.save_pretrained(tmp_path / "hub-like")
+    cfg_path = tmp_path / "hub-like" / "config.json"
+    data = json.loads(cfg_path.read_text())
+    data["gradient_checkpointing"] = True
+    cfg_path.write_text(json.dumps(data))
+    return str(tmp_path / "hub-like")
+
+
+def test_gradient_checkpointing_flag_is_the_only_authority(tmp_path):
+    """transformers 5 switches checkpointing on from a checkpoint's config.json; the config flag
+    decides, for V-FT / P-TAPT (build_encoder) and TAPT (build_pretraining_model)."""
+    from mmser.config import Config
+    from mmser.models.wav2vec2 import gradient_checkpointing_on
+    from mmser.training.tapt import build_pretraining_model
+
+    folder = _folder_with_checkpointing_in_its_config(tmp_path)
+    from transformers import Wav2Vec2Model
+
+    assert gradient_checkpointing_on(Wav2Vec2Model.from_pretrained(folder))  # what HF does on its own
+    for flag in (False, True):
+        assert gradient_checkpointing_on(build_encoder(tiny_encoder_config(name=folder, gradient_checkpointing=flag))) == flag
+        cfg = Config()
+        cfg.encoder = tiny_encoder_config(name=folder, gradient_checkpointing=flag)
+        assert gradient_checkpointing_on(build_pretraining_model(cfg)) == flag
+
+
+def test_hub_names_load_at_the_reference_revision(monkeypatch):
+    from transformers import Wav2Vec2Model
+
+    from mmser.models.wav2vec2 import REFERENCE_REVISIONS, resolve_revision
+
+    pin = "2dcc7b7f9b11f0ef271067e62599a27317a03114"
+    assert REFERENCE_REVISIONS["facebook/wav2vec2-base"] == pin
+    assert resolve_revision(tiny_encoder_config(name="facebook/wav2vec2-base")) == pin
+    assert resolve_revision(tiny_encoder_config(name="facebook/hubert-base-ls960")) is None  # default branch
+    assert resolve_revision(tiny_encoder_config(name="facebook/wav2vec2-base", revision="main")) == "main"
+    assert resolve_revision(tiny_encoder_config(name="/some/local/dir")) is None
+    seen = {}
+
+    def fake_from_pretrained(name, **kwargs):
+        seen.update(kwargs, name=name)
+        raise OSError("offline")
+
+    monkeypatch.setattr(Wav2Vec2Model, "from_pretrained", fake_from_pretrained)
+    with pytest.raises(EncoderNotAvailableError, match=f"--revision {pin}"):
+        build_encoder(tiny_encoder_config(name="facebook/wav2vec2-base"))
+    assert seen["name"] == "facebook/wav2vec2-base" and seen["revision"] == pin
 
 
 def test_gradient_checkpointing_option_trains():

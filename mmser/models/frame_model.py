@@ -111,6 +111,7 @@ class FrameEmotionModel(nn.Module):
         else:
             raise TypeError("FrameEmotionModel: backbone must be Wav2Vec1 or AudioEncoder, "
                             f"got {type(backbone).__name__}")
+        self.feature_dropouts = cfg.frame_feature_dropouts
         self.mask_time = (cfg.frame_mask_time_prob, cfg.frame_mask_time_length, cfg.frame_mask_time_min_masks)
         self.mask_feature = (cfg.frame_mask_feature_prob, cfg.frame_mask_feature_length,
                              cfg.frame_mask_feature_min_masks)
@@ -153,7 +154,10 @@ class FrameEmotionModel(nn.Module):
             chan = channel_mask(b, c, p, span, min_masks, z.device)  # (B, C)
             keep = ~(time[:, None, :] | chan[:, :, None])  # (B, C, T')
             z = z * keep.to(z.dtype)  # masked values = 0
-        c = w1.dropout_agg(w1.feature_aggregator(w1.dropout_feats(z)))  # (B, C, T')
+        if self.feature_dropouts:  # the checkpoint's dropout_features / dropout_agg (not the reference)
+            c = w1.dropout_agg(w1.feature_aggregator(w1.dropout_feats(z)))  # (B, C, T')
+        else:  # the reference: feature_aggregator(z) directly (FeatureFuser.py Wav2vecWrapper.forward)
+            c = w1.feature_aggregator(z)  # (B, C, T')
         x = F.relu(self.proj(c)).transpose(1, 2)  # (B, F, D)
         lengths = self.output_lengths(audio_mask.long().sum(-1)).clamp(1, x.shape[1])
         frame_mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]  # (B, F)

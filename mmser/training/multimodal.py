@@ -28,7 +28,7 @@ from mmser.data.manifest import load_manifest, task_records
 from mmser.io import read_json
 from mmser.models.fusion import FusionClassifier, build_fusion_head, build_text_classifier
 from mmser.models.text_encoder import TextEncoder, WithTextEncoder, tokenize
-from mmser.models.wav2vec2 import AudioEncoder, apply_freezing
+from mmser.models.wav2vec2 import AudioEncoder, apply_freezing, set_gradient_checkpointing
 from mmser.training.run import load_model, run_one
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,7 @@ def _audio_encoder(cfg: Config, test_session: int, seed: int) -> AudioEncoder:
         # The rebuilt model is fully trainable: freeze what V-FT freezes (fusion.freeze_audio
         # freezes the rest), and honour gradient checkpointing.
         apply_freezing(encoder.model, cfg.encoder)
-        if cfg.encoder.gradient_checkpointing:
-            encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_gradient_checkpointing(encoder.model, cfg.encoder.gradient_checkpointing)
         encoder.train()
         return encoder
     return AudioEncoder.from_config(cfg.encoder)

@@ -40,7 +40,7 @@ from mmser.io import atomic_write_json, atomic_write_text, read_json
 from mmser.labels import CLASSES
 from mmser.metrics import classification_report
 from mmser.models.heads import AudioClassifier
-from mmser.models.wav2vec2 import AudioEncoder
+from mmser.models.wav2vec2 import AudioEncoder, encoder_provenance
 from mmser.training.finetune import ClassifierModule
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class TrainMode(Callback):
     loops put the module in eval mode for validation / test and restore the mode afterwards.
     """
 
-    def on_train_start(self, trainer, pl_module):
+    def on_fit_start(self, trainer, pl_module):  # before Lightning's eval-mode check and training
         pl_module.train()
 
     def on_train_epoch_start(self, trainer, pl_module):
@@ -307,6 +307,8 @@ def run_one(
             "throughput": summary["throughput"],  # training audio seconds per wall second (per process)
             "train_steps": summary["train_steps"],
             "precision": precision,
+            # the audio encoder's origin: name or folder, requested hub revision, resolved commit
+            "encoder": encoder_provenance(module.model),
             "world_size": trainer.world_size,
             "hardware": _hardware(),
         }

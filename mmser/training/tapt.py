@@ -7,8 +7,20 @@ linear decay to 0 at 20,000 steps; dynamic ~250 s batches, random crops <= 10 s.
 
 The model is transformers' `Wav2Vec2ForPreTraining`; its forward gives the projected context and
 quantized vectors, and this module computes the loss itself in float32 with autocast off (the
-reference summed it in fp16 and users report NaN losses). The loss is divided by the number of
-masked frames (fairseq's sample_size normalisation) so the lr does not depend on batch size.
+reference summed it in fp16 and users report NaN losses). By default the objective is the
+reference's (its transformers 4.10 `Wav2Vec2ForPreTraining.forward`, modeling_wav2vec2.py, called
+with `mask_time_indices` only, FT-w2v2-ser modules/FeatureFuser.py `Wav2vec2PretrainWrapper`):
+- time masks from 4.10's sampler (span count from the batch's padded length, min 2 spans, padding
+  excluded) on length-bucketed batches (`tapt.mask_time_policy=padded`);
+- negatives from ALL frames of the same padded row, padding included (`tapt.negatives=all_frames`);
+- loss = cross-entropy summed over masked frames + 0.1 x the unscaled diversity term
+  (`tapt.loss_form=reference`), so the diversity term weighs far less than in fairseq's form;
+- a constant Gumbel temperature of 1, 4.10's initial value, never annealed
+  (`tapt.gumbel_schedule=constant`);
+- no attention mask into the model (`tapt.attention_mask=never`);
+- the whole model in train mode (the reference calls `.train()` in every forward).
+fairseq's original objective is one switch each away (negatives=masked, loss_form=fairseq,
+gumbel_schedule=fairseq).
 """
 
 from __future__ import annotations
@@ -37,10 +49,11 @@ from mmser.data.manifest import Fold
 from mmser.io import fingerprint, mark_stage_done, stage_done
 from mmser.labels import CLASS_TO_INDEX
 from mmser.models.wav2vec2 import (
-    EncoderNotAvailableError,
     compute_time_mask,
     config_overrides,
+    load_hf_pretrained,
     make_hf_config,
+    set_gradient_checkpointing,
     uses_attention_mask,
 )
 from mmser.training.run import make_trainer
@@ -54,28 +67,46 @@ def frame_lengths(model: Wav2Vec2ForPreTraining, audio_mask: torch.Tensor) -> to
     return model._get_feat_extract_output_lengths(audio_mask.sum(-1)).long()
 
 
-def tapt_masks(lengths: torch.Tensor, num_frames: int, cfg: TaptConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Time masks inside valid frames (min 2 spans) and negative indices (from masked frames of the
-    same utterance), both as numpy arrays: (B, F) bool and (B, F, num_negatives) int."""
+def reference_negative_indices(batch: int, frames: int, num_negatives: int) -> torch.Tensor:
+    """Negatives as transformers 4.10's `_sample_negatives` drew them without an attention mask:
+    for every frame of every row, `num_negatives` other frames of the same padded row, uniformly
+    (padding included). Returns (B, F, K) indices into the flattened (B * F) frames."""
+    if frames < 2:
+        raise ValueError(f"negatives need at least 2 frames per row, got {frames}")
+    idx = torch.randint(0, frames - 1, (batch, frames, num_negatives))  # (B, F, K)
+    idx = idx + (idx >= torch.arange(frames)[None, :, None]).long()  # skip the frame itself
+    return idx + (torch.arange(batch) * frames)[:, None, None]  # (B, F, K) flat
+
+
+def tapt_masks(lengths: torch.Tensor, num_frames: int, cfg: TaptConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Time masks inside valid frames and negative indices: (B, F) bool and (B, F, K) flat int.
+
+    Masks: `compute_time_mask` with `cfg.mask_time_policy`. Negatives: `cfg.negatives`
+    ("all_frames": the reference; "masked": HF's current sampler, masked frames of the same item).
+    """
     b = lengths.numel()
     frame_mask = torch.arange(num_frames)[None, :] < lengths.cpu()[:, None]  # (B, F)
     if num_frames < cfg.mask_time_length:
         raise ValueError(f"batch of {num_frames} frames is shorter than the mask span "
                          f"{cfg.mask_time_length}; filter such clips out before TAPT")
-    # Fine-tuning's SpecAugment spans (HF's sampler, kept inside each item's valid frames).
     mask = compute_time_mask(frame_mask, cfg.mask_time_prob, cfg.mask_time_length,
-                             cfg.mask_time_min_masks).numpy()
+                             cfg.mask_time_min_masks, policy=cfg.mask_time_policy)  # (B, F)
+    if not mask.any():
+        raise ValueError("TAPT: a batch got no masked frame (mask_time_prob too small for its length)")
+    if cfg.negatives == "all_frames":
+        return mask, reference_negative_indices(b, num_frames, cfg.num_negatives)
     # _sample_negative_indices needs >= 2 masked frames per item
     if (mask.sum(-1) < 2).any():
-        raise ValueError("an utterance got fewer than 2 masked frames; filter clips shorter than "
-                         f"{2 * cfg.mask_time_length} frames out before TAPT")
-    negatives = _sample_negative_indices((b, num_frames), cfg.num_negatives, mask)
-    return mask, negatives
+        raise ValueError("an utterance got fewer than 2 masked frames; with tapt.negatives=masked use "
+                         "tapt.mask_time_policy=per_utterance (at least mask_time_min_masks spans each)")
+    negatives = _sample_negative_indices((b, num_frames), cfg.num_negatives, mask.numpy())
+    return mask, torch.from_numpy(negatives).long()
 
 
 def contrastive_diversity_loss(model: Wav2Vec2ForPreTraining, out, mask: torch.Tensor,
                                negatives: torch.Tensor, cfg: TaptConfig) -> dict[str, torch.Tensor]:
-    """wav2vec 2.0's loss, in float32, summed over masked frames. Returns the parts."""
+    """wav2vec 2.0's loss in float32: the training loss ("loss", in `cfg.loss_form`) and its parts
+    per masked frame for logging."""
     with torch.autocast(device_type=out.projected_states.device.type, enabled=False):
         pred = out.projected_states.float()  # (B, F, D)
         q = out.projected_quantized_states.float()  # (B, F, D)
@@ -90,12 +121,16 @@ def contrastive_diversity_loss(model: Wav2Vec2ForPreTraining, out, mask: torch.T
         contrastive = F.cross_entropy(logits, target, reduction="sum")
         g, v = model.config.num_codevector_groups, model.config.num_codevectors_per_group
         n_masked = mask.sum()
-        diversity = ((g * v - out.codevector_perplexity.float()) / (g * v)) * n_masked
-        loss = contrastive + cfg.diversity_loss_weight * diversity
+        diversity = (g * v - out.codevector_perplexity.float()) / (g * v)  # unscaled, in [0, 1)
+        if cfg.loss_form == "reference":  # transformers 4.10: sum + w x unscaled diversity
+            loss = contrastive + cfg.diversity_loss_weight * diversity
+        else:  # fairseq: (sum + w x diversity x M) / M
+            loss = (contrastive + cfg.diversity_loss_weight * diversity * n_masked) / n_masked.clamp(min=1)
         with torch.no_grad():
             acc = (logits.argmax(-1) == 0).float().mean()
-    return {"loss_sum": loss, "contrastive": contrastive, "diversity": diversity,
-            "n_masked": n_masked, "accuracy": acc, "perplexity": out.codevector_perplexity.detach()}
+    return {"loss": loss, "contrastive_per_frame": contrastive.detach() / n_masked.clamp(min=1),
+            "diversity": diversity.detach(), "n_masked": n_masked, "accuracy": acc,
+            "perplexity": out.codevector_perplexity.detach()}
 
 
 def gumbel_temperature(step: int, start: float = 2.0, end: float = 0.5, decay: float = 0.999995) -> float:
@@ -107,7 +142,7 @@ class TaptModule(pl.LightningModule):
     """Lightning wrapper: one step = masks + negatives -> forward -> fp32 loss / masked frames."""
 
     def __init__(self, model: Wav2Vec2ForPreTraining, cfg: TaptConfig, sample_rate: int = 16000,
-                 attention_mask: str = "auto"):
+                 attention_mask: str = "never"):
         super().__init__()
         if cfg.mask_time_prob <= 0:
             # transformers: a model built with mask_time_prob = 0 fails when given masks
@@ -115,27 +150,31 @@ class TaptModule(pl.LightningModule):
         self.model = model
         self.cfg = cfg
         self.sample_rate = sample_rate
-        # As in fine-tuning (encoder.attention_mask): none into group-norm models (HF's advice).
+        # tapt.attention_mask: "never" = the reference (no padding mask into the model).
         self.pass_attention_mask = uses_attention_mask(model.config, attention_mask)
 
     def training_step(self, batch, batch_idx):
         audio, audio_mask = batch["audio"], batch["audio_mask"]
-        self.model.set_gumbel_temperature(gumbel_temperature(self.global_step))
+        c = self.cfg
+        temperature = (c.gumbel_temperature if c.gumbel_schedule == "constant"
+                       else gumbel_temperature(self.global_step))
+        self.model.set_gumbel_temperature(temperature)
         lengths = frame_lengths(self.model, audio_mask)
         num_frames = int(self.model._get_feat_extract_output_lengths(audio.shape[1]))
-        mask_np, neg_np = tapt_masks(lengths, num_frames, self.cfg)
-        mask = torch.as_tensor(mask_np, device=audio.device)
-        negatives = torch.as_tensor(neg_np, device=audio.device, dtype=torch.long)
+        mask, negatives = tapt_masks(lengths, num_frames, c)
+        mask, negatives = mask.to(audio.device), negatives.to(audio.device)
         attn = audio_mask.long() if self.pass_attention_mask else None
         out = self.model(audio, attention_mask=attn, mask_time_indices=mask)
-        parts = contrastive_diversity_loss(self.model, out, mask, negatives, self.cfg)
-        loss = parts["loss_sum"] / parts["n_masked"].clamp(min=1)
+        parts = contrastive_diversity_loss(self.model, out, mask, negatives, c)
+        loss = parts["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"TAPT loss is not finite at step {self.global_step}: {parts}")
         bs = audio.shape[0]
         self.log_dict({"tapt/loss": loss.detach(),
-                       "tapt/contrastive": parts["contrastive"].detach() / parts["n_masked"],
-                       "tapt/diversity": parts["diversity"].detach() / parts["n_masked"],
+                       "tapt/contrastive": parts["contrastive_per_frame"],
+                       "tapt/diversity": parts["diversity"], "tapt/masked_frames": parts["n_masked"].float(),
+                       "tapt/masked_fraction": parts["n_masked"].float() / lengths.sum().clamp(min=1),
+                       "tapt/gumbel_temperature": float(temperature),
                        "tapt/accuracy": parts["accuracy"], "tapt/perplexity": parts["perplexity"],
                        "tapt/audio_seconds": audio_mask.sum().float() / self.sample_rate},
                       batch_size=bs, on_step=True, prog_bar=False)
@@ -225,19 +264,11 @@ def build_pretraining_model(cfg: Config) -> Wav2Vec2ForPreTraining:
             setattr(hf, k, v)
         model = Wav2Vec2ForPreTraining(hf)
     else:
-        path = Path(enc.name).expanduser()
-        try:
-            model = Wav2Vec2ForPreTraining.from_pretrained(str(path) if path.is_dir() else enc.name, **overrides)
-        except OSError as e:
-            raise EncoderNotAvailableError(
-                f"TAPT: could not load '{enc.name}' with its quantizer ({type(e).__name__}: "
-                f"{str(e).splitlines()[0]}). Offline, download it where there is network (e.g. "
-                f"`huggingface-cli download {enc.name} --local-dir DIR`) and set encoder.name=DIR."
-            ) from None
+        model = load_hf_pretrained(Wav2Vec2ForPreTraining, enc, "TAPT (the model with its quantizer)",
+                                   **overrides)
     for p in model.parameters():
         p.requires_grad = True
-    if enc.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_gradient_checkpointing(model, enc.gradient_checkpointing)
     return model
 
 
@@ -273,7 +304,7 @@ def run_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int = 0) -> Path:
                                  num_buckets=cfg.data.num_buckets, shuffle=True, seed=seed)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_batch,
                         num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
-    module = TaptModule(model, tc, sample_rate=sr, attention_mask=cfg.encoder.attention_mask)
+    module = TaptModule(model, tc, sample_rate=sr, attention_mask=tc.attention_mask)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
     loggers = tracking.make_loggers(cfg, out_dir, name=f"{cfg.experiment}-tapt-s{fold.test_session}",
