@@ -5,7 +5,8 @@
 Two length distributions:
 1. IEMOCAP-like: 5,531 durations drawn from a log-normal fitted to the corpus facts in
    ../shared/IEMOCAP.md (median 3.6 s, mean 4.6 s -> mu = ln 3.6, sigma = sqrt(2 ln(4.6/3.6)) = 0.70;
-   clipped to [0.6, 34] s; this gives about 7% over 10 s, the corpus has 369/5531 = 6.7%).
+   clipped to [0.6, 34] s; this gives about 7% over 10 s, the corpus has 369/5531 = 6.7%);
+   the generator is shared with benchmarks/masking.py (benchmarks/durations.py).
 2. A prepared manifest (e.g. the synthetic corpus), when given.
 Training lengths are cropped to the first 10 s (V-FT); batch 64 (V-FT) and a 250 s budget (TAPT).
 A figure, not a test: it prints a table and asserts nothing.
@@ -14,18 +15,15 @@ A figure, not a test: it prints a table and asserts nothing.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 
 from mmser.data.batching import BucketBatchSampler, padding_efficiency
 
-SR = 16000
-
-
-def iemocap_like_durations(n: int = 5531, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    mu, sigma = np.log(3.6), np.sqrt(2 * np.log(4.6 / 3.6))
-    return np.clip(rng.lognormal(mu, sigma, n), 0.6, 34.0)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for benchmarks/
+from benchmarks.durations import SR, iemocap_like_durations  # noqa: E402
 
 
 def random_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
