@@ -99,10 +99,11 @@ class EncoderConfig:
     attention_mask: Literal["auto", "always", "never"] = "always"
     # SpecAugment during fine-tuning (PAPER.md V-FT).
     # How many time-mask spans an utterance gets (mmser.models.wav2vec2.compute_time_mask):
-    # "expected" = the reference's expected masked fraction (~8% of valid frames on IEMOCAP; its
-    # random batches of 64 counted spans from the padded ~10 s length); "padded" = the reference's
-    # sampler applied to mmser's length-bucketed batches (~20%); "per_utterance" = at least
-    # mask_time_min_masks spans per utterance (mmser < 0.2; ~20%).
+    # "expected" = the reference's masked fraction (7.9% of valid frames on IEMOCAP-like durations:
+    # its random batches of 64 counted spans from the padded ~10 s length); "padded" = the
+    # reference's sampler applied to mmser's length-bucketed batches (13.6%); "per_utterance" = at
+    # least mask_time_min_masks spans per utterance (mmser before; 13.8%, 28.5% of clips < 3.6 s).
+    # Figures: benchmarks/masking.py. The exact reference signal: data.num_buckets=1 + "padded".
     mask_time_policy: Literal["expected", "padded", "per_utterance"] = "expected"
     mask_time_prob: float = 0.08
     mask_time_length: int = 15
@@ -234,7 +235,8 @@ class PtaptConfig:
     # (Arthur & Vassilvitskii 2007) avoids the bad local minima random starts can fall into.
     kmeans_init: Literal["k-means++", "random"] = "k-means++"
     # Fraction of each utterance's frames k-means is fitted on (every frame is then labelled).
-    # 1.0 = every training-split frame (PAPER.md); the reference cluster.py fits on a random 20%.
+    # 1.0 = every training-split frame: PAPER.md, and the reference's run script
+    # (bin/run_exp_iemocap.sh passes --sample_ratio 1.0 to cluster.py, whose own default is 0.2).
     kmeans_fit_fraction: float = 1.0
     # Step (c): masked pseudo-label prediction.
     lr: float = 1e-4

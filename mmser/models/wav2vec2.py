@@ -293,13 +293,15 @@ def compute_time_mask(frame_mask: torch.Tensor, mask_prob: float, mask_length: i
       shortest item), so it is their default.
     - "expected": per utterance of n valid frames, `int(p * n / span + U)` spans (no minimum, U per
       utterance), starts uniform over [0, n - span]. The reference's V-FT used "padded" on RANDOM
-      batches of 64 (padded length ~10 s), which masks ~8% of valid frames on IEMOCAP; on mmser's
-      length-bucketed batches "padded" would mask ~20% (the minimum of 2 spans dominates short
-      clips). "expected" reproduces the reference's expected masked fraction on any batching
-      (benchmarks/masking.py), so it is V-FT's default.
+      batches of 64 (padded length ~10 s), which masks 7.9% of valid frames on IEMOCAP-like
+      durations; on mmser's length-bucketed batches "padded" would mask 13.6% of valid frames
+      (19.4% averaged per utterance: the minimum of 2 spans dominates short clips). "expected"
+      reproduces the reference's masked fraction on any batching (7.85% vs 7.89%:
+      benchmarks/masking.py), so it is V-FT's default.
     - "per_utterance": transformers 5's sampler with the attention mask: per utterance
       `max(int(p * n / span + U), min_masks)` spans (U per batch). mmser's behaviour before the
-      reference's semantics were matched (~20% of valid frames on IEMOCAP, ~28% of clips < 3.6 s).
+      reference's semantics were matched (13.8% of valid frames on IEMOCAP-like durations; 19.8%
+      averaged per utterance, 28.5% for clips under 3.6 s).
     """
     if policy not in MASK_TIME_POLICIES:
         raise ValueError(f"time-mask policy must be one of {MASK_TIME_POLICIES}, got {policy!r}")
