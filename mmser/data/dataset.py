@@ -54,7 +54,10 @@ def num_samples(record: dict, sample_rate: int, crop_s: float | None = None) -> 
 
 
 class UtteranceDataset(Dataset):
-    """Items: {"id", "audio" FloatTensor (T,), "label" int, ["text" (L, D), "text_pooled" (D,)]}."""
+    """Items: {"id", "audio" FloatTensor (T,), "label" int, ["text" (L, D), "text_pooled" (D,)]}.
+
+    Pre-training datasets that crop otherwise or return more (P-TAPT's `PseudoLabelDataset`)
+    subclass it: same records, label check and bucketing lengths, items built by `make_item`."""
 
     def __init__(
         self,
@@ -75,20 +78,29 @@ class UtteranceDataset(Dataset):
                                  f"{list(CLASS_TO_INDEX)}")
         for what, table in (("text features", text_features), ("text token ids", text_ids)):
             if table is not None:
-                missing = [r["id"] for r in self.records if r["id"] not in table]
-                if missing:
-                    raise KeyError(f"{what} missing for {len(missing)} utterances, e.g. {missing[:3]}")
+                self.require(table, what)
         # Lengths (samples, after cropping) for the length-bucketed sampler.
         self.lengths = [num_samples(r, sample_rate, crop_s) for r in self.records]
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def require(self, table: Mapping[str, object], what: str) -> None:
+        """Every record's id is a key of `table` (per-utterance data such as text features)."""
+        missing = [r["id"] for r in self.records if r["id"] not in table]
+        if missing:
+            raise KeyError(f"{what} missing for {len(missing)} utterances, e.g. {missing[:3]}")
+
     def __getitem__(self, i: int) -> dict:
         r = self.records[i]
         wav = read_audio(r["path"], self.sample_rate)
         if self.crop_s is not None:
             wav = wav[: int(round(self.crop_s * self.sample_rate))]  # the FIRST crop_s seconds
+        return self.make_item(r, wav)
+
+    def make_item(self, r: dict, wav: np.ndarray) -> dict:
+        """The item of record `r` holding the (already cropped) waveform `wav` (T,): what every
+        dataset over manifest records returns; subclasses crop differently or add fields."""
         item = {"id": r["id"], "audio": torch.from_numpy(np.ascontiguousarray(wav)),
                 "label": CLASS_TO_INDEX[r["label"]]}
         if self.text_features is not None:
