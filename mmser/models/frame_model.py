@@ -149,7 +149,8 @@ class FrameEmotionModel(nn.Module):
                 z_lengths = torch.div(z_lengths - k, s, rounding_mode="floor") + 1
             z_mask = torch.arange(t, device=z.device)[None, :] < z_lengths[:, None]  # (B, T')
             p, span, min_masks = self.mask_time
-            time = compute_time_mask(z_mask, p, span, min_masks)  # (B, T')
+            # the reference's sampler over the batch (cropped to its shortest item: no padding)
+            time = compute_time_mask(z_mask, p, span, min_masks, policy="padded")  # (B, T')
             p, span, min_masks = self.mask_feature
             chan = channel_mask(b, c, p, span, min_masks, z.device)  # (B, C)
             keep = ~(time[:, None, :] | chan[:, :, None])  # (B, C, T')

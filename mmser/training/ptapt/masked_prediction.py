@@ -190,8 +190,10 @@ class PtaptModule(pl.LightningModule):
         num_frames = int(self.encoder._get_feat_extract_output_lengths(torch.tensor(audio.shape[1])))
         if time_mask is None:
             c = self.cfg
+            # The reference's sampler (transformers 4.10: spans counted from the padded length, min 2,
+            # valid frames kept; FeatureFuser.py Wav2vec2Wrapper(pretrain=True)) on bucketed batches, as its.
             time_mask = compute_time_mask(self.frame_mask(audio_mask, num_frames), c.mask_time_prob,
-                                          c.mask_time_length, c.mask_time_min_masks)  # (B, F)
+                                          c.mask_time_length, c.mask_time_min_masks, policy="padded")  # (B, F)
         attn = audio_mask.long() if self.pass_attention_mask else None
         out = self.encoder(audio, attention_mask=attn, mask_time_indices=time_mask)
         frames = F.relu(out.last_hidden_state)  # (B, F, H)
