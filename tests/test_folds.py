@@ -9,8 +9,10 @@ from collections import Counter
 
 import pytest
 
+from mmser.cli import main
 from mmser.config import DataConfig
-from mmser.data.manifest import Fold, fold_table, split_fold, write_fold_files
+from mmser.data.manifest import (Fold, ManifestError, fold_table, load_manifest, split_fold,
+                                  write_fold_files)
 from mmser.labels import CLASSES
 
 POLICIES = [DataConfig(validation="none"), DataConfig(validation="speaker"),
@@ -122,3 +124,94 @@ def test_fold_table_counts():
     assert row in table
     assert "| 1 | val (Ses02F) |" in table and "| 5 | val (Ses01F) |" in table
     assert "val" not in fold_table(RECORDS)  # paper default: no validation rows
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest validation at load time (load_manifest)
+# --------------------------------------------------------------------------------------------
+
+
+def _manifest_record(uid: str = "Ses01F_impro01_F000", **fields) -> dict:
+    rec = {"id": uid, "path": f"/data/{uid}.wav", "session": 1, "speaker": "Ses01F", "gender": "F",
+           "dialog": "Ses01F_impro01", "scripted": False, "emotion_code": "neu", "label": "neutral",
+           "transcript": "Excuse me.", "duration": 1.5}
+    rec.update(fields)
+    return rec
+
+
+def _write_lines(path, lines: list[str]):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def _clean_manifest_lines() -> list[str]:
+    return [json.dumps(_manifest_record(f"Ses0{s}F_impro01_F00{i}", session=s, speaker=f"Ses0{s}F",
+                                        dialog=f"Ses0{s}F_impro01"))
+            for s in range(1, 6) for i in range(2)]
+
+
+def test_load_manifest_accepts_a_valid_manifest_with_blank_lines_and_null_labels(tmp_path):
+    lines = _clean_manifest_lines()
+    lines.insert(3, "")
+    lines.append(json.dumps(_manifest_record("Ses01F_impro01_M000", label=None, emotion_code=None,
+                                             transcript=None, gender="M", speaker="Ses01M")))
+    records = load_manifest(_write_lines(tmp_path / "manifest.jsonl", lines))
+    assert len(records) == 11 and records[-1]["label"] is None
+
+
+def test_duplicate_id_is_a_load_error_naming_file_and_lines(tmp_path, capsys):
+    """A duplicate id used to pass load_manifest and fail in split_fold with Fold.check's
+    `AssertionError: an utterance is in two splits` (also from `mmser folds`)."""
+    lines = _clean_manifest_lines()
+    dup = json.loads(lines[1])
+    lines.append(json.dumps({**dup, "label": "sad"}))  # line 11 repeats line 2's id
+    manifest = _write_lines(tmp_path / "manifest.jsonl", lines)
+    with pytest.raises(ManifestError) as e:
+        load_manifest(manifest)
+    msg = str(e.value)
+    assert isinstance(e.value, ValueError) and "\n" not in msg
+    assert msg == f"{manifest}:11: duplicate utterance id {dup['id']!r} (first on line 2)"
+    # The CLI says the same in one line and exits 2 (it used to end in an AssertionError).
+    assert main(["folds", str(manifest)]) == 2
+    assert f"{manifest}:11: duplicate utterance id" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line, problem", [
+    (lambda r: {k: v for k, v in r.items() if k not in ("duration", "label")},
+     "record (Ses01F_impro01_F009) lacks field(s) label, duration"),
+    (lambda r: {**r, "session": 6}, "record (Ses01F_impro01_F009) session is 6; expected an integer in (1, 2, 3, 4, 5)"),
+    (lambda r: {**r, "session": "1"}, "session is '1'; expected an integer in"),
+    (lambda r: {**r, "session": True}, "session is True; expected an integer in"),
+    (lambda r: {**r, "label": "frustrated"}, "label is 'frustrated'; expected null or one of"),
+    (lambda r: {**r, "label": "hap"}, "label is 'hap'; expected null or one of"),
+    (lambda r: {**r, "duration": "1.5"}, "duration is '1.5'; expected a positive number of seconds"),
+    (lambda r: {**r, "duration": 0}, "duration is 0; expected a positive number"),
+    (lambda r: {**r, "scripted": "no"}, "scripted is 'no'; expected true or false"),
+    (lambda r: {**r, "path": None}, "path is None; expected a non-empty string"),
+    (lambda r: {**r, "transcript": 3}, "transcript is 3; expected a string or null"),
+    (lambda r: {**r, "id": 17}, "record id is 17; expected a non-empty string"),
+    (lambda r: [r], "expected a JSON object, got list"),
+])
+def test_bad_record_is_a_load_error_naming_file_line_and_problem(tmp_path, line, problem):
+    lines = _clean_manifest_lines()
+    lines.insert(4, json.dumps(line(_manifest_record("Ses01F_impro01_F009"))))  # line 5
+    manifest = _write_lines(tmp_path / "manifest.jsonl", lines)
+    with pytest.raises(ManifestError) as e:
+        load_manifest(manifest)
+    msg = str(e.value)
+    assert msg.startswith(f"{manifest}:5: ") and problem in msg and "\n" not in msg
+
+
+def test_several_problems_report_the_first_and_a_count(tmp_path):
+    lines = _clean_manifest_lines()
+    lines[0] = "{not json"
+    lines[2] = json.dumps({**json.loads(lines[2]), "session": 0})
+    manifest = _write_lines(tmp_path / "manifest.jsonl", lines)
+    with manifest.open("ab") as f:
+        f.write(b'{"id": "caf\xe9"}\n')  # line 11: Latin-1, not UTF-8
+    with pytest.raises(ManifestError) as e:
+        load_manifest(manifest)
+    assert str(e.value).startswith(f"{manifest}:1: not valid JSON")
+    assert str(e.value).endswith("(and 2 more problem(s))")
+    assert [p.split(":")[0] for p in e.value.problems] == ["1", "3", "11"]
+    assert e.value.problems[2].startswith("11: not UTF-8 text")

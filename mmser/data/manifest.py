@@ -11,12 +11,14 @@ trains or validates on it. The validation policy is a config choice:
 
 from __future__ import annotations
 
+import json
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmser.io import atomic_write_json, read_jsonl
+from mmser.io import atomic_write_json
 from mmser.labels import CLASSES
 
 SESSIONS = (1, 2, 3, 4, 5)
@@ -24,15 +26,107 @@ REQUIRED_FIELDS = ("id", "path", "session", "speaker", "gender", "dialog", "scri
                    "emotion_code", "label", "transcript", "duration")
 
 
+class ManifestError(ValueError):
+    """A manifest that cannot be used: one line naming the file, the line number(s) and the
+    problem (the first one found; `problems` lists them all)."""
+
+    def __init__(self, path: str | Path, problems: list[str]):
+        self.path = Path(path)
+        self.problems = list(problems)
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        super().__init__(f"{path}:{problems[0]}{more}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
+
+
+def _nonempty_str(x) -> bool:
+    return isinstance(x, str) and x != ""
+
+
+def _opt_str(x) -> bool:
+    return x is None or isinstance(x, str)
+
+
+# field -> (check, what the field must be)
+_FIELD_CHECKS = {
+    "id": (_nonempty_str, "a non-empty string"),
+    "path": (_nonempty_str, "a non-empty string"),
+    "session": (lambda x: _is_int(x) and x in SESSIONS, f"an integer in {SESSIONS}"),
+    "speaker": (_nonempty_str, "a non-empty string"),
+    "gender": (_nonempty_str, "a non-empty string"),
+    "dialog": (_nonempty_str, "a non-empty string"),
+    "scripted": (lambda x: isinstance(x, bool), "true or false"),
+    "emotion_code": (_opt_str, "a string or null"),
+    "label": (lambda x: x is None or x in CLASSES, f"null or one of {list(CLASSES)}"),
+    "transcript": (_opt_str, "a string or null"),
+    "duration": (lambda x: _is_number(x) and x > 0, "a positive number of seconds"),
+}
+assert tuple(_FIELD_CHECKS) == REQUIRED_FIELDS
+
+
+def _record_problems(r: dict) -> list[str]:
+    """What is wrong with one record (empty when it is valid)."""
+    missing = [k for k in REQUIRED_FIELDS if k not in r]
+    if missing:
+        return [f"lacks field(s) {', '.join(missing)}"]
+    return [f"{k} is {_short_repr(r[k])}; expected {what}"
+            for k, (ok, what) in _FIELD_CHECKS.items() if not ok(r[k])]
+
+
+def _short_repr(x, limit: int = 60) -> str:
+    text = repr(x)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def load_manifest(path: str | Path) -> list[dict]:
-    """Read manifest.jsonl, checking that every record has the required fields."""
-    records = read_jsonl(path)
-    for i, r in enumerate(records, 1):
-        missing = [k for k in REQUIRED_FIELDS if k not in r]
-        if missing:
-            raise ValueError(f"{path}: record {i} ({r.get('id', '?')}) lacks fields {missing}")
-        if r["label"] is not None and r["label"] not in CLASSES:
-            raise ValueError(f"{path}: record {i} ({r['id']}) has unknown label {r['label']!r}")
+    """Read manifest.jsonl, validating it as it is loaded.
+
+    Every record needs the fields of REQUIRED_FIELDS with the types of `_FIELD_CHECKS` (session in
+    1..5, label null or one of CLASSES: null marks utterances outside the 4-class task), and ids
+    are unique. A problem raises ManifestError (a ValueError) naming the file, the line number(s)
+    and the problem, so a bad manifest stops here and not later inside a fold (where a duplicate
+    id would surface as `Fold.check`'s "an utterance is in two splits").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    records: list[dict] = []
+    problems: list[str] = []
+    first_line: dict[str, int] = {}  # id -> line of its first record
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                problems.append(f"{lineno}: not UTF-8 text (byte {e.start} of the line)")
+                continue
+            if not line:
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{lineno}: not valid JSON ({e.msg})")
+                continue
+            if not isinstance(r, dict):
+                problems.append(f"{lineno}: expected a JSON object, got {type(r).__name__}")
+                continue
+            label = f" ({r['id']})" if isinstance(r.get("id"), str) else ""
+            problems += [f"{lineno}: record{label} {p}" for p in _record_problems(r)]
+            uid = r.get("id")
+            if isinstance(uid, str):
+                if uid in first_line:
+                    problems.append(f"{lineno}: duplicate utterance id {uid!r} (first on line {first_line[uid]})")
+                else:
+                    first_line[uid] = lineno
+            records.append(r)
+    if problems:
+        raise ManifestError(path, problems)
     return records
 
 
