@@ -22,6 +22,10 @@ Options (each damages one known file, named by the constants below):
 - missing_transcription: the transcription file of MISSING_TRANSCRIPT_DIALOG is absent.
 - orphan_label: a consensus line for ORPHAN_LABEL_ID, which has no wav.
 - missing_session: that SessionN folder is absent.
+- latin1_transcript: the transcription file of LATIN1_TRANSCRIPT_DIALOG is Latin-1, not UTF-8:
+  LATIN1_TRANSCRIPT_ID's text ends in "café" (byte 0xE9), which prepare reads as U+FFFD.
+- duplicate_transcript_line: DUPLICATE_TRANSCRIPT_ID is transcribed twice (a second, different
+  line at the end of its file); the first line counts.
 - junk: AppleDouble / .DS_Store files (default True).
 """
 
@@ -81,6 +85,10 @@ MALFORMED_LINE = 3  # line number of the broken consensus line in that file
 MISSING_LABEL_DIALOG = "Ses05M_script01_1"
 MISSING_TRANSCRIPT_DIALOG = "Ses01M_script01_1"
 ORPHAN_LABEL_ID = "Ses01F_impro01_M009"
+LATIN1_TRANSCRIPT_DIALOG = "Ses02F_impro01"
+LATIN1_TRANSCRIPT_ID = "Ses02F_impro01_F000"
+LATIN1_TEXT = "Excuse me, café."  # written as Latin-1
+DUPLICATE_TRANSCRIPT_ID = "Ses03F_impro01_M000"
 
 _APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(range(64))
 
@@ -103,7 +111,8 @@ def make_fake_iemocap(root: Path, *, corrupt_wav: bool = False, flac_wav: bool =
                       empty_wav: bool = False, bad_rate_wav: bool = False, stereo_wav: bool = False,
                       malformed_label: bool = False, missing_label_file: bool = False,
                       missing_transcription: bool = False, orphan_label: bool = False,
-                      missing_session: int | None = None, junk: bool = True) -> Path:
+                      missing_session: int | None = None, latin1_transcript: bool = False,
+                      duplicate_transcript_line: bool = False, junk: bool = True) -> Path:
     """Build the fake tree under `root`; returns `root / "IEMOCAP_full_release"`."""
     release = Path(root) / "IEMOCAP_full_release"
     dialogs: dict[str, list[dict]] = {}
@@ -164,14 +173,20 @@ def make_fake_iemocap(root: Path, *, corrupt_wav: bool = False, flac_wav: bool =
         tr_dir.mkdir(parents=True, exist_ok=True)
         lines, t = [], 1.0
         for u in utts:
-            if u["transcript"] is not None:
-                lines.append(f"{u['id']} [{t:08.4f}-{t + u['frames'] / SR:08.4f}]: {u['transcript']}")
+            text = u["transcript"]
+            if latin1_transcript and u["id"] == LATIN1_TRANSCRIPT_ID:
+                text = LATIN1_TEXT
+            if text is not None:
+                lines.append(f"{u['id']} [{t:08.4f}-{t + u['frames'] / SR:08.4f}]: {text}")
             t += 2.0
         lines.insert(1, "F: Yeah.")  # a line without a turn id
         gender = dialog[5]
         lines.append(f"{dialog}_{gender}XX0 [{t:08.4f}-{t + 1:08.4f}]: Mm-hmm.")  # no wav, no label
+        if duplicate_transcript_line and dialog == DUPLICATE_TRANSCRIPT_ID.rsplit("_", 1)[0]:
+            lines.append(f"{DUPLICATE_TRANSCRIPT_ID} [{t:08.4f}-{t + 1:08.4f}]: A second, different line.")
+        encoding = "latin-1" if latin1_transcript and dialog == LATIN1_TRANSCRIPT_DIALOG else "utf-8"
         if not (missing_transcription and dialog == MISSING_TRANSCRIPT_DIALOG):
-            (tr_dir / f"{dialog}.txt").write_text("\n".join(lines) + "\n")
+            (tr_dir / f"{dialog}.txt").write_text("\n".join(lines) + "\n", encoding=encoding)
         if junk:
             (tr_dir / f"._{dialog}.txt").write_bytes(_APPLEDOUBLE)
     if junk:
@@ -181,7 +196,7 @@ def make_fake_iemocap(root: Path, *, corrupt_wav: bool = False, flac_wav: bool =
 
 
 def expected_records(release: Path, *, missing_transcription: bool = False,
-                     exclude: tuple[str, ...] = ()) -> list[dict]:
+                     latin1_transcript: bool = False, exclude: tuple[str, ...] = ()) -> list[dict]:
     """The manifest records prepare should write for a tree built with the given options
     (`exclude`: ids expected to be skipped), sorted by id."""
     out = []
@@ -192,6 +207,8 @@ def expected_records(release: Path, *, missing_transcription: bool = False,
         text = u["transcript"]
         if missing_transcription and u["dialog"] == MISSING_TRANSCRIPT_DIALOG:
             text = None
+        if latin1_transcript and u["id"] == LATIN1_TRANSCRIPT_ID:
+            text = "Excuse me, caf\ufffd."  # the Latin-1 byte 0xE9 is not UTF-8: replaced
         out.append({
             "id": u["id"],
             "path": str(Path(release) / f"Session{s}" / "sentences" / "wav" / u["dialog"] / f"{u['id']}.wav"),

@@ -9,14 +9,14 @@ import re
 from pathlib import Path
 
 import pytest
-from fake_iemocap import (BAD_RATE_WAV_ID, CORRUPT_WAV_ID, EMPTY_WAV_ID, FLAC_WAV_ID,
-                          MALFORMED_LABEL_DIALOG, MALFORMED_LINE, MISSING_LABEL_DIALOG,
-                          MISSING_TRANSCRIPT_DIALOG, N_TASK, N_UTTERANCES, ORPHAN_LABEL_ID,
-                          STEREO_WAV_ID, UTTERANCES, expected_records)
+from fake_iemocap import (BAD_RATE_WAV_ID, CORRUPT_WAV_ID, DUPLICATE_TRANSCRIPT_ID, EMPTY_WAV_ID,
+                          FLAC_WAV_ID, LATIN1_TRANSCRIPT_DIALOG, MALFORMED_LABEL_DIALOG,
+                          MALFORMED_LINE, MISSING_LABEL_DIALOG, MISSING_TRANSCRIPT_DIALOG, N_TASK,
+                          N_UTTERANCES, ORPHAN_LABEL_ID, STEREO_WAV_ID, UTTERANCES, expected_records)
 
 from mmser.cli import main
-from mmser.data.iemocap import (check_expected_counts, parse_emo_evaluation, parse_transcriptions,
-                                prepare_iemocap, scan_iemocap)
+from mmser.data.iemocap import (PrepareResult, check_expected_counts, parse_emo_evaluation,
+                                parse_transcriptions, prepare_iemocap, scan_iemocap)
 from mmser.data.manifest import REQUIRED_FIELDS, load_manifest
 
 
@@ -234,6 +234,42 @@ def test_missing_transcription_and_orphan_label_are_warnings(fake_iemocap_factor
                for w in res.warnings)
     assert res.skipped == []
     prepare_iemocap(release, tmp_path / "strict", strict=True)  # warnings are not skips
+
+
+def test_every_prepare_warning_is_in_the_report_and_summary(fake_iemocap_factory, tmp_path, caplog, capsys):
+    """A Latin-1 transcript and a duplicated transcript line used to warn only in the log while
+    prepare_report.json and the printed summary said nothing about them. Every warning prepare
+    emits goes into one list that the log, the report and the summary all show."""
+    release = fake_iemocap_factory(latin1_transcript=True, duplicate_transcript_line=True)
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="mmser.data.iemocap"):
+        assert main(["prepare", "iemocap", str(release), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    latin1 = release / "Session2/dialog/transcriptions" / f"{LATIN1_TRANSCRIPT_DIALOG}.txt"
+    dup = release / "Session3/dialog/transcriptions" / f"{DUPLICATE_TRANSCRIPT_ID.rsplit('_', 1)[0]}.txt"
+    expected = [f"{latin1}: not UTF-8 text", f"{dup}: turn {DUPLICATE_TRANSCRIPT_ID} transcribed twice"]
+    report = json.loads((out / "prepare_report.json").read_text())
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    for start in expected:
+        assert sum(w.startswith(start) for w in report["warnings"]) == 1, start
+        assert any(w.startswith(start) for w in logged), start
+        assert f"  warning: {start}" in printed, start
+    # One list: what is logged is what is reported (3 = the two above + the missing transcript lines).
+    assert sorted(logged) == sorted(report["warnings"]) and len(report["warnings"]) == 3
+    assert "3 warning(s)" in printed
+    assert load_manifest(out / "manifest.jsonl") == expected_records(release, latin1_transcript=True)
+    # Reusing the outputs reports the same warnings.
+    again = prepare_iemocap(release, out)
+    assert again.reused and again.warnings == report["warnings"]
+
+
+def test_summary_lists_at_most_20_warnings_and_points_to_the_report(tmp_path):
+    res = PrepareResult(manifest=tmp_path / "manifest.jsonl", report=tmp_path / "prepare_report.json",
+                        folds=[], counts={"utterances": 0, "task": 0, "task_hours": 0.0, "per_class": {}},
+                        skipped=[], warnings=[f"w{i}" for i in range(25)], reused=False)
+    text = res.summary()
+    assert "25 warning(s)" in text and "  warning: w19" in text and "w20" not in text
+    assert f"... and 5 more warning(s) in {tmp_path / 'prepare_report.json'}" in text
 
 
 def test_real_corpus_count_check():

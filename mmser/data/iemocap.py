@@ -29,7 +29,12 @@ error, raised once as a ValueError that lists all problems):
 - a wav without a consensus line: kept with `emotion_code: null` (counted in the report).
 - a missing transcription file or folder, or a wav without a transcript line: `transcript: null`,
   with a WARNING. Audio-only experiments do not need transcripts.
+- a transcription file that is not UTF-8: read with U+FFFD for the undecodable bytes, with a
+  WARNING; a turn transcribed twice: the first line counts, with a WARNING.
 - macOS AppleDouble files (`._*`) and `.DS_Store`: ignored (counted in the report).
+
+Every WARNING goes into one list (`_warn`) that prepare logs once, writes to the report's
+`warnings` and prints in its summary: nothing is only in the log.
 
 On what looks like the real corpus (all 5 sessions, >= 5,000 utterances with a consensus code)
 a WARNING is logged unless the 4-class count is 5,531 with per-session counts
@@ -92,7 +97,16 @@ def _is_junk(name: str) -> bool:
     return name.startswith(".")
 
 
-def _read_text(path: Path, lenient: bool = False) -> str:
+def _warn(warnings: list[str] | None, message: str) -> None:
+    """The one way prepare warns: append to `warnings`, the list that prepare logs once and writes
+    to prepare_report.json and its summary; with no list (a parser called on its own), log now."""
+    if warnings is None:
+        log.warning("%s", message)
+    else:
+        warnings.append(message)
+
+
+def _read_text(path: Path, lenient: bool = False, warnings: list[str] | None = None) -> str:
     """UTF-8 text of `path`; undecodable bytes raise (labels) or become U+FFFD with a warning
     (transcripts: a stray byte in a transcript should not block the audio experiments)."""
     data = path.read_bytes()
@@ -101,7 +115,7 @@ def _read_text(path: Path, lenient: bool = False) -> str:
     except UnicodeDecodeError as e:
         if not lenient:
             raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); is this a real label file?") from None
-        log.warning("%s: not UTF-8 text (byte %d); undecodable bytes replaced", path, e.start)
+        _warn(warnings, f"{path}: not UTF-8 text (byte {e.start}); undecodable bytes replaced by U+FFFD")
         return data.decode("utf-8", errors="replace")
 
 
@@ -152,21 +166,22 @@ def parse_emo_evaluation(path: str | Path) -> dict[str, dict]:
     return out
 
 
-def parse_transcriptions(path: str | Path) -> dict[str, str]:
+def parse_transcriptions(path: str | Path, warnings: list[str] | None = None) -> dict[str, str]:
     """Transcripts of one `transcriptions/<dialog>.txt`: {utterance id: raw text}.
 
     Quirks of the release: lines without a turn id (`F: Yeah.`) and turns like `..._MXX0` (no wav,
     no label) are left out; bracketed tokens such as `[LAUGHTER]` stay in the raw text
     (normalisation belongs to the text stage). A turn given twice keeps its first text.
+    Warnings (undecodable bytes, a turn given twice) are appended to `warnings` (logged when None).
     """
     path = Path(path)
     out: dict[str, str] = {}
-    for raw in _read_text(path, lenient=True).splitlines():
+    for raw in _read_text(path, lenient=True, warnings=warnings).splitlines():
         m = _TRANSCRIPT_RE.match(raw.strip())
         if m is None or not _UTTERANCE_RE.match(m["id"]):
             continue
         if m["id"] in out:
-            log.warning("%s: turn %s transcribed twice; keeping the first", path, m["id"])
+            _warn(warnings, f"{path}: turn {m['id']} transcribed twice; keeping the first")
             continue
         out[m["id"]] = m["text"].strip()
     return out
@@ -299,7 +314,7 @@ def _scan(inputs: _Inputs) -> _Scan:
             labels = parse_emo_evaluation(emo_files[dialog])
             texts: dict[str, str] | None = None
             if dialog in tr_files:
-                texts = parse_transcriptions(tr_files[dialog])
+                texts = parse_transcriptions(tr_files[dialog], warnings)
             elif wavs and not tr_dir_missing:
                 warnings.append(f"{inputs.root / f'Session{s}' / 'dialog' / 'transcriptions' / (dialog + '.txt')}: "
                                 f"missing transcription file; transcripts of {dialog} are null")
@@ -392,12 +407,14 @@ def _check_scan(scan: _Scan, strict: bool) -> None:
 def scan_iemocap(root: str | Path, strict: bool = False) -> list[dict]:
     """Manifest records (sorted by id) of an IEMOCAP release tree, read-only; writes nothing.
 
-    Errors and skips follow the module docstring; skips are logged as warnings.
+    Errors and skips follow the module docstring; skips and warnings are logged.
     """
     scan = _scan(_list_inputs(Path(os.path.abspath(root))))
     _check_scan(scan, strict)
     for x in scan.skipped:
         log.warning("skipped %s: %s", x["path"], x["reason"])
+    for w in scan.warnings:
+        log.warning("%s", w)
     return scan.records
 
 
@@ -448,7 +465,11 @@ class PrepareResult:
                  f"  skipped {len(self.skipped)} file(s), {len(self.warnings)} warning(s); "
                  f"details in {self.report}"]
         lines += [f"  skipped {x['path']}: {x['reason']}" for x in self.skipped[:_MAX_LISTED]]
-        lines += [f"  warning: {w}" for w in self.warnings]
+        if len(self.skipped) > _MAX_LISTED:
+            lines.append(f"  ... and {len(self.skipped) - _MAX_LISTED} more skipped file(s) in {self.report}")
+        lines += [f"  warning: {w}" for w in self.warnings[:_MAX_LISTED]]
+        if len(self.warnings) > _MAX_LISTED:
+            lines.append(f"  ... and {len(self.warnings) - _MAX_LISTED} more warning(s) in {self.report}")
         return "\n".join(lines)
 
 
