@@ -24,6 +24,8 @@ Options (each damages one known file, named by the constants below):
 - missing_session: that SessionN folder is absent.
 - latin1_transcript: the transcription file of LATIN1_TRANSCRIPT_DIALOG is Latin-1, not UTF-8:
   LATIN1_TRANSCRIPT_ID's text ends in "café" (byte 0xE9), which prepare reads as U+FFFD.
+- short_wav: SHORT_WAV_ID holds SHORT_WAV_FRAMES (60) samples, 3.75 ms: a valid wav far below
+  prepare's minimum duration and one wav2vec 2.0 frame (400 samples).
 - duplicate_transcript_line: DUPLICATE_TRANSCRIPT_ID is transcribed twice (a second, different
   line at the end of its file); the first line counts.
 - junk: AppleDouble / .DS_Store files (default True).
@@ -89,6 +91,8 @@ LATIN1_TRANSCRIPT_DIALOG = "Ses02F_impro01"
 LATIN1_TRANSCRIPT_ID = "Ses02F_impro01_F000"
 LATIN1_TEXT = "Excuse me, café."  # written as Latin-1
 DUPLICATE_TRANSCRIPT_ID = "Ses03F_impro01_M000"
+SHORT_WAV_ID = "Ses01F_impro01_F001"  # angry: in the 4-class task
+SHORT_WAV_FRAMES = 60
 
 _APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(range(64))
 
@@ -112,7 +116,8 @@ def make_fake_iemocap(root: Path, *, corrupt_wav: bool = False, flac_wav: bool =
                       malformed_label: bool = False, missing_label_file: bool = False,
                       missing_transcription: bool = False, orphan_label: bool = False,
                       missing_session: int | None = None, latin1_transcript: bool = False,
-                      duplicate_transcript_line: bool = False, junk: bool = True) -> Path:
+                      duplicate_transcript_line: bool = False, short_wav: bool = False,
+                      junk: bool = True) -> Path:
     """Build the fake tree under `root`; returns `root / "IEMOCAP_full_release"`."""
     release = Path(root) / "IEMOCAP_full_release"
     dialogs: dict[str, list[dict]] = {}
@@ -136,6 +141,8 @@ def make_fake_iemocap(root: Path, *, corrupt_wav: bool = False, flac_wav: bool =
                 _wav(path, u["frames"], sr=44100)
             elif stereo_wav and u["id"] == STEREO_WAV_ID:
                 _wav(path, u["frames"], channels=2)
+            elif short_wav and u["id"] == SHORT_WAV_ID:
+                _wav(path, SHORT_WAV_FRAMES)
             else:
                 _wav(path, u["frames"])
             if junk:
@@ -196,7 +203,8 @@ def make_fake_iemocap(root: Path, *, corrupt_wav: bool = False, flac_wav: bool =
 
 
 def expected_records(release: Path, *, missing_transcription: bool = False,
-                     latin1_transcript: bool = False, exclude: tuple[str, ...] = ()) -> list[dict]:
+                     latin1_transcript: bool = False, short_wav: bool = False,
+                     exclude: tuple[str, ...] = ()) -> list[dict]:
     """The manifest records prepare should write for a tree built with the given options
     (`exclude`: ids expected to be skipped), sorted by id."""
     out = []
@@ -220,6 +228,6 @@ def expected_records(release: Path, *, missing_transcription: bool = False,
             "emotion_code": u["code"],
             "label": u["label"],
             "transcript": text,
-            "duration": u["frames"] / SR,
+            "duration": (SHORT_WAV_FRAMES if short_wav and u["id"] == SHORT_WAV_ID else u["frames"]) / SR,
         })
     return sorted(out, key=lambda r: r["id"])

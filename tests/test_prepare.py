@@ -12,10 +12,11 @@ import pytest
 from fake_iemocap import (BAD_RATE_WAV_ID, CORRUPT_WAV_ID, DUPLICATE_TRANSCRIPT_ID, EMPTY_WAV_ID,
                           FLAC_WAV_ID, LATIN1_TRANSCRIPT_DIALOG, MALFORMED_LABEL_DIALOG,
                           MALFORMED_LINE, MISSING_LABEL_DIALOG, MISSING_TRANSCRIPT_DIALOG, N_TASK,
-                          N_UTTERANCES, ORPHAN_LABEL_ID, STEREO_WAV_ID, UTTERANCES, expected_records)
+                          N_UTTERANCES, ORPHAN_LABEL_ID, SHORT_WAV_FRAMES, SHORT_WAV_ID, STEREO_WAV_ID,
+                          UTTERANCES, expected_records)
 
 from mmser.cli import main
-from mmser.data.iemocap import (PrepareResult, check_expected_counts, parse_emo_evaluation,
+from mmser.data.iemocap import (MIN_DURATION_S, PrepareResult, check_expected_counts, parse_emo_evaluation,
                                 parse_transcriptions, prepare_iemocap, scan_iemocap)
 from mmser.data.manifest import REQUIRED_FIELDS, load_manifest
 
@@ -270,6 +271,34 @@ def test_summary_lists_at_most_20_warnings_and_points_to_the_report(tmp_path):
     text = res.summary()
     assert "25 warning(s)" in text and "  warning: w19" in text and "w20" not in text
     assert f"... and 5 more warning(s) in {tmp_path / 'prepare_report.json'}" in text
+
+
+def test_too_short_clips_are_kept_and_reported(fake_iemocap_factory, tmp_path, capsys):
+    """A 60-sample clip used to pass prepare unremarked and fail a whole fold late in training.
+    Prepare keeps it in the manifest (the datamodule skips what the encoder cannot take) and lists
+    it in prepare_report.json (`too_short`) and in the printed summary."""
+    assert MIN_DURATION_S == 0.1
+    release = fake_iemocap_factory(short_wav=True)
+    out = tmp_path / "out"
+    assert main(["prepare", "iemocap", str(release), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "prepare_report.json").read_text())
+    duration = SHORT_WAV_FRAMES / 16000
+    assert report["too_short"] == {
+        "min_duration_s": 0.1, "count": 1,
+        "clips": [{"id": SHORT_WAV_ID, "path": str(_wav_path(release, SHORT_WAV_ID)), "duration": duration}]}
+    # The fake tree's shortest normal clip is exactly 0.1 s (1,600 samples): not "under".
+    assert min(u["frames"] for u in UTTERANCES) == 1600
+    assert load_manifest(out / "manifest.jsonl") == expected_records(release, short_wav=True)
+    assert "1 too short (< 0.1 s, kept)" in printed
+    assert any(w.startswith("1 clip(s) shorter than 0.1 s") and SHORT_WAV_ID in w for w in report["warnings"])
+    assert "warning: 1 clip(s) shorter than 0.1 s" in printed and SHORT_WAV_ID in printed
+    prepare_iemocap(release, tmp_path / "strict", strict=True)  # kept, not skipped: strict passes
+    again = prepare_iemocap(release, out)
+    assert again.reused and [c["id"] for c in again.too_short] == [SHORT_WAV_ID]
+    # A clean tree: none.
+    clean = prepare_iemocap(fake_iemocap_factory(), tmp_path / "clean")
+    assert clean.too_short == [] and json.loads(clean.report.read_text())["too_short"]["count"] == 0
 
 
 def test_real_corpus_count_check():

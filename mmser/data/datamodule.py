@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Mapping
 
@@ -11,9 +12,12 @@ from torch.utils.data import DataLoader
 
 from mmser.config import DataConfig
 from mmser.data.batching import BucketBatchSampler, collate_batch
-from mmser.data.dataset import TextFeatures, UtteranceDataset
+from mmser.data.dataset import MIN_ENCODER_SAMPLES, TextFeatures, UtteranceDataset, split_too_short
 from mmser.data.manifest import Fold, class_counts
 from mmser.labels import CLASSES
+
+log = logging.getLogger(__name__)
+_MAX_LISTED = 20  # ids named in a warning
 
 
 def class_weights(records: list[dict]) -> torch.Tensor:
@@ -35,26 +39,42 @@ class SERDataModule(pl.LightningDataModule):
     epoch), fixed `batch_size` or `max_batch_seconds` of padded audio per batch.
     Val / test: full utterances, batches in ascending length (`eval_batch_size`).
     Class weights come from the training split only.
+
+    Clips shorter than `min_samples` (after the training crop; lengths from the manifest) are left
+    out of every split: a batch of only such clips has no encoder frame and would end the fold
+    mid-training. The default is one wav2vec 2.0 frame (MIN_ENCODER_SAMPLES = 400); pass the
+    encoder's own minimum for another one. Nothing on the real corpus is that short (its shortest
+    utterance is 0.6 s). The skipped clips are counted per split in `counts()["skipped_too_short"]`
+    (written to metrics.json) and named in a warning: skipped test clips change the test set.
+    `train_records` / `val_records` / `test_records` hold what is actually used.
     """
 
     def __init__(self, fold: Fold, data_cfg: DataConfig, seed: int = 0,
                  text_features: Mapping[str, TextFeatures] | None = None,
-                 text_ids: Mapping[str, torch.Tensor] | None = None):
+                 text_ids: Mapping[str, torch.Tensor] | None = None,
+                 min_samples: int = MIN_ENCODER_SAMPLES):
         super().__init__()
+        if min_samples < 1:
+            raise ValueError(f"min_samples must be >= 1, got {min_samples}")
         self.fold = fold
         self.cfg = data_cfg
         self.seed = seed
         self.text_features = text_features
-        train = list(fold.train)
+        self.min_samples = int(min_samples)
+        sr = data_cfg.sample_rate
+        train, short_train = split_too_short(fold.train, self.min_samples, sr, data_cfg.train_crop_s)
+        val, short_val = split_too_short(fold.val, self.min_samples, sr)
+        test, short_test = split_too_short(fold.test, self.min_samples, sr)
+        self.too_short = {"train": short_train, "val": short_val, "test": short_test}
+        self._warn_too_short()
         if data_cfg.limit_train is not None and data_cfg.limit_train < len(train):
             train = random.Random(seed).sample(train, data_cfg.limit_train)
         self.train_records = train
-        self.val_records = list(fold.val)
-        self.test_records = list(fold.test)
+        self.val_records = val
+        self.test_records = test
         if not self.train_records:
             raise ValueError(f"fold {fold.test_session}: empty training split")
         self.class_weights = class_weights(self.train_records)
-        sr = data_cfg.sample_rate
         text = {"text_features": text_features, "text_ids": text_ids}
         self.train_set = UtteranceDataset(self.train_records, sr, data_cfg.train_crop_s, **text)
         self.val_set = UtteranceDataset(self.val_records, sr, None, **text) if self.val_records else None
@@ -65,7 +85,21 @@ class SERDataModule(pl.LightningDataModule):
         out = {}
         for name, recs in (("train", self.train_records), ("val", self.val_records), ("test", self.test_records)):
             out[name] = {"n": len(recs), "classes": class_counts(recs)}
+        # Clips left out for being shorter than the encoder's minimum (see the class docstring).
+        out["skipped_too_short"] = {"min_samples": self.min_samples,
+                                    **{name: len(recs) for name, recs in self.too_short.items()}}
         return out
+
+    def _warn_too_short(self) -> None:
+        for name, recs in self.too_short.items():
+            if not recs:
+                continue
+            ids = ", ".join(r["id"] for r in recs[:_MAX_LISTED])
+            more = f" and {len(recs) - _MAX_LISTED} more" if len(recs) > _MAX_LISTED else ""
+            why = " (this changes the test set)" if name == "test" else ""
+            log.warning("fold %d: skipping %d %s clip(s) shorter than %d samples, too short for the "
+                        "encoder%s: %s%s", self.fold.test_session, len(recs), name, self.min_samples,
+                        why, ids, more)
 
     def _loader(self, dataset: UtteranceDataset, sampler: BucketBatchSampler) -> DataLoader:
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_batch,

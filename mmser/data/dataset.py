@@ -45,6 +45,23 @@ def read_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
     return wav[:, 0]
 
 
+# The fewest samples a wav2vec 2.0 encoder turns into one frame: the receptive field of its conv
+# feature encoder (kernels 10,3,3,3,3,2,2, strides 5,2,2,2,2,2,2: 10 + 2*5 + 2*10 + 2*20 + 2*40
+# + 80 + 160 = 400 samples, 25 ms at 16 kHz). A batch of only shorter clips has no frame at all
+# (AudioEncoder.encode raises). Callers with another encoder pass its own minimum.
+MIN_ENCODER_SAMPLES = 400
+
+
+def split_too_short(records: Sequence[dict], min_samples: int, sample_rate: int,
+                    crop_s: float | None = None) -> tuple[list[dict], list[dict]]:
+    """(kept, too short): records whose length in samples (from the manifest's duration, after the
+    optional crop) is at least `min_samples`, and the others, both in the input order."""
+    kept, short = [], []
+    for r in records:
+        (kept if num_samples(r, sample_rate, crop_s) >= min_samples else short).append(r)
+    return kept, short
+
+
 def num_samples(record: dict, sample_rate: int, crop_s: float | None = None) -> int:
     """Length in samples from the manifest's duration (no file read), after the optional crop."""
     n = int(round(float(record["duration"]) * sample_rate))

@@ -6,7 +6,7 @@ Reads `IEMOCAP_full_release/` READ-ONLY (layout: /work/shared/IEMOCAP.md) and wr
   outside the 4-class task are kept with `label: null` (their `emotion_code` as given, or null
   when the turn has no consensus line).
 - `DIR/prepare_report.json`: counts per session/class/code, skipped files with reasons,
-  warnings, the input fingerprint, the manifest's sha256.
+  clips under MIN_DURATION_S (`too_short`), warnings, the input fingerprint, the manifest's sha256.
 - `DIR/folds/fold{k}.json`: leave-one-session-out ids (paper default: no validation).
 
 No torch here. Durations come from `soundfile.info` (header only; no file is read whole).
@@ -27,6 +27,11 @@ error, raised once as a ValueError that lists all problems):
   for a dialog that has wavs: ERROR naming the file (and line). Dropping a dialog would silently
   change the fold counts.
 - a wav without a consensus line: kept with `emotion_code: null` (counted in the report).
+- a readable wav shorter than MIN_DURATION_S (0.1 s): KEPT in the manifest (no extra field: its
+  `duration` says it), listed in the report's `too_short` (ids, paths, durations, count) and in a
+  WARNING. Whether a clip is too short depends on the encoder, so the training side decides: the
+  datamodule skips clips under the encoder's minimum (400 samples for wav2vec 2.0) and counts them
+  in metrics.json. Not a SKIP, so `--strict` accepts it.
 - a missing transcription file or folder, or a wav without a transcript line: `transcript: null`,
   with a WARNING. Audio-only experiments do not need transcripts.
 - a transcription file that is not UTF-8: read with U+FFFD for the undecodable bytes, with a
@@ -64,9 +69,14 @@ from mmser.labels import CLASSES, label_of_code
 
 log = logging.getLogger(__name__)
 
-# Bump when the manifest's content or format changes: it invalidates earlier outputs.
-MANIFEST_FORMAT_VERSION = 1
+# Bump when the manifest's or the report's content or format changes: it invalidates earlier
+# outputs. 2: the report lists too-short clips and every warning (transcript decoding, duplicates).
+MANIFEST_FORMAT_VERSION = 2
 SAMPLE_RATE = 16000  # IEMOCAP.md: sentence wavs are 16 kHz mono 16-bit PCM
+# Clips under this are reported (`too_short`). IEMOCAP's shortest utterance is 0.6 s (IEMOCAP.md), so
+# anything under 0.1 s on a real copy is damage (a truncated file), not speech; 0.1 s = 1,600 samples
+# is also 4x one wav2vec 2.0 frame (400 samples), so every clip that passes gives the encoder frames.
+MIN_DURATION_S = 0.1
 # IEMOCAP.md / PAPER.md: expected 4-class counts on the real release (exc merged into hap).
 EXPECTED_TASK_TOTAL = 5531
 EXPECTED_PER_SESSION = {1: 1085, 2: 1023, 3: 1151, 4: 1031, 5: 1241}
@@ -290,6 +300,7 @@ class _Scan:
     n_junk: int
     n_no_label_line: int
     n_no_transcript: int
+    too_short: list[dict] = field(default_factory=list)
 
 
 def _scan(inputs: _Inputs) -> _Scan:
@@ -342,8 +353,18 @@ def _scan(inputs: _Inputs) -> _Scan:
     if no_text:
         warnings.append(f"{len(no_text)} utterance(s) have no transcript line, e.g. {', '.join(no_text[:3])}")
     records.sort(key=lambda r: r["id"])
+    min_frames = round(MIN_DURATION_S * SAMPLE_RATE)
+    too_short = [{"id": r["id"], "path": r["path"], "duration": r["duration"]} for r in records
+                 if round(r["duration"] * SAMPLE_RATE) < min_frames]
+    if too_short:
+        listed = ", ".join(f"{x['id']} ({x['duration']:.4f} s)" for x in too_short[:_MAX_LISTED])
+        more = f" and {len(too_short) - _MAX_LISTED} more" if len(too_short) > _MAX_LISTED else ""
+        warnings.append(f"{len(too_short)} clip(s) shorter than {MIN_DURATION_S:g} s, kept in the manifest "
+                        f"(training skips clips too short for the encoder; see too_short in {REPORT_NAME}): "
+                        f"{listed}{more}")
     return _Scan(records=records, skipped=skipped, warnings=warnings, errors=format_errors,
-                 n_junk=inputs.n_junk, n_no_label_line=n_no_label, n_no_transcript=len(no_text))
+                 n_junk=inputs.n_junk, n_no_label_line=n_no_label, n_no_transcript=len(no_text),
+                 too_short=too_short)
 
 
 def _record(wav: Path, session: int, dialog: str, skipped: list[dict], errors: list[str]) -> dict | None:
@@ -455,6 +476,7 @@ class PrepareResult:
     skipped: list[dict]
     warnings: list[str]
     reused: bool
+    too_short: list[dict] = field(default_factory=list)  # kept clips under MIN_DURATION_S
 
     def summary(self) -> str:
         c = self.counts
@@ -462,7 +484,8 @@ class PrepareResult:
         head = "inputs unchanged, reused" if self.reused else "wrote"
         lines = [f"IEMOCAP: {head} {self.manifest}: {c['utterances']} utterances, "
                  f"{c['task']} in the 4-class task ({per_class}), {c['task_hours']:.2f} h",
-                 f"  skipped {len(self.skipped)} file(s), {len(self.warnings)} warning(s); "
+                 f"  skipped {len(self.skipped)} file(s), {len(self.too_short)} too short "
+                 f"(< {MIN_DURATION_S:g} s, kept), {len(self.warnings)} warning(s); "
                  f"details in {self.report}"]
         lines += [f"  skipped {x['path']}: {x['reason']}" for x in self.skipped[:_MAX_LISTED]]
         if len(self.skipped) > _MAX_LISTED:
@@ -535,7 +558,8 @@ def prepare_iemocap(root: str | Path, out_dir: str | Path, strict: bool = False,
             log.warning("%s", w)
         return PrepareResult(manifest=out_dir / MANIFEST_NAME, report=out_dir / REPORT_NAME,
                              folds=[out_dir / f for f in report["fold_files"]], counts=report["counts"],
-                             skipped=report["skipped"], warnings=report["warnings"], reused=True)
+                             skipped=report["skipped"], warnings=report["warnings"], reused=True,
+                             too_short=report.get("too_short", {}).get("clips", []))
 
     scan = _scan(inputs)
     _check_scan(scan, strict)
@@ -559,6 +583,7 @@ def prepare_iemocap(root: str | Path, out_dir: str | Path, strict: bool = False,
         "no_transcript": scan.n_no_transcript,
         "ignored_junk_files": scan.n_junk,
         "skipped": scan.skipped,
+        "too_short": {"min_duration_s": MIN_DURATION_S, "count": len(scan.too_short), "clips": scan.too_short},
         "warnings": warnings,
         "fold_files": [str(p.relative_to(out_dir)) for p in fold_paths],
     }
@@ -567,4 +592,5 @@ def prepare_iemocap(root: str | Path, out_dir: str | Path, strict: bool = False,
     log.info("IEMOCAP: %d utterances (%d in the 4-class task) -> %s", counts["utterances"],
              counts["task"], manifest)
     return PrepareResult(manifest=manifest, report=out_dir / REPORT_NAME, folds=fold_paths,
-                         counts=counts, skipped=scan.skipped, warnings=warnings, reused=False)
+                         counts=counts, skipped=scan.skipped, warnings=warnings, reused=False,
+                         too_short=scan.too_short)
