@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import pickle
+import shlex
 from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import soundfile as sf
+import torch
 from helpers import (  # noqa: F401 (single_torch_thread: autouse fixture)
     single_torch_thread,
     tiny_config,
@@ -114,3 +119,61 @@ def test_run_one_finishes_with_a_too_short_test_clip(tmp_path, short_manifest):
     cfg = tiny_config(tmp_path, short_manifest, ["finetune.epochs=1"])
     m = run_one(cfg, test_session=1, seed=0, run_dir=tmp_path / "run")
     assert m["counts"]["skipped_too_short"]["test"] == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Resuming never unpickles code: a crafted checkpoints/last.ckpt is refused
+# --------------------------------------------------------------------------------------------
+
+
+class _RunsShell:
+    """Pickles as a call to os.system: unpickling it with full pickle runs the command."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def _crafted_checkpoint(path: Path, marker: Path) -> None:
+    """A file shaped like a Lightning checkpoint whose unpickling writes `marker` (the classic
+    `__reduce__` payload) if the loader allows arbitrary globals."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"epoch": 0, "global_step": 1, "pytorch-lightning_version": pl.__version__,
+                "state_dict": {}, "payload": _RunsShell(f"echo pwned > {shlex.quote(str(marker))}")}, path)
+
+
+# torch's refusal under weights_only=True: "Weights only load failed ... Unsupported global: GLOBAL
+# posix.system" (the module of os.system; nt.system on Windows).
+_REFUSED = r"(?s)Weights only load failed.*(posix|nt)\.system"
+
+
+def test_resume_refuses_a_crafted_last_ckpt(tmp_path):
+    """run_one resumes from run_dir/checkpoints/last.ckpt (trainer.fit(ckpt_path=...)). With torch
+    >= 2.6 and pytorch-lightning >= 2.6 (pyproject.toml's floors) that load is weights_only, so a
+    crafted file is refused with torch's UnpicklingError, which names weights_only and the global
+    it refused, and the payload never runs. Under torch < 2.6 or Lightning 2.4-2.5 (which passed
+    weights_only=False) the marker would be written and this test would fail."""
+    from mmser.training.run import run_one
+
+    manifest = write_toy_corpus(tmp_path / "toy", per_class=1, sessions=(1, 2), with_unlabelled=False)
+    cfg = tiny_config(tmp_path, manifest, ["finetune.epochs=1"])
+    run_dir = tmp_path / "run"
+    marker = tmp_path / "marker"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    _crafted_checkpoint(ckpt, marker)
+    with pytest.raises(pickle.UnpicklingError, match=_REFUSED):
+        run_one(cfg, test_session=1, seed=0, run_dir=run_dir)
+    assert not marker.exists()
+    assert not (run_dir / "metrics.json").exists()
+
+    # Lightning's own resume loader, with trainer.fit's default (weights_only=None: torch's default).
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    with pytest.raises(pickle.UnpicklingError, match=_REFUSED):
+        trainer.strategy.load_checkpoint(str(ckpt))
+    assert not marker.exists()
+
+    # Control: the file really is malicious; full unpickling runs the payload.
+    torch.load(ckpt, weights_only=False)
+    assert marker.read_text().strip() == "pwned"
