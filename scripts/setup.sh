@@ -34,7 +34,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   if [[ -n "${MMSER_TORCH_SPEC:-}" ]]; then
     "${pip[@]}" install "$MMSER_TORCH_SPEC"
   elif command -v nvidia-smi >/dev/null 2>&1; then
-    "${pip[@]}" install "torch>=2.4"
+    "${pip[@]}" install "torch>=2.6"
   else
     # A CPU wheel: from a local wheel dir where the machine has one (torch==2.13.0 here),
     # else from PyTorch's CPU index.
