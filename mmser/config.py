@@ -1,8 +1,9 @@
 """Typed configuration: dataclasses per stage, composed from YAML files and `key=value` overrides.
 
 This module is the one home of defaults. YAML files under `configs/` only override them and say
-where each value comes from. Loading fails fast, naming the file and key, on an unknown key or a
-wrongly typed value. Config is data: nothing here instantiates classes by name.
+where each value comes from. Loading fails fast, naming the file and key, on an unknown key, a
+wrongly typed value or a value outside the range its field declares (`ranged`), checked once every
+file and override is merged. Config is data: nothing here instantiates classes by name.
 
     cfg = load_config("configs/base.yaml", "configs/vft.yaml", overrides=["finetune.epochs=2"])
 """
@@ -10,6 +11,8 @@ wrongly typed value. Config is data: nothing here instantiates classes by name.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import re
 import types
 import typing
@@ -22,6 +25,58 @@ import yaml
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
+
+
+# --------------------------------------------------------------------------------------------
+# Allowed ranges. Every numeric field declares its own, beside its default:
+#     lr: float = ranged(1e-4, "> 0")
+# A spec is one or more alternatives joined by " or ": "> a", ">= a", "< a", "<= a", an interval
+# "[a, b]" / "(a, b]" / "[a, b)" / "(a, b)", or one exact value ("-1"). On a list field it applies
+# to every number in it (and the list must not be empty). None passes where the type allows it;
+# NaN and infinities never do. Checks between fields are in `_CROSS_CHECKS` below the sections.
+# --------------------------------------------------------------------------------------------
+
+_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+
+
+@dataclass(frozen=True)
+class Range:
+    """A set of allowed numbers: a union of intervals (lo, lo_included, hi, hi_included)."""
+
+    spec: str
+    intervals: tuple[tuple[float, bool, float, bool], ...]
+
+    @classmethod
+    def parse(cls, spec: str) -> Range:
+        inf = float("inf")
+        intervals = []
+        for alt in spec.split(" or "):
+            alt = alt.strip()
+            if m := re.fullmatch(rf"(>=|>|<=|<)\s*({_NUM})", alt):
+                op, x = m.group(1), float(m.group(2))
+                intervals.append((x, op == ">=", inf, False) if op.startswith(">") else (-inf, False, x, op == "<="))
+            elif m := re.fullmatch(rf"([\[(])\s*({_NUM})\s*,\s*({_NUM})\s*([\])])", alt):
+                intervals.append((float(m.group(2)), m.group(1) == "[", float(m.group(3)), m.group(4) == "]"))
+            elif re.fullmatch(_NUM, alt):
+                intervals.append((float(alt), True, float(alt), True))
+            else:
+                raise ValueError(f"bad range spec {spec!r}")
+        return cls(spec, tuple(intervals))
+
+    def __contains__(self, x: float) -> bool:
+        return math.isfinite(x) and any((lo < x or (lo_in and x == lo)) and (x < hi or (hi_in and x == hi))
+                                        for lo, lo_in, hi, hi_in in self.intervals)
+
+    def __str__(self) -> str:
+        return " or ".join(f"in {a.strip()}" if a.strip()[0] in "[(" else a.strip() for a in self.spec.split(" or "))
+
+
+def ranged(default: Any, spec: str) -> Any:
+    """A dataclass field whose value must lie in `spec` (see above); a callable default is a factory."""
+    meta = {"range": Range.parse(spec)}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -38,19 +93,20 @@ class DataConfig:
     # random fraction of the training utterances. Never anything from the test session.
     validation: Literal["none", "speaker", "fraction"] = "none"
     val_speaker: str | None = None  # e.g. "Ses02F"; None = F actor of the session after the test one
-    val_fraction: float = 0.1
-    val_seed: int = 58
-    sample_rate: int = 16000
-    train_crop_s: float = 10.0  # PAPER.md V-FT: training crops each utterance to its first 10 s
-    batch_size: int = 64  # PAPER.md V-FT: batch 64
+    val_fraction: float = ranged(0.1, "(0, 1)")
+    val_seed: int = ranged(58, ">= 0")
+    sample_rate: int = ranged(16000, ">= 1")
+    train_crop_s: float = ranged(10.0, "> 0")  # PAPER.md V-FT: training crops each utterance to its first 10 s
+    batch_size: int = ranged(64, ">= 1")  # PAPER.md V-FT: batch 64
     # PAPER.md V-FT: batch 1 at test in the reference; padded batches are exact only on layer-norm
     # encoders (group norm, as in wav2vec2-base, changes with zero padding).
-    eval_batch_size: int = 1
-    max_batch_seconds: float | None = None  # dynamic fine-tuning batches of this much audio (TAPT has its own)
-    num_buckets: int = 50  # length buckets (PAPER.md TAPT batching: 50 buckets)
-    num_workers: int = 0
+    eval_batch_size: int = ranged(1, ">= 1")
+    # Dynamic fine-tuning batches of this much audio (TAPT has its own); None = data.batch_size items.
+    max_batch_seconds: float | None = ranged(None, "> 0")
+    num_buckets: int = ranged(50, ">= 1")  # length buckets (PAPER.md TAPT batching: 50 buckets)
+    num_workers: int = ranged(0, ">= 0")
     # Optional cap on utterance count per split (debugging only; None = all).
-    limit_train: int | None = None
+    limit_train: int | None = ranged(None, ">= 1")
 
 
 @dataclass
@@ -65,28 +121,28 @@ class EncoderConfig:
     revision: str = "auto"
     kind: Literal["wav2vec2", "hubert", "wavlm"] = "wav2vec2"
     # Random-init architecture (used only when name == "random").
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    conv_dim: list[int] = field(default_factory=lambda: [512, 512, 512, 512, 512, 512, 512])
-    conv_kernel: list[int] = field(default_factory=lambda: [10, 3, 3, 3, 3, 2, 2])
-    conv_stride: list[int] = field(default_factory=lambda: [5, 2, 2, 2, 2, 2, 2])
+    hidden_size: int = ranged(768, ">= 1")
+    num_hidden_layers: int = ranged(12, ">= 1")
+    num_attention_heads: int = ranged(12, ">= 1")
+    intermediate_size: int = ranged(3072, ">= 1")
+    conv_dim: list[int] = ranged(lambda: [512, 512, 512, 512, 512, 512, 512], ">= 1")
+    conv_kernel: list[int] = ranged(lambda: [10, 3, 3, 3, 3, 2, 2], ">= 1")
+    conv_stride: list[int] = ranged(lambda: [5, 2, 2, 2, 2, 2, 2], ">= 1")
     feat_extract_norm: Literal["group", "layer"] = "group"
-    num_conv_pos_embeddings: int = 128
-    num_conv_pos_embedding_groups: int = 16
-    codevector_dim: int = 256
-    num_codevector_groups: int = 2
-    num_codevectors_per_group: int = 320
-    proj_codevector_dim: int = 256
+    num_conv_pos_embeddings: int = ranged(128, ">= 1")
+    num_conv_pos_embedding_groups: int = ranged(16, ">= 1")
+    codevector_dim: int = ranged(256, ">= 1")
+    num_codevector_groups: int = ranged(2, ">= 1")
+    num_codevectors_per_group: int = ranged(320, ">= 2")
+    proj_codevector_dim: int = ranged(256, ">= 1")
     # PAPER.md V-FT: frozen CNN feature encoder, feature projection and masked_spec_embed.
     freeze_feature_encoder: bool = True
     freeze_feature_projection: bool = True
     # Regularisation of the encoder; None keeps the model's own value (wav2vec2-base's config:
     # layerdrop 0.1, hidden/attention dropout 0.1). Tiny random models train better without.
-    layerdrop: float | None = None
-    hidden_dropout: float | None = None
-    attention_dropout: float | None = None
+    layerdrop: float | None = ranged(None, "[0, 1)")
+    hidden_dropout: float | None = ranged(None, "[0, 1)")
+    attention_dropout: float | None = ranged(None, "[0, 1)")
     # The only authority on activation checkpointing (V-FT, TAPT, P-TAPT, fusion): false also turns
     # off what a checkpoint's config.json switches on (facebook/wav2vec2-base's does; the reference
     # disables it, FeatureFuser.py). PAPER.md pitfalls: true is the documented fix for OOM at batch 64.
@@ -105,22 +161,22 @@ class EncoderConfig:
     # least mask_time_min_masks spans per utterance (mmser before; 13.8%, 28.5% of clips < 3.6 s).
     # Figures: benchmarks/masking.py. The exact reference signal: data.num_buckets=1 + "padded".
     mask_time_policy: Literal["expected", "padded", "per_utterance"] = "expected"
-    mask_time_prob: float = 0.08
-    mask_time_length: int = 15
-    mask_time_min_masks: int = 2
-    mask_feature_prob: float = 0.05
-    mask_feature_length: int = 64
-    mask_feature_min_masks: int = 1
+    mask_time_prob: float = ranged(0.08, "[0, 1]")
+    mask_time_length: int = ranged(15, ">= 1")
+    mask_time_min_masks: int = ranged(2, ">= 0")
+    mask_feature_prob: float = ranged(0.05, "[0, 1]")
+    mask_feature_length: int = ranged(64, ">= 1")
+    mask_feature_min_masks: int = ranged(1, ">= 0")
 
 
 @dataclass
 class FinetuneConfig:
-    lr: float = 1e-4  # PAPER.md V-FT: Adam lr 1e-4, no scheduler
-    epochs: int = 15  # PAPER.md V-FT: 15 epochs
+    lr: float = ranged(1e-4, "> 0")  # PAPER.md V-FT: Adam lr 1e-4, no scheduler
+    epochs: int = ranged(15, ">= 1")  # PAPER.md V-FT: 15 epochs
     class_weighted_loss: bool = True  # PAPER.md V-FT: CE weights N/n_c normalised to sum 1
     # Checkpoint used for testing: "last" (paper) or "best_val" (needs data.validation != none).
     test_checkpoint: Literal["last", "best_val"] = "last"
-    max_steps: int = -1  # -1 = no cap (tests and demos shrink epochs instead)
+    max_steps: int = ranged(-1, "-1 or >= 1")  # -1 = no cap (tests and demos shrink epochs instead)
     # Keep checkpoints/ after a run completes (metrics.json written). They exist for resuming; a
     # wav2vec2-base last.ckpt with Adam state is ~1.1 GB, x 25 runs per method.
     keep_checkpoints: bool = False
@@ -129,14 +185,14 @@ class FinetuneConfig:
 @dataclass
 class TrainerConfig:
     accelerator: str = "auto"
-    devices: int | str = "auto"  # "auto", 1, 4, "0,1" (Lightning's own syntax)
-    num_nodes: int = 1
+    devices: int | str = ranged("auto", "-1 or >= 1")  # "auto", 1, 4, "0,1" (Lightning's own syntax)
+    num_nodes: int = ranged(1, ">= 1")
     strategy: str = "auto"  # "ddp" for several GPUs
     # "auto": bf16-mixed where the GPU supports it, else 16-mixed on GPU, 32 on CPU.
     precision: str = "auto"
     deterministic: bool = True
-    log_every_n_steps: int = 10
-    gradient_clip_val: float | None = None
+    log_every_n_steps: int = ranged(10, ">= 1")
+    gradient_clip_val: float | None = ranged(None, "> 0")
     enable_progress_bar: bool = False
 
 
@@ -148,32 +204,32 @@ class TrackingConfig:
     project: str = "mmser"
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
-    init_timeout_s: float = 30.0  # W&B init never blocks a run longer than this
+    init_timeout_s: float = ranged(30.0, "> 0")  # W&B init never blocks a run longer than this
 
 
 @dataclass
 class TaptConfig:
     # PAPER.md TAPT: Adam 1e-4, warm-up 100, flat 1,000, linear decay to 0 at 20,000 steps.
-    lr: float = 1e-4
-    warmup_steps: int = 100
-    hold_steps: int = 1000
-    total_steps: int = 20000
-    max_batch_seconds: float = 250.0
-    crop_s: float = 10.0
-    mask_time_prob: float = 0.05  # HF wav2vec2-base config value; must be > 0
-    mask_time_length: int = 10
-    mask_time_min_masks: int = 2
+    lr: float = ranged(1e-4, "> 0")
+    warmup_steps: int = ranged(100, ">= 0")
+    hold_steps: int = ranged(1000, ">= 0")
+    total_steps: int = ranged(20000, ">= 1")
+    max_batch_seconds: float = ranged(250.0, "> 0")
+    crop_s: float = ranged(10.0, "> 0")
+    mask_time_prob: float = ranged(0.05, "(0, 1]")  # HF wav2vec2-base config value; must be > 0
+    mask_time_length: int = ranged(10, ">= 1")
+    mask_time_min_masks: int = ranged(2, ">= 0")
     # Span sampler (mmser.models.wav2vec2.compute_time_mask). "padded" = the reference's (transformers
     # 4.10, span count from the batch's padded length, min 2, attention mask applied), on length-
     # bucketed batches as the reference's.
     mask_time_policy: Literal["expected", "padded", "per_utterance"] = "padded"
-    num_negatives: int = 100
+    num_negatives: int = ranged(100, ">= 1")
     # Where the negatives come from. "all_frames" = the reference (transformers 4.10
     # Wav2Vec2ForPreTraining._sample_negatives called without an attention mask: any other frame of
     # the same padded row, padding included); "masked" = fairseq / HF >= 4.11 (masked frames only).
     negatives: Literal["all_frames", "masked"] = "all_frames"
-    contrastive_temperature: float = 0.1
-    diversity_loss_weight: float = 0.1
+    contrastive_temperature: float = ranged(0.1, "> 0")
+    diversity_loss_weight: float = ranged(0.1, ">= 0")
     # Loss form. "reference" = transformers 4.10: contrastive cross-entropy SUMMED over masked frames
     # + diversity_loss_weight x the unscaled diversity term (G*V - perplexity) / (G*V); "fairseq" =
     # the diversity term scaled by the number of masked frames and the sum divided by it (per-frame
@@ -183,7 +239,7 @@ class TaptConfig:
     # its value at init, 1 in 4.10's Wav2Vec2GumbelVectorQuantizer); "fairseq" = annealed
     # max(2 x 0.999995^step, 0.5) as in wav2vec 2.0's pre-training.
     gumbel_schedule: Literal["constant", "fairseq"] = "constant"
-    gumbel_temperature: float = 1.0
+    gumbel_temperature: float = ranged(1.0, "> 0")
     # Padding mask into the model during TAPT. "never" = the reference (Wav2vec2PretrainWrapper calls
     # the model with mask_time_indices only; the attention mask is commented out).
     attention_mask: Literal["auto", "always", "never"] = "never"
@@ -200,57 +256,56 @@ class PtaptConfig:
     wav2vec1_checkpoint: str | None = None
     # Random-init wav2vec 1.0 architecture, [dim, kernel, stride] per layer (used only with
     # wav2vec1_checkpoint == "random"). Defaults: wav2vec_large's (fairseq examples/wav2vec README).
-    wav2vec1_feature_layers: list[list[int]] = field(default_factory=lambda: [
-        [512, 10, 5], [512, 8, 4], [512, 4, 2], [512, 4, 2], [512, 4, 2], [512, 1, 1], [512, 1, 1]])
-    wav2vec1_aggregator_layers: list[list[int]] = field(
-        default_factory=lambda: [[512, k, 1] for k in range(2, 14)])
+    wav2vec1_feature_layers: list[list[int]] = ranged(lambda: [
+        [512, 10, 5], [512, 8, 4], [512, 4, 2], [512, 4, 2], [512, 4, 2], [512, 1, 1], [512, 1, 1]], ">= 1")
+    wav2vec1_aggregator_layers: list[list[int]] = ranged(lambda: [[512, k, 1] for k in range(2, 14)], ">= 1")
     # PAPER.md P-TAPT 1: Conv1d(512, 512, 4, stride 2) + ReLU -> 512-d frame features (the ones
     # clustered); heads Linear(512, 128)-Tanh-Linear(128, 4); BiLSTM 256 per direction (512 out).
-    frame_dim: int = 512
-    frame_head_hidden: int = 128
-    frame_lstm_hidden: int = 256
-    frame_lr: float = 1e-4  # PAPER.md P-TAPT 1: Adam lr 1e-4
-    frame_steps: int = 10000  # PAPER.md P-TAPT 1: 10,000 steps
-    frame_warmup_steps: int = 500  # PAPER.md P-TAPT 1: warm-up 500, flat 500, linear decay
-    frame_hold_steps: int = 500
-    frame_batch_size: int = 64  # PAPER.md P-TAPT 1: batch 64, cropped to the batch's shortest item
-    frame_val_fraction: float = 0.1  # PAPER.md P-TAPT 1: training split divided 90/10 (seed 58)
-    frame_val_seed: int = 58
+    frame_dim: int = ranged(512, ">= 1")
+    frame_head_hidden: int = ranged(128, ">= 1")
+    frame_lstm_hidden: int = ranged(256, ">= 1")
+    frame_lr: float = ranged(1e-4, "> 0")  # PAPER.md P-TAPT 1: Adam lr 1e-4
+    frame_steps: int = ranged(10000, ">= 1")  # PAPER.md P-TAPT 1: 10,000 steps
+    frame_warmup_steps: int = ranged(500, ">= 0")  # PAPER.md P-TAPT 1: warm-up 500, flat 500, linear decay
+    frame_hold_steps: int = ranged(500, ">= 0")
+    frame_batch_size: int = ranged(64, ">= 1")  # PAPER.md P-TAPT 1: batch 64, cropped to the batch's shortest item
+    frame_val_fraction: float = ranged(0.1, "(0, 1)")  # PAPER.md P-TAPT 1: training split divided 90/10 (seed 58)
+    frame_val_seed: int = ranged(58, ">= 0")
     # PAPER.md P-TAPT 1: SpecAugment on the feature extractor output z, masked values = 0
     # (time p=0.08 span 15; channel p=0.05 span 64; min 2 / 1 spans: reference FeatureFuser.py).
-    frame_mask_time_prob: float = 0.08
-    frame_mask_time_length: int = 15
-    frame_mask_time_min_masks: int = 2
-    frame_mask_feature_prob: float = 0.05
-    frame_mask_feature_length: int = 64
-    frame_mask_feature_min_masks: int = 1
+    frame_mask_time_prob: float = ranged(0.08, "[0, 1]")
+    frame_mask_time_length: int = ranged(15, ">= 1")
+    frame_mask_time_min_masks: int = ranged(2, ">= 0")
+    frame_mask_feature_prob: float = ranged(0.05, "[0, 1]")
+    frame_mask_feature_length: int = ranged(64, ">= 1")
+    frame_mask_feature_min_masks: int = ranged(1, ">= 0")
     # wav2vec 1.0 backbone: apply the checkpoint's dropout_features (on z) and dropout_agg (on c)
     # around the aggregator. false = the reference, which calls feature_aggregator(z) directly
     # (FeatureFuser.py Wav2vecWrapper.forward); the aggregator's own block dropout applies either way.
     frame_feature_dropouts: bool = False
     # Step (b): k-means (PAPER.md P-TAPT 2: 20 iterations, K = 64, 512, 4,096).
-    cluster_sizes: list[int] = field(default_factory=lambda: [64, 512, 4096])
-    kmeans_iters: int = 20
+    cluster_sizes: list[int] = ranged(lambda: [64, 512, 4096], ">= 2")
+    kmeans_iters: int = ranged(20, ">= 1")
     # Initial centroids: "random" = K distinct frames (faiss' default, the reference); "k-means++"
     # (Arthur & Vassilvitskii 2007) avoids the bad local minima random starts can fall into.
     kmeans_init: Literal["k-means++", "random"] = "k-means++"
     # Fraction of each utterance's frames k-means is fitted on (every frame is then labelled).
     # 1.0 = every training-split frame: PAPER.md, and the reference's run script
     # (bin/run_exp_iemocap.sh passes --sample_ratio 1.0 to cluster.py, whose own default is 0.2).
-    kmeans_fit_fraction: float = 1.0
+    kmeans_fit_fraction: float = ranged(1.0, "(0, 1]")
     # Step (c): masked pseudo-label prediction.
-    lr: float = 1e-4
-    warmup_steps: int = 100
-    hold_steps: int = 1000
-    total_steps: int = 20000
-    max_batch_seconds: float = 250.0
-    crop_s: float = 10.0
-    mask_time_prob: float = 0.06
-    mask_time_length: int = 15
-    mask_time_min_masks: int = 2
-    head_hidden_size: int = 256  # PAPER.md P-TAPT 3: Linear(768, 256)-Tanh-Linear(256, K) per K
+    lr: float = ranged(1e-4, "> 0")
+    warmup_steps: int = ranged(100, ">= 0")
+    hold_steps: int = ranged(1000, ">= 0")
+    total_steps: int = ranged(20000, ">= 1")
+    max_batch_seconds: float = ranged(250.0, "> 0")
+    crop_s: float = ranged(10.0, "> 0")
+    mask_time_prob: float = ranged(0.06, "(0, 1]")
+    mask_time_length: int = ranged(15, ">= 1")
+    mask_time_min_masks: int = ranged(2, ">= 0")
+    head_hidden_size: int = ranged(256, ">= 1")  # PAPER.md P-TAPT 3: Linear(768, 256)-Tanh-Linear(256, K) per K
     # Seed of every P-TAPT stage (pre-training runs once per fold, not per fine-tuning seed).
-    seed: int = 0
+    seed: int = ranged(0, ">= 0")
 
 
 @dataclass
@@ -267,8 +322,8 @@ class TextConfig:
     # true: features computed once and cached (fast); false: the text encoder is fine-tuned inside
     # the text-only / fusion model, at its own learning rate `lr` (BERT fine-tuning: 2e-5 to 5e-5).
     freeze: bool = True
-    lr: float = 2e-5
-    max_length: int = 64
+    lr: float = ranged(2e-5, "> 0")
+    max_length: int = ranged(64, ">= 1")
     cache_dir: str = "runs/cache/text"
 
 
@@ -283,9 +338,9 @@ class FusionConfig:
     # finished audio runs (e.g. runs/vft): fold k, seed n then starts from the fine-tuned model of
     # that folder's s{k}-seed{n} run, which never saw session k.
     audio_runs: str | None = None
-    hidden_size: int = 256
-    num_heads: int = 4
-    dropout: float = 0.1
+    hidden_size: int = ranged(256, ">= 1")
+    num_heads: int = ranged(4, ">= 1")
+    dropout: float = ranged(0.1, "[0, 1)")
     freeze_audio: bool = False
     # Text utterance vector for the text-only, concat and decision heads: masked mean of the token
     # features ("mean") or the text encoder's pooled vector ("pooled", batch key text_pooled).
@@ -296,11 +351,11 @@ class FusionConfig:
     # partial evidence of both modalities) or their weighted average ("linear"); see DecisionFusion.
     decision_rule: Literal["log_linear", "linear"] = "log_linear"
     # Cross-attention: bidirectional layers, and a position-wise FFN (width 4 x hidden) after each.
-    num_layers: int = 1
+    num_layers: int = ranged(1, ">= 1")
     ffn: bool = True
     # Decision fusion: weight of the cross-entropy on each branch's own logits, added to the loss
     # on the fused output (so each branch stays a classifier of its own).
-    branch_loss_weight: float = 0.5
+    branch_loss_weight: float = ranged(0.5, ">= 0")
 
 
 @dataclass
@@ -322,9 +377,55 @@ class Config:
     fusion: FusionConfig = field(default_factory=FusionConfig)
 
 
+# Checks between fields, on the final config (after every file and override): each is
+# (the keys it reads, a predicate on the Config, what must hold). Ranges of single fields are on
+# the fields themselves (`ranged`).
+def _schedule(section: str, warmup: str, hold: str, total: str):
+    keys = tuple(f"{section}.{k}" for k in (warmup, hold, total))
+
+    def ok(c: Config) -> bool:
+        sec = getattr(c, section)
+        return getattr(sec, warmup) + getattr(sec, hold) <= getattr(sec, total)
+
+    return keys, ok, f"{keys[0]} + {keys[1]} must be <= {keys[2]} (warm-up and flat stretch within the schedule)"
+
+
+def _triples(key: str):
+    section, name = key.split(".")
+    return (key,), lambda c: all(len(t) == 3 for t in getattr(getattr(c, section), name)), \
+        f"every entry of {key} must be a [dim, kernel, stride] triple"
+
+
+_CROSS_CHECKS: list[tuple[tuple[str, ...], typing.Callable[[Config], bool], str]] = [
+    _schedule("tapt", "warmup_steps", "hold_steps", "total_steps"),
+    _schedule("ptapt", "warmup_steps", "hold_steps", "total_steps"),
+    _schedule("ptapt", "frame_warmup_steps", "frame_hold_steps", "frame_steps"),
+    (("encoder.name", "encoder.conv_dim", "encoder.conv_kernel", "encoder.conv_stride"),
+     lambda c: c.encoder.name != "random"
+     or len(c.encoder.conv_dim) == len(c.encoder.conv_kernel) == len(c.encoder.conv_stride),
+     "encoder.conv_dim, conv_kernel and conv_stride must have one entry per CNN layer (random encoder)"),
+    _triples("ptapt.wav2vec1_feature_layers"),
+    _triples("ptapt.wav2vec1_aggregator_layers"),
+    (("encoder.name", "encoder.hidden_size", "encoder.num_attention_heads"),
+     lambda c: c.encoder.name != "random" or c.encoder.hidden_size % c.encoder.num_attention_heads == 0,
+     "encoder.hidden_size must be a multiple of encoder.num_attention_heads (random encoder)"),
+    (("encoder.name", "encoder.codevector_dim", "encoder.num_codevector_groups"),
+     lambda c: c.encoder.name != "random" or c.encoder.codevector_dim % c.encoder.num_codevector_groups == 0,
+     "encoder.codevector_dim must be a multiple of encoder.num_codevector_groups (random encoder)"),
+    (("fusion.head", "fusion.hidden_size", "fusion.num_heads"),
+     lambda c: c.fusion.head != "cross_attention" or c.fusion.hidden_size % c.fusion.num_heads == 0,
+     "fusion.hidden_size must be a multiple of fusion.num_heads (cross-attention)"),
+]
+
+
 # --------------------------------------------------------------------------------------------
 # Loading, merging, validation
 # --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def _type_name(tp: Any) -> str:
@@ -388,11 +489,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {tp}")
 
 
-def _merge(obj: Any, data: dict, where: str) -> None:
-    """Apply a nested dict onto dataclass instance `obj` in place, checking keys and types."""
+def _merge(obj: Any, data: dict, where: str, sources: dict[str, str] | None = None, source: str = "") -> None:
+    """Apply a nested dict onto dataclass instance `obj` in place, checking keys and types.
+    `sources` (when given) records, per key set, where its value came from (for error messages)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(type(obj))
+    hints = _hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
@@ -401,9 +503,58 @@ def _merge(obj: Any, data: dict, where: str) -> None:
         tp = hints[key]
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            _merge(current, value, path)
+            _merge(current, value, path, sources, source)
         else:
             setattr(obj, key, _coerce(value, tp, path))
+            if sources is not None:
+                sources[path] = source
+
+
+def _check_numbers(value: Any, rng: Range, path: str, optional: bool = False) -> str | None:
+    """The first number in `value` (a number, None, a string or a nested list) outside `rng`, as a message."""
+    if isinstance(value, list):
+        if not value:
+            return f"{path}: must not be empty"
+        for i, v in enumerate(value):
+            if (msg := _check_numbers(v, rng, f"{path}[{i}]")) is not None:
+                return msg
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value not in rng:
+        return f"{path}: must be {rng}{' or null' if optional else ''}, got {value!r}"
+    return None  # None (an Optional field) or a string ("auto" devices): the type check covered them
+
+
+def validate_config(cfg: Config, sources: dict[str, str] | None = None) -> Config:
+    """Check every field's declared range (`ranged`) and the cross-field checks; raise ConfigError
+    naming the key, the allowed range and (when `sources` knows it) the file or override that set it."""
+    sources = sources or {}
+
+    def origin(*keys: str) -> str:
+        where = list(dict.fromkeys(sources[k] for k in keys if sources.get(k)))
+        return f"{', '.join(where)}: " if where else ""
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            path, value = f"{prefix}{f.name}", getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{path}.")
+            elif "range" in f.metadata:
+                optional = type(None) in typing.get_args(_hints(type(obj))[f.name])
+                if (msg := _check_numbers(value, f.metadata["range"], path, optional)) is not None:
+                    raise ConfigError(origin(path) + msg)
+
+    walk(cfg, "")
+    for keys, ok, rule in _CROSS_CHECKS:
+        if not ok(cfg):
+            got = ", ".join(f"{k}={_get(cfg, k)!r}" for k in keys)
+            raise ConfigError(f"{origin(*keys)}{rule}; got {got}")
+    return cfg
+
+
+def _get(cfg: Config, key: str) -> Any:
+    for k in key.split("."):
+        cfg = getattr(cfg, k)
+    return cfg
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -417,22 +568,30 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+def _apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...], sources: dict[str, str]) -> None:
     for item in overrides:
         keys, value = _parse_override(item)
         nested: Any = value
         for k in reversed(keys):
             nested = {k: nested}
         try:
-            _merge(cfg, nested, "")
+            _merge(cfg, nested, "", sources, f"override '{item}'")
         except ConfigError as e:
             raise ConfigError(f"override '{item}': {e}") from None
-    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """`cfg` with `key=value` overrides applied (in place), then validated as a whole."""
+    sources: dict[str, str] = {}
+    _apply_overrides(cfg, overrides, sources)
+    return validate_config(cfg, sources)
 
 
 def load_config(*paths: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- each YAML file in order <- `key=value` overrides."""
+    """Defaults <- each YAML file in order <- `key=value` overrides; validated once, at the end,
+    so that checks between fields see the final values."""
     cfg = Config()
+    sources: dict[str, str] = {}
     for p in paths:
         p = Path(p)
         if not p.is_file():
@@ -442,10 +601,11 @@ def load_config(*paths: str | Path, overrides: list[str] | tuple[str, ...] = ())
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML ({e})") from None
         try:
-            _merge(cfg, data, "")
+            _merge(cfg, data, "", sources, str(p))
         except ConfigError as e:
             raise ConfigError(f"{p}: {e}") from None
-    return apply_overrides(cfg, overrides)
+    _apply_overrides(cfg, overrides, sources)
+    return validate_config(cfg, sources)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -453,9 +613,10 @@ def to_dict(cfg: Any) -> dict:
 
 
 def from_dict(data: dict) -> Config:
+    """Defaults <- `data` (e.g. a saved config.yaml's contents), checked like `load_config`."""
     cfg = Config()
     _merge(cfg, data, "")
-    return cfg
+    return validate_config(cfg)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
