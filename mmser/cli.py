@@ -8,16 +8,26 @@
     mmser compare runs/vft runs/tapt ... --out runs/compare
     mmser transcribe MANIFEST --backend faster-whisper --model tiny.en --out FILE
     mmser demo [--out DIR]
+
+An error prints one line,
+`mmser: error: <what went wrong, naming the file>`; --debug (anywhere on the line) or MMSER_DEBUG=1
+adds the traceback. Exit codes: 0 done; 1 some runs failed (cv, demo) or an unexpected error (a bug);
+2 bad input (arguments, config, files, checkpoints); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import pickle
 import sys
+import traceback
 from pathlib import Path
 
 log = logging.getLogger("mmser")
+
+EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def parse_range(text: str) -> list[int]:
@@ -63,7 +73,9 @@ def _load(args: argparse.Namespace):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmser", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (and tracebacks)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (accepted anywhere; or MMSER_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write a synthetic IEMOCAP-shaped corpus (espeak-ng speech)")
@@ -126,21 +138,80 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """argv -> Namespace; `--debug` is accepted anywhere."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end]
+    argv = [t for t in argv[:end] if t != "--debug"] + argv[end:]
+    args = build_parser().parse_args(argv)
+    env = os.environ.get("MMSER_DEBUG", "").strip().lower()
+    args.debug = debug or args.verbose or env not in ("", "0", "false", "no")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from mmser.config import ConfigError
-
     try:
         return _dispatch(args) or 0
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        # Input problems: one clear line, no traceback (use -v for one).
-        if args.verbose:
-            raise
-        print(f"mmser {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print("mmser: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - the one place that turns any error into one line
+        code, message = describe_error(e)
+        if args.debug:
+            traceback.print_exc()
+        elif code == EXIT_FAILED:
+            message += " (run with --debug for the traceback)"
+        print(f"mmser: error: {message}", file=sys.stderr)
+        return code
+
+
+def describe_error(e: BaseException) -> tuple[int, str]:
+    """(exit code, one-line message naming the file where one is known) for an exception."""
+    from safetensors import SafetensorError
+
+    from mmser.config import ConfigError
+
+    def one_line(text: str) -> str:
+        return " ".join(text.split())
+
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        # PermissionError, read-only file system, disk full, ...: "<file>: <the OS's reason>"
+        target = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else f"{e.filename}"
+        return EXIT_INPUT, one_line(f"{target}: {e.strerror}")
+    if isinstance(e, (pickle.UnpicklingError, SafetensorError)):
+        # A refused or unreadable checkpoint. mmser's safe_unpickle names the file; errors raised
+        # inside torch or safetensors do not, so the file is taken from the failing call's arguments.
+        message = one_line(str(e)) or type(e).__name__
+        path = _file_in_traceback(e)
+        if path is not None and path not in message:
+            kind = "safetensors file" if isinstance(e, SafetensorError) else "checkpoint"
+            message = f"{path}: not a readable {kind} ({type(e).__name__}: {message})"
+        return EXIT_INPUT, message
+    if isinstance(e, (ConfigError, OSError, ValueError)):
+        return EXIT_INPUT, one_line(str(e)) or type(e).__name__
+    return EXIT_FAILED, one_line(f"unexpected {type(e).__name__}: {e}")
+
+
+def _file_in_traceback(e: BaseException) -> str | None:
+    """The existing file a failing load was called with: the innermost frame's `filename`, `f`,
+    `path` (or similar) argument that names a file."""
+    frames = []
+    tb = e.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for name in ("filename", "f", "path", "checkpoint", "checkpoint_path", "file"):
+            value = frame.f_locals.get(name)
+            if isinstance(value, (str, os.PathLike)) and os.path.isfile(value):
+                return os.fspath(value)
+    return None
 
 
 def _dispatch(args: argparse.Namespace) -> int | None:
@@ -150,8 +221,8 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         try:
             root = synthesize(args.out_dir, per_class=args.per_class, seed=args.seed, tiny=args.tiny)
         except RuntimeError as e:  # espeak-ng missing or failing: the message says what to do
-            print(f"mmser synth: error: {e}", file=sys.stderr)
-            return 2
+            print(f"mmser: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return EXIT_INPUT
         print(f"synthetic corpus written to {root}")
         return 0
     if args.command == "prepare":
@@ -169,10 +240,10 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         print(fold_table(load_manifest(args.manifest), cfg.data))
         return 0
     if args.command == "train":
+        cfg = _load(args)  # first: a bad config fails in a fraction of a second, before torch is imported
         from mmser.training.multimodal import run_task
         from mmser.training.run import default_run_dir
 
-        cfg = _load(args)
         run_dir = args.run_dir or default_run_dir(cfg, args.session, args.seed)
         if cfg.pretrain != "none":  # the fold's pre-training stage (once; reused by later runs)
             from mmser.training.cv import pretrained_fold_config
@@ -182,15 +253,15 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         print(f"{run_dir}: test UA {metrics['test']['ua']:.4f} WA {metrics['test']['wa']:.4f}")
         return 0
     if args.command == "cv":
+        cfg = _load(args)
         from mmser.training.cv import run_cv
 
-        cfg = _load(args)
         out = args.out or Path(cfg.output_dir) / cfg.experiment
         command = "mmser " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("mmser") \
             else "mmser cv " + " ".join(_cv_argv(args))
         summary = run_cv(cfg, sessions=args.sessions, seeds=args.seeds, out_dir=out, command=command)
         print(summary.markdown)
-        return 0 if not summary.failed else 1
+        return 0 if not summary.failed else EXIT_FAILED
     if args.command == "compare":
         from mmser.report import collect, plot_comparison, write_summary
 
@@ -213,8 +284,8 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         try:
             run_demo(args.out, seeds=args.seeds, per_class=args.per_class, wandb=args.wandb, only=args.only)
         except RuntimeError as e:  # failed runs: reported in the table and here; finished ones are kept
-            print(f"mmser demo: {e}", file=sys.stderr)
-            return 1
+            print(f"mmser: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return EXIT_FAILED
         return 0
     raise AssertionError(args.command)
 
