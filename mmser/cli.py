@@ -9,7 +9,7 @@
     mmser transcribe MANIFEST --backend faster-whisper --model tiny.en --out FILE
     mmser demo [--out DIR]
 
-An error prints one line,
+Options and key=value overrides may come in any order. An error prints one line,
 `mmser: error: <what went wrong, naming the file>`; --debug (anywhere on the line) or MMSER_DEBUG=1
 adds the traceback. Exit codes: 0 done; 1 some runs failed (cv, demo) or an unexpected error (a bug);
 2 bad input (arguments, config, files, checkpoints); 130 interrupted.
@@ -21,12 +21,16 @@ import argparse
 import logging
 import os
 import pickle
+import re
 import sys
 import traceback
 from pathlib import Path
 
 log = logging.getLogger("mmser")
 
+# Commands that take config files and `key=value` overrides (anywhere on their command line).
+OVERRIDE_COMMANDS = ("folds", "train", "cv")
+_OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")
 EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
 
@@ -60,8 +64,10 @@ def parse_seeds(text: str) -> list[int]:
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", action="append", default=[], metavar="YAML",
                    help="config file (repeatable; later files override earlier ones)")
+    # Documents the overrides in --help; main() takes every key=value token out of the command line
+    # before parsing (so they may come before, between or after the options) and puts them here.
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. finetune.epochs=2 data.batch_size=8")
+                   help="config overrides, anywhere on the line, e.g. finetune.epochs=2 data.batch_size=8")
 
 
 def _load(args: argparse.Namespace):
@@ -77,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error (accepted anywhere; or MMSER_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices  # name -> subparser (main() reads their options)
 
     p = sub.add_parser("synth", help="write a synthetic IEMOCAP-shaped corpus (espeak-ng speech)")
     p.add_argument("out_dir", type=Path)
@@ -138,13 +145,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _take_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
+    """Split argv into (the rest, the key=value overrides) for commands that take overrides.
+
+    A token right after an option that takes a value (`-c x=y.yaml`) stays that option's value;
+    nothing after `--` is touched."""
+    i = next((k for k, t in enumerate(argv) if not t.startswith("-")), None)
+    if i is None or argv[i] not in OVERRIDE_COMMANDS:
+        return argv, []
+    sub = parser.commands[argv[i]]
+    takes_value = {s for a in sub._actions if a.nargs != 0 for s in a.option_strings}
+    rest, overrides = argv[: i + 1], []
+    tokens = iter(argv[i + 1:])
+    for tok in tokens:
+        if tok == "--":
+            rest += [tok, *tokens]
+        elif tok in takes_value:
+            rest += [tok, *[t for t in [next(tokens, None)] if t is not None]]
+        elif _OVERRIDE.match(tok):
+            overrides.append(tok)
+        else:
+            rest.append(tok)
+    return rest, overrides
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """argv -> Namespace; `--debug` is accepted anywhere."""
+    """argv -> Namespace; `--debug` and key=value overrides are accepted anywhere."""
     argv = list(sys.argv[1:] if argv is None else argv)
     end = argv.index("--") if "--" in argv else len(argv)
     debug = "--debug" in argv[:end]
     argv = [t for t in argv[:end] if t != "--debug"] + argv[end:]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv, overrides = _take_overrides(parser, argv)
+    args = parser.parse_args(argv)
+    if args.command in OVERRIDE_COMMANDS:
+        if args.overrides:  # what argparse left for the positional is not key=value
+            parser.commands[args.command].error(f"unrecognized arguments: {' '.join(args.overrides)}")
+        args.overrides = overrides
     env = os.environ.get("MMSER_DEBUG", "").strip().lower()
     args.debug = debug or args.verbose or env not in ("", "0", "false", "no")
     return args

@@ -1,5 +1,5 @@
-"""The command line: every failure as one line `mmser: error: ...` (traceback only with --debug /
-MMSER_DEBUG=1) with its exit code.
+"""The command line: options and key=value overrides in any order, and every failure as
+one line `mmser: error: ...` (traceback only with --debug / MMSER_DEBUG=1) with its exit code.
 
 Stage functions are replaced by fakes that raise the errors seen in the wild (a read-only output
 folder, a refused or damaged checkpoint, ...): what is under test is the CLI's handling, in-process.
@@ -88,6 +88,52 @@ def fake_cv(monkeypatch):
 
     _fake_module(monkeypatch, "mmser.training.cv", run_cv=run_cv)
     return calls
+
+
+# --------------------------------------------------------------------------------------------
+# Argument order
+# --------------------------------------------------------------------------------------------
+
+
+def test_train_takes_options_and_overrides_in_any_order(fake_train, tmp_path):
+    argv = ["train", "-c", str(CONFIGS / "base.yaml"), "finetune.epochs=3", "--session", "2",
+            "data.batch_size=4", "-c", str(CONFIGS / "vft.yaml"), "--seed", "1", f"output_dir={tmp_path}",
+            "-c", str(CONFIGS / "tiny.yaml"), "finetune.lr=0.01"]
+    assert main(argv) == 0
+    (cfg,) = fake_train.cfgs
+    assert (cfg.finetune.epochs, cfg.data.batch_size, cfg.finetune.lr) == (3, 4, 0.01)
+    assert cfg.encoder.name == "random"  # tiny.yaml, given after the overrides, was loaded
+    assert cfg.data.eval_batch_size == 16 and cfg.output_dir == str(tmp_path)
+
+
+def test_cv_and_folds_take_overrides_anywhere(fake_cv, tmp_path, capsys):
+    assert main(["cv", "finetune.epochs=2", "--sessions", "1-2", *TINY, "experiment=x", "--seeds", "1",
+                 f"output_dir={tmp_path}"]) == 0
+    seen = fake_cv.seen
+    assert seen["cfg"].finetune.epochs == 2 and seen["cfg"].experiment == "x"
+    assert seen["cfg"].encoder.name == "random"  # -c files after an override still load
+    assert seen["sessions"] == [1, 2] and seen["seeds"] == [0] and seen["out_dir"] == tmp_path / "x"
+
+    manifest = _manifest(tmp_path / "manifest.jsonl")
+    capsys.readouterr()
+    # an override before the positional manifest, a -c after it
+    assert main(["folds", "data.validation=speaker", str(manifest), "-c", str(CONFIGS / "base.yaml")]) == 0
+    assert "| 1 | val (Ses02F) |" in capsys.readouterr().out
+
+
+def test_a_token_that_is_no_override_is_an_argparse_error(fake_train, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--session", "1", "finetune.epochs=2", "stray"])
+    assert e.value.code == 2
+    assert "mmser train: error: unrecognized arguments: stray" in capsys.readouterr().err
+    assert not fake_train.cfgs
+
+
+def test_an_option_value_shaped_like_an_override_stays_the_options(fake_train, tmp_path):
+    odd = tmp_path / "a=b.yaml"  # -c's value, not an override
+    odd.write_text("finetune:\n  epochs: 4\n")
+    assert main(["train", "--session", "1", "-c", str(odd), f"output_dir={tmp_path}"]) == 0
+    assert fake_train.cfgs[0].finetune.epochs == 4
 
 
 # --------------------------------------------------------------------------------------------
