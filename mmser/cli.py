@@ -79,9 +79,12 @@ def _load(args: argparse.Namespace):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmser", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mmser import __version__
+
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (and tracebacks)")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error (accepted anywhere; or MMSER_DEBUG=1)")
+    parser.add_argument("--version", action="version", version=f"mmser {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     parser.commands = sub.choices  # name -> subparser (main() reads their options)
 

@@ -1,4 +1,4 @@
-"""The command line: options and key=value overrides in any order, and every failure as
+"""The command line: options and key=value overrides in any order, --version, and every failure as
 one line `mmser: error: ...` (traceback only with --debug / MMSER_DEBUG=1) with its exit code.
 
 Stage functions are replaced by fakes that raise the errors seen in the wild (a read-only output
@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from mmser import __version__
 from mmser.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,8 +92,15 @@ def fake_cv(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
-# Argument order
+# Argument order, --version
 # --------------------------------------------------------------------------------------------
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mmser {__version__}"
 
 
 def test_train_takes_options_and_overrides_in_any_order(fake_train, tmp_path):
