@@ -72,8 +72,10 @@ def table11_markdown(results: list[ExperimentResult], section: str = "test", met
     """One row per experiment: per-session mean±std over seeds (ddof 0), and the average of the
     session means (the paper's Table 11 form). Values in %."""
     sessions = sorted({s for r in results for s in (r.scores.get((section, metric)) or {})})
-    head = "| method | " + " | ".join(f"S{s}" for s in sessions) + " | avg | runs |"
     lines = [f"**{title}**", ""] if title else []
+    if not sessions:  # no table: a header without session columns is not valid Markdown
+        return "\n".join(lines + ["_no finished runs_"])
+    head = "| method | " + " | ".join(f"S{s}" for s in sessions) + " | avg | runs |"
     lines += [head, "|---|" + "---|" * (len(sessions) + 2)]
     for r in results:
         t = r.table(section, metric)

@@ -3,10 +3,17 @@
 import json
 
 import pytest
+from helpers import write_toy_corpus
 
 from mmser.config import Config, ConfigError, load_config
 from mmser.io import atomic_write_json
 from mmser.training import cv as cvmod
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    """run_cv checks the sessions and folds against a manifest before anything else."""
+    return write_toy_corpus(tmp_path_factory.mktemp("toy"), per_class=1, with_unlabelled=False)
 
 
 def _fake_run_one(calls, fail=()):
@@ -26,9 +33,9 @@ def _fake_run_one(calls, fail=()):
     return run_one
 
 
-def test_runs_all_then_skips_finished_and_reports_failures(tmp_path):
+def test_runs_all_then_skips_finished_and_reports_failures(tmp_path, manifest):
     calls = []
-    cfg = load_config(overrides=["experiment=toy"])
+    cfg = load_config(overrides=["experiment=toy", f"data.manifest={manifest}"])
     out = tmp_path / "toy"
     s = cvmod.run_cv(cfg, sessions=[1, 2], seeds=[0, 1], out_dir=out, command="mmser cv toy",
                      run_fn=_fake_run_one(calls, fail={(2, 1)}))
@@ -55,15 +62,15 @@ def test_runs_all_then_skips_finished_and_reports_failures(tmp_path):
     assert "| toy | 60.5±0.5 (n=2) | 70.5±0.5 (n=2) | 65.5 | 4 |" in s2.markdown
 
 
-def test_refuses_to_mix_configs_in_one_folder(tmp_path):
-    out, fake = tmp_path / "exp", _fake_run_one([])
-    cvmod.run_cv(load_config(overrides=["experiment=exp"]), sessions=[1], seeds=[0], out_dir=out,
+def test_refuses_to_mix_configs_in_one_folder(tmp_path, manifest):
+    out, fake, data = tmp_path / "exp", _fake_run_one([]), f"data.manifest={manifest}"
+    cvmod.run_cv(load_config(overrides=["experiment=exp", data]), sessions=[1], seeds=[0], out_dir=out,
                  run_fn=fake)
     with pytest.raises(ConfigError, match="finetune.lr"):
-        cvmod.run_cv(load_config(overrides=["experiment=exp", "finetune.lr=0.5"]),
+        cvmod.run_cv(load_config(overrides=["experiment=exp", data, "finetune.lr=0.5"]),
                      sessions=[1], seeds=[0], out_dir=out, run_fn=fake)
     # A volatile field (W&B mode) does not count as another config.
-    cvmod.run_cv(load_config(overrides=["experiment=exp", "tracking.wandb=disabled"]),
+    cvmod.run_cv(load_config(overrides=["experiment=exp", data, "tracking.wandb=disabled"]),
                  sessions=[1], seeds=[0], out_dir=out, run_fn=fake)
 
 

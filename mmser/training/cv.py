@@ -10,7 +10,8 @@
 
 A run whose metrics.json exists is complete and is skipped. Pre-training stages run once per
 fold and hand their checkpoint to the fine-tuning runs by explicit path. A failed run is logged
-and reported; it does not stop the others (KeyboardInterrupt does).
+and reported; it does not stop the others (KeyboardInterrupt does). The sessions are checked
+against the manifest before anything is written.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmser.config import Config, check_same_config, save_config
+from mmser.data.manifest import load_manifest, task_records
 from mmser.io import atomic_write_json, atomic_write_text
 from mmser.report import collect, plot_comparison, write_summary
 
@@ -38,6 +40,16 @@ class CVSummary:
 
 def run_dir_for(out_dir: Path, session: int, seed: int) -> Path:
     return out_dir / f"s{session}-seed{seed}"
+
+
+def check_cv_inputs(cfg: Config, sessions: list[int]) -> None:
+    """What a cross-validation checks before writing: the manifest has each session."""
+    records = load_manifest(cfg.data.manifest)
+    present = sorted({r["session"] for r in task_records(records)})
+    missing = [s for s in sessions if s not in present]
+    if missing:
+        raise ValueError(f"sessions {', '.join(map(str, missing))}: not in {cfg.data.manifest} (its sessions with "
+                         f"4-class utterances: {', '.join(map(str, present)) or 'none'})")
 
 
 def _check_same_experiment(cfg: Config, out_dir: Path) -> None:
@@ -60,6 +72,7 @@ def run_cv(cfg: Config, sessions: list[int], seeds: list[int], out_dir: Path,
         from mmser.training.multimodal import run_task as run_fn
 
     out_dir = Path(out_dir)
+    check_cv_inputs(cfg, sessions)  # before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_same_experiment(cfg, out_dir)
     summary = CVSummary(out_dir=out_dir, markdown="")
