@@ -1,13 +1,15 @@
-"""Runs and cross-validations, reliably: a cross-validation checks its sessions before creating
-anything, and an empty summary is valid Markdown (the reliability issue's item 13)."""
+"""Runs and cross-validations, reliably: inputs are checked before training or writing anything
+(the reliability issue's items 11 and 13)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from helpers import (  # noqa: F401 (single_torch_thread: autouse fixture)
     single_torch_thread,
+    tiny_config,
     write_toy_corpus,
 )
 
@@ -15,6 +17,8 @@ from mmser.config import load_config
 from mmser.io import atomic_write_json
 from mmser.report import collect, write_summary
 from mmser.training import cv as cvmod
+from mmser.training import run as runmod
+from mmser.training.run import run_one
 
 
 def _corpus(root: Path, seed: int = 0) -> Path:
@@ -35,6 +39,30 @@ def _fake_run(calls: list):
         return m
 
     return run
+
+
+def _no_trainer(*a, **k):
+    raise AssertionError("no Trainer may be built")
+
+
+# -- item 11: every audio file of the fold is checked before training ------------------------------
+
+
+def test_missing_or_unreadable_audio_fails_before_training(tmp_path, monkeypatch):
+    manifest = _corpus(tmp_path / "tree")
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    test_wav = next(r["path"] for r in records if r["session"] == 1)
+    train_wav = next(r["path"] for r in records if r["session"] == 3)
+    Path(test_wav).unlink()
+    Path(train_wav).write_bytes(b"not a wav")
+    monkeypatch.setattr(runmod.pl, "Trainer", _no_trainer)
+    cfg = tiny_config(tmp_path, manifest)
+    with pytest.raises(ValueError) as e:
+        run_one(cfg, test_session=1, seed=0, run_dir=tmp_path / "run")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"fold 1 ({manifest}): 2 of 40 audio files missing or unreadable: ")
+    assert f"{test_wav} (missing)" in msg and f"{train_wav} (unreadable: " in msg
+    assert not (tmp_path / "run").exists()
 
 
 # -- item 13: sessions are checked before anything is created; an empty summary is valid -----------

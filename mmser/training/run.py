@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
+import soundfile as sf
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
@@ -35,7 +36,7 @@ from mmser import tracking
 from mmser.config import Config, TrainerConfig, check_same_config, save_config, to_dict
 from mmser.data.datamodule import SERDataModule
 from mmser.data.dataset import TextFeatures
-from mmser.data.manifest import load_manifest, split_fold
+from mmser.data.manifest import Fold, load_manifest, split_fold
 from mmser.io import atomic_write_json, atomic_write_text, read_json
 from mmser.labels import CLASSES
 from mmser.metrics import classification_report
@@ -196,6 +197,45 @@ def _hardware() -> dict:
     return info
 
 
+# -- checks before a run ----------------------------------------------------------------------------
+
+
+def check_audio_files(records: Sequence[dict], sample_rate: int, what: str, show: int = 5) -> None:
+    """Every record's audio file exists and soundfile reads its header as `sample_rate` Hz mono, or
+    one ValueError naming the first `show` bad files and the count (seconds, not a whole training,
+    before a deleted test wav is noticed)."""
+    paths = sorted({str(r["path"]) for r in records})
+    bad = []
+    for path in paths:
+        if not Path(path).is_file():
+            bad.append(f"{path} (missing)")
+            continue
+        try:
+            info = sf.info(path)
+        except (sf.LibsndfileError, RuntimeError) as e:
+            bad.append(f"{path} (unreadable: {' '.join(str(e).split())})")
+            continue
+        if info.samplerate != sample_rate or info.channels != 1:
+            bad.append(f"{path} ({info.samplerate} Hz, {info.channels} channels; expected {sample_rate} Hz mono)")
+    if bad:
+        more = f"; ... {len(bad) - show} more" if len(bad) > show else ""
+        raise ValueError(f"{what}: {len(bad)} of {len(paths)} audio files missing or unreadable: "
+                         f"{'; '.join(bad[:show])}{more}")
+
+
+def build_fold(cfg: Config, records: list[dict], test_session: int, check_audio: bool = True) -> Fold:
+    """The run's fold, checked: test_checkpoint=best_val has a validation set, and (check_audio)
+    every train / val / test audio file is there and readable."""
+    fold = split_fold(records, test_session, cfg.data)
+    if cfg.finetune.test_checkpoint == "best_val" and not fold.val:
+        raise ValueError("finetune.test_checkpoint=best_val needs a validation set "
+                         "(data.validation=speaker or fraction); the test session is never used to select")
+    if check_audio:
+        check_audio_files(fold.train + fold.val + fold.test, cfg.data.sample_rate,
+                          f"fold {test_session} ({cfg.data.manifest})")
+    return fold
+
+
 # -- the run ------------------------------------------------------------------------------------------
 
 
@@ -231,11 +271,7 @@ def run_one(
             raise ValueError(f"run_one: task={cfg.task!r} needs a model_factory (the default builds audio models)")
         model_factory = build_audio_model
 
-    records = load_manifest(cfg.data.manifest)
-    fold = split_fold(records, test_session, cfg.data)
-    if cfg.finetune.test_checkpoint == "best_val" and not fold.val:
-        raise ValueError("finetune.test_checkpoint=best_val needs a validation set "
-                         "(data.validation=speaker or fraction); the test session is never used to select")
+    fold = build_fold(cfg, load_manifest(cfg.data.manifest), test_session)
 
     pl.seed_everything(seed, workers=True)
     dm = SERDataModule(fold, cfg.data, seed=seed, text_features=text_features, text_ids=text_ids)
