@@ -1,19 +1,21 @@
-"""Runs and cross-validations, reliably: inputs are checked before training or writing anything
-(the reliability issue's items 11 and 13)."""
+"""Runs and cross-validations, reliably: inputs are checked before training or writing anything,
+and a failed start does not block the corrected rerun (the reliability issue's items 6, 11 and 13)."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 from helpers import (  # noqa: F401 (single_torch_thread: autouse fixture)
     single_torch_thread,
     tiny_config,
     write_toy_corpus,
 )
 
-from mmser.config import load_config
+from mmser.config import ConfigError, load_config
 from mmser.io import atomic_write_json
 from mmser.report import collect, write_summary
 from mmser.training import cv as cvmod
@@ -41,8 +43,64 @@ def _fake_run(calls: list):
     return run
 
 
+class _Stop(pl.Callback):
+    """A run killed at epoch `epoch`, after `batches` of its batches (its last.ckpt is of the epoch
+    before)."""
+
+    def __init__(self, epoch: int, batches: int = 0):
+        self.epoch, self.batches = epoch, batches
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batches:
+            raise RuntimeError("simulated kill")
+
+
 def _no_trainer(*a, **k):
     raise AssertionError("no Trainer may be built")
+
+
+# -- item 6: a failed start does not block the corrected rerun -------------------------------------
+
+
+def test_a_failed_start_writes_nothing_and_an_unfinished_folder_takes_a_new_config(tmp_path, manifest, caplog):
+    run_dir = tmp_path / "run"
+    bad = tiny_config(tmp_path, manifest, ["trainer.strategy=ddp_spawn"])
+    with pytest.raises(ValueError, match="not a spawn-based strategy"):
+        run_one(bad, test_session=1, seed=0, run_dir=run_dir)
+    assert not run_dir.exists()
+
+    first = tiny_config(tmp_path, manifest, ["finetune.epochs=2"])
+    with pytest.raises(RuntimeError, match="simulated kill"):  # killed in epoch 1: last.ckpt of epoch 0
+        run_one(first, test_session=1, seed=0, run_dir=run_dir, callbacks=[_Stop(epoch=1)])
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    fixed = tiny_config(tmp_path, manifest, ["finetune.epochs=2", "finetune.lr=0.002"])
+    with caplog.at_level(logging.WARNING):
+        m = run_one(fixed, test_session=1, seed=0, run_dir=run_dir)
+    assert "unfinished run of another config (finetune.lr: 0.001 -> 0.002): reused with this config, its " \
+           "checkpoints deleted" in caplog.text
+    assert m["train_steps"] == 8  # both epochs under the new config: nothing resumed from the old one
+    assert load_config(run_dir / "config.yaml").finetune.lr == 0.002
+    with pytest.raises(ConfigError, match="made with another config"):  # a finished run is never replaced
+        run_one(first, test_session=1, seed=0, run_dir=run_dir)
+
+
+def test_cv_checks_before_writing_and_an_experiment_without_finished_runs_takes_a_new_config(tmp_path, manifest):
+    out = tmp_path / "x"
+    bad = load_config(overrides=[f"data.manifest={manifest}", "finetune.test_checkpoint=best_val"])
+    with pytest.raises(ValueError, match="needs a validation set"):
+        cvmod.run_cv(bad, sessions=[1], seeds=[0], out_dir=out, run_fn=_fake_run([]))
+    assert not out.exists()
+
+    def failing(cfg, test_session, seed, run_dir):
+        raise RuntimeError("out of memory")
+
+    first = load_config(overrides=[f"data.manifest={manifest}"])
+    assert cvmod.run_cv(first, sessions=[1], seeds=[0], out_dir=out, run_fn=failing).failed
+    fixed = load_config(overrides=[f"data.manifest={manifest}", "data.batch_size=16"])
+    s = cvmod.run_cv(fixed, sessions=[1], seeds=[0], out_dir=out, run_fn=_fake_run([]))
+    assert s.completed == [(1, 0)] and load_config(out / "cv_config.yaml").data.batch_size == 16
+    with pytest.raises(ConfigError, match="this experiment folder was made with another config"):
+        cvmod.run_cv(first, sessions=[1], seeds=[0], out_dir=out, run_fn=_fake_run([]))
 
 
 # -- item 11: every audio file of the fold is checked before training ------------------------------

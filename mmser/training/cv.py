@@ -10,8 +10,10 @@
 
 A run whose metrics.json exists is complete and is skipped. Pre-training stages run once per
 fold and hand their checkpoint to the fine-tuning runs by explicit path. A failed run is logged
-and reported; it does not stop the others (KeyboardInterrupt does). The sessions are checked
-against the manifest before anything is written.
+and reported; it does not stop the others (KeyboardInterrupt does).
+
+The sessions, folds and trainer settings are checked before anything is written. A folder with a
+finished run of another config is refused; one without a finished run takes the new config.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmser.config import Config, check_same_config, save_config
+import yaml
+
+from mmser.config import Config, check_same_config, config_diff, save_config, to_dict
 from mmser.data.manifest import load_manifest, task_records
 from mmser.io import atomic_write_json, atomic_write_text
 from mmser.report import collect, plot_comparison, write_summary
@@ -43,22 +47,40 @@ def run_dir_for(out_dir: Path, session: int, seed: int) -> Path:
 
 
 def check_cv_inputs(cfg: Config, sessions: list[int]) -> None:
-    """What a cross-validation checks before writing: the manifest has each session."""
+    """Everything a cross-validation can check before writing: the manifest has each session, every
+    fold splits (validation speaker, best_val needs a validation set), the trainer settings resolve."""
+    from mmser.training.run import build_fold, trainer_kwargs
+
     records = load_manifest(cfg.data.manifest)
     present = sorted({r["session"] for r in task_records(records)})
     missing = [s for s in sessions if s not in present]
     if missing:
         raise ValueError(f"sessions {', '.join(map(str, missing))}: not in {cfg.data.manifest} (its sessions with "
                          f"4-class utterances: {', '.join(map(str, present)) or 'none'})")
+    for session in sessions:
+        build_fold(cfg, records, session, check_audio=False)  # each run checks its fold's audio files
+    trainer_kwargs(cfg)
 
 
 def _check_same_experiment(cfg: Config, out_dir: Path) -> None:
-    """Refuse to mix runs of different configs under one experiment folder."""
+    """Refuse to mix runs of different configs under one experiment folder (read only).
+
+    A folder holding a finished run refuses another config; one without takes the new config (a
+    failed start must not block the corrected rerun; each unfinished run folder drops its old
+    checkpoints itself)."""
+    finished = sorted(out_dir.glob("*/metrics.json"))
     saved = out_dir / "cv_config.yaml"
-    if saved.exists():
-        check_same_config(saved, cfg, "this experiment folder")
-    else:
-        save_config(cfg, saved)
+    if saved.is_file():
+        if finished:
+            check_same_config(saved, cfg, "this experiment folder")
+        else:
+            try:
+                diff = config_diff(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg))
+            except yaml.YAMLError:
+                diff = ["cv_config.yaml: unreadable"]
+            if diff:
+                log.warning("%s: no finished run, so cv_config.yaml is replaced by this config (%s)", out_dir,
+                            "; ".join(diff[:6]))
 
 
 def run_cv(cfg: Config, sessions: list[int], seeds: list[int], out_dir: Path,
@@ -72,9 +94,10 @@ def run_cv(cfg: Config, sessions: list[int], seeds: list[int], out_dir: Path,
         from mmser.training.multimodal import run_task as run_fn
 
     out_dir = Path(out_dir)
-    check_cv_inputs(cfg, sessions)  # before anything is written
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_cv_inputs(cfg, sessions)  # nothing is written before these checks
     _check_same_experiment(cfg, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "cv_config.yaml")
     summary = CVSummary(out_dir=out_dir, markdown="")
     for session in sessions:
         fold_cfg = cfg

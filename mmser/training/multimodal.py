@@ -22,14 +22,13 @@ from pathlib import Path
 
 from torch import nn
 
-from mmser.config import Config, check_same_config
+from mmser.config import Config
 from mmser.data.dataset import TextFeatures
 from mmser.data.manifest import load_manifest, task_records
-from mmser.io import read_json
 from mmser.models.fusion import FusionClassifier, build_fusion_head, build_text_classifier
 from mmser.models.text_encoder import TextEncoder, WithTextEncoder, tokenize
 from mmser.models.wav2vec2 import AudioEncoder, apply_freezing, set_gradient_checkpointing
-from mmser.training.run import load_model, run_one
+from mmser.training.run import finished_run, load_model, run_one
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +75,9 @@ def run_task(cfg: Config, test_session: int, seed: int, run_dir: str | Path) -> 
     """One run of any task (audio / text / fusion) -> run dir with metrics.json (see run_one)."""
     if cfg.task == "audio":
         return run_one(cfg, test_session=test_session, seed=seed, run_dir=run_dir)
-    metrics_path = Path(run_dir) / "metrics.json"
-    if metrics_path.is_file():  # complete (as run_one would say), without loading text features
-        if (Path(run_dir) / "config.yaml").is_file():
-            check_same_config(Path(run_dir) / "config.yaml", cfg, "this run folder")
-        return read_json(metrics_path)
+    done = finished_run(cfg, Path(run_dir))  # as run_one would say, without loading text features
+    if done is not None:
+        return done
     if cfg.task not in ("text", "fusion"):
         raise ValueError(f"unknown task {cfg.task!r}")
     if cfg.task == "fusion" and cfg.fusion.head == "none":

@@ -10,6 +10,11 @@
 
 The tested weights are those of the last epoch ("last", the paper) or of the best validation
 epoch ("best_val", needs a validation set). Nothing is ever selected on the test session.
+
+Everything that can be checked is checked before anything is written (the fold, the audio files,
+the trainer settings, the model), so a failed start never leaves a config behind that refuses the
+corrected rerun. A folder without a finished run takes a new config (its checkpoints are deleted);
+one with a finished run of another config is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import soundfile as sf
 import torch
+import yaml
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 from safetensors.torch import load_model as load_safetensors_model
@@ -33,7 +39,7 @@ from torch import nn
 
 import mmser
 from mmser import tracking
-from mmser.config import Config, TrainerConfig, check_same_config, save_config, to_dict
+from mmser.config import Config, TrainerConfig, check_same_config, config_diff, save_config, to_dict
 from mmser.data.datamodule import SERDataModule
 from mmser.data.dataset import TextFeatures
 from mmser.data.manifest import Fold, load_manifest, split_fold
@@ -236,6 +242,34 @@ def build_fold(cfg: Config, records: list[dict], test_session: int, check_audio:
     return fold
 
 
+def finished_run(cfg: Config, run_dir: Path) -> dict | None:
+    """metrics.json of a finished run of this config, None when there is none; a finished run of
+    another config is refused."""
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        return None
+    if (run_dir / "config.yaml").is_file():
+        check_same_config(run_dir / "config.yaml", cfg, "this run folder")
+    log.info("%s: complete (metrics.json exists), not retraining", run_dir)
+    return read_json(metrics_path)
+
+
+def _claim_run_dir(cfg: Config, run_dir: Path) -> None:
+    """Write config.yaml into a run folder without a finished run. A config that differs replaces
+    the old one and the old checkpoints go, so a resume never mixes configs."""
+    cfg_path = run_dir / "config.yaml"
+    if cfg_path.is_file():
+        try:
+            diff = config_diff(yaml.safe_load(cfg_path.read_text()) or {}, to_dict(cfg))
+        except yaml.YAMLError:
+            diff = ["config.yaml: unreadable"]
+        if diff:
+            log.warning("%s: unfinished run of another config (%s%s): reused with this config, its checkpoints "
+                        "deleted", run_dir, "; ".join(diff[:6]), "; ..." if len(diff) > 6 else "")
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    save_config(cfg, cfg_path)
+
+
 # -- the run ------------------------------------------------------------------------------------------
 
 
@@ -260,19 +294,24 @@ def run_one(
     `callbacks` are extra Lightning callbacks.
     """
     run_dir = Path(run_dir)
-    metrics_path = run_dir / "metrics.json"
-    if (run_dir / "config.yaml").is_file():  # never reuse or resume a run of another config
-        check_same_config(run_dir / "config.yaml", cfg, "this run folder")
-    if metrics_path.is_file():
-        log.info("%s: complete (metrics.json exists), not retraining", run_dir)
-        return read_json(metrics_path)
+    done = finished_run(cfg, run_dir)
+    if done is not None:
+        return done
     if model_factory is None:
         if cfg.task != "audio":
             raise ValueError(f"run_one: task={cfg.task!r} needs a model_factory (the default builds audio models)")
         model_factory = build_audio_model
-
+    # Every check before anything is written: a failed start leaves nothing that refuses the rerun.
     fold = build_fold(cfg, load_manifest(cfg.data.manifest), test_session)
+    trainer_kwargs(cfg)  # strategy, devices, precision
+    return _train(cfg, fold, test_session, seed, run_dir, model_factory=model_factory,
+                  text_features=text_features, text_ids=text_ids, callbacks=callbacks, job_type=job_type)
 
+
+def _train(cfg: Config, fold: Fold, test_session: int, seed: int, run_dir: Path, *,
+           model_factory: Callable[[Config], nn.Module], text_features: Mapping[str, TextFeatures] | None,
+           text_ids: Mapping[str, torch.Tensor] | None, callbacks: Sequence[Callback], job_type: str) -> dict:
+    metrics_path = run_dir / "metrics.json"
     pl.seed_everything(seed, workers=True)
     dm = SERDataModule(fold, cfg.data, seed=seed, text_features=text_features, text_ids=text_ids)
     model = model_factory(cfg)
@@ -280,11 +319,11 @@ def run_one(
                               lr=cfg.finetune.lr, sample_rate=cfg.data.sample_rate)
 
     if rank_zero_only.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        _claim_run_dir(cfg, run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    resume = ckpt_dir / "last.ckpt"
     name = f"{cfg.experiment}-s{test_session}-seed{seed}"
     loggers = tracking.make_loggers(cfg, run_dir, name=name, group=cfg.experiment, job_type=job_type)
-    ckpt_dir = run_dir / "checkpoints"
     # checkpoints/last.ckpt, overwritten at the end of every epoch (monitor=None + top_k=1 keeps
     # only the newest). Not save_last: with save_top_k=0 Lightning writes it only when training ends.
     last_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
@@ -303,7 +342,6 @@ def run_one(
     )
     exit_code = 1
     try:
-        resume = ckpt_dir / "last.ckpt"
         if resume.is_file():
             log.info("%s: resuming from %s", run_dir, resume)
         trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume.is_file() else None)
