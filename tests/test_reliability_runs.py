@@ -1,8 +1,10 @@
-"""Runs and cross-validations, reliably: inputs are checked before training or writing anything,
-and a failed start does not block the corrected rerun (the reliability issue's items 6, 11 and 13)."""
+"""Runs and cross-validations, reliably: a resumed run keeps its whole training log, inputs are
+checked before training or writing anything, and a failed start does not block the corrected rerun
+(the reliability issue's items 5, 6, 11 and 13)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from pathlib import Path
@@ -57,6 +59,24 @@ class _Stop(pl.Callback):
 
 def _no_trainer(*a, **k):
     raise AssertionError("no Trainer may be built")
+
+
+# -- item 5: a resumed run's training log holds every step and epoch once ---------------------------
+
+
+def test_a_resumed_run_logs_every_epoch_once(tmp_path, manifest):
+    cfg = tiny_config(tmp_path, manifest, ["finetune.epochs=3"])
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated kill"):  # in epoch 1, after 2 of its 4 steps
+        run_one(cfg, test_session=1, seed=0, run_dir=run_dir, callbacks=[_Stop(epoch=1, batches=2)])
+    # csv/metrics.csv now holds epoch 0 and steps 4-5 of epoch 1; last.ckpt is of epoch 0 (step 4)
+    m = run_one(cfg, test_session=1, seed=0, run_dir=run_dir)
+    assert m["train_steps"] == 12  # 32 training clips / batch 8 = 4 steps x 3 epochs
+    with (run_dir / "csv" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    steps = [(r["epoch"], int(r["step"])) for r in rows if r["train/loss_step"]]
+    assert steps == [(str(s // 4), s) for s in range(12)]  # every step once, in order
+    assert [r["epoch"] for r in rows if r["train/loss_epoch"]] == ["0", "1", "2"]
 
 
 # -- item 6: a failed start does not block the corrected rerun -------------------------------------

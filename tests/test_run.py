@@ -118,11 +118,10 @@ def test_interrupted_run_resumes_to_completion(tmp_path, toy_manifest):
     assert m["train_steps"] == 2 * steps_per_epoch  # the first epoch was not redone
     assert (run_dir / "metrics.json").is_file()
     assert len(_read_predictions(run_dir / "predictions.csv")) == m["counts"]["test"]["n"] == 16
-    # both attempts' training logs are kept
-    first = _read_predictions(run_dir / "csv" / "metrics.attempt-1.csv")
-    second = _read_predictions(run_dir / "csv" / "metrics.csv")
-    assert {r["epoch"] for r in first if r["train/loss_step"]} == {"0"}
-    assert {r["epoch"] for r in second if r["train/loss_step"]} == {"1"}
+    # one training log holds both attempts' epochs (tests/test_reliability_runs.py: each step once)
+    rows = _read_predictions(run_dir / "csv" / "metrics.csv")
+    assert {r["epoch"] for r in rows if r["train/loss_step"]} == {"0", "1"}
+    assert not list((run_dir / "csv").glob("metrics.attempt-*.csv"))
 
 
 def test_best_val_needs_a_validation_set(tmp_path, toy_manifest):
@@ -156,7 +155,7 @@ def test_wandb_failure_does_not_fail_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(tracking, "WandbLogger", broken)
     cfg = tiny_config(tmp_path, overrides=["tracking.wandb=online"])
     loggers = tracking.make_loggers(cfg, tmp_path / "run", name="x", group="g", job_type="finetune")
-    assert [type(lg).__name__ for lg in loggers] == ["CSVLogger"]
+    assert len(loggers) == 1 and isinstance(loggers[0], tracking.CSVLogger)
 
 
 def test_precision_auto_is_fp32_on_cpu():

@@ -3,7 +3,8 @@
     run_dir/config.yaml          resolved config
     run_dir/checkpoints/last.ckpt  saved every epoch; a killed run resumes from it (deleted once the
                                    run is complete unless finetune.keep_checkpoints)
-    run_dir/csv/metrics.csv      per-step / per-epoch logs (plus run_dir/wandb/ when W&B is on)
+    run_dir/csv/metrics.csv      per-step / per-epoch logs, every epoch once across resumes (plus
+                                 run_dir/wandb/ when W&B is on)
     run_dir/predictions.csv      id, true, pred, one probability column per class (test session)
     run_dir/model/               model.safetensors + config.json (rebuild with `load_model`)
     run_dir/metrics.json         written LAST, atomically: its presence means "complete"
@@ -270,6 +271,11 @@ def _claim_run_dir(cfg: Config, run_dir: Path) -> None:
     save_config(cfg, cfg_path)
 
 
+def checkpoint_step(path: Path) -> int:
+    """Optimizer steps done at a Lightning checkpoint (memory-mapped: the weights are not read)."""
+    return int(torch.load(path, map_location="cpu", mmap=True, weights_only=True)["global_step"])
+
+
 # -- the run ------------------------------------------------------------------------------------------
 
 
@@ -323,7 +329,8 @@ def _train(cfg: Config, fold: Fold, test_session: int, seed: int, run_dir: Path,
     ckpt_dir = run_dir / "checkpoints"
     resume = ckpt_dir / "last.ckpt"
     name = f"{cfg.experiment}-s{test_session}-seed{seed}"
-    loggers = tracking.make_loggers(cfg, run_dir, name=name, group=cfg.experiment, job_type=job_type)
+    loggers = tracking.make_loggers(cfg, run_dir, name=name, group=cfg.experiment, job_type=job_type,
+                                    resume_step=checkpoint_step(resume) if resume.is_file() else None)
     # checkpoints/last.ckpt, overwritten at the end of every epoch (monitor=None + top_k=1 keeps
     # only the newest). Not save_last: with save_top_k=0 Lightning writes it only when training ends.
     last_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
