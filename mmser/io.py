@@ -1,5 +1,6 @@
 """Small file helpers: atomic writes (write to a temp file in the same folder, then rename),
-JSONL reading with errors that name the file and line, and input fingerprints for idempotence."""
+JSONL reading with errors that name the file and line, input fingerprints for idempotence, and the
+record of the data a folder was made from (inputs.json)."""
 
 from __future__ import annotations
 
@@ -106,3 +107,54 @@ def stage_done(stage_dir: str | Path, fp: str) -> bool:
 def mark_stage_done(stage_dir: str | Path, fp: str, info: dict) -> None:
     """Write the stage's done marker (last, atomically) with its input fingerprint."""
     atomic_write_json(Path(stage_dir) / DONE_FILE, {"fingerprint": fp, **info})
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (hex); a missing file raises FileNotFoundError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- what a folder was made from ------------------------------------------------------------------
+#
+# A folder's inputs.json records the data it was made from: {name: {"path": ..., "sha256": ...}}
+# (e.g. the manifest, an ASR transcript file). Only the hashes are compared: the same content at
+# another path is the same data; other content at the same path (a corpus prepared again from
+# another tree into the same folder) is not.
+
+INPUTS_FILE = "inputs.json"
+
+
+def inputs_differ(saved: dict, current: dict) -> list[str]:
+    """'name: sha256 <saved> -> <current> (path)' for every input whose content differs."""
+    out = []
+    for name in sorted(set(saved) | set(current)):
+        old, new = (saved.get(name) or {}).get("sha256"), (current.get(name) or {}).get("sha256")
+        if old != new:
+            where = (current.get(name) or saved.get(name) or {}).get("path")
+            out.append(f"{name} {str(old)[:12]} -> {str(new)[:12]}" + (f" ({where})" if where else ""))
+    return out
+
+
+def check_inputs(folder: str | Path, current: dict, what: str) -> bool:
+    """Compare `current` with folder/inputs.json: True when it matches, False when there is none;
+    a folder made from other data raises ValueError naming the folder and what differs."""
+    path = Path(folder) / INPUTS_FILE
+    if not path.is_file():
+        return False
+    diff = inputs_differ(read_json(path), current)
+    if diff:
+        raise ValueError(f"{folder}: {what} was made from other data ({'; '.join(diff)} sha256). Use another "
+                         "output folder or experiment name, or delete the old one.")
+    return True
+
+
+def write_inputs(folder: str | Path, current: dict) -> None:
+    atomic_write_json(Path(folder) / INPUTS_FILE, current)
+

@@ -1,12 +1,14 @@
-"""Runs and cross-validations, reliably: a resumed run keeps its whole training log, inputs are
-checked before training or writing anything, and a failed start does not block the corrected rerun
-(the reliability issue's items 5, 6, 11 and 13)."""
+"""Runs and cross-validations, reliably: runs are identified by their data's content, a resumed
+run keeps its whole training log, inputs are checked before training or writing anything, and a
+failed start does not block the corrected rerun (the reliability issue's items 3, 5, 6, 11, 13)."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,13 @@ def manifest(tmp_path_factory) -> Path:
     return _corpus(tmp_path_factory.mktemp("toy"))
 
 
+def _prepare_again_from_another_tree(manifest: Path, tmp_path: Path) -> None:
+    """`mmser prepare` run again into the same folder from another tree: same path, same utterance
+    ids, other content (the records point at the other tree's files)."""
+    other = _corpus(tmp_path / "other-tree", seed=1)
+    shutil.copyfile(other, manifest)
+
+
 def _fake_run(calls: list):
     def run(cfg, test_session, seed, run_dir):
         calls.append((test_session, seed))
@@ -59,6 +68,70 @@ class _Stop(pl.Callback):
 
 def _no_trainer(*a, **k):
     raise AssertionError("no Trainer may be built")
+
+
+# -- item 3: runs are identified by their data's content, not the manifest's path -------------------
+
+
+def test_cv_refuses_to_mix_two_corpora_prepared_into_one_folder(tmp_path):
+    manifest = _corpus(tmp_path / "tree")
+    cfg = load_config(overrides=["experiment=x", f"data.manifest={manifest}"])
+    out, calls = tmp_path / "x", []
+    cvmod.run_cv(cfg, sessions=[1], seeds=[0], out_dir=out, run_fn=_fake_run(calls))
+    recorded = hashlib.sha256(manifest.read_bytes()).hexdigest()
+
+    _prepare_again_from_another_tree(manifest, tmp_path)
+    with pytest.raises(ValueError, match=rf"{out}: this experiment was made from other data \(manifest "
+                                         rf"{recorded[:12]} -> [0-9a-f]{{12}} \({manifest}\) sha256\)"):
+        cvmod.run_cv(cfg, sessions=[1, 2], seeds=[0], out_dir=out, run_fn=_fake_run(calls))
+    assert calls == [(1, 0)]  # nothing trained on the new corpus
+    assert not (out / "s2-seed0").exists()
+
+
+def test_a_finished_or_partial_run_of_other_data_is_refused(tmp_path, monkeypatch):
+    manifest = _corpus(tmp_path / "tree")
+    cfg = tiny_config(tmp_path, manifest, ["finetune.epochs=1"])
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated kill"):  # a partial run: config, data, no metrics
+        run_one(cfg, test_session=1, seed=0, run_dir=run_dir, callbacks=[_Stop(epoch=0)])
+    assert (run_dir / "config.yaml").is_file() and not (run_dir / "metrics.json").exists()
+
+    _prepare_again_from_another_tree(manifest, tmp_path)
+    monkeypatch.setattr(runmod.pl, "Trainer", _no_trainer)
+    with pytest.raises(ValueError, match=rf"{run_dir}: this unfinished run was made from other data \(manifest "):
+        run_one(cfg, test_session=1, seed=0, run_dir=run_dir)
+    atomic_write_json(run_dir / "metrics.json", {"test_session": 1, "seed": 0})  # as if it had finished
+    with pytest.raises(ValueError, match=rf"{run_dir}: this run was made from other data \(manifest "):
+        run_one(cfg, test_session=1, seed=0, run_dir=run_dir)
+
+
+def test_text_runs_are_identified_by_their_transcript_file_too(tmp_path, manifest):
+    asr = tmp_path / "asr.jsonl"
+    asr.write_text('{"id": "a", "text": "hello"}\n')
+    audio = runmod.data_inputs(tiny_config(tmp_path, manifest, [f"text.source={asr}"]))
+    gold = runmod.data_inputs(tiny_config(tmp_path, manifest, ["task=text"]))
+    text = runmod.data_inputs(tiny_config(tmp_path, manifest, ["task=text", f"text.source={asr}"]))
+    assert set(audio) == set(gold) == {"manifest"} and set(text) == {"manifest", "text_source"}
+    atomic_write_json(tmp_path / "run" / "inputs.json", text)
+    atomic_write_json(tmp_path / "run" / "metrics.json", {"seed": 0})
+    asr.write_text('{"id": "a", "text": "other words"}\n')
+    cfg = tiny_config(tmp_path, manifest, ["task=text", f"text.source={asr}"])
+    with pytest.raises(ValueError, match=r"made from other data \(text_source [0-9a-f]{12} -> "):
+        runmod.finished_run(cfg, tmp_path / "run", runmod.data_inputs(cfg))
+
+
+def test_a_pretraining_stage_of_another_corpus_is_refused(tmp_path, monkeypatch):
+    """The TAPT / P-TAPT fingerprints hold the training utterance ids, which a corpus prepared again
+    from another tree keeps: the stage folder records the manifest's content as well."""
+    import mmser.training.pretrain as pretrain
+
+    manifest = _corpus(tmp_path / "tree")
+    monkeypatch.setattr(pretrain, "pretrain_fold", lambda cfg, test_session, out_dir: Path(out_dir) / "encoder")
+    cfg = load_config(overrides=["pretrain=tapt", f"data.manifest={manifest}"])
+    assert cvmod.pretrained_fold_config(cfg, 1, tmp_path / "x").encoder.name == str(tmp_path / "x/pretrain/s1/encoder")
+    _prepare_again_from_another_tree(manifest, tmp_path)
+    with pytest.raises(ValueError, match=r"pretrain/s1: this pre-training stage was made from other data"):
+        cvmod.pretrained_fold_config(cfg, 1, tmp_path / "x")
 
 
 # -- item 5: a resumed run's training log holds every step and epoch once ---------------------------

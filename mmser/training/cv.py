@@ -7,13 +7,15 @@
       summary.md, summary.csv  Table 11 form, with the command that produced them
       summary_ua.png           per-session bars
       failures.json            runs that raised, with the error (the others still ran)
+      inputs.json              the data (manifest sha256, ...) every run here is made from
 
 A run whose metrics.json exists is complete and is skipped. Pre-training stages run once per
 fold and hand their checkpoint to the fine-tuning runs by explicit path. A failed run is logged
 and reported; it does not stop the others (KeyboardInterrupt does).
 
 The sessions, folds and trainer settings are checked before anything is written. A folder with a
-finished run of another config is refused; one without a finished run takes the new config.
+finished run of another config or of other data is refused; one without a finished run takes the
+new config.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import yaml
 
 from mmser.config import Config, check_same_config, config_diff, save_config, to_dict
 from mmser.data.manifest import load_manifest, task_records
-from mmser.io import atomic_write_json, atomic_write_text
+from mmser.io import atomic_write_json, atomic_write_text, check_inputs, write_inputs
 from mmser.report import collect, plot_comparison, write_summary
 
 log = logging.getLogger(__name__)
@@ -46,10 +48,11 @@ def run_dir_for(out_dir: Path, session: int, seed: int) -> Path:
     return out_dir / f"s{session}-seed{seed}"
 
 
-def check_cv_inputs(cfg: Config, sessions: list[int]) -> None:
+def check_cv_inputs(cfg: Config, sessions: list[int]) -> dict:
     """Everything a cross-validation can check before writing: the manifest has each session, every
-    fold splits (validation speaker, best_val needs a validation set), the trainer settings resolve."""
-    from mmser.training.run import build_fold, trainer_kwargs
+    fold splits (validation speaker, best_val needs a validation set), the trainer settings resolve.
+    Returns the data's record for inputs.json."""
+    from mmser.training.run import build_fold, data_inputs, trainer_kwargs
 
     records = load_manifest(cfg.data.manifest)
     present = sorted({r["session"] for r in task_records(records)})
@@ -60,14 +63,17 @@ def check_cv_inputs(cfg: Config, sessions: list[int]) -> None:
     for session in sessions:
         build_fold(cfg, records, session, check_audio=False)  # each run checks its fold's audio files
     trainer_kwargs(cfg)
+    return data_inputs(cfg)
 
 
-def _check_same_experiment(cfg: Config, out_dir: Path) -> None:
-    """Refuse to mix runs of different configs under one experiment folder (read only).
+def _check_same_experiment(cfg: Config, out_dir: Path, inputs: dict) -> None:
+    """Refuse to mix runs of different configs or data under one experiment folder (read only).
 
     A folder holding a finished run refuses another config; one without takes the new config (a
     failed start must not block the corrected rerun; each unfinished run folder drops its old
-    checkpoints itself)."""
+    checkpoints itself). Other data is refused once anything was made from the old data (a
+    finished run, a pre-training stage); every finished run's own record is checked too (`mmser
+    train` writes into the same folders)."""
     finished = sorted(out_dir.glob("*/metrics.json"))
     saved = out_dir / "cv_config.yaml"
     if saved.is_file():
@@ -81,6 +87,18 @@ def _check_same_experiment(cfg: Config, out_dir: Path) -> None:
             if diff:
                 log.warning("%s: no finished run, so cv_config.yaml is replaced by this config (%s)", out_dir,
                             "; ".join(diff[:6]))
+    try:
+        recorded = check_inputs(out_dir, inputs, "this experiment")
+    except ValueError:
+        if finished or (out_dir / "pretrain").is_dir():
+            raise
+        log.warning("%s: nothing made from its old data yet, so inputs.json is replaced", out_dir)
+        recorded = True
+    if not recorded and finished:
+        log.warning("%s: %d finished run(s) from before experiments recorded their data (inputs.json): "
+                    "their data cannot be checked", out_dir, len(finished))
+    for m in finished:
+        check_inputs(m.parent, inputs, "this finished run")
 
 
 def run_cv(cfg: Config, sessions: list[int], seeds: list[int], out_dir: Path,
@@ -94,10 +112,11 @@ def run_cv(cfg: Config, sessions: list[int], seeds: list[int], out_dir: Path,
         from mmser.training.multimodal import run_task as run_fn
 
     out_dir = Path(out_dir)
-    check_cv_inputs(cfg, sessions)  # nothing is written before these checks
-    _check_same_experiment(cfg, out_dir)
+    inputs = check_cv_inputs(cfg, sessions)  # nothing is written before these checks
+    _check_same_experiment(cfg, out_dir, inputs)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "cv_config.yaml")
+    write_inputs(out_dir, inputs)
     summary = CVSummary(out_dir=out_dir, markdown="")
     for session in sessions:
         fold_cfg = cfg
@@ -157,10 +176,22 @@ def summarize(out_dir: Path, command: str | None = None, name: str | None = None
 
 
 def pretrained_fold_config(cfg: Config, session: int, out_dir: Path) -> Config:
-    """Run the fold's pre-training stage (once; resumable) and point the encoder at its output."""
-    from mmser.training.pretrain import pretrain_fold
+    """Run the fold's pre-training stage (once; resumable) and point the encoder at its output.
 
-    checkpoint = pretrain_fold(cfg, test_session=session, out_dir=out_dir / "pretrain" / f"s{session}")
+    The stage folder's inputs.json records the manifest it is made from: a finished or partial
+    stage of another manifest is refused (the stages' own fingerprints cover their config and the
+    training utterance ids, which a corpus prepared again from another tree keeps)."""
+    from mmser.training.pretrain import pretrain_fold
+    from mmser.training.run import data_inputs
+
+    stage_dir = out_dir / "pretrain" / f"s{session}"
+    inputs = {"manifest": data_inputs(cfg)["manifest"]}  # pre-training reads the audio only
+    if not check_inputs(stage_dir, inputs, "this pre-training stage"):
+        if stage_dir.is_dir() and any(stage_dir.iterdir()):
+            log.warning("%s: stage from before stages recorded their data (inputs.json); its data cannot be "
+                        "checked", stage_dir)
+        write_inputs(stage_dir, inputs)
+    checkpoint = pretrain_fold(cfg, test_session=session, out_dir=stage_dir)
     fold_cfg = copy.deepcopy(cfg)
     fold_cfg.encoder.name = str(checkpoint)
     return fold_cfg

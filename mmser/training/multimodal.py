@@ -28,7 +28,7 @@ from mmser.data.manifest import load_manifest, task_records
 from mmser.models.fusion import FusionClassifier, build_fusion_head, build_text_classifier
 from mmser.models.text_encoder import TextEncoder, WithTextEncoder, tokenize
 from mmser.models.wav2vec2 import AudioEncoder, apply_freezing, set_gradient_checkpointing
-from mmser.training.run import finished_run, load_model, run_one
+from mmser.training.run import data_inputs, finished_run, load_model, run_one
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def run_task(cfg: Config, test_session: int, seed: int, run_dir: str | Path) -> 
     """One run of any task (audio / text / fusion) -> run dir with metrics.json (see run_one)."""
     if cfg.task == "audio":
         return run_one(cfg, test_session=test_session, seed=seed, run_dir=run_dir)
-    done = finished_run(cfg, Path(run_dir))  # as run_one would say, without loading text features
+    done = finished_run(cfg, Path(run_dir), data_inputs(cfg))  # as run_one would say, without text features
     if done is not None:
         return done
     if cfg.task not in ("text", "fusion"):

@@ -1,6 +1,8 @@
 """One run = (config, test session, seed) -> a run dir. The stage function behind `mmser train`.
 
     run_dir/config.yaml          resolved config
+    run_dir/inputs.json          the data it was made from (sha256 of the manifest and, for text and
+                                 fusion, of an ASR transcript file): a run of other data is refused
     run_dir/checkpoints/last.ckpt  saved every epoch; a killed run resumes from it (deleted once the
                                    run is complete unless finetune.keep_checkpoints)
     run_dir/csv/metrics.csv      per-step / per-epoch logs, every epoch once across resumes (plus
@@ -15,7 +17,7 @@ epoch ("best_val", needs a validation set). Nothing is ever selected on the test
 Everything that can be checked is checked before anything is written (the fold, the audio files,
 the trainer settings, the model), so a failed start never leaves a config behind that refuses the
 corrected rerun. A folder without a finished run takes a new config (its checkpoints are deleted);
-one with a finished run of another config is refused.
+one with a finished run, or any run of other data, is refused.
 """
 
 from __future__ import annotations
@@ -44,7 +46,14 @@ from mmser.config import Config, TrainerConfig, check_same_config, config_diff, 
 from mmser.data.datamodule import SERDataModule
 from mmser.data.dataset import TextFeatures
 from mmser.data.manifest import Fold, load_manifest, split_fold
-from mmser.io import atomic_write_json, atomic_write_text, read_json
+from mmser.io import (
+    atomic_write_json,
+    atomic_write_text,
+    check_inputs,
+    file_sha256,
+    read_json,
+    write_inputs,
+)
 from mmser.labels import CLASSES
 from mmser.metrics import classification_report
 from mmser.models.heads import AudioClassifier
@@ -207,6 +216,18 @@ def _hardware() -> dict:
 # -- checks before a run ----------------------------------------------------------------------------
 
 
+def data_inputs(cfg: Config) -> dict:
+    """What a run is made from besides its config, for its inputs.json: the manifest's content and,
+    for text and fusion tasks whose `text.source` is an ASR transcript file, that file's ("gold"
+    transcripts are inside the manifest). Paths are kept for the messages; only hashes count."""
+    manifest = Path(cfg.data.manifest)
+    inputs = {"manifest": {"path": str(manifest.resolve()), "sha256": file_sha256(manifest)}}
+    if cfg.task in ("text", "fusion") and str(cfg.text.source) != "gold":
+        source = Path(cfg.text.source)
+        inputs["text_source"] = {"path": str(source.resolve()), "sha256": file_sha256(source)}
+    return inputs
+
+
 def check_audio_files(records: Sequence[dict], sample_rate: int, what: str, show: int = 5) -> None:
     """Every record's audio file exists and soundfile reads its header as `sample_rate` Hz mono, or
     one ValueError naming the first `show` bad files and the count (seconds, not a whole training,
@@ -243,21 +264,26 @@ def build_fold(cfg: Config, records: list[dict], test_session: int, check_audio:
     return fold
 
 
-def finished_run(cfg: Config, run_dir: Path) -> dict | None:
-    """metrics.json of a finished run of this config, None when there is none; a finished run of
-    another config is refused."""
+def finished_run(cfg: Config, run_dir: Path, inputs: dict) -> dict | None:
+    """metrics.json of a finished run of this config and data, None when there is none; a finished
+    run of another config or other data is refused."""
     metrics_path = run_dir / "metrics.json"
     if not metrics_path.is_file():
         return None
     if (run_dir / "config.yaml").is_file():
         check_same_config(run_dir / "config.yaml", cfg, "this run folder")
+    if not check_inputs(run_dir, inputs, "this run"):
+        log.warning("%s: finished before runs recorded their data (inputs.json); its data cannot be checked", run_dir)
     log.info("%s: complete (metrics.json exists), not retraining", run_dir)
     return read_json(metrics_path)
 
 
-def _claim_run_dir(cfg: Config, run_dir: Path) -> None:
-    """Write config.yaml into a run folder without a finished run. A config that differs replaces
-    the old one and the old checkpoints go, so a resume never mixes configs."""
+def _claim_run_dir(cfg: Config, run_dir: Path, inputs: dict) -> None:
+    """Write config.yaml and inputs.json into a held run folder without a finished run whose data
+    is this run's (run_one checked: resuming a run of other data would mix them). A config that
+    differs replaces the old one and the old checkpoints go, so a resume never mixes configs."""
+    if not (run_dir / "inputs.json").is_file() and (run_dir / "config.yaml").is_file():
+        log.warning("%s: unfinished run from before runs recorded their data (inputs.json); resumed as this data's", run_dir)
     cfg_path = run_dir / "config.yaml"
     if cfg_path.is_file():
         try:
@@ -269,6 +295,7 @@ def _claim_run_dir(cfg: Config, run_dir: Path) -> None:
                         "deleted", run_dir, "; ".join(diff[:6]), "; ..." if len(diff) > 6 else "")
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     save_config(cfg, cfg_path)
+    write_inputs(run_dir, inputs)
 
 
 def checkpoint_step(path: Path) -> int:
@@ -300,7 +327,8 @@ def run_one(
     `callbacks` are extra Lightning callbacks.
     """
     run_dir = Path(run_dir)
-    done = finished_run(cfg, run_dir)
+    inputs = data_inputs(cfg)
+    done = finished_run(cfg, run_dir, inputs)
     if done is not None:
         return done
     if model_factory is None:
@@ -310,11 +338,12 @@ def run_one(
     # Every check before anything is written: a failed start leaves nothing that refuses the rerun.
     fold = build_fold(cfg, load_manifest(cfg.data.manifest), test_session)
     trainer_kwargs(cfg)  # strategy, devices, precision
-    return _train(cfg, fold, test_session, seed, run_dir, model_factory=model_factory,
+    check_inputs(run_dir, inputs, "this unfinished run")  # never resume a run of other data
+    return _train(cfg, fold, test_session, seed, run_dir, inputs, model_factory=model_factory,
                   text_features=text_features, text_ids=text_ids, callbacks=callbacks, job_type=job_type)
 
 
-def _train(cfg: Config, fold: Fold, test_session: int, seed: int, run_dir: Path, *,
+def _train(cfg: Config, fold: Fold, test_session: int, seed: int, run_dir: Path, inputs: dict, *,
            model_factory: Callable[[Config], nn.Module], text_features: Mapping[str, TextFeatures] | None,
            text_ids: Mapping[str, torch.Tensor] | None, callbacks: Sequence[Callback], job_type: str) -> dict:
     metrics_path = run_dir / "metrics.json"
@@ -325,7 +354,7 @@ def _train(cfg: Config, fold: Fold, test_session: int, seed: int, run_dir: Path,
                               lr=cfg.finetune.lr, sample_rate=cfg.data.sample_rate)
 
     if rank_zero_only.rank == 0:
-        _claim_run_dir(cfg, run_dir)
+        _claim_run_dir(cfg, run_dir, inputs)
     ckpt_dir = run_dir / "checkpoints"
     resume = ckpt_dir / "last.ckpt"
     name = f"{cfg.experiment}-s{test_session}-seed{seed}"
