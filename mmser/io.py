@@ -1,16 +1,24 @@
 """Small file helpers: atomic writes (write to a temp file in the same folder, then rename),
-JSONL reading with errors that name the file and line, input fingerprints for idempotence, and the
-record of the data a folder was made from (inputs.json)."""
+JSONL reading with errors that name the file and line, input fingerprints for idempotence, the
+record of the data a folder was made from (inputs.json), and a per-folder lock between processes."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -158,3 +166,95 @@ def check_inputs(folder: str | Path, current: dict, what: str) -> bool:
 def write_inputs(folder: str | Path, current: dict) -> None:
     atomic_write_json(Path(folder) / INPUTS_FILE, current)
 
+
+# -- one process per folder ------------------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+OWNER_FILE = ".lock-owner.json"
+
+
+class FolderHeld(BlockingIOError):
+    """Another live process holds the folder's lock (the folder is skipped, not failed)."""
+
+    def __init__(self, folder: Path, owner: dict | None):
+        owner = owner or {}
+        who = f"pid {owner.get('pid', '?')} on host {owner.get('host', '?')}"
+        since = f" (held since {owner['since']})" if owner.get("since") else ""
+        super().__init__(errno.EWOULDBLOCK, f"held by {who}, skipped{since}", str(folder))
+        self.folder, self.owner, self.holder = folder, owner, who
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}"
+
+
+def _read_owner(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / OWNER_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _current_owner(folder: Path, tries: int = 20) -> dict | None:
+    """The holder's record; a holder that has just taken the lock may not have written it yet (or
+    the file may still name the dead holder it is taking over from): wait up to ~1 s for it."""
+    owner = None
+    for _ in range(tries):
+        owner = _read_owner(folder)
+        here = owner is not None and owner.get("host") == socket.gethostname()
+        if owner is not None and not (here and not _pid_alive(int(owner.get("pid", 0)))):
+            return owner
+        time.sleep(0.05)
+    return owner
+
+
+@contextmanager
+def hold_folder(folder: str | Path, enabled: bool = True) -> Iterator[None]:
+    """Hold `folder` for this process (creating it), or raise FolderHeld at once if another live
+    process holds it. `enabled=False` is a no-op (ranks > 0 of a distributed run: their rank 0
+    holds the folder).
+
+    The lock is `filelock.FileLock` on folder/.lock: flock(2), which the kernel releases when the
+    holder dies (SIGKILL, out of memory, a lost node on NFS), so a dead holder never leaves a
+    stale lock behind and two processes can never both take over the same stale lock (an O_EXCL
+    pid file needs a liveness check and a race-free takeover for that). filelock is already
+    installed with torch and huggingface_hub, and falls back to its own pid-checked lock file on
+    file systems without flock. Who holds the folder (pid, host, since) is kept in
+    folder/.lock-owner.json for the message a second process logs; one left by a dead holder is
+    taken over and logged.
+    """
+    if not enabled:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / LOCK_FILE), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise FolderHeld(folder, _current_owner(folder)) from None
+    try:
+        previous = _read_owner(folder)
+        if previous:  # its holder died without releasing (the kernel did): take over
+            log.warning("%s: taking over the lock of pid %s on host %s (no longer running)", folder,
+                        previous.get("pid"), previous.get("host"))
+        atomic_write_json(folder / OWNER_FILE, {
+            "pid": os.getpid(), "host": socket.gethostname(),
+            "since": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        yield
+    finally:
+        try:
+            (folder / OWNER_FILE).unlink(missing_ok=True)
+        finally:
+            lock.release()

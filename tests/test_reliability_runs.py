@@ -1,6 +1,7 @@
-"""Runs and cross-validations, reliably: runs are identified by their data's content, a resumed
-run keeps its whole training log, inputs are checked before training or writing anything, and a
-failed start does not block the corrected rerun (the reliability issue's items 3, 5, 6, 11, 13)."""
+"""Runs and cross-validations, reliably: runs are identified by their data's content, processes
+share an experiment folder, a resumed run keeps its whole training log, inputs are checked before
+training or writing anything, and a failed start does not block the corrected rerun (the
+reliability issue's items 3, 4, 5, 6, 11 and 13)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,26 @@ import csv
 import hashlib
 import json
 import logging
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 from helpers import (  # noqa: F401 (single_torch_thread: autouse fixture)
+    REPO,
+    TINY_CONFIGS,
     single_torch_thread,
     tiny_config,
     write_toy_corpus,
 )
 
+from mmser import io as mio
 from mmser.config import ConfigError, load_config
 from mmser.io import atomic_write_json
 from mmser.report import collect, write_summary
@@ -132,6 +142,81 @@ def test_a_pretraining_stage_of_another_corpus_is_refused(tmp_path, monkeypatch)
     _prepare_again_from_another_tree(manifest, tmp_path)
     with pytest.raises(ValueError, match=r"pretrain/s1: this pre-training stage was made from other data"):
         cvmod.pretrained_fold_config(cfg, 1, tmp_path / "x")
+
+
+# -- item 4: one process per run folder -----------------------------------------------------------
+
+_HOLD = textwrap.dedent("""
+    import sys, time
+    from mmser.io import hold_folder
+    with hold_folder(sys.argv[1]):
+        print("held", flush=True)
+        time.sleep(120)
+""")
+
+
+def _holder(folder: Path) -> subprocess.Popen:
+    """Another process holding `folder`'s lock (until killed)."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(folder)], stdout=subprocess.PIPE, text=True,
+                            cwd=REPO)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_cv_skips_a_run_another_live_process_holds(tmp_path, manifest, caplog, monkeypatch):
+    cfg = tiny_config(tmp_path, manifest)
+    out = tmp_path / "x"
+    proc = _holder(out / "s1-seed0")
+    try:
+        monkeypatch.setattr(runmod.pl, "Trainer", _no_trainer)
+        with caplog.at_level(logging.INFO):
+            s = cvmod.run_cv(cfg, sessions=[1], seeds=[0], out_dir=out)
+    finally:
+        proc.kill()
+        proc.wait()
+    host = socket.gethostname()
+    assert not s.failed and not s.completed
+    assert s.held == [{"session": 1, "seed": 0, "stage": "finetune", "holder": s.held[0]["holder"]}]
+    assert s.held[0]["holder"] == f"pid {proc.pid} on host {host}"
+    assert f"s1 seed 0: {out / 's1-seed0'}: held by pid {proc.pid} on host {host}, skipped (held since " \
+           in caplog.text
+    assert caplog.text.count(", skipped") == 1
+    assert "1 run(s) skipped, held by another live process" in s.markdown
+    assert not (out / "s1-seed0" / "config.yaml").exists() and not (out / "failures.json").exists()
+
+
+def test_a_dead_holders_lock_is_taken_over(tmp_path, caplog):
+    folder = tmp_path / "run"
+    proc = _holder(folder)
+    with pytest.raises(mio.FolderHeld, match=rf"{folder}: held by pid {proc.pid} on host .*, skipped"):
+        with mio.hold_folder(folder):
+            pass
+    proc.send_signal(signal.SIGKILL)  # dies holding it: no clean-up
+    proc.wait()
+    with caplog.at_level(logging.WARNING), mio.hold_folder(folder):
+        owner = json.loads((folder / ".lock-owner.json").read_text())
+        assert owner["pid"] == os.getpid()
+    assert f"taking over the lock of pid {proc.pid}" in caplog.text
+    assert not (folder / ".lock-owner.json").exists()  # released
+
+
+@pytest.mark.slow
+def test_two_cv_processes_on_one_folder_share_the_runs(tmp_path, manifest):
+    """The issue's reproduction: two `mmser cv` into one experiment folder, 0.3 s apart."""
+    import time
+
+    cmd = [sys.executable, "-m", "mmser.cli", "cv", "--sessions", "1-2", "--seeds", "2", "--out", str(tmp_path / "x")]
+    for c in TINY_CONFIGS:
+        cmd += ["-c", str(c)]
+    cmd += [f"data.manifest={manifest}", f"output_dir={tmp_path}"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    time.sleep(0.3)
+    second = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    outs = [p.communicate(timeout=600) for p in (first, second)]
+    for p, (_, err) in zip((first, second), outs):
+        assert p.returncode == 0, err[-3000:]
+    assert len(list((tmp_path / "x").glob("s*-seed*/metrics.json"))) == 4
+    assert "error" not in outs[0][1].lower() + outs[1][1].lower()
 
 
 # -- item 5: a resumed run's training log holds every step and epoch once ---------------------------

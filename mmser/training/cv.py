@@ -11,7 +11,9 @@
 
 A run whose metrics.json exists is complete and is skipped. Pre-training stages run once per
 fold and hand their checkpoint to the fine-tuning runs by explicit path. A failed run is logged
-and reported; it does not stop the others (KeyboardInterrupt does).
+and reported; it does not stop the others (KeyboardInterrupt does). A run or pre-training stage
+another live process holds (two `mmser cv` on one folder) is skipped and reported as held, not
+failed: the processes share the work.
 
 The sessions, folds and trainer settings are checked before anything is written. A folder with a
 finished run of another config or of other data is refused; one without a finished run takes the
@@ -30,7 +32,7 @@ import yaml
 
 from mmser.config import Config, check_same_config, config_diff, save_config, to_dict
 from mmser.data.manifest import load_manifest, task_records
-from mmser.io import atomic_write_json, atomic_write_text, check_inputs, write_inputs
+from mmser.io import FolderHeld, atomic_write_json, atomic_write_text, check_inputs, write_inputs
 from mmser.report import collect, plot_comparison, write_summary
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,8 @@ class CVSummary:
     completed: list[tuple[int, int]] = field(default_factory=list)
     skipped: list[tuple[int, int]] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
+    # runs another live process holds: skipped, not failed ({session, seed, stage, holder})
+    held: list[dict] = field(default_factory=list)
 
 
 def run_dir_for(out_dir: Path, session: int, seed: int) -> Path:
@@ -101,6 +105,10 @@ def _check_same_experiment(cfg: Config, out_dir: Path, inputs: dict) -> None:
         check_inputs(m.parent, inputs, "this finished run")
 
 
+def _held(session: int, seed: int, stage: str, e: FolderHeld) -> dict:
+    return {"session": session, "seed": seed, "stage": stage, "holder": e.holder}
+
+
 def run_cv(cfg: Config, sessions: list[int], seeds: list[int], out_dir: Path,
            command: str | None = None, run_fn=None) -> CVSummary:
     """Run (or resume) the cross-validation and write the Table 11 summary.
@@ -126,6 +134,10 @@ def run_cv(cfg: Config, sessions: list[int], seeds: list[int], out_dir: Path,
                 fold_cfg = pretrained_fold_config(cfg, session, out_dir)
             except KeyboardInterrupt:
                 raise
+            except FolderHeld as e:  # another process pre-trains this fold: its runs wait for it
+                log.info("fold %d: pre-training %s", session, e)
+                summary.held += [_held(session, seed, "pretrain", e) for seed in seeds]
+                continue
             except Exception as e:  # the fold's pre-training failed: its runs cannot run
                 log.error("fold %d: pre-training failed: %s", session, e)
                 for seed in seeds:
@@ -144,6 +156,9 @@ def run_cv(cfg: Config, sessions: list[int], seeds: list[int], out_dir: Path,
                 (run_dir / "error.txt").unlink(missing_ok=True)  # from an earlier failed attempt
             except KeyboardInterrupt:
                 raise
+            except FolderHeld as e:
+                log.info("s%d seed %d: %s", session, seed, e)
+                summary.held.append(_held(session, seed, "finetune", e))
             except Exception as e:
                 log.error("s%d seed %d failed: %s", session, seed, e)
                 run_dir.mkdir(parents=True, exist_ok=True)
@@ -154,7 +169,7 @@ def run_cv(cfg: Config, sessions: list[int], seeds: list[int], out_dir: Path,
     elif (out_dir / "failures.json").exists():
         (out_dir / "failures.json").unlink()
     summary.markdown = summarize(out_dir, command=command, name=cfg.experiment,
-                                 failed=summary.failed)
+                                 failed=summary.failed, held=summary.held)
     return summary
 
 
@@ -163,13 +178,17 @@ def _failure(session: int, seed: int, stage: str, e: BaseException) -> dict:
 
 
 def summarize(out_dir: Path, command: str | None = None, name: str | None = None,
-              failed: list[dict] | None = None) -> str:
+              failed: list[dict] | None = None, held: list[dict] | None = None) -> str:
     """(Re)write summary.md / summary.csv / summary_ua.png from the complete runs in out_dir."""
     res = collect(out_dir, name=name)
     notes = []
     if failed:
         notes.append(f"**{len(failed)} run(s) failed** (see failures.json): "
                      + ", ".join(f"s{f['session']}-seed{f['seed']} ({f['stage']})" for f in failed))
+    if held:
+        notes.append(f"**{len(held)} run(s) skipped, held by another live process** (not failed; that "
+                     "process writes them): " + ", ".join(f"s{h['session']}-seed{h['seed']} ({h['stage']}, "
+                                                          f"{h['holder']})" for h in held))
     md = write_summary([res], out_dir, command=command, notes=notes)
     plot_comparison([res], out_dir / "summary_ua.png")
     return md

@@ -7,6 +7,7 @@
                                    run is complete unless finetune.keep_checkpoints)
     run_dir/csv/metrics.csv      per-step / per-epoch logs, every epoch once across resumes (plus
                                  run_dir/wandb/ when W&B is on)
+    run_dir/.lock                held by the process training the run (another one skips it)
     run_dir/predictions.csv      id, true, pred, one probability column per class (test session)
     run_dir/model/               model.safetensors + config.json (rebuild with `load_model`)
     run_dir/metrics.json         written LAST, atomically: its presence means "complete"
@@ -51,6 +52,7 @@ from mmser.io import (
     atomic_write_text,
     check_inputs,
     file_sha256,
+    hold_folder,
     read_json,
     write_inputs,
 )
@@ -324,7 +326,8 @@ def run_one(
     checkpoints/last.ckpt (a killed run) resumes from it. `model_factory` builds the classifier
     (default: the audio V-FT model; fusion passes its own) and `text_features` (id -> (tokens, pooled))
     adds text to the batches (or `text_ids`, id -> token ids, for a fine-tuned text encoder).
-    `callbacks` are extra Lightning callbacks.
+    `callbacks` are extra Lightning callbacks. A run folder another live process holds raises
+    mmser.io.FolderHeld (cv counts it as skipped).
     """
     run_dir = Path(run_dir)
     inputs = data_inputs(cfg)
@@ -338,9 +341,13 @@ def run_one(
     # Every check before anything is written: a failed start leaves nothing that refuses the rerun.
     fold = build_fold(cfg, load_manifest(cfg.data.manifest), test_session)
     trainer_kwargs(cfg)  # strategy, devices, precision
-    check_inputs(run_dir, inputs, "this unfinished run")  # never resume a run of other data
-    return _train(cfg, fold, test_session, seed, run_dir, inputs, model_factory=model_factory,
-                  text_features=text_features, text_ids=text_ids, callbacks=callbacks, job_type=job_type)
+    with hold_folder(run_dir, enabled=rank_zero_only.rank == 0):
+        done = finished_run(cfg, run_dir, inputs)  # finished by another process in the meantime
+        if done is not None:
+            return done
+        check_inputs(run_dir, inputs, "this unfinished run")  # never resume a run of other data
+        return _train(cfg, fold, test_session, seed, run_dir, inputs, model_factory=model_factory,
+                      text_features=text_features, text_ids=text_ids, callbacks=callbacks, job_type=job_type)
 
 
 def _train(cfg: Config, fold: Fold, test_session: int, seed: int, run_dir: Path, inputs: dict, *,

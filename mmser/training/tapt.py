@@ -39,6 +39,7 @@ from transformers import Wav2Vec2ForPreTraining
 from transformers.models.wav2vec2.modeling_wav2vec2 import _sample_negative_indices
 
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from mmser import tracking
@@ -46,7 +47,7 @@ from mmser.config import Config, TaptConfig, save_config, to_dict
 from mmser.data.batching import BucketBatchSampler, collate_batch
 from mmser.data.dataset import UtteranceDataset, read_audio
 from mmser.data.manifest import Fold
-from mmser.io import fingerprint, mark_stage_done, stage_done
+from mmser.io import fingerprint, hold_folder, mark_stage_done, stage_done
 from mmser.labels import CLASS_TO_INDEX
 from mmser.models.wav2vec2 import (
     compute_time_mask,
@@ -288,6 +289,17 @@ def run_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int = 0) -> Path:
     if stage_done(out_dir, fp) and (encoder_dir / "config.json").is_file():
         log.info("TAPT fold %d: complete (%s)", fold.test_session, encoder_dir)
         return encoder_dir
+    # One process per stage folder; another live one holding it raises mmser.io.FolderHeld.
+    with hold_folder(out_dir, enabled=rank_zero_only.rank == 0):
+        if stage_done(out_dir, fp) and (encoder_dir / "config.json").is_file():  # done meanwhile
+            log.info("TAPT fold %d: complete (%s)", fold.test_session, encoder_dir)
+            return encoder_dir
+        return _train_tapt(cfg, fold, out_dir, seed, fp)
+
+
+def _train_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int, fp: str) -> Path:
+    encoder_dir = out_dir / "encoder"
+    tc = cfg.tapt
     pl.seed_everything(seed + 1000 * fold.test_session, workers=True)
     model = build_pretraining_model(cfg)
     hop = int(np.prod(model.config.conv_stride))

@@ -22,9 +22,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pytorch_lightning.utilities import rank_zero_only
+
 from mmser.config import Config, to_dict
 from mmser.data.manifest import Fold
-from mmser.io import fingerprint, stage_done
+from mmser.io import fingerprint, hold_folder, stage_done
 from mmser.training.ptapt.clustering import cluster_frames
 from mmser.training.ptapt.common import check_no_test_session
 from mmser.training.ptapt.frame_training import load_frame_model, train_frame_model
@@ -75,6 +77,13 @@ def run_ptapt(cfg: Config, fold: Fold, out_dir: str | Path) -> Path:
     fp_c = fingerprint([("stage", "ptapt-encoder"), ("upstream", fp_b), ("ptapt", step_c),
                         ("encoder", _encoder_fingerprint_items(cfg)), ("num_buckets", cfg.data.num_buckets)])
 
+    # One process per fold folder (all three steps); another live one holding it raises
+    # mmser.io.FolderHeld. The steps' DONE.json checks run under the lock.
+    with hold_folder(out_dir, enabled=rank_zero_only.rank == 0):
+        return _run_steps(cfg, fold, out_dir, fp_a, fp_b, fp_c)
+
+
+def _run_steps(cfg: Config, fold: Fold, out_dir: Path, fp_a: str, fp_b: str, fp_c: str) -> Path:
     frame_dir, labels_dir = out_dir / "frame_model", out_dir / "pseudo_labels"
     work_dir, enc_dir = out_dir / "encoder_training", out_dir / "encoder"
     timings: dict[str, float] = {}
