@@ -109,10 +109,6 @@ def test_run_one_finishes_with_a_60_sample_training_clip(tmp_path, short_manifes
     assert (tmp_path / "run" / "metrics.json").is_file()
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "mmser/training/run.py checks the predictions against fold.test, not against the datamodule's "
-    "test_records, so a skipped test clip ends the run with 'test predictions do not cover the test "
-    "session exactly'. Remove this marker when run.py compares with dm.test_records."))
 def test_run_one_finishes_with_a_too_short_test_clip(tmp_path, short_manifest):
     from mmser.training.run import run_one
 

@@ -401,7 +401,9 @@ def _train(cfg: Config, fold: Fold, test_session: int, seed: int, run_dir: Path,
             val_report = module.val_report
         trainer.test(module, datamodule=dm, ckpt_path=test_ckpt, verbose=False)
         rows = module.test_predictions
-        by_id = {r["id"]: r for r in fold.test}
+        # Every test utterance the datamodule kept (clips too short for the encoder are skipped and
+        # counted in counts()["skipped_too_short"]), each exactly once.
+        by_id = {r["id"]: r for r in dm.test_records}
         if sorted(r["id"] for r in rows) != sorted(by_id):
             raise RuntimeError(f"{run_dir}: test predictions do not cover the test session exactly")
         improvised = [r for r in rows if not by_id[r["id"]]["scripted"]]
