@@ -33,3 +33,16 @@ def fake_iemocap_factory(tmp_path: Path) -> Callable[..., Path]:
         return make_fake_iemocap(tmp_path / f"corpus{count}", **options)
 
     return make
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Print the reliability catalogue (tests/test_reliability_catalogue.py) as a `case | outcome` table."""
+    from test_reliability_catalogue import CATALOGUE_KEY
+
+    rows = config.stash.get(CATALOGUE_KEY, [])
+    if rows:
+        terminalreporter.section("reliability catalogue")
+        terminalreporter.write_line("| case | outcome |")
+        terminalreporter.write_line("|---|---|")
+        for case, outcome in rows:
+            terminalreporter.write_line(f"| {case} | {outcome.replace('|', '/')} |")

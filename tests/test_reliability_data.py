@@ -148,10 +148,10 @@ _REFUSED = r"(?s)Weights only load failed.*(posix|nt)\.system"
 def test_resume_refuses_a_crafted_last_ckpt(tmp_path):
     """run_one resumes from run_dir/checkpoints/last.ckpt (trainer.fit(ckpt_path=...)). With torch
     >= 2.6 and pytorch-lightning >= 2.6 (pyproject.toml's floors) that load is weights_only, so a
-    crafted file is refused with torch's UnpicklingError, which names weights_only and the global
-    it refused, and the payload never runs. Under torch < 2.6 or Lightning 2.4-2.5 (which passed
+    crafted file is refused (run_one reads the step with weights_only=True first: one CheckpointError
+    naming the file, weights_only and the global it refused), and the payload never runs. Under torch < 2.6 or Lightning 2.4-2.5 (which passed
     weights_only=False) the marker would be written and this test would fail."""
-    from mmser.training.run import run_one
+    from mmser.training.run import CheckpointError, run_one
 
     manifest = write_toy_corpus(tmp_path / "toy", per_class=1, sessions=(1, 2), with_unlabelled=False)
     cfg = tiny_config(tmp_path, manifest, ["finetune.epochs=1"])
@@ -159,7 +159,7 @@ def test_resume_refuses_a_crafted_last_ckpt(tmp_path):
     marker = tmp_path / "marker"
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     _crafted_checkpoint(ckpt, marker)
-    with pytest.raises(pickle.UnpicklingError, match=_REFUSED):
+    with pytest.raises(CheckpointError, match=_REFUSED):  # one line naming the file and the refused global
         run_one(cfg, test_session=1, seed=0, run_dir=run_dir)
     assert not marker.exists()
     assert not (run_dir / "metrics.json").exists()

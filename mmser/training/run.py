@@ -27,6 +27,7 @@ import csv
 import io
 import logging
 import platform
+import re
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -300,9 +301,25 @@ def _claim_run_dir(cfg: Config, run_dir: Path, inputs: dict) -> None:
     write_inputs(run_dir, inputs)
 
 
+class CheckpointError(ValueError):
+    """A resume checkpoint that cannot be read safely (not a torch zip file, refused globals, no step)."""
+
+
 def checkpoint_step(path: Path) -> int:
-    """Optimizer steps done at a Lightning checkpoint (memory-mapped: the weights are not read)."""
-    return int(torch.load(path, map_location="cpu", mmap=True, weights_only=True)["global_step"])
+    """Optimizer steps done at a Lightning checkpoint (memory-mapped: the weights are not read).
+
+    Loaded with weights_only=True: a crafted pickle is refused, never run. Anything unreadable is a
+    CheckpointError naming the file (delete it to start the run afresh)."""
+    try:
+        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=True)["global_step"])
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError / UnpicklingError / KeyError / ...
+        text = str(e).strip()
+        first = text.splitlines()[0][:160] if text else type(e).__name__
+        # what weights_only refused ("Unsupported global: GLOBAL x.y" / "unsupported GLOBAL x.y whose ...")
+        refused = re.search(r"(?i)unsupported (?:global: )?GLOBAL ([\w.]+)", text)
+        why = f"; refused global {refused.group(1)}" if refused else ""
+        raise CheckpointError(f"{path}: not a resumable Lightning checkpoint ({type(e).__name__}: "
+                              f"{first}{why}); delete it to start this run afresh") from None
 
 
 # -- the run ------------------------------------------------------------------------------------------
