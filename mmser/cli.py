@@ -8,6 +8,7 @@
     mmser compare runs/vft runs/tapt ... --out runs/compare
     mmser transcribe MANIFEST --backend faster-whisper --model tiny.en --out FILE
     mmser demo [--out DIR]
+    mmser config show -c vft [-c tiny ...] [key=value ...]   |   mmser config list
 
 Options and key=value overrides may come in any order. An error prints one line,
 `mmser: error: <what went wrong, naming the file>`; --debug (anywhere on the line) or MMSER_DEBUG=1
@@ -29,7 +30,7 @@ from pathlib import Path
 log = logging.getLogger("mmser")
 
 # Commands that take config files and `key=value` overrides (anywhere on their command line).
-OVERRIDE_COMMANDS = ("folds", "train", "cv")
+OVERRIDE_COMMANDS = ("folds", "train", "cv", "config")
 _OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")
 EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -63,7 +64,8 @@ def parse_seeds(text: str) -> list[int]:
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", action="append", default=[], metavar="YAML",
-                   help="config file (repeatable; later files override earlier ones)")
+                   help="config file, or the name of a packaged one (`vft`; see `mmser config list`); "
+                        "repeatable, later files override earlier ones")
     # Documents the overrides in --help; main() takes every key=value token out of the command line
     # before parsing (so they may come before, between or after the options) and puts them here.
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -137,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--language", default="en")
     p.add_argument("--all-utterances", action="store_true",
                    help="also transcribe utterances outside the 4 classes (default: 4-class only)")
+
+    p = sub.add_parser("config", help="show the resolved config (show) or the packaged configs (list)")
+    p.add_argument("action", choices=["show", "list"])
+    _add_config_args(p)
 
     p = sub.add_parser("demo", help="end-to-end demo on the synthetic corpus (CPU, tiny models)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -318,6 +324,8 @@ def _dispatch(args: argparse.Namespace) -> int | None:
                                      beam_size=args.beam_size, task_only=not args.all_utterances)
         print(report.summary())
         return 0
+    if args.command == "config":
+        return _config_command(args)
     if args.command == "demo":
         from mmser.demo import run_demo
 
@@ -328,6 +336,24 @@ def _dispatch(args: argparse.Namespace) -> int | None:
             return EXIT_FAILED
         return 0
     raise AssertionError(args.command)
+
+
+def _config_command(args: argparse.Namespace) -> int:
+    """`config show`: the resolved config as YAML; `config list`: packaged names + first comment line."""
+    from mmser.config import packaged_configs, to_dict
+
+    if args.action == "show":
+        import yaml
+
+        print(yaml.safe_dump(to_dict(_load(args)), sort_keys=False), end="")
+        return 0
+    if args.config or args.overrides:
+        raise ValueError("mmser config list takes no -c or key=value")
+    for name, path in packaged_configs().items():
+        first = next((line.lstrip("# ").rstrip() for line in path.read_text().splitlines()
+                      if line.startswith("#")), "")
+        print(f"{name:<16} {first}")
+    return 0
 
 
 def _cv_argv(args: argparse.Namespace) -> list[str]:

@@ -587,13 +587,34 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
     return validate_config(cfg, sources)
 
 
+# The configs shipped inside the package (also reachable as `configs/` in a clone: a symlink).
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def packaged_configs() -> dict[str, Path]:
+    """Bare name -> file of every config shipped with mmser, sorted by name."""
+    return {p.stem: p for p in sorted(PACKAGED_CONFIGS.glob("*.yaml"))}
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A bare name (`vft`: no slash, no .yaml) -> the packaged file; anything else is a path."""
+    text = str(name)
+    if isinstance(name, Path) or "/" in text or "\\" in text or text.endswith((".yaml", ".yml")):
+        return Path(name)
+    found = packaged_configs()
+    if text not in found:
+        raise ConfigError(f"no packaged config named {text!r} (known: {', '.join(found)}; "
+                          f"or give a path to a YAML file)")
+    return found[text]
+
+
 def load_config(*paths: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- each YAML file in order <- `key=value` overrides; validated once, at the end,
-    so that checks between fields see the final values."""
+    so that checks between fields see the final values. A bare name (`vft`) is a packaged config."""
     cfg = Config()
     sources: dict[str, str] = {}
     for p in paths:
-        p = Path(p)
+        p = resolve_config_path(p)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:

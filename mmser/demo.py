@@ -18,11 +18,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmser.config import Config, load_config
+from mmser.config import PACKAGED_CONFIGS, Config, load_config
 
 log = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = PACKAGED_CONFIGS  # inside the package: found in an installed wheel too
 
 BANNER = """\
 ================================================================================================
