@@ -150,6 +150,8 @@ class TextClassifier(nn.Module):
         super().__init__()
         if pooling not in ("mean", "pooled"):
             raise ValueError(f"TextClassifier: pooling must be 'mean' or 'pooled', got {pooling!r}")
+        self.init_args = dict(text_dim=text_dim, num_classes=num_classes, hidden=hidden, dropout=dropout,
+                              pooling=pooling)  # config_dict(): rebuilds the architecture
         self.pooling = pooling
         self.mlp = _mlp(text_dim, hidden, num_classes, dropout)
 
@@ -193,6 +195,8 @@ class ConcatFusion(nn.Module):
         super().__init__()
         if text_pooling not in ("mean", "pooled"):
             raise ValueError(f"ConcatFusion: text_pooling must be 'mean' or 'pooled', got {text_pooling!r}")
+        self.init_args = dict(audio_dim=audio_dim, text_dim=text_dim, num_classes=num_classes, hidden=hidden,
+                              dropout=dropout, text_pooling=text_pooling, normalize=normalize)
         self.text_pooling = text_pooling
         self.audio_norm = nn.LayerNorm(audio_dim) if normalize else nn.Identity()
         self.text_norm = nn.LayerNorm(text_dim) if normalize else nn.Identity()
@@ -257,6 +261,8 @@ class DecisionFusion(nn.Module):
             raise ValueError(f"DecisionFusion: weights must be 'class' or 'global', got {weights!r}")
         if rule not in ("log_linear", "linear"):
             raise ValueError(f"DecisionFusion: rule must be 'log_linear' or 'linear', got {rule!r}")
+        self.init_args = dict(audio_dim=audio_dim, text_dim=text_dim, num_classes=num_classes, hidden=hidden,
+                              dropout=dropout, text_pooling=text_pooling, weights=weights, rule=rule)
         self.weights = weights
         self.rule = rule
         self.audio_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(audio_dim, num_classes))
@@ -387,6 +393,8 @@ class CrossAttentionFusion(nn.Module):
             )
         if num_layers < 1:
             raise ValueError(f"CrossAttentionFusion: num_layers must be >= 1, got {num_layers}")
+        self.init_args = dict(audio_dim=audio_dim, text_dim=text_dim, num_classes=num_classes, hidden=hidden,
+                              num_heads=num_heads, dropout=dropout, num_layers=num_layers, ffn=ffn)
         self.audio_proj = nn.Linear(audio_dim, hidden)
         self.text_proj = nn.Linear(text_dim, hidden)
         self.audio_to_text = nn.ModuleList(

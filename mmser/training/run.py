@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import platform
 import re
@@ -38,8 +39,6 @@ import torch
 import yaml
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
-from safetensors.torch import load_model as load_safetensors_model
-from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
 import mmser
@@ -60,12 +59,11 @@ from mmser.io import (
 from mmser.labels import CLASSES
 from mmser.metrics import classification_report
 from mmser.models.heads import AudioClassifier
+from mmser.models.pretrained import MODEL_FORMAT, from_pretrained, save_pretrained  # noqa: F401 (MODEL_FORMAT re-exported)
 from mmser.models.wav2vec2 import AudioEncoder, encoder_provenance
 from mmser.training.finetune import ClassifierModule
 
 log = logging.getLogger(__name__)
-
-MODEL_FORMAT = "mmser-classifier/1"
 
 
 def default_run_dir(cfg: Config, session: int, seed: int) -> Path:
@@ -153,40 +151,59 @@ def build_audio_model(cfg: Config) -> AudioClassifier:
 # -- saved models ---------------------------------------------------------------------------------
 
 
-def save_model(model: nn.Module, cfg: Config, out_dir: str | Path) -> None:
-    """out_dir/model.safetensors (state dict) + out_dir/config.json (architecture + resolved config)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "format": MODEL_FORMAT,
-        "mmser_version": mmser.__version__,
-        "task": cfg.task,
-        "classes": list(CLASSES),
-        "architecture": model.config_dict() if hasattr(model, "config_dict") else None,
-        "config": to_dict(cfg),
-    }
-    tmp = out_dir / ".model.safetensors.tmp"
-    save_safetensors_model(model, str(tmp))  # handles shared tensors
-    tmp.replace(out_dir / "model.safetensors")
-    atomic_write_json(out_dir / "config.json", meta)
+def text_side(cfg: Config) -> dict | None:
+    """What a text or fusion model needs at inference about its text: the encoder (name or path),
+    pooling, max length, whether it was fine-tuned, and the training text (gold, or the ASR system
+    of the transcript file: backend, model, beam size, language)."""
+    if cfg.task not in ("text", "fusion"):
+        return None
+    source = str(cfg.text.source)
+    asr = None
+    if source != "gold" and Path(source).is_file():
+        from mmser.text.transcribe import SYSTEM_FIELDS
+
+        with open(source) as f:
+            first = f.readline()
+        try:
+            entry = json.loads(first) if first.strip() else {}
+        except json.JSONDecodeError:
+            entry = {}
+        asr = {k: entry.get(k) for k in SYSTEM_FIELDS} if entry else None
+    return {"encoder": cfg.text.encoder, "pooling": cfg.text.pooling, "max_length": cfg.text.max_length,
+            "fine_tuned": not cfg.text.freeze, "source": "gold" if source == "gold" else "asr", "asr": asr}
+
+
+def save_model(model: nn.Module, cfg: Config, out_dir: str | Path, metrics: dict | None = None) -> None:
+    """out_dir/model.safetensors + config.json (architecture, labels, sample rate, text side, resolved
+    config) + README.md (model card), in mmser.models.pretrained's format."""
+    from mmser.card import model_card
+
+    meta = {"mmser_version": mmser.__version__, "task": cfg.task, "classes": list(CLASSES),
+            "sample_rate": cfg.data.sample_rate, "text": text_side(cfg), "config": to_dict(cfg)}
+    save_pretrained(model, out_dir, meta, card=model_card(meta, metrics))
 
 
 def load_model(model_dir: str | Path) -> nn.Module:
     """Rebuild a model saved by `save_model` (no pretrained download needed) in eval mode."""
-    model_dir = Path(model_dir)
-    cfg_path, weights = model_dir / "config.json", model_dir / "model.safetensors"
-    for p in (cfg_path, weights):
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: missing (not a folder written by mmser save_model)")
-    meta = read_json(cfg_path)
-    if meta.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{cfg_path}: unknown model format {meta.get('format')!r}")
-    arch = meta.get("architecture") or {}
-    if arch.get("model") != "AudioClassifier":
-        raise ValueError(f"{cfg_path}: cannot rebuild architecture {arch.get('model')!r} here")
-    model = AudioClassifier.from_config_dict(arch)
-    load_safetensors_model(model, str(weights), strict=True)
-    return model.eval()
+    return from_pretrained(model_dir).model
+
+
+@torch.no_grad()
+def check_saved_model(model: nn.Module, model_dir: Path, batch: Mapping) -> None:
+    """The saved folder loads back and gives the trained model's logits on `batch` (eval mode),
+    or a RuntimeError: a run never finishes with a model that cannot be used."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        reloaded = from_pretrained(model_dir, device=device).model
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        expected, got = model(moved).float(), reloaded(moved).float()
+    finally:
+        model.train(was_training)
+    if not torch.allclose(expected, got, atol=1e-4, rtol=1e-4):
+        raise RuntimeError(f"{model_dir}: the saved model does not reproduce the trained model's outputs "
+                           f"(max diff {(expected - got).abs().max():.3g})")
 
 
 # -- outputs ----------------------------------------------------------------------------------------
@@ -450,7 +467,8 @@ def _train(cfg: Config, fold: Fold, test_session: int, seed: int, run_dir: Path,
         }
         if trainer.is_global_zero:
             atomic_write_text(run_dir / "predictions.csv", predictions_csv(rows))
-            save_model(module.model, cfg, run_dir / "model")
+            save_model(module.model, cfg, run_dir / "model", metrics)
+            check_saved_model(module.model, run_dir / "model", next(iter(dm.test_dataloader())))
             tracking.log_final(loggers, metrics, [r["true"] for r in rows], [r["pred"] for r in rows], CLASSES)
             atomic_write_json(metrics_path, metrics)  # last: marks the run complete
             if not cfg.finetune.keep_checkpoints:

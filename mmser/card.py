@@ -1,0 +1,93 @@
+"""Hub model cards (README.md) for saved model folders: YAML metadata block + what the model is.
+
+    card = model_card(meta, metrics)   # meta = the folder's config.json content; metrics = metrics.json
+
+The metadata block follows the Hub's model-card format (pipeline_tag, tags, datasets, metrics and a
+model-index with the test session's UA/WA when known); the body gives the task, labels, text side,
+the caveat for the synthetic corpus or a random encoder, the resolved config and the paper citation.
+"""
+
+from __future__ import annotations
+
+import yaml
+
+CITATION = """@article{chen2021exploring,
+  title   = {Exploring Wav2vec 2.0 Fine-Tuning for Improved Speech Emotion Recognition},
+  author  = {Chen, Li-Wei and Rudnicky, Alexander},
+  journal = {arXiv preprint arXiv:2110.06309},
+  year    = {2021}
+}"""
+
+_TASKS = {"audio": "audio-only (wav2vec 2.0 family encoder + mean-pool head)",
+          "text": "text-only (text encoder features + MLP)",
+          "fusion": "audio + text fusion"}
+
+
+def _caveats(cfg: dict) -> list[str]:
+    out = []
+    manifest = str(cfg.get("data", {}).get("manifest", ""))
+    if "synth" in manifest.lower() or "demo" in manifest.lower() or "toy" in manifest.lower():
+        out.append(f"Trained on a synthetic corpus ({manifest}), not on IEMOCAP: its predictions on real "
+                   "speech mean nothing. It exists to test the pipeline.")
+    enc = cfg.get("encoder", {})
+    if cfg.get("task") != "text" and str(enc.get("name", "")).lower() == "random":
+        out.append("The audio encoder was randomly initialised (no self-supervised pre-training): "
+                   "a pipeline test model, not a usable emotion recogniser.")
+    return out
+
+
+def model_card(meta: dict, metrics: dict | None = None, command: str | None = None) -> str:
+    """README.md text for a model folder whose config.json holds `meta`."""
+    cfg = meta.get("config") or {}
+    task = meta.get("task", "audio")
+    classes = list(meta.get("classes") or [])
+    experiment = cfg.get("experiment", "mmser-model")
+    test = (metrics or {}).get("test")
+    session = (metrics or {}).get("test_session")
+    dataset = "synthetic (mmser synth)" if _caveats(cfg) and "synthetic" in " ".join(_caveats(cfg)) else "IEMOCAP"
+    header: dict = {
+        "library_name": "mmser",
+        "pipeline_tag": "audio-classification" if task != "text" else "text-classification",
+        "tags": ["speech-emotion-recognition", "wav2vec2", "mmser", task],
+        "datasets": ["iemocap"] if dataset == "IEMOCAP" else [],
+        "metrics": ["unweighted_accuracy", "weighted_accuracy"],
+    }
+    if test:
+        name = f"IEMOCAP session {session}" if dataset == "IEMOCAP" else f"synthetic session {session}"
+        header["model-index"] = [{"name": experiment, "results": [{
+            "task": {"type": "audio-classification", "name": "Speech emotion recognition"},
+            "dataset": {"type": "iemocap" if dataset == "IEMOCAP" else "synthetic", "name": name},
+            "metrics": [{"type": "unweighted_accuracy", "name": "UA", "value": round(float(test["ua"]), 4)},
+                        {"type": "weighted_accuracy", "name": "WA", "value": round(float(test["wa"]), 4)}],
+        }]}]
+    lines = ["---", yaml.safe_dump(header, sort_keys=False).rstrip(), "---", "",
+             f"# {experiment}", "",
+             f"Speech emotion recognition, {_TASKS.get(task, task)}, trained with "
+             "[mmser](https://arxiv.org/abs/2110.06309) (Chen & Rudnicky, 2021).", "",
+             f"- Labels: {', '.join(classes)}",
+             f"- Sample rate: {meta.get('sample_rate', 16000)} Hz (any input rate is resampled; stereo is "
+             "down-mixed)"]
+    text = meta.get("text")
+    if text:
+        lines.append(f"- Text side: encoder `{text.get('encoder')}`, pooling {text.get('pooling')}, "
+                     f"{'fine-tuned' if text.get('fine_tuned') else 'frozen'}; training text: "
+                     f"{'gold transcripts' if text.get('source') == 'gold' else 'ASR ' + str(text.get('asr'))}")
+    if test:
+        lines.append(f"- Test session {session}: UA {test['ua']:.4f}, WA {test['wa']:.4f} "
+                     f"({test.get('n', '?')} utterances; leave-one-session-out)")
+    caveats = _caveats(cfg)
+    if caveats:
+        lines += ["", "## Caveat", ""] + [f"- {c}" for c in caveats]
+    lines += ["", "## Use", "", "```python", "import mmser",
+              'clf = mmser.EmotionClassifier.from_pretrained("path/or/hub-id")',
+              'print(clf.classify_file("speech.wav"))' if task == "audio" else
+              'print(clf.classify_file("speech.wav", text="what was said"))', "```", "",
+              "```", "mmser predict MODEL speech.wav --out preds.csv" + ("" if task == "audio" else
+                                                                      ' --text "what was said"'), "```"]
+    if command:
+        lines += ["", "Trained with:", "", "```", command, "```"]
+    if cfg:
+        lines += ["", "## Resolved training config", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).rstrip(),
+                  "```"]
+    lines += ["", "## Citation", "", "```bibtex", CITATION, "```", ""]
+    return "\n".join(lines)
