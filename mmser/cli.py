@@ -8,6 +8,7 @@
     mmser compare runs/vft runs/tapt ... --out runs/compare
     mmser transcribe MANIFEST --backend faster-whisper --model tiny.en --out FILE
     mmser demo [--out DIR]
+    mmser predict MODEL AUDIO_OR_DIR... [--out preds.csv|.jsonl] [--text TEXT | --transcripts FILE | --asr] [--windows]
     mmser config show -c vft [-c tiny ...] [key=value ...]   |   mmser config list
 
 Options and key=value overrides may come in any order. An error prints one line,
@@ -143,6 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="show the resolved config (show) or the packaged configs (list)")
     p.add_argument("action", choices=["show", "list"])
     _add_config_args(p)
+
+    p = sub.add_parser("predict", help="classify audio files with a saved model (a row per file)")
+    p.add_argument("model", help="run folder (its model/), model folder, or Hugging Face Hub id")
+    p.add_argument("audio", nargs="+", type=Path, help="audio files or folders (WAV/FLAC/OGG, any rate)")
+    p.add_argument("--out", type=Path, default=None, help="preds.csv or preds.jsonl (default: CSV on stdout)")
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--text", default=None, help="the text of every file (text and fusion models)")
+    text.add_argument("--transcripts", type=Path, default=None,
+                      help="JSONL of {id, text} (as `mmser transcribe` writes), id = the file's stem")
+    text.add_argument("--asr", action="store_true", help="transcribe with the model's recorded ASR system")
+    p.add_argument("--windows", action="store_true", help="also a row per window of long files")
+    p.add_argument("--window-s", type=float, default=10.0, help="window length in seconds (default 10)")
+    p.add_argument("--overlap-s", type=float, default=2.0, help="window overlap in seconds (default 2)")
+    p.add_argument("--device", default="cpu")
 
     p = sub.add_parser("demo", help="end-to-end demo on the synthetic corpus (CPU, tiny models)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -326,6 +341,12 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         return 0
     if args.command == "config":
         return _config_command(args)
+    if args.command == "predict":
+        from mmser.inference import predict_command
+
+        return predict_command(args.model, args.audio, out=args.out, text=args.text, transcripts=args.transcripts,
+                               asr=args.asr, windows=args.windows, window_s=args.window_s,
+                               overlap_s=args.overlap_s, device=args.device)
     if args.command == "demo":
         from mmser.demo import run_demo
 

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import soundfile as sf
 import torch
 from torch.utils.data import Dataset
 
+from mmser.audio import read_audio_file
 from mmser.labels import CLASS_TO_INDEX
 
 
@@ -29,13 +29,7 @@ class TextFeatures(NamedTuple):
 
 def read_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
     """float32 waveform (T,) of a mono file at `sample_rate`; errors name the file and the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: audio file not found")
-    try:
-        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError) as e:
-        raise ValueError(f"{path}: cannot read audio ({e})") from None
+    wav, sr = read_audio_file(path)  # the one reader (mmser.audio); training data is never resampled
     if sr != sample_rate:
         raise ValueError(f"{path}: sample rate {sr} Hz, expected {sample_rate} Hz (resample the corpus first)")
     if wav.shape[1] != 1:

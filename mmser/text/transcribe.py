@@ -69,22 +69,12 @@ class Transcriber(Protocol):
 
 
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Read a sound file with soundfile as mono float32 at `sample_rate` (resampled if needed)."""
-    import soundfile as sf
+    """Read a sound file as mono float32 at `sample_rate` with mmser.audio, the one reader (an empty
+    file gives an empty array: Whisper transcribes it as "")."""
+    from mmser.audio import read_audio_file, resample, to_mono
 
-    try:
-        audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / OSError
-        raise ValueError(f"{path}: cannot read audio ({e})") from None
-    audio = audio.mean(axis=1)  # (T,) mono
-    if sr != sample_rate:
-        from math import gcd
-
-        from scipy.signal import resample_poly
-
-        g = gcd(sr, sample_rate)
-        audio = resample_poly(audio, sample_rate // g, sr // g)
-    return np.ascontiguousarray(audio, dtype=np.float32)
+    wav, sr = read_audio_file(path)
+    return resample(to_mono(wav), sr, sample_rate)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,60 @@
+"""The one audio reader: any format soundfile reads (WAV, FLAC, OGG/Vorbis, ...), any sample rate,
+any channel count -> float32 mono at the rate asked for.
+
+    wav = load_audio("speech.flac", 16000)        # (T,) float32, down-mixed and resampled
+    wav, sr = read_audio_file("speech.wav")       # (T, C) float32 as stored
+
+Resampling is scipy's polyphase filter (`resample_poly`, a Kaiser-windowed FIR; scipy is already a
+dependency, soxr is not installed here). Stereo and multichannel files are down-mixed by the mean of
+the channels. Every error names the file: missing (FileNotFoundError), unreadable or empty (ValueError).
+"""
+
+from __future__ import annotations
+
+from math import gcd
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+
+def read_audio_file(path: str | Path) -> tuple[np.ndarray, int]:
+    """(samples (T, C) float32, sample rate) as stored in the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: audio file not found")
+    try:
+        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise ValueError(f"{path}: cannot read audio ({' '.join(str(e).split())})") from None
+    return wav, int(sr)
+
+
+def to_mono(wav: np.ndarray) -> np.ndarray:
+    """(T,) or (T, C) -> (T,) float32, the mean of the channels."""
+    wav = np.asarray(wav, dtype=np.float32)
+    if wav.ndim == 1:
+        return wav
+    if wav.ndim != 2:
+        raise ValueError(f"audio must be (T,) or (T, channels), got shape {wav.shape}")
+    return wav[:, 0] if wav.shape[1] == 1 else wav.mean(axis=1)
+
+
+def resample(wav: np.ndarray, sample_rate: int, target_sr: int) -> np.ndarray:
+    """(T,) at `sample_rate` -> (T',) float32 at `target_sr` (polyphase; unchanged when equal)."""
+    if sample_rate <= 0 or target_sr <= 0:
+        raise ValueError(f"sample rates must be positive, got {sample_rate} -> {target_sr}")
+    if sample_rate == target_sr:
+        return np.ascontiguousarray(wav, dtype=np.float32)
+    from scipy.signal import resample_poly
+
+    g = gcd(int(sample_rate), int(target_sr))
+    return np.ascontiguousarray(resample_poly(wav, target_sr // g, sample_rate // g), dtype=np.float32)
+
+
+def load_audio(path: str | Path, target_sr: int = 16000) -> np.ndarray:
+    """float32 mono waveform (T,) of any readable file at `target_sr`; an empty file is a ValueError."""
+    wav, sr = read_audio_file(path)
+    if wav.shape[0] == 0:
+        raise ValueError(f"{path}: empty audio file")
+    return resample(to_mono(wav), sr, target_sr)

@@ -1,0 +1,184 @@
+"""Inference on any audio: sample rates, stereo, long files (windows), bad files, fusion text."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from helpers import (  # noqa: F401 (single_torch_thread: autouse fixture)
+    single_torch_thread,
+    tiny_audio_classifier,
+    tiny_encoder_config,
+    tone,
+)
+
+import mmser
+from mmser.audio import load_audio
+from mmser.inference import EmotionClassifier, audio_files, format_rows, predict_rows
+from mmser.labels import CLASSES
+from mmser.models.fusion import ConcatFusion, FusionClassifier
+from mmser.models.pretrained import save_pretrained
+from mmser.models.wav2vec2 import AudioEncoder
+
+TEXT = {"encoder": "minilm-offline", "pooling": "mean", "max_length": 16, "fine_tuned": False,
+        "source": "gold", "asr": None}
+
+
+@pytest.fixture(scope="module")
+def audio_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("m") / "model"
+    save_pretrained(tiny_audio_classifier(), d, {"task": "audio", "classes": list(CLASSES), "sample_rate": 16000})
+    return d
+
+
+@pytest.fixture(scope="module")
+def fusion_model(tmp_path_factory):
+    torch.manual_seed(0)
+    enc = AudioEncoder.from_config(tiny_encoder_config())
+    model = FusionClassifier(enc, ConcatFusion(enc.hidden_size, 384, hidden=8))
+    d = tmp_path_factory.mktemp("f") / "model"
+    save_pretrained(model, d, {"task": "fusion", "classes": list(CLASSES), "sample_rate": 16000, "text": TEXT})
+    return d
+
+
+def _wav(path, seconds, sr, channels=1, seed=0):
+    rng = np.random.default_rng(seed)
+    x = tone(440.0, seconds, rng, sr)
+    if channels > 1:
+        x = np.stack([x] * channels, axis=1)
+    sf.write(str(path), x, sr)
+    return path
+
+
+def test_load_audio_resamples_and_downmixes_any_format(tmp_path):
+    for sr in (8000, 16000, 44100):
+        wav = load_audio(_wav(tmp_path / f"a{sr}.wav", 0.5, sr), 16000)
+        assert wav.dtype == np.float32 and abs(len(wav) - 8000) <= 1
+    stereo = load_audio(_wav(tmp_path / "s.flac", 0.5, 22050, channels=2), 16000)
+    assert stereo.ndim == 1 and abs(len(stereo) - 8000) <= 1
+    sf.write(str(tmp_path / "v.ogg"), np.zeros(4000, dtype=np.float32), 16000, format="OGG", subtype="VORBIS")
+    assert len(load_audio(tmp_path / "v.ogg")) == 4000
+    with pytest.raises(ValueError, match="empty audio"):
+        sf.write(str(tmp_path / "e.wav"), np.zeros(0, dtype=np.float32), 16000)
+        load_audio(tmp_path / "e.wav")
+
+
+def test_predict_rates_stereo_long_empty_and_non_audio(tmp_path, audio_model):
+    clf = mmser.EmotionClassifier.from_pretrained(audio_model)
+    files = [_wav(tmp_path / "r8k.wav", 0.5, 8000), _wav(tmp_path / "r16k.wav", 0.5, 16000),
+             _wav(tmp_path / "r44k.wav", 0.5, 44100), _wav(tmp_path / "stereo.wav", 0.5, 16000, channels=2),
+             _wav(tmp_path / "long.wav", 60.0, 16000)]
+    empty = tmp_path / "empty.wav"
+    sf.write(str(empty), np.zeros(0, dtype=np.float32), 16000)
+    text = tmp_path / "notes.wav"
+    text.write_text("not audio at all")
+    rows = predict_rows(clf, [*files, empty, text, tmp_path / "missing.wav"], windows=True, progress=False)
+    whole = {r["id"]: r for r in rows if r["window"] is None}
+    for f in files:
+        r = whole[f.stem]
+        assert r["error"] is None and r["label"] in CLASSES
+        assert sum(r[f"prob_{c}"] for c in CLASSES) == pytest.approx(1.0, abs=1e-4)
+    assert whole["r8k"]["duration"] == pytest.approx(0.5, abs=1e-3)
+    assert whole["long"]["duration"] == pytest.approx(60.0)
+    assert "empty audio" in whole["empty"]["error"] and "empty.wav" in whole["empty"]["error"]
+    assert "cannot read audio" in whole["notes"]["error"] and "not found" in whole["missing"]["error"]
+    # 60 s in 10 s windows every 8 s: 0, 8, ..., 48 and the last aligned to the end (50-60)
+    wins = [r for r in rows if r["id"] == "long" and r["window"] is not None]
+    assert [(w["start"], w["end"]) for w in wins] == [(s, s + 10.0) for s in range(0, 49, 8)] + [(50.0, 60.0)]
+    assert all(r["window"] is None for r in rows if r["id"] != "long")
+    # whole-file = length-weighted mean of the windows (all 10 s here)
+    mean = np.mean([[w[f"prob_{c}"] for c in CLASSES] for w in wins], axis=0)
+    assert np.allclose(mean, [whole["long"][f"prob_{c}"] for c in CLASSES], atol=1e-5)
+    csv_text = format_rows(rows, CLASSES, "csv")
+    assert csv_text.splitlines()[0].startswith("id,path,window,start,end,duration,label,prob_angry")
+
+
+def test_classify_batch_matches_classify_file_and_the_model(tmp_path, audio_model):
+    clf = EmotionClassifier.from_pretrained(audio_model)
+    x = tone(880.0, 0.4, np.random.default_rng(1), 16000)
+    sf.write(str(tmp_path / "x.wav"), x, 16000, subtype="FLOAT")
+    a, b = clf.classify_batch([x, np.stack([x, x], axis=1)], sample_rate=16000)
+    f = clf.classify_file(tmp_path / "x.wav")
+    assert a.probs == pytest.approx(f.probs, abs=1e-6) and a.probs == pytest.approx(b.probs, abs=1e-6)
+    with torch.no_grad():
+        logits = clf.model({"audio": torch.from_numpy(x)[None], "audio_mask": torch.ones(1, len(x), dtype=torch.bool)})
+    assert list(a.probs.values()) == pytest.approx(torch.softmax(logits, -1)[0].tolist(), abs=1e-6)
+    # shorter windows are configurable
+    short = EmotionClassifier.from_pretrained(audio_model, window_s=0.2, overlap_s=0.05)
+    assert len(short.classify_waveform(x, 16000).windows) == 3
+
+
+def test_run_folder_resolves_to_its_model(tmp_path, audio_model):
+    import shutil
+
+    shutil.copytree(audio_model, tmp_path / "run" / "model")
+    clf = EmotionClassifier.from_pretrained(tmp_path / "run")
+    assert clf.task == "audio" and clf.classes == list(CLASSES)
+    assert audio_files([tmp_path]) == []
+
+
+def test_fusion_model_predicts_with_given_text_and_refuses_without(tmp_path, fusion_model):
+    clf = EmotionClassifier.from_pretrained(fusion_model)
+    wav = _wav(tmp_path / "a.wav", 0.5, 16000)
+    p = clf.classify_file(wav, text="I am so happy today")
+    q = clf.classify_file(wav, text="this is terrible and I hate it")
+    assert p.text == "I am so happy today" and p.label in CLASSES
+    assert p.probs != q.probs  # the text reaches the prediction
+    with pytest.raises(ValueError, match="needs the text of each recording"):
+        clf.classify_file(wav)
+    rows = predict_rows(clf, [wav], transcripts={"other": "x"}, progress=False)
+    assert "no transcript with id 'a'" in rows[0]["error"]
+
+
+def test_cli_predict_writes_rows_and_error_rows(tmp_path, audio_model, fusion_model, capsys):
+    import json
+
+    from mmser.cli import main
+
+    d = tmp_path / "in"
+    d.mkdir()
+    _wav(d / "a.wav", 0.5, 44100)
+    _wav(d / "b.flac", 12.0, 8000, channels=2)
+    (d / "broken.wav").write_bytes(b"RIFF....nonsense")
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(audio_model), str(d), "--out", str(out), "--windows"]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0].split(",")[:7] == ["id", "path", "window", "start", "end", "duration", "label"]
+    assert len(lines) == 1 + 3 + 2  # a, b (+ 2 windows of 12 s), broken
+    assert "1 failed" in capsys.readouterr().err
+    # JSONL, and only bad files: exit code 2
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", str(audio_model), str(d / "broken.wav"), "--out", str(out)]) == 2
+    assert json.loads(out.read_text())["error"]
+    # a fusion model: text given -> rows with the text; none -> one-line error, exit 2
+    assert main(["predict", str(fusion_model), str(d / "a.wav"), "--text", "hello there"]) == 0
+    assert "hello there" in capsys.readouterr().out
+    trans = tmp_path / "t.jsonl"
+    trans.write_text(json.dumps({"id": "a", "text": "from the file"}) + "\n")
+    assert main(["predict", str(fusion_model), str(d / "a.wav"), "--transcripts", str(trans)]) == 0
+    assert "from the file" in capsys.readouterr().out
+    assert main(["predict", str(fusion_model), str(d / "a.wav")]) == 2
+    assert "needs text" in capsys.readouterr().err
+
+
+def test_fusion_model_predicts_with_asr_text_from_its_recorded_system(tmp_path, fusion_model, monkeypatch):
+    """--asr uses the ASR system the model records (here the real offline faster-whisper tiny.en)."""
+    import json
+
+    import mmser.text.transcribe as tr
+
+    d = tmp_path / "m"
+    d.mkdir()
+    config = json.loads((fusion_model / "config.json").read_text())
+    config["text"] = {**TEXT, "source": "asr", "asr": {"backend": "faster-whisper", "model": "offline-tiny.en",
+                                                       "beam_size": 1, "language": "en"}}
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "model.safetensors").write_bytes((fusion_model / "model.safetensors").read_bytes())
+    asked = []
+    real = tr.make_transcriber
+    monkeypatch.setattr(tr, "make_transcriber", lambda *a, **k: asked.append((a, k)) or real(*a, **k))
+    clf = EmotionClassifier.from_pretrained(d)
+    p = clf.classify_file(_wav(tmp_path / "a.wav", 1.0, 22050), asr=True)
+    assert asked == [(("faster-whisper", "offline-tiny.en"), {"device": "auto", "language": "en", "beam_size": 1})]
+    assert isinstance(p.text, str) and p.label in CLASSES
