@@ -237,6 +237,7 @@ def describe_error(e: BaseException) -> tuple[int, str]:
     from safetensors import SafetensorError
 
     from mmser.config import ConfigError
+    from mmser.extras import MissingExtraError
 
     def one_line(text: str) -> str:
         return " ".join(text.split())
@@ -254,7 +255,7 @@ def describe_error(e: BaseException) -> tuple[int, str]:
             kind = "safetensors file" if isinstance(e, SafetensorError) else "checkpoint"
             message = f"{path}: not a readable {kind} ({type(e).__name__}: {message})"
         return EXIT_INPUT, message
-    if isinstance(e, (ConfigError, OSError, ValueError)):
+    if isinstance(e, (ConfigError, MissingExtraError, OSError, ValueError)):
         return EXIT_INPUT, one_line(str(e)) or type(e).__name__
     return EXIT_FAILED, one_line(f"unexpected {type(e).__name__}: {e}")
 

