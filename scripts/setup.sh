@@ -3,8 +3,9 @@
 # pyproject.toml does nothing).
 #   bash scripts/setup.sh          # runtime + offline demo weights
 #   bash scripts/setup.sh --dev    # + test tools
-# torch is installed first and pinned to the CPU build where no GPU is present, so that pip never
-# resolves a multi-GB CUDA build on a CPU machine. Override with MMSER_TORCH_SPEC="torch==X".
+# torch is installed first (scripts/install_torch.sh): without a GPU the CPU build from PyTorch's
+# CPU index, so that pip never resolves PyPI's multi-GB CUDA build on a CPU machine; with nvidia-smi
+# the default (CUDA) build. Override with MMSER_TORCH_SPEC="torch==X".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra="demo"
@@ -31,16 +32,9 @@ fi
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 pip=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-  if [[ -n "${MMSER_TORCH_SPEC:-}" ]]; then
-    "${pip[@]}" install "$MMSER_TORCH_SPEC"
-  elif command -v nvidia-smi >/dev/null 2>&1; then
-    "${pip[@]}" install "torch>=2.6"
-  else
-    # A CPU wheel: from a local wheel dir where the machine has one (torch==2.13.0 here),
-    # else from PyTorch's CPU index.
-    "${pip[@]}" install "torch==2.13.0" 2> >(grep -v "is ignored: it is neither" >&2) \
-      || "${pip[@]}" install torch --index-url https://download.pytorch.org/whl/cpu
-  fi
+  # No GPU: PyTorch's CPU index first, then the default index (local wheel dir here). See the script.
+  source scripts/install_torch.sh
+  mmser_install_torch "${pip[@]}" 2> >(grep -v "is ignored: it is neither" >&2)
 fi
 # (the filter hides a local pip config's noise about missing mirror folders)
 "${pip[@]}" install -e ".[$extra]" 2> >(grep -v "is ignored: it is neither" >&2)
