@@ -23,6 +23,7 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
 from mmser.config import Config, to_dict
 from mmser.io import atomic_write_text
+from mmser.provenance import provenance
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def make_loggers(cfg: Config, run_dir: str | Path, name: str, group: str, job_ty
             group=group,
             job_type=job_type,
             tags=list(cfg.tracking.tags),
-            config=to_dict(cfg),
+            config={**to_dict(cfg), "provenance": provenance()},
             mode=mode,
             resume="allow",
             settings=wandb.Settings(init_timeout=cfg.tracking.init_timeout_s, silent=True,

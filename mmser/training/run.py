@@ -57,6 +57,7 @@ from mmser.io import (
     write_inputs,
 )
 from mmser.labels import CLASSES
+from mmser.provenance import provenance
 from mmser.metrics import classification_report
 from mmser.models.heads import AudioClassifier
 from mmser.models.pretrained import MODEL_FORMAT, from_pretrained, save_pretrained  # noqa: F401 (MODEL_FORMAT re-exported)
@@ -464,6 +465,7 @@ def _train(cfg: Config, fold: Fold, test_session: int, seed: int, run_dir: Path,
             "encoder": encoder_provenance(module.model),
             "world_size": trainer.world_size,
             "hardware": _hardware(),
+            "provenance": provenance(),  # mmser version, git commit + dirty flag, library versions
         }
         if trainer.is_global_zero:
             atomic_write_text(run_dir / "predictions.csv", predictions_csv(rows))
