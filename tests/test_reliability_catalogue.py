@@ -183,3 +183,34 @@ def test_a_run_another_process_holds_is_skipped(corpus, tmp_path, capsys, catalo
     assert "held by pid" in line and "skipped" in line, (code, line)
     assert not (run_dir / "metrics.json").exists()
     catalogue("a second process on a run folder another live process holds", f"exit {code}; {line}")
+
+
+def test_a_killed_run_resumes_through_the_cli(corpus, tmp_path, capsys, catalogue):
+    """Killed in epoch 2 (an exception from a callback, after its last.ckpt of epoch 1), then the same
+    `mmser train` again: it resumes, finishes, and its log holds every epoch once."""
+    import csv
+
+    import pytorch_lightning as pl
+
+    from mmser.config import load_config
+    from mmser.training.run import run_one
+
+    class Kill(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.current_epoch == 1 and batch_idx == 1:
+                raise RuntimeError("simulated kill")
+
+    _, manifest = corpus
+    out = tmp_path / "runs"
+    args = [f"data.manifest={manifest}", f"output_dir={out}", "finetune.epochs=3", "data.batch_size=4"]
+    run_dir = out / "tiny-vft" / "s1-seed0"
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run_one(load_config(*TINY_CONFIGS, overrides=args), test_session=1, seed=0, run_dir=run_dir,
+                callbacks=[Kill()])
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and not (run_dir / "metrics.json").exists()
+    code, _ = _cli(capsys, "train", *C, *args, "--session", "1")
+    with (run_dir / "csv" / "metrics.csv").open() as f:
+        epochs = [r["epoch"] for r in csv.DictReader(f) if r.get("train/loss_epoch")]
+    assert code == 0 and (run_dir / "metrics.json").is_file() and epochs == ["0", "1", "2"], (code, epochs)
+    catalogue("killed in epoch 2, then the same `mmser train` again",
+              f"exit 0; resumed from last.ckpt; csv/metrics.csv epochs {', '.join(epochs)} (each once)")
