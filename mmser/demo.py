@@ -132,6 +132,34 @@ def run_demo(out: Path, seeds: int = 2, per_class: int = 6, wandb: str = "offlin
     _say("Stage times: " + ", ".join(f"{k}: {v:.0f} s" for k, v in timings))
     _say(f"Total {time.time() - t_start:.0f} s. Tables: {out / 'comparison.md'} (+ .csv, comparison_ua.png); "
          f"per-experiment Table 11: {out / 'runs'}/<experiment>/summary.md; W&B ({wandb}) files under each run dir.")
+    show_predictions(out, load_manifest(prep.manifest), asr_file)
     if failed:
         raise RuntimeError(f"{len(failed)} demo run(s) failed: {failed[:3]}")
     return out / "comparison.md"
+
+
+def show_predictions(out: Path, records: list[dict], asr_file: Path, n: int = 3) -> list[str]:
+    """`mmser predict` with the session-1 audio-only (vft) and fusion (fusion-concat-asr) models on `n`
+    utterances of session 1, which those models never trained on; prints and returns the commands and
+    their CSV rows. A model the demo did not train (--only) is skipped."""
+    from mmser.inference import EmotionClassifier, format_rows, predict_rows
+
+    held_out = sorted((r for r in records if r["session"] == 1 and r.get("label")), key=lambda r: r["id"])[:n]
+    files = [Path(r["path"]) for r in held_out]
+    shown = []
+    for name, text_args in (("vft", ""), ("fusion-concat-asr", f" --transcripts {asr_file}")):
+        run = out / "runs" / name / "s1-seed0"
+        if not (run / "model" / "config.json").is_file() or not files:
+            continue
+        clf = EmotionClassifier.from_pretrained(run)
+        trans = None
+        if clf.saved.needs_text:
+            from mmser.text.transcribe import load_transcripts
+
+            trans = load_transcripts(asr_file)
+        rows = predict_rows(clf, files, transcripts=trans, progress=False)
+        block = (f"$ mmser predict {run} {' '.join(map(str, files))}{text_args}\n"
+                 f"{format_rows(rows, clf.classes, 'csv')}(true labels: {', '.join(r['label'] for r in held_out)})")
+        _say(f"\n--- predict with {name} on held-out session-1 files ---\n{block}")
+        shown.append(block)
+    return shown

@@ -182,3 +182,29 @@ def test_fusion_model_predicts_with_asr_text_from_its_recorded_system(tmp_path, 
     p = clf.classify_file(_wav(tmp_path / "a.wav", 1.0, 22050), asr=True)
     assert asked == [(("faster-whisper", "offline-tiny.en"), {"device": "auto", "language": "en", "beam_size": 1})]
     assert isinstance(p.text, str) and p.label in CLASSES
+
+
+def test_demo_shows_predict_rows_of_an_audio_and_a_fusion_model(tmp_path, audio_model, fusion_model):
+    import json
+    import shutil
+
+    from helpers import write_toy_corpus
+
+    from mmser.data.manifest import load_manifest
+    from mmser.demo import show_predictions
+
+    records = load_manifest(write_toy_corpus(tmp_path / "toy", per_class=1, sessions=(1,)))
+    out = tmp_path / "demo"
+    shutil.copytree(audio_model, out / "runs" / "vft" / "s1-seed0" / "model")
+    shutil.copytree(fusion_model, out / "runs" / "fusion-concat-asr" / "s1-seed0" / "model")
+    asr = tmp_path / "asr.jsonl"
+    asr.write_text("".join(json.dumps({"id": r["id"], "text": f"words of {r['id']}", "backend": "faster-whisper",
+                                       "model": "offline-tiny.en", "beam_size": 5, "language": "en"}) + "\n"
+                           for r in records))
+    audio_block, fusion_block = show_predictions(out, records, asr, n=2)
+    assert audio_block.startswith("$ mmser predict") and "--transcripts" in fusion_block
+    for block in (audio_block, fusion_block):
+        lines = block.splitlines()
+        assert lines[1].startswith("id,path,window") and len(lines) == 2 + 2 + 1  # command, header, 2 rows, labels
+        assert ",," in lines[2] and "error" not in lines[2].split(",")[-1]
+    assert "words of" in fusion_block

@@ -162,3 +162,37 @@ def test_model_card_has_hub_metadata_scores_config_citation_and_caveat():
     assert [(m["name"], m["value"]) for m in scores] == [("UA", 0.5), ("WA", 0.625)]
     assert "arXiv:2110.06309" in card and "synthetic corpus" in card and "randomly initialised" in card
     assert "experiment: f-concat" in card and "minilm-offline" in card
+
+
+def test_hub_ids_download_only_the_model_files_and_push_uploads_the_folder(tmp_path, monkeypatch):
+    """No network in tests: the Hub client is replaced; what mmser asks of it is checked."""
+    import huggingface_hub
+
+    folder = save_pretrained(tiny_audio_classifier(), tmp_path / "m", _meta("audio"), card="---\n---\n")
+    asked = {}
+
+    def fake_download(repo_id, allow_patterns=None, **kw):
+        asked["download"] = (repo_id, sorted(allow_patterns))
+        return str(folder)
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private, exist_ok):
+            asked["create"] = (repo_id, private)
+
+        def upload_folder(self, repo_id, folder_path, allow_patterns):
+            asked["upload"] = (repo_id, folder_path, sorted(allow_patterns))
+            return "https://huggingface.co/user/mmser-tiny/commit/1"
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    from mmser.models.pretrained import push_to_hub
+
+    saved = from_pretrained("user/mmser-tiny")
+    assert saved.task == "audio"
+    assert asked["download"] == ("user/mmser-tiny", ["README.md", "config.json", "model.safetensors"])
+    assert push_to_hub(folder, "user/mmser-tiny").endswith("/commit/1")
+    assert asked["upload"] == ("user/mmser-tiny", str(folder), ["README.md", "config.json", "model.safetensors"])
+    assert asked["create"] == ("user/mmser-tiny", True)
