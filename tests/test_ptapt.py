@@ -367,13 +367,16 @@ def test_pipeline_writes_a_loadable_encoder_and_is_idempotent(pipeline, caplog):
     feats, fmask = AudioEncoder(model.eval()).encode(torch.randn(1, 4000), torch.ones(1, 4000, dtype=torch.bool))
     assert feats.shape == (1, conv_frames(4000, [10, 8, 4], [5, 4, 2]), 32) and torch.isfinite(feats).all()
     # idempotent: a second call skips every stage and changes nothing
-    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    def outputs():  # every file but the folder lock's own (.lock, .lock-owner.json): taking it is no output
+        return {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and not p.name.startswith(".lock")}
+
+    stamps = outputs()
     with caplog.at_level(logging.INFO, logger="mmser.training.ptapt"):
         t0 = time.perf_counter()
         assert run_ptapt(cfg, pipeline["fold"], out) == enc_dir
         assert time.perf_counter() - t0 < 5
     assert caplog.text.count("done, skipped") == 3
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
+    assert outputs() == stamps
 
 
 def test_pipeline_refuses_stale_stages_and_resumes_step_c(pipeline, tmp_path):
