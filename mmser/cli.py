@@ -28,6 +28,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from mmser.logs import DEFAULT, QUIET, VERBOSE, configure_logging
+
 log = logging.getLogger("mmser")
 
 # Commands that take config files and `key=value` overrides (anywhere on their command line).
@@ -84,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     from mmser import __version__
 
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (and tracebacks)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, library messages (Lightning's INFO lines, deprecations) and tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only results (stdout) and errors")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error (accepted anywhere; or MMSER_DEBUG=1)")
     parser.add_argument("--version", action="version", version=f"mmser {__version__}")
@@ -213,8 +217,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging(VERBOSE if args.verbose else QUIET if args.quiet else DEFAULT)
     try:
         return _dispatch(args) or 0
     except KeyboardInterrupt:

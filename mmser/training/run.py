@@ -58,6 +58,7 @@ from mmser.io import (
 )
 from mmser.labels import CLASSES
 from mmser.provenance import provenance
+from mmser.training.progress import EpochLog
 from mmser.metrics import classification_report
 from mmser.models.heads import AudioClassifier
 from mmser.models.pretrained import MODEL_FORMAT, from_pretrained, save_pretrained  # noqa: F401 (MODEL_FORMAT re-exported)
@@ -129,7 +130,7 @@ class TrainMode(Callback):
 def make_trainer(cfg: Config, *, callbacks: Sequence[Callback] = (), **kwargs) -> pl.Trainer:
     """The one Trainer factory of every training stage (fine-tuning, text, fusion, TAPT, P-TAPT):
     `trainer_kwargs(cfg)` plus `TrainMode` ahead of the stage's own callbacks."""
-    return pl.Trainer(**trainer_kwargs(cfg), callbacks=[TrainMode(), *callbacks], **kwargs)
+    return pl.Trainer(**trainer_kwargs(cfg), callbacks=[TrainMode(), EpochLog(), *callbacks], **kwargs)
 
 
 def resolve_strategy(trainer_cfg: TrainerConfig) -> str:
