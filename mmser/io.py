@@ -21,6 +21,12 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether a model name is a filesystem path rather than a Hub id ("org/name"): it starts with
+    "." or "~", is absolute, or has more than one "/". The one rule for every loader that takes
+    either (audio encoders, text encoders, Whisper models, saved mmser models)."""
+    return name.startswith((".", "~")) or os.path.isabs(name) or name.count("/") > 1
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

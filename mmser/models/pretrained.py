@@ -40,7 +40,7 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
-from mmser.io import atomic_write_json, atomic_write_text
+from mmser.io import atomic_write_json, atomic_write_text, looks_like_path
 from mmser.models.fusion import (
     ConcatFusion,
     CrossAttentionFusion,
@@ -195,7 +195,7 @@ def _local_or_hub(name_or_path: str | Path) -> Path:
     if path.is_dir():
         return path
     text = str(name_or_path)
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+    if path.exists() or looks_like_path(text) or text.count("/") != 1:  # a Hub id is exactly user/name
         raise FileNotFoundError(f"{text}: not a model folder (and not a Hub id user/name)")
     from huggingface_hub import snapshot_download
 

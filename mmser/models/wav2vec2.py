@@ -50,6 +50,7 @@ from transformers import (
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 
 from mmser.config import EncoderConfig
+from mmser.io import looks_like_path
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +137,7 @@ REFERENCE_REVISIONS = {"facebook/wav2vec2-base": "2dcc7b7f9b11f0ef271067e62599a2
 
 def is_local_name(name: str) -> bool:
     """Whether an encoder name is a local folder (as opposed to a hub id such as facebook/x)."""
-    path = Path(name).expanduser()
-    return path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    return Path(name).expanduser().exists() or looks_like_path(name)
 
 
 def resolve_revision(enc_cfg: EncoderConfig) -> str | None:

@@ -37,7 +37,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from mmser.data.dataset import TextFeatures
-from mmser.io import atomic_write_bytes, fingerprint
+from mmser.io import atomic_write_bytes, fingerprint, looks_like_path
 
 if TYPE_CHECKING:
     from mmser.config import TextConfig
@@ -96,13 +95,8 @@ def resolve_encoder(name: str) -> str:
     return name
 
 
-def _looks_like_path(name: str) -> bool:
-    """A filesystem path rather than a Hub id ("org/name" is ambiguous: left to transformers)."""
-    return name.startswith((".", "~")) or os.path.isabs(name) or name.count("/") > 1
-
-
 def _check_local(name: str, path: str) -> None:
-    if _looks_like_path(path) and not Path(path).expanduser().is_dir():
+    if looks_like_path(path) and not Path(path).expanduser().is_dir():
         raise FileNotFoundError(f"text encoder directory not found: {path} (text.encoder={name!r})")
 
 

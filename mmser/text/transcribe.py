@@ -41,7 +41,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from mmser.io import atomic_write_json, atomic_write_text
+from mmser.io import atomic_write_json, atomic_write_text, looks_like_path
 from mmser.text.wer import wer
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,7 @@ class FasterWhisperTranscriber:
         kind, index = _split_device(device)
         compute_type = "int8" if kind == "cpu" else "float16"
         # A path, not a Hub id ("Systran/faster-whisper-tiny.en" is a Hub id).
-        looks_like_path = model.startswith((".", "~")) or os.path.isabs(model) or model.count("/") > 1
-        if looks_like_path and not Path(path).is_dir():
+        if looks_like_path(model) and not Path(path).is_dir():
             raise FileNotFoundError(f"faster-whisper model directory not found: {path}")
         local = Path(path).is_dir()
         try:
