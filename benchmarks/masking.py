@@ -67,7 +67,7 @@ KERNELS, STRIDES = (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2)  # wav2vec 2.0 
 def conv_frames(samples: np.ndarray | int) -> np.ndarray:
     """Frames the wav2vec 2.0 base feature encoder outputs for `samples` input samples."""
     n = np.asarray(samples, dtype=np.int64)
-    for k, s in zip(KERNELS, STRIDES):
+    for k, s in zip(KERNELS, STRIDES, strict=True):
         n = (n - k) // s + 1
     return n
 

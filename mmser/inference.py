@@ -161,7 +161,8 @@ class EmotionClassifier:
         if self.saved.needs_text and text is None:
             if not asr:
                 raise ValueError(f"this {self.task} model needs the text of each recording "
-                                 "(--text / --transcripts, or --asr to transcribe it); it never answers from audio alone")
+                                 "(--text / --transcripts, or --asr to transcribe it); "
+                                 "it never answers from audio alone")
             text = self.transcribe(wav)
         if self.saved.needs_audio and len(wav) < MIN_ENCODER_SAMPLES:
             raise ValueError(f"{len(wav) / self.sample_rate:.3f} s of audio: the encoder needs at least "
@@ -186,7 +187,7 @@ class EmotionClassifier:
 
     def _prediction(self, probs: torch.Tensor, start: float, end: float, text: str | None) -> Prediction:
         return Prediction(label=self.classes[int(probs.argmax())],
-                          probs={c: float(v) for c, v in zip(self.classes, probs)},
+                          probs={c: float(v) for c, v in zip(self.classes, probs, strict=True)},
                           start=round(start, 4), end=round(end, 4), text=text)
 
     def classify_batch(self, waveforms: Sequence[np.ndarray], sample_rate: int,
@@ -195,7 +196,8 @@ class EmotionClassifier:
         texts = list(texts) if texts is not None else [None] * len(waveforms)
         if len(texts) != len(waveforms):
             raise ValueError(f"classify_batch: {len(waveforms)} waveforms but {len(texts)} texts")
-        return [self.classify_waveform(np.asarray(w), sample_rate, t, asr) for w, t in zip(waveforms, texts)]
+        return [self.classify_waveform(np.asarray(w), sample_rate, t, asr)
+                for w, t in zip(waveforms, texts, strict=True)]
 
     def classify_file(self, path: str | Path, text: str | None = None, asr: bool = False) -> Prediction:
         """A sound file (any format soundfile reads, any rate, mono or multichannel) -> Prediction."""

@@ -71,8 +71,8 @@ def classification_report(
         "macro_f1": float(np.nanmean(per_class_f1(cm))),
         "n": int(len(y_true)),
         "classes": list(class_names),
-        "per_class_recall": {c: (None if np.isnan(r) else float(r)) for c, r in zip(class_names, rec)},
-        "support": {c: int(s) for c, s in zip(class_names, cm.sum(axis=1))},
+        "per_class_recall": {c: (None if np.isnan(r) else float(r)) for c, r in zip(class_names, rec, strict=True)},
+        "support": {c: int(s) for c, s in zip(class_names, cm.sum(axis=1), strict=True)},
         "confusion": cm.tolist(),
     }
 

@@ -289,7 +289,7 @@ class ConvAggegator(nn.Module):  # sic: fairseq's spelling
         self.residual_scale = math.sqrt(residual_scale)
 
     def forward(self, x):
-        for rproj, conv in zip(self.residual_proj, self.conv_layers):
+        for rproj, conv in zip(self.residual_proj, self.conv_layers, strict=True):
             residual = x
             x = conv(x)
             if self.skip_connections:

@@ -9,7 +9,9 @@ import pytest
 import soundfile as sf
 import torch
 from helpers import (  # noqa: F401 (single_torch_thread: autouse fixture)
-    single_torch_thread, tiny_config, write_toy_corpus,
+    single_torch_thread,
+    tiny_config,
+    write_toy_corpus,
 )
 from lightning_fabric.utilities.data import _set_sampler_epoch
 from torch.utils.data import DataLoader
@@ -192,7 +194,7 @@ def test_text_features_are_attached_and_checked(tmp_path):
 
 
 def test_class_weights_on_a_hand_made_split():
-    recs = [{"label": c} for c, n in zip(CLASSES, (1, 2, 4, 8)) for _ in range(n)]
+    recs = [{"label": c} for c, n in zip(CLASSES, (1, 2, 4, 8), strict=True) for _ in range(n)]
     w = class_weights(recs)
     raw = torch.tensor([15 / 1, 15 / 2, 15 / 4, 15 / 8])
     assert torch.allclose(w, raw / raw.sum())

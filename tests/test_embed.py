@@ -77,7 +77,7 @@ def test_sentence_pooling_matches_sentence_transformers(minilm) -> None:
     ours = encode_texts(texts, TextEncoderSpec(pooling="sentence"), local_files_only=True)
     mean = encode_texts(texts, TextEncoderSpec(pooling="mean"), local_files_only=True)
     reference = SentenceTransformer(TextEncoderSpec().path, device="cpu").encode(texts, convert_to_tensor=True)
-    for (tok_s, pooled_s), (tok_m, pooled_m), ref in zip(ours, mean, reference):
+    for (tok_s, pooled_s), (tok_m, pooled_m), ref in zip(ours, mean, reference, strict=True):
         torch.testing.assert_close(pooled_s, ref.float(), atol=1e-5, rtol=0)
         # all-MiniLM-L6-v2's own pipeline = our masked mean, L2-normalised.
         torch.testing.assert_close(pooled_s, torch.nn.functional.normalize(pooled_m, dim=0), atol=1e-5, rtol=0)
@@ -96,7 +96,7 @@ def test_cached_features_equal_fresh_ones_and_hit_on_rerun(tmp_path: Path, monke
     files = list(tmp_path.glob("*.safetensors"))
     assert len(files) == 1 and files[0].name.startswith("minilm-offline__gold__mean__L64__")
     fresh = encode_texts([SHORT, LONG, "", "Excuse me. [LAUGHTER]"], spec, local_files_only=True)
-    for r, (tokens, pooled) in zip(records, fresh):
+    for r, (tokens, pooled) in zip(records, fresh, strict=True):
         torch.testing.assert_close(feats[r["id"]].tokens, tokens, atol=1e-5, rtol=0)
         torch.testing.assert_close(feats[r["id"]].pooled, pooled, atol=1e-5, rtol=0)
     assert feats[records[2]["id"]].tokens.shape == (2, 384)  # null transcript -> [CLS] [SEP]

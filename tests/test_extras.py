@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import re
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from mmser.cli import main
 from mmser.extras import MissingExtraError, require

@@ -3,12 +3,14 @@ collects de-duplicated predictions whose logged metrics equal mmser.metrics, and
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from helpers import (  # noqa: F401 (single_torch_thread: autouse fixture)
-    make_batch, single_torch_thread, tiny_audio_classifier,
+    make_batch,
+    single_torch_thread,
+    tiny_audio_classifier,
 )
 from torch import nn
 from torch.utils.data import DataLoader
@@ -68,7 +70,7 @@ def test_test_metrics_come_from_deduplicated_predictions():
     labels = [0, 1, 2, 3, 0, 1]
     table = {u: [0.0] * 4 for u in ids}
     preds = [0, 1, 2, 0, 3, 1]  # 4 of 6 right
-    for u, p in zip(ids, preds):
+    for u, p in zip(ids, preds, strict=True):
         table[u][p] = 3.0
     batches = [
         {"ids": ids[:4], "labels": torch.tensor(labels[:4])},

@@ -11,8 +11,7 @@ import pytest
 
 from mmser.cli import main
 from mmser.config import DataConfig
-from mmser.data.manifest import (Fold, ManifestError, fold_table, load_manifest, split_fold,
-                                  write_fold_files)
+from mmser.data.manifest import Fold, ManifestError, fold_table, load_manifest, split_fold, write_fold_files
 from mmser.labels import CLASSES
 
 POLICIES = [DataConfig(validation="none"), DataConfig(validation="speaker"),
@@ -179,7 +178,8 @@ def test_duplicate_id_is_a_load_error_naming_file_and_lines(tmp_path, capsys):
 @pytest.mark.parametrize("line, problem", [
     (lambda r: {k: v for k, v in r.items() if k not in ("duration", "label")},
      "record (Ses01F_impro01_F009) lacks field(s) label, duration"),
-    (lambda r: {**r, "session": 6}, "record (Ses01F_impro01_F009) session is 6; expected an integer in (1, 2, 3, 4, 5)"),
+    (lambda r: {**r, "session": 6},
+     "record (Ses01F_impro01_F009) session is 6; expected an integer in (1, 2, 3, 4, 5)"),
     (lambda r: {**r, "session": "1"}, "session is '1'; expected an integer in"),
     (lambda r: {**r, "session": True}, "session is True; expected an integer in"),
     (lambda r: {**r, "label": "frustrated"}, "label is 'frustrated'; expected null or one of"),

@@ -80,6 +80,7 @@ def test_wheel_ships_the_configs_and_the_installed_demo_finds_them(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {f"mmser/configs/{p.name}" for p in PACKAGED_CONFIGS.glob("*.yaml")}
     assert shipped and shipped <= names, sorted(shipped - names)
+    assert "mmser/py.typed" in names  # PEP 561 marker: type checkers read the installed hints
 
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as z:  # a wheel is a zip laid out as site-packages

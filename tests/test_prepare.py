@@ -9,15 +9,37 @@ import re
 from pathlib import Path
 
 import pytest
-from fake_iemocap import (BAD_RATE_WAV_ID, CORRUPT_WAV_ID, DUPLICATE_TRANSCRIPT_ID, EMPTY_WAV_ID,
-                          FLAC_WAV_ID, LATIN1_TRANSCRIPT_DIALOG, MALFORMED_LABEL_DIALOG,
-                          MALFORMED_LINE, MISSING_LABEL_DIALOG, MISSING_TRANSCRIPT_DIALOG, N_TASK,
-                          N_UTTERANCES, ORPHAN_LABEL_ID, SHORT_WAV_FRAMES, SHORT_WAV_ID, STEREO_WAV_ID,
-                          UTTERANCES, expected_records)
+from fake_iemocap import (
+    BAD_RATE_WAV_ID,
+    CORRUPT_WAV_ID,
+    DUPLICATE_TRANSCRIPT_ID,
+    EMPTY_WAV_ID,
+    FLAC_WAV_ID,
+    LATIN1_TRANSCRIPT_DIALOG,
+    MALFORMED_LABEL_DIALOG,
+    MALFORMED_LINE,
+    MISSING_LABEL_DIALOG,
+    MISSING_TRANSCRIPT_DIALOG,
+    N_TASK,
+    N_UTTERANCES,
+    ORPHAN_LABEL_ID,
+    SHORT_WAV_FRAMES,
+    SHORT_WAV_ID,
+    STEREO_WAV_ID,
+    UTTERANCES,
+    expected_records,
+)
 
 from mmser.cli import main
-from mmser.data.iemocap import (MIN_DURATION_S, PrepareResult, check_expected_counts, parse_emo_evaluation,
-                                parse_transcriptions, prepare_iemocap, scan_iemocap)
+from mmser.data.iemocap import (
+    MIN_DURATION_S,
+    PrepareResult,
+    check_expected_counts,
+    parse_emo_evaluation,
+    parse_transcriptions,
+    prepare_iemocap,
+    scan_iemocap,
+)
 from mmser.data.manifest import REQUIRED_FIELDS, load_manifest
 
 
@@ -203,7 +225,8 @@ def test_audio_not_16k_mono_is_an_error_naming_each_file(fake_iemocap_factory, t
 def test_malformed_label_file_is_an_error_naming_file_and_line(fake_iemocap_factory, tmp_path):
     release = fake_iemocap_factory(malformed_label=True)
     label_file = release / "Session3/dialog/EmoEvaluation" / f"{MALFORMED_LABEL_DIALOG}.txt"
-    with pytest.raises(ValueError, match=rf"^{re.escape(str(label_file))}:{MALFORMED_LINE}: consensus label line does not parse"):
+    problem = "consensus label line does not parse"
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(label_file))}:{MALFORMED_LINE}: {problem}"):
         prepare_iemocap(release, tmp_path / "out")
 
 

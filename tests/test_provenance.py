@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from helpers import single_torch_thread, tiny_config, write_toy_corpus  # noqa: F401 (autouse fixture)
 
 import mmser

@@ -105,7 +105,7 @@ def test_frame_features_are_full_utterance_eval_mode_and_match_frame_counts(tmp_
         recs.append({"id": f"u{i}", "path": str(p)})
     feats = extract_frame_features(model, recs)
     again = extract_frame_features(model, recs)
-    for r, n in zip(recs, [1600, 2400, 4001]):
+    for r, n in zip(recs, [1600, 2400, 4001], strict=True):
         f = feats[r["id"]]
         assert f.shape == (int(model.output_lengths(torch.tensor(n))), 24) and f.dtype == np.float32
         assert (f >= 0).all()  # ReLU(conv(aggregator))

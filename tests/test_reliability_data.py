@@ -149,8 +149,9 @@ def test_resume_refuses_a_crafted_last_ckpt(tmp_path):
     """run_one resumes from run_dir/checkpoints/last.ckpt (trainer.fit(ckpt_path=...)). With torch
     >= 2.6 and pytorch-lightning >= 2.6 (pyproject.toml's floors) that load is weights_only, so a
     crafted file is refused (run_one reads the step with weights_only=True first: one CheckpointError
-    naming the file, weights_only and the global it refused), and the payload never runs. Under torch < 2.6 or Lightning 2.4-2.5 (which passed
-    weights_only=False) the marker would be written and this test would fail."""
+    naming the file, weights_only and the global it refused), and the payload never runs.
+    Under torch < 2.6 or Lightning 2.4-2.5
+    (which passed weights_only=False) the marker would be written and this test would fail."""
     from mmser.training.run import CheckpointError, run_one
 
     manifest = write_toy_corpus(tmp_path / "toy", per_class=1, sessions=(1, 2), with_unlabelled=False)

@@ -213,7 +213,7 @@ def test_two_cv_processes_on_one_folder_share_the_runs(tmp_path, manifest):
     time.sleep(0.3)
     second = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     outs = [p.communicate(timeout=600) for p in (first, second)]
-    for p, (_, err) in zip((first, second), outs):
+    for p, (_, err) in zip((first, second), outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     assert len(list((tmp_path / "x").glob("s*-seed*/metrics.json"))) == 4
     assert "error" not in outs[0][1].lower() + outs[1][1].lower()

@@ -16,8 +16,8 @@ import pytest
 import soundfile as sf
 
 from mmser.data import synth
-from mmser.io import read_jsonl
 from mmser.data.synth import synthesize
+from mmser.io import read_jsonl
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
 

@@ -134,8 +134,8 @@ def test_matches_fairseq_reference(tmp_path: Path, variant: str, style: str) -> 
             z, c = model.features(wav), model.context(wav)
         assert z.shape == z_ref.shape and c.shape == c_ref.shape, name
         assert c.shape[1] == int(parse_layers(ns.conv_aggregator_layers)[-1][0])
-        torch.testing.assert_close(z, z_ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name} z: {m}")
-        torch.testing.assert_close(c, c_ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name} c: {m}")
+        torch.testing.assert_close(z, z_ref, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name} z: {m}")
+        torch.testing.assert_close(c, c_ref, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name} c: {m}")
     assert c.abs().mean() > 1e-2  # not a degenerate all-zero comparison
 
 

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import torch
 from helpers import (  # noqa: F401 (single_torch_thread: autouse fixture)
-    make_batch, single_torch_thread, tiny_audio_classifier, tiny_encoder_config,
+    make_batch,
+    single_torch_thread,
+    tiny_audio_classifier,
+    tiny_encoder_config,
 )
 from torch import nn
 from transformers import Wav2Vec2ForPreTraining
@@ -156,7 +159,7 @@ def test_frame_mask_matches_hf_output_lengths():
     # conv arithmetic of kernels (10, 4, 4) / strides (5, 4, 4)
     expected = []
     for n in LENGTHS:
-        for k, s in zip((10, 4, 4), (5, 4, 4)):
+        for k, s in zip((10, 4, 4), (5, 4, 4), strict=True):
             n = (n - k) // s + 1
         expected.append(n)
     assert frames.shape == (3, expected[0], 32)
@@ -317,7 +320,8 @@ def test_gradient_checkpointing_flag_is_the_only_authority(tmp_path):
 
     assert gradient_checkpointing_on(Wav2Vec2Model.from_pretrained(folder))  # what HF does on its own
     for flag in (False, True):
-        assert gradient_checkpointing_on(build_encoder(tiny_encoder_config(name=folder, gradient_checkpointing=flag))) == flag
+        encoder = build_encoder(tiny_encoder_config(name=folder, gradient_checkpointing=flag))
+        assert gradient_checkpointing_on(encoder) == flag
         cfg = Config()
         cfg.encoder = tiny_encoder_config(name=folder, gradient_checkpointing=flag)
         assert gradient_checkpointing_on(build_pretraining_model(cfg)) == flag

@@ -29,7 +29,7 @@ def _pad(seqs: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, to
     lengths = [int(x.shape[0]) for x in seqs]
     out = torch.zeros(len(seqs), max(lengths), *seqs[0].shape[1:], dtype=dtype)
     mask = torch.zeros(len(seqs), max(lengths), dtype=torch.bool)
-    for i, (x, n) in enumerate(zip(seqs, lengths)):
+    for i, (x, n) in enumerate(zip(seqs, lengths, strict=True)):
         out[i, :n] = x
         mask[i, :n] = True
     return out, mask

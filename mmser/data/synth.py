@@ -392,7 +392,8 @@ def plan_corpus(per_class: int, seed: int, tiny: bool) -> list[Dialog]:
         rng = _rng(seed, "session", s)
         voices = {g: ACTOR_VOICES[(s, g)] for g in ("F", "M")}
 
-        def turn(g: str, code: str, text: str, kind: str, cue_code: str | None, scripted: bool) -> Turn:
+        def turn(g: str, code: str, text: str, kind: str, cue_code: str | None, scripted: bool,
+                 voices=voices, s=s, rng=rng) -> Turn:  # bound now: called inside this loop iteration
             v = voices[g]
             return Turn(session=s, gender=g, code=code, text=text, transcript=text, cue=kind,
                         cue_code=cue_code, scripted=scripted,
@@ -422,7 +423,7 @@ def plan_corpus(per_class: int, seed: int, tiny: bool) -> list[Dialog]:
             chosen = [i for i in range(len(codes)) if rng.random() < P_REINTERPRET]
             permuted = [codes[i] for i in chosen]
             rng.shuffle(permuted)
-            for i, c in zip(chosen, permuted):
+            for i, c in zip(chosen, permuted, strict=True):
                 codes[i] = c
             performed[g] = codes
         for k in range(n_script):
@@ -604,14 +605,14 @@ def _write_dialog(d: Dialog, root: Path, rng: np.random.Generator) -> None:
         vad = np.vstack([ratings, self_rating[None]]).mean(axis=0)
         emo_lines.append(f"[{t.start:.4f} - {t.end:.4f}]\t{t.id}\t{t.code}\t"
                          f"[{vad[0]:.4f}, {vad[1]:.4f}, {vad[2]:.4f}]")
-        for e, c in zip(evaluators, cats):
+        for e, c in zip(evaluators, cats, strict=True):
             emo_lines.append(f"C-E{e}:\t{c};\t()")
             shown = "Neutral state" if c == "Neutral" else c
             cat_files.setdefault(f"{d.name}_e{e}_cat.txt", []).append(f"{t.id} :{shown}; ()")
         emo_lines.append(f"C-{t.gender}1:\t{self_cat};\t()")
         shown = "Neutral state" if self_cat == "Neutral" else self_cat
         self_files.setdefault(f"{d.name}_{t.gender}_cat.txt", []).append(f"{t.id} :{shown}; ()")
-        for e, (v, a, dm) in zip(evaluators[1:], ratings):
+        for e, (v, a, dm) in zip(evaluators[1:], ratings, strict=True):
             emo_lines.append(f"A-E{e}:\tval {v}; act {a}; dom  {dm};\t()")
             atr_files.setdefault(f"{d.name}_e{e}_atr.txt", []).append(
                 f"{t.id} :act {a}; :val {v}; :dom  {dm};  ()")
@@ -695,7 +696,7 @@ def synthesize(out_dir: Path, per_class: int = 6, seed: int = 0, tiny: bool = Fa
             audio = list(pool.map(lambda t: render(t, exe, scratch, seed, tiny), turns))
         scratch.rmdir()
         stage_root = stage / ROOT_NAME
-        for t, x in zip(turns, audio):
+        for t, x in zip(turns, audio, strict=True):
             t.duration = x.size / SAMPLE_RATE
             path = stage_root / f"Session{t.session}" / "sentences" / "wav" / t.dialog / f"{t.id}.wav"
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -422,7 +422,7 @@ class CrossAttentionFusion(nn.Module):
         text_tokens, text_mask = _at_least_one_position(text_tokens, text_mask)
         a = self.audio_proj(_zero_padding(audio_frames, frame_mask))  # (B, F, H)
         t = self.text_proj(_zero_padding(text_tokens, text_mask))  # (B, L, H)
-        for a2t, t2a in zip(self.audio_to_text, self.text_to_audio):
+        for a2t, t2a in zip(self.audio_to_text, self.text_to_audio, strict=True):
             a, t = a2t(a, t, text_mask), t2a(t, a, frame_mask)  # (B, F, H), (B, L, H)
         pooled = torch.cat([masked_mean(a, frame_mask), masked_mean(t, text_mask)], dim=-1)  # (B, 2H)
         return self.mlp(pooled)  # (B, C)

@@ -187,7 +187,7 @@ class ConvAggregator(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = z  # (B, C_in, T')
-        for proj, block in zip(self.residual_proj, self.conv_layers):
+        for proj, block in zip(self.residual_proj, self.conv_layers, strict=True):
             residual = x
             x = block(x)  # (B, C, T')
             if self.skip_connections:
@@ -239,7 +239,7 @@ class Wav2Vec1(nn.Module):
         out = lengths.clone()
         for _, k, s in self.cfg.conv_feature_layers:
             out = torch.div(out - k, s, rounding_mode="floor") + 1
-        for _, k, s in self.cfg.conv_aggregator_layers:
+        for _, _k, s in self.cfg.conv_aggregator_layers:
             out = torch.div(out - 1, s, rounding_mode="floor") + 1  # padded by k-1
         return out.clamp(min=0)
 

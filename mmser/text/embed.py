@@ -195,7 +195,7 @@ def encode_texts(texts: list[str], spec: TextEncoderSpec, batch_size: int = 32, 
             st.max_seq_length = spec.max_length
             rows = st.encode(batch, batch_size=len(batch), output_value=None, show_progress_bar=False,
                              convert_to_numpy=False)
-            for i, row in zip(idx, rows):
+            for i, row in zip(idx, rows, strict=True):
                 n = int(row["attention_mask"].sum())
                 out[i] = (row["token_embeddings"][:n].float().cpu().contiguous(),  # (L, D)
                           row["sentence_embedding"].float().cpu())  # (D,)
@@ -286,7 +286,7 @@ def _load_cache(path: Path, key: str, ids: list[str]) -> dict[str, TextFeatures]
         log.warning("%s: unreadable feature cache (%s); recomputing", path, e)
         return None
     parts = torch.split(tokens, lengths.tolist())  # each (L_i, D)
-    return {i: TextFeatures(t, p) for i, t, p in zip(ids, parts, pooled)}
+    return {i: TextFeatures(t, p) for i, t, p in zip(ids, parts, pooled, strict=True)}
 
 
 def text_features(records: list[dict], source: str | Path, spec: TextEncoderSpec, cache_dir: str | Path,
@@ -323,4 +323,4 @@ def text_features(records: list[dict], source: str | Path, spec: TextEncoderSpec
     log.info("text features: %d utterances encoded with %s (%s pooling) in %.2f s -> %s", len(ids),
              spec.encoder, spec.pooling, time.perf_counter() - t0, path)
     parts = torch.split(tokens, lengths.tolist())
-    return {i: TextFeatures(t, pooled[n]) for n, (i, t) in enumerate(zip(ids, parts))}
+    return {i: TextFeatures(t, pooled[n]) for n, (i, t) in enumerate(zip(ids, parts, strict=True))}

@@ -377,7 +377,7 @@ def transcribe_manifest(manifest: Path, out: Path, backend: Backend = "faster-wh
         if other:
             raise ValueError(
                 f"{out}: already holds transcripts of another ASR system "
-                f"{dict(zip(SYSTEM_FIELDS, next(iter(other))))}; this run is {system}. "
+                f"{dict(zip(SYSTEM_FIELDS, next(iter(other)), strict=True))}; this run is {system}. "
                 "Use another --out file (one file per ASR system)")
         if dropped:
             log.warning("%s: dropping a half-written last line; that utterance is redone", out)

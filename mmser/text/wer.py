@@ -65,7 +65,7 @@ def wer(refs: Sequence[str | None], hyps: Sequence[str | None]) -> dict:
     ref_texts: list[str] = []
     hyp_texts: list[str] = []
     skipped = 0
-    for r, h in zip(refs, hyps):
+    for r, h in zip(refs, hyps, strict=True):
         if r is None:
             skipped += 1
             continue

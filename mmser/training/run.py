@@ -57,13 +57,13 @@ from mmser.io import (
     write_inputs,
 )
 from mmser.labels import CLASSES
-from mmser.provenance import provenance
-from mmser.training.progress import EpochLog
 from mmser.metrics import classification_report
 from mmser.models.heads import AudioClassifier
 from mmser.models.pretrained import MODEL_FORMAT, from_pretrained, save_pretrained  # noqa: F401 (MODEL_FORMAT re-exported)
 from mmser.models.wav2vec2 import AudioEncoder, encoder_provenance
+from mmser.provenance import provenance
 from mmser.training.finetune import ClassifierModule
+from mmser.training.progress import EpochLog
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +305,8 @@ def _claim_run_dir(cfg: Config, run_dir: Path, inputs: dict) -> None:
     is this run's (run_one checked: resuming a run of other data would mix them). A config that
     differs replaces the old one and the old checkpoints go, so a resume never mixes configs."""
     if not (run_dir / "inputs.json").is_file() and (run_dir / "config.yaml").is_file():
-        log.warning("%s: unfinished run from before runs recorded their data (inputs.json); resumed as this data's", run_dir)
+        log.warning("%s: unfinished run from before runs recorded their data (inputs.json); "
+                    "resumed as this data's", run_dir)
     cfg_path = run_dir / "config.yaml"
     if cfg_path.is_file():
         try:
@@ -450,7 +451,7 @@ def _train(cfg: Config, fold: Fold, test_session: int, seed: int, run_dir: Path,
             "val": val_report,
             "counts": dm.counts(),
             # the CE weights used (None = unweighted loss)
-            "class_weights": ({c: float(w) for c, w in zip(CLASSES, dm.class_weights)}
+            "class_weights": ({c: float(w) for c, w in zip(CLASSES, dm.class_weights, strict=True)}
                               if cfg.finetune.class_weighted_loss else None),
             "experiment": cfg.experiment,
             "test_session": test_session,

@@ -35,12 +35,11 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from transformers import Wav2Vec2ForPreTraining
-from transformers.models.wav2vec2.modeling_wav2vec2 import _sample_negative_indices
-
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader
+from transformers import Wav2Vec2ForPreTraining
+from transformers.models.wav2vec2.modeling_wav2vec2 import _sample_negative_indices
 
 from mmser import tracking
 from mmser.config import Config, TaptConfig, save_config, to_dict

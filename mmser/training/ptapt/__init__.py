@@ -12,11 +12,25 @@ The names the rest of mmser and the tests use are importable from here.
 
 from mmser.training.ptapt.clustering import cluster_frames
 from mmser.training.ptapt.driver import run_ptapt
-from mmser.training.ptapt.frame_training import (CropToShortest, FrameModule, load_frame_model, split_train_val,
-                                                 train_frame_model)
-from mmser.training.ptapt.masked_prediction import (IGNORE_INDEX, PseudoLabelDataset, PtaptModule, align_labels,
-                                                    build_ptapt_encoder, collate_pseudo, conv_frames,
-                                                    crop_with_labels, ptapt_loss, train_encoder)
+from mmser.training.ptapt.frame_training import (
+                                                 CropToShortest,
+                                                 FrameModule,
+                                                 load_frame_model,
+                                                 split_train_val,
+                                                 train_frame_model,
+)
+from mmser.training.ptapt.masked_prediction import (
+                                                 IGNORE_INDEX,
+                                                 PseudoLabelDataset,
+                                                 PtaptModule,
+                                                 align_labels,
+                                                 build_ptapt_encoder,
+                                                 collate_pseudo,
+                                                 conv_frames,
+                                                 crop_with_labels,
+                                                 ptapt_loss,
+                                                 train_encoder,
+)
 
 __all__ = [
     "CropToShortest", "FrameModule", "IGNORE_INDEX", "PseudoLabelDataset", "PtaptModule", "align_labels",

@@ -6,16 +6,17 @@ utterances, eval mode, fp32); k-means with 20 iterations for each K in (64, 512,
 gets one cluster id per K.
 
 k-means is hand-written in torch (Lloyd's algorithm, distances by chunked matmul) rather than
-scikit-learn's, because the real problem is ~1M frames x 4,096 clusters x 512 dims (~43 TFLOP for
-20 iterations): minutes on a GPU, hours on a CPU; sklearn has no GPU path and the reference's
-faiss-gpu no longer installs. The same code runs on CPU for the tiny/synthetic corpora of the
-tests. Measured on the 2-core (shared, loaded) CPU here, 50k x 512 frames, K=512, 20 iterations:
-this code 14 s, sklearn KMeans (Lloyd, random init) 7 s, sklearn with its own k-means++ seeding
-160-330 s. sklearn's Lloyd loop is ~2x faster on CPU; torch is kept for the GPU and for one code
-path (same seeding and empty-cluster policy on both devices). Initialisation (seeded): k-means++ by default, or K distinct random points (faiss' default,
-the reference's); a cluster left empty is re-seeded on a random point (seeded); iterations: exactly `iters` (faiss'
-`niter`, no early stop). On CPU the result is a deterministic function of (data, K, seed); on CUDA
-`index_add_` is deterministic only under `torch.use_deterministic_algorithms(True)`.
+scikit-learn's, because the real problem is ~1M frames x 4,096 clusters x 512 dims (~43 TFLOP for 20
+iterations): minutes on a GPU, hours on a CPU; sklearn has no GPU path and the reference's faiss-gpu
+no longer installs. The same code runs on CPU for the tiny/synthetic corpora of the tests. Measured
+on the 2-core (shared, loaded) CPU here, 50k x 512 frames, K=512, 20 iterations: this code 14 s,
+sklearn KMeans (Lloyd, random init) 7 s, sklearn with its own k-means++ seeding 160-330 s. sklearn's
+Lloyd loop is ~2x faster on CPU; torch is kept for the GPU and for one code path (same seeding and
+empty-cluster policy on both devices). Initialisation (seeded): k-means++ by default, or K distinct
+random points (faiss' default, the reference's); a cluster left empty is re-seeded on a random point
+(seeded); iterations: exactly `iters` (faiss' `niter`, no early stop). On CPU the result is a
+deterministic function of (data, K, seed); on CUDA `index_add_` is deterministic only under
+`torch.use_deterministic_algorithms(True)`.
 
 Output folder (files written atomically; `cluster_frames` adds DONE.json last):
     labels.npz      utterance id -> int32 array (F, len(cluster_sizes)), column i = cluster id for K_i
@@ -203,7 +204,7 @@ def make_pseudo_labels(features: dict[str, np.ndarray], cluster_sizes: Sequence[
         rng = np.random.default_rng(seed)
         offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
         pick = np.concatenate([o + rng.choice(c, size=max(1, int(c * fit_fraction)), replace=False)
-                               for o, c in zip(offsets, counts)])
+                               for o, c in zip(offsets, counts, strict=True)])
         x_fit = x_all[torch.from_numpy(np.sort(pick)).to(device)]
     else:
         x_fit = x_all
@@ -224,7 +225,7 @@ def make_pseudo_labels(features: dict[str, np.ndarray], cluster_sizes: Sequence[
                  st["clusters_used"], st["reseeded"], st["seconds"])
     table = np.stack(columns, axis=1)  # (N, len(K))
     per_utt, start = {}, 0
-    for uid, n in zip(ids, counts):
+    for uid, n in zip(ids, counts, strict=True):
         per_utt[uid] = table[start:start + n]
         start += n
     atomic_write_bytes(out_dir / LABELS_FILE, _npz_bytes(per_utt))

@@ -61,7 +61,7 @@ IGNORE_INDEX = -100
 def conv_frames(n_samples: int, kernels: Sequence[int], strides: Sequence[int]) -> int:
     """wav2vec 2.0 CNN frame count of `n_samples` (floor((L - k) / s) + 1 per layer), >= 0."""
     n = int(n_samples)
-    for k, s in zip(kernels, strides):
+    for k, s in zip(kernels, strides, strict=True):
         n = (n - k) // s + 1
     return max(n, 0)
 
