@@ -193,7 +193,8 @@ class TrainerConfig:
     deterministic: bool = True
     log_every_n_steps: int = ranged(10, ">= 1")
     gradient_clip_val: float | None = ranged(None, "> 0")
-    enable_progress_bar: bool = False
+    # None: Lightning's bar when stderr is a terminal, else one log line per epoch (EpochLog).
+    enable_progress_bar: bool | None = None
 
 
 @dataclass

@@ -42,6 +42,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from mmser.io import atomic_write_json, atomic_write_text, looks_like_path
+from mmser.progress import Progress
 from mmser.text.wer import wer
 
 log = logging.getLogger(__name__)
@@ -394,7 +395,8 @@ def transcribe_manifest(manifest: Path, out: Path, backend: Backend = "faster-wh
                                            beam_size=beam_size, temperatures=temperatures)
         out.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        with out.open("a", encoding="utf-8") as f:
+        bar = Progress(len(todo), f"transcribe ({backend} {model})", unit="utt", logger=log)
+        with bar, out.open("a", encoding="utf-8") as f:
             for start in range(0, len(todo), batch_size):
                 lines = []
                 for r in todo[start:start + batch_size]:
@@ -409,8 +411,7 @@ def transcribe_manifest(manifest: Path, out: Path, backend: Backend = "faster-wh
                 f.flush()
                 os.fsync(f.fileno())
                 n = min(start + batch_size, len(todo))
-                elapsed = time.perf_counter() - t0
-                log.info("transcribed %d/%d (%.2f utt/s)", n, len(todo), n / max(elapsed, 1e-9))
+                bar.update(n - bar.done)
                 if progress is not None:
                     progress(n, len(todo))
         seconds = time.perf_counter() - t0

@@ -30,6 +30,7 @@ import logging
 import platform
 import re
 import shutil
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -101,7 +102,8 @@ def trainer_kwargs(cfg: Config) -> dict:
         strategy=resolve_strategy(tc), precision=resolve_precision(tc),
         deterministic="warn" if tc.deterministic else False,
         log_every_n_steps=tc.log_every_n_steps, gradient_clip_val=tc.gradient_clip_val,
-        enable_progress_bar=tc.enable_progress_bar, enable_model_summary=False,
+        enable_progress_bar=(sys.stderr.isatty() if tc.enable_progress_bar is None else tc.enable_progress_bar),
+        enable_model_summary=False,
         num_sanity_val_steps=0, use_distributed_sampler=False,
     )
 
