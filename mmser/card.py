@@ -91,3 +91,24 @@ def model_card(meta: dict, metrics: dict | None = None, command: str | None = No
                   "```"]
     lines += ["", "## Citation", "", "```bibtex", CITATION, "```", ""]
     return "\n".join(lines)
+
+
+CV_HEADING = "## Cross-validation of this experiment"
+
+
+def with_cross_validation(card: str, tables: str, command: str | None = None) -> str:
+    """`card` with a "Cross-validation of this experiment" section (the per-session UA/WA tables of the
+    whole leave-one-session-out run this model is one fold of, and the cv command) before "## Use";
+    an earlier such section is replaced, so re-summarising a resumed cross-validation stays one section."""
+    lines = card.split("\n")
+    if CV_HEADING in lines:  # drop the old section: up to the next "## " heading
+        i = lines.index(CV_HEADING)
+        j = next((k for k in range(i + 1, len(lines)) if lines[k].startswith("## ")), len(lines))
+        lines = lines[:i] + lines[j:]
+    section = [CV_HEADING, "", "Each fold's model (this is one of them) is tested on the session it never saw; "
+               "values in %, mean ± std over seeds per session (ddof 0), avg = mean of the session means.", "",
+               tables.strip(), ""]
+    if command:
+        section += ["Cross-validation command:", "", "```", command, "```", ""]
+    at = lines.index("## Use") if "## Use" in lines else len(lines)
+    return "\n".join(lines[:at] + section + lines[at:])

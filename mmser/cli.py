@@ -29,6 +29,7 @@ import traceback
 from pathlib import Path
 
 from mmser.logs import DEFAULT, QUIET, VERBOSE, configure_logging
+from mmser.provenance import record_command
 
 log = logging.getLogger("mmser")
 
@@ -218,6 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    record_command(list(sys.argv[1:] if argv is None else argv))
     configure_logging(VERBOSE if args.verbose else QUIET if args.quiet else DEFAULT)
     try:
         return _dispatch(args) or 0

@@ -191,7 +191,18 @@ def summarize(out_dir: Path, command: str | None = None, name: str | None = None
                                                           f"{h['holder']})" for h in held))
     md = write_summary([res], out_dir, command=command, notes=notes)
     plot_comparison([res], out_dir / "summary_ua.png")
+    _cards_with_cross_validation(out_dir, res, command)
     return md
+
+
+def _cards_with_cross_validation(out_dir: Path, res, command: str | None) -> None:
+    """Every fold's model card (run_dir/model/README.md) gains the experiment's per-session UA/WA."""
+    from mmser.card import with_cross_validation
+    from mmser.report import table11_markdown
+
+    tables = "\n\n".join(table11_markdown([res], metric=m, title=f"test {m.upper()}") for m in ("ua", "wa"))
+    for card in sorted(out_dir.glob("s*-seed*/model/README.md")):
+        atomic_write_text(card, with_cross_validation(card.read_text(encoding="utf-8"), tables, command))
 
 
 def pretrained_fold_config(cfg: Config, session: int, out_dir: Path) -> Config:

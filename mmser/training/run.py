@@ -181,10 +181,11 @@ def save_model(model: nn.Module, cfg: Config, out_dir: str | Path, metrics: dict
     """out_dir/model.safetensors + config.json (architecture, labels, sample rate, text side, resolved
     config) + README.md (model card), in mmser.models.pretrained's format."""
     from mmser.card import model_card
+    from mmser.provenance import command
 
     meta = {"mmser_version": mmser.__version__, "task": cfg.task, "classes": list(CLASSES),
             "sample_rate": cfg.data.sample_rate, "text": text_side(cfg), "config": to_dict(cfg)}
-    save_pretrained(model, out_dir, meta, card=model_card(meta, metrics))
+    save_pretrained(model, out_dir, meta, card=model_card(meta, metrics, command=command()))
 
 
 def load_model(model_dir: str | Path) -> nn.Module:
