@@ -4,8 +4,7 @@ one line `mmser: error: ...` (traceback only with --debug / MMSER_DEBUG=1) with 
 Stage functions are replaced by fakes that raise the errors seen in the wild (a read-only output
 folder, a refused or damaged checkpoint, ...): what is under test is the CLI's handling, in-process.
 The training modules are faked in sys.modules, so these tests never import
-Lightning or
-transformers (16 s on the 2-core dev machine). One subprocess test checks the real entry point.
+Lightning or transformers (16 s on the 2-core dev machine). One subprocess test checks the real entry point.
 """
 
 from __future__ import annotations
