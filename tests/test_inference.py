@@ -208,3 +208,17 @@ def test_demo_shows_predict_rows_of_an_audio_and_a_fusion_model(tmp_path, audio_
         assert lines[1].startswith("id,path,window") and len(lines) == 2 + 2 + 1  # command, header, 2 rows, labels
         assert ",," in lines[2] and "error" not in lines[2].split(",")[-1]
     assert "words of" in fusion_block
+
+
+def test_one_reader_for_headers_too(tmp_path):
+    """prepare and the pre-training file check read headers through mmser.audio, with its errors."""
+    from mmser.audio import UnreadableAudio, audio_info
+
+    info = audio_info(_wav(tmp_path / "a.wav", 0.5, 8000))
+    assert (info.samplerate, info.channels, info.frames) == (8000, 1, 4000)
+    (tmp_path / "junk.wav").write_bytes(b"not audio at all")
+    with pytest.raises(UnreadableAudio, match=r"junk\.wav: cannot read audio \(") as e:
+        audio_info(tmp_path / "junk.wav")
+    assert e.value.reason and "\n" not in e.value.reason
+    with pytest.raises(FileNotFoundError, match=r"gone\.wav: audio file not found"):
+        audio_info(tmp_path / "gone.wav")

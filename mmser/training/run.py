@@ -35,7 +35,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
-import soundfile as sf
 import torch
 import yaml
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
@@ -44,6 +43,7 @@ from torch import nn
 
 import mmser
 from mmser import tracking
+from mmser.audio import UnreadableAudio, audio_info
 from mmser.config import Config, TrainerConfig, check_same_config, config_diff, save_config, to_dict
 from mmser.data.datamodule import SERDataModule
 from mmser.data.dataset import TextFeatures
@@ -260,13 +260,13 @@ def check_audio_files(records: Sequence[dict], sample_rate: int, what: str, show
     paths = sorted({str(r["path"]) for r in records})
     bad = []
     for path in paths:
-        if not Path(path).is_file():
+        try:
+            info = audio_info(path)  # the one reader's header check (mmser.audio)
+        except FileNotFoundError:
             bad.append(f"{path} (missing)")
             continue
-        try:
-            info = sf.info(path)
-        except (sf.LibsndfileError, RuntimeError) as e:
-            bad.append(f"{path} (unreadable: {' '.join(str(e).split())})")
+        except UnreadableAudio as e:
+            bad.append(f"{path} (unreadable: {e.reason})")
             continue
         if info.samplerate != sample_rate or info.channels != 1:
             bad.append(f"{path} ({info.samplerate} Hz, {info.channels} channels; expected {sample_rate} Hz mono)")
