@@ -69,7 +69,7 @@ def experiments(asr_file: Path, audio_runs: Path) -> list[Experiment]:
 # per_class=6; see experiments/RESULTS.md): the start-up estimate. Training stages scale with the
 # seeds and, like ASR, with the corpus size (per_class); the running ETA corrects the estimate by
 # how fast this machine has been so far.
-MEASURED_S = {"synthesize": 35, "prepare": 3, "asr": 100, "vft": 45, "tapt": 55, "ptapt": 75,
+MEASURED_S = {"synthesize": 10, "prepare": 3, "asr": 100, "vft": 45, "tapt": 55, "ptapt": 75,
               "text-gold": 25, "text-asr": 25, "fusion-concat-gold": 70, "fusion-concat-asr": 70,
               "fusion-xattn-gold": 75, "fusion-xattn-asr": 75, "predict": 10}
 DEFAULT_PER_CLASS = 6
@@ -126,7 +126,8 @@ def run_demo(out: Path, seeds: int = 1, per_class: int = DEFAULT_PER_CLASS, wand
         spent["actual"] += took
         done_keys.append((key, took))
         remaining = sum(v for kk, v in estimate.items() if kk not in {d[0] for d in done_keys})
-        pace = spent["actual"] / spent["expected"] if spent["expected"] > 1 else 1.0
+        # this machine's pace so far, once enough has run to tell (short stages are noise)
+        pace = spent["actual"] / spent["expected"] if spent["expected"] >= 100 else 1.0
         _say(f"    ({label}: {took:.0f} s; about {_minutes(remaining * pace)} left)")
         return result
 
