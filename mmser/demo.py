@@ -90,6 +90,11 @@ def _minutes(s: float) -> str:
     return f"{s / 60:.0f} min" if s >= 90 else f"{s:.0f} s"
 
 
+def needs_asr(exp: Experiment) -> bool:
+    """Does this experiment train on the demo's ASR transcripts?"""
+    return any(o.startswith("text.source=") for o in exp.overrides)
+
+
 def experiment_config(exp: Experiment, common: list[str]) -> Config:
     return load_config(*(CONFIGS / f for f in exp.files),
                        overrides=[*common, *exp.overrides, f"experiment={exp.name}"])
@@ -109,8 +114,12 @@ def run_demo(out: Path, seeds: int = 1, per_class: int = DEFAULT_PER_CLASS, wand
     t_start = time.time()
     timings: list[tuple[str, float]] = []
     _say(BANNER)
-    names = [e.name for e in experiments(Path("asr.jsonl"), Path("vft")) if not only or e.name in only]
+    planned = [e for e in experiments(Path("asr.jsonl"), Path("vft")) if not only or e.name in only]
+    names = [e.name for e in planned]
+    need_asr = any(needs_asr(e) for e in planned)  # `--only vft` runs no ASR (nor needs its weights)
     estimate = estimate_seconds(names, seeds, per_class)
+    if not need_asr:
+        estimate.pop("asr")
     spent = {"expected": 0.0, "actual": 0.0}  # over the stages finished so far
     _say(f"Expected time on a 2-core CPU: about {_minutes(sum(estimate.values()))} "
          f"({len(names)} experiments x 5 sessions x {seeds} seed(s); finished stages are reused on a re-run; "
@@ -139,9 +148,11 @@ def run_demo(out: Path, seeds: int = 1, per_class: int = DEFAULT_PER_CLASS, wand
     _say(fold_table(load_manifest(prep.manifest)))
 
     asr_file = out / "asr" / "faster-whisper-tiny.en.jsonl"
-    report = timed("ASR: faster-whisper tiny.en (offline weights)", "asr", transcribe_manifest, prep.manifest, asr_file,
-                   backend="faster-whisper", model="offline-tiny.en")
-    _say(report.summary())
+    report = None
+    if need_asr:
+        report = timed("ASR: faster-whisper tiny.en (offline weights)", "asr", transcribe_manifest, prep.manifest,
+                       asr_file, backend="faster-whisper", model="offline-tiny.en")
+        _say(report.summary())
 
     common = [f"data.manifest={prep.manifest}", f"output_dir={out / 'runs'}", f"tracking.wandb={wandb}",
               f"text.cache_dir={out / 'cache' / 'text'}"]
@@ -163,10 +174,12 @@ def run_demo(out: Path, seeds: int = 1, per_class: int = DEFAULT_PER_CLASS, wand
              + comparison_markdown(so_far))
 
     results = [collect(out / "runs" / e.name) for e in exps if (out / "runs" / e.name).is_dir()]
-    notes = [BANNER.replace("=", "").strip(),
-             "ASR (faster-whisper tiny.en, beam 5) WER vs gold transcripts: "
-             + (f"{100 * report.wer:.1f}%" if report.wer is not None else "n/a") + " overall; per session "
-             + ", ".join(f"S{k}: {100 * v:.1f}%" for k, v in sorted(report.per_session.items()) if v is not None)]
+    notes = [BANNER.replace("=", "").strip()]
+    if report is not None:
+        notes.append("ASR (faster-whisper tiny.en, beam 5) WER vs gold transcripts: "
+                     + (f"{100 * report.wer:.1f}%" if report.wer is not None else "n/a") + " overall; per session "
+                     + ", ".join(f"S{k}: {100 * v:.1f}%" for k, v in sorted(report.per_session.items())
+                                 if v is not None))
     if failed:
         notes.append("FAILED runs: " + "; ".join(failed))
     md = write_summary(results, out, command=f"mmser demo --out {out} --seeds {seeds}", stem="comparison",

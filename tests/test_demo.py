@@ -31,3 +31,10 @@ def test_the_printed_config_names_resolve_to_packaged_configs():
         by_name = to_dict(load_config(*names, overrides=overrides))
         assert by_name == to_dict(load_config(*(CONFIGS / f for f in exp.files), overrides=overrides)), exp.name
         assert all(shlex.quote(n) == n for n in names)
+
+
+def test_only_the_asr_experiments_need_the_transcription():
+    from mmser.demo import needs_asr
+
+    grid = {e.name: needs_asr(e) for e in experiments(Path("asr.jsonl"), Path("runs/vft"))}
+    assert {n for n, v in grid.items() if v} == {"text-asr", "fusion-concat-asr", "fusion-xattn-asr"}
