@@ -10,6 +10,7 @@
     mmser demo [--out DIR]
     mmser predict MODEL AUDIO_OR_DIR... [--out preds.csv|.jsonl] [--text TEXT | --transcripts FILE | --asr] [--windows]
     mmser config show -c vft [-c tiny ...] [key=value ...]   |   mmser config list
+    mmser push MODEL USER/REPO [--public]     (a run or model folder -> the Hugging Face Hub)
 
 Options and key=value overrides may come in any order. An error prints one line,
 `mmser: error: <what went wrong, naming the file>`; --debug (anywhere on the line) or MMSER_DEBUG=1
@@ -149,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="show the resolved config (show) or the packaged configs (list)")
     p.add_argument("action", choices=["show", "list"])
     _add_config_args(p)
+
+    p = sub.add_parser("push", help="upload a saved model (run or model folder) to the Hugging Face Hub")
+    p.add_argument("model", help="a run folder (its model/) or a model folder")
+    p.add_argument("repo", help="Hub repository id, e.g. user/mmser-vft-s1")
+    p.add_argument("--public", action="store_true", help="create the repository public (default: private)")
 
     p = sub.add_parser("predict", help="classify audio files with a saved model (a row per file)")
     p.add_argument("model", help="run folder (its model/), model folder, or Hugging Face Hub id")
@@ -348,6 +354,15 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         return 0
     if args.command == "config":
         return _config_command(args)
+    if args.command == "push":
+        from mmser.inference import resolve_model_dir
+        from mmser.models.pretrained import push_to_hub
+
+        model_dir = resolve_model_dir(args.model)
+        if not Path(model_dir).is_dir():
+            raise FileNotFoundError(f"{args.model}: no such run or model folder")
+        print(push_to_hub(model_dir, args.repo, private=not args.public))
+        return 0
     if args.command == "predict":
         from mmser.inference import predict_command
 

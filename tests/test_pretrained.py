@@ -196,3 +196,14 @@ def test_hub_ids_download_only_the_model_files_and_push_uploads_the_folder(tmp_p
     assert push_to_hub(folder, "user/mmser-tiny").endswith("/commit/1")
     assert asked["upload"] == ("user/mmser-tiny", str(folder), ["README.md", "config.json", "model.safetensors"])
     assert asked["create"] == ("user/mmser-tiny", True)
+
+    # `mmser push RUN_DIR REPO`: the run folder's model/ goes up, public only when asked
+    from mmser.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    folder.rename(run / "model")
+    assert main(["push", str(run), "user/mmser-run", "--public"]) == 0
+    assert asked["upload"] == ("user/mmser-run", str(run / "model"), ["README.md", "config.json", "model.safetensors"])
+    assert asked["create"] == ("user/mmser-run", False)
+    assert main(["push", str(tmp_path / "nothing"), "user/x"]) == 2
