@@ -207,3 +207,14 @@ def test_hub_ids_download_only_the_model_files_and_push_uploads_the_folder(tmp_p
     assert asked["upload"] == ("user/mmser-run", str(run / "model"), ["README.md", "config.json", "model.safetensors"])
     assert asked["create"] == ("user/mmser-run", False)
     assert main(["push", str(tmp_path / "nothing"), "user/x"]) == 2
+
+
+def test_a_model_folder_from_before_the_format_is_one_clear_error(tmp_path):
+    """Run folders of mmser before issue 10 saved config.json with 'architecture' (None for text and
+    fusion models) and no 'format': loading says what it is and what to do."""
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps({"task": "fusion", "architecture": None, "classes": ["neu"]}))
+    with pytest.raises(ModelFormatError, match=r"old/config\.json: a model folder from before mmser's model "
+                                               r"format 'mmser-classifier/1'.*train it again"):
+        from_pretrained(old)

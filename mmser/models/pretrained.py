@@ -215,6 +215,10 @@ def read_config(model_dir: str | Path) -> dict:
         meta = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelFormatError(f"{cfg_path}: not JSON ({e})") from None
+    if isinstance(meta, dict) and "format" not in meta and ("architecture" in meta or "task" in meta):
+        raise ModelFormatError(f"{cfg_path}: a model folder from before mmser's model format "
+                               f"{MODEL_FORMAT!r} (no 'format' key): its architecture cannot be rebuilt; "
+                               "train it again with this mmser, into a new output_dir (finished runs are skipped)")
     if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
         raise ModelFormatError(f"{cfg_path}: unknown model format "
                                f"{meta.get('format') if isinstance(meta, dict) else None!r}")
