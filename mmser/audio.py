@@ -3,6 +3,7 @@ any channel count -> float32 mono at the rate asked for.
 
     wav = load_audio("speech.flac", 16000)        # (T,) float32, down-mixed and resampled
     wav, sr = read_audio_file("speech.wav")       # (T, C) float32 as stored
+    frames, sr, channels, fmt = audio_info("x.wav")  # header only (corpus checks, durations)
 
 Resampling is scipy's polyphase filter (`resample_poly`, a Kaiser-windowed FIR; scipy is already a
 dependency, soxr is not installed here). Stereo and multichannel files are down-mixed by the mean of
@@ -58,3 +59,16 @@ def load_audio(path: str | Path, target_sr: int = 16000) -> np.ndarray:
     if wav.shape[0] == 0:
         raise ValueError(f"{path}: empty audio file")
     return resample(to_mono(wav), sr, target_sr)
+
+
+def audio_info(path: str | Path) -> tuple[int, int, int, str]:
+    """(frames, sample rate, channels, container format) from the file's header only (nothing is
+    decoded): for checking a corpus's files and durations. Errors as `read_audio_file`'s."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: audio file not found")
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise ValueError(f"{path}: cannot read audio ({' '.join(str(e).split())})") from None
+    return int(info.frames), int(info.samplerate), int(info.channels), str(info.format)
