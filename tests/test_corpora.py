@@ -97,7 +97,7 @@ def test_six_class_predefined_split_prepare_cv_compare_predict(tmp_path, capsys)
 
     # cv: one fold named after the split; dev validates (best_val selects on it), test only tests
     runs = tmp_path / "runs"
-    common = [*TINY, f"data.manifest={out / 'manifest.jsonl'}", f"output_dir={runs}", "finetune.epochs=2",
+    common = [*TINY, f"data.manifest={out / 'manifest.jsonl'}", f"output_dir={runs}", "finetune.epochs=1",
               "finetune.test_checkpoint=best_val", "--seeds", "1"]
     assert main(["cv", *common, "experiment=six"]) == 0
     assert "| six |" in capsys.readouterr().out
@@ -343,3 +343,13 @@ def test_saved_model_class_names_must_match_its_outputs(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "classes": ["a", "b"]}))
     with pytest.raises(ModelFormatError, match="2 class names"):
         from_pretrained(tmp_path / "m")
+
+
+def test_cli_fold_arguments_take_numbers_ranges_and_names():
+    from mmser.cli import parse_args, parse_folds
+
+    assert parse_folds("1-3,5") == [1, 2, 3, 5] and parse_folds("test1,test2") == ["test1", "test2"]
+    assert parse_args(["cv", "--folds", "test"]).sessions == ["test"]
+    assert parse_args(["cv"]).sessions is None  # every fold of the manifest
+    assert parse_args(["train", "--session", "test1"]).session == "test1"
+    assert parse_args(["train", "--session", "2"]).session == 2

@@ -435,10 +435,18 @@ def class_counts(records: Iterable[dict], classes: Sequence[str] | None = None) 
     return {k: c.get(k, 0) for k in (classes if classes is not None else manifest_labels(records))}
 
 
+def _listed_classes(records: Sequence[dict], data_cfg) -> tuple[str, ...]:
+    """The classes to list in tables and fold files: data.classes, else every label (no minimum:
+    a manifest prepared from a partial tree still gets its tables)."""
+    if getattr(data_cfg, "classes", None) is not None:
+        return classes_for(records, data_cfg)
+    return tuple(manifest_labels(records))
+
+
 def fold_table(records: list[dict], data_cfg=None, classes: Sequence[str] | None = None) -> str:
     """Markdown table: per fold and split, per-class counts."""
     if classes is None:
-        classes = classes_for(records, data_cfg)
+        classes = _listed_classes(records, data_cfg)
     lines = ["| fold | split | n | " + " | ".join(classes) + " | hours |",
              "|---|---|---|" + "---|" * len(classes) + "---|"]
     for s in fold_ids(records, classes):
@@ -464,7 +472,7 @@ def write_fold_files(records: list[dict], folds_dir: str | Path, data_cfg=None) 
     (plus "val" when the fold has a validation set) for every fold with task utterances,
     s3prl-style: reviewable files beside the manifest. Ids are sorted. Returns the paths written."""
     folds_dir = Path(folds_dir)
-    classes = classes_for(records, data_cfg)
+    classes = _listed_classes(records, data_cfg)
     paths = []
     for s in fold_ids(records, classes):
         fold = split_fold(records, s, data_cfg, classes)
