@@ -79,3 +79,5 @@ def load_audio(path: str | Path, target_sr: int = 16000) -> np.ndarray:
     if wav.shape[0] == 0:
         raise ValueError(f"{path}: empty audio file")
     return resample(to_mono(wav), sr, target_sr)
+
+
