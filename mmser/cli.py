@@ -18,7 +18,7 @@
 Options and key=value overrides may come in any order. An error prints one line,
 `mmser: error: <what went wrong, naming the file>`; --debug (anywhere on the line) or MMSER_DEBUG=1
 adds the traceback. Exit codes: 0 done; 1 some runs failed (cv, demo) or an unexpected error (a bug);
-2 bad input (arguments, config, files, checkpoints); 130 interrupted.
+2 bad input (arguments, config, files, checkpoints); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ log = logging.getLogger("mmser")
 # Commands that take config files and `key=value` overrides (anywhere on their command line).
 OVERRIDE_COMMANDS = ("folds", "train", "cv", "config")
 _OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")
-EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
 
 
 def parse_range(text: str) -> list[int]:
@@ -302,6 +302,16 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print("mmser: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except SystemExit as e:
+        # Lightning turns SIGTERM (a scheduler's kill, `kill PID`) into SIGTERMException, a SystemExit
+        # with no code: without this the process would exit 0 as if the run had finished.
+        if type(e).__name__ != "SIGTERMException":
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print("mmser: terminated (SIGTERM); the same command resumes from the last finished epoch",
+              file=sys.stderr)
+        return EXIT_TERMINATED
     except Exception as e:  # noqa: BLE001 - the one place that turns any error into one line
         code, message = describe_error(e)
         if args.debug:
