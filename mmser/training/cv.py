@@ -226,7 +226,9 @@ def log_cv_summary(cfg: Config, out_dir: Path, res, images: dict[str, Path], com
     if confusion is not None:
         values["cv/test/confusion"] = confusion
     return tracking.log_cv_summary(cfg, out_dir, table_columns=columns,
-                                   table_rows=[[r[c] for c in columns] for r in rows], summary=values,
+                                   table_rows=[[r["experiment"], r["metric"], str(r["session"]), r["mean"], r["std"],
+                                                r["n_seeds"] if r["n_seeds"] != "" else None] for r in rows],
+                                   summary=values,
                                    confusion=confusion, classes=res.classes, images=images, command=command)
 
 
