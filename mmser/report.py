@@ -103,14 +103,14 @@ def collect_sources(sources: list[str], api=None) -> tuple[list[ExperimentResult
     A W&B source is `wandb:ENTITY/PROJECT/GROUP` (every finished run of that group, i.e. experiment)
     or `wandb:ENTITY/PROJECT/runs/ID[,ID...]` (those runs, one experiment per config `experiment`);
     `api` is a wandb.Api-like object (tests pass a fake)."""
-    from mmser import tracking
-
     results: list[ExperimentResult] = []
     skipped: list[str] = []
     for source in sources:
         if not str(source).startswith(WANDB_PREFIX):
             results.append(collect(source))
             continue
+        from mmser import tracking  # imports Lightning and wandb: only for W&B sources
+
         try:
             runs = tracking.fetch_wandb_runs(str(source)[len(WANDB_PREFIX):], api=api)
         except tracking.WandbUnavailable as e:
