@@ -70,6 +70,12 @@ def make_loggers(cfg: Config, run_dir: str | Path, name: str, group: str, job_ty
     mode = cfg.tracking.wandb
     if mode == "disabled":
         return loggers
+    trial = sweep_trial()
+    if trial is not None and run_id != trial[1]:
+        # In a sweep, wandb.init takes the agent's run id whatever id it is given: another run of
+        # this process (a pre-training stage, a cv-summary) would be merged into the trial's run.
+        log.info("W&B sweep trial %s: %s is not the trial's run, CSV logs only (%s)", trial[1], name, run_dir)
+        return loggers
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_CONSOLE", "off")
     try:

@@ -240,3 +240,99 @@ def test_compare_wandb_sources_offline_says_how_to_sync_and_online_gives_the_sam
     monkeypatch.setattr(tracking, "_wandb_api", broken)
     assert main(["compare", str(tmp_path / "a"), "wandb:ent/proj/b", "--out", str(tmp_path / "cmp3")]) == 0
     assert "ConnectionError: no network" in capsys.readouterr().err
+
+
+# -- sweeps: the agent emulated through its environment variables ---------------------------------------
+
+
+def agent_command(sweep_file, params: dict) -> list[str]:
+    """The command line `wandb agent` runs for one trial of `sweep_file` (wandb_agent.Agent._command_run's
+    substitution of ${env}, ${interpreter}, ${program} and the ${args...} forms)."""
+    import yaml
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
+
+    sweep = yaml.safe_load(sweep_file.read_text())
+    variables = create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})
+    variables.update(env=["/usr/bin/env"], interpreter=["python"], program=[sweep["program"]])
+    out = []
+    for chunk in create_sweep_command(list(sweep["command"])):
+        chunk = str(chunk)
+        out += variables.get(chunk[2:-1]) or [] if chunk.startswith("${") and chunk.endswith("}") else [chunk]
+    return out
+
+
+def start_trial(monkeypatch, tmp_path, sweep_id: str, run_id: str, params: dict) -> None:
+    """What the agent sets in a trial's environment (wandb_agent.Agent._command_run). The agent runs
+    each trial in a new process; in this one, wandb's settings singleton is torn down as the agent
+    does between in-process trials, so the next wandb.init reads the new environment."""
+    import wandb
+    from wandb.sdk.lib import config_util
+
+    wandb.teardown()
+
+    param_path = tmp_path / "wandb" / f"sweep-{sweep_id}" / f"config-{run_id}.yaml"
+    config_util.save_config_file_from_dict(str(param_path), {k: {"value": v} for k, v in params.items()})
+    monkeypatch.setenv("WANDB_SWEEP_ID", sweep_id)
+    monkeypatch.setenv("WANDB_RUN_ID", run_id)
+    monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(param_path))
+
+
+@pytest.fixture
+def fresh_wandb():
+    """wandb's settings singleton torn down after the test too (the sweep environment goes)."""
+    yield
+    import wandb
+
+    wandb.teardown()
+
+
+def test_sweep_trials_get_their_own_run_folders_and_the_agents_run_ids(tmp_path, monkeypatch, fresh_wandb):
+    from helpers import CONFIGS
+
+    from mmser.cli import main
+
+    manifest = write_toy_corpus(tmp_path / "toy", per_class=1)
+    tiny = ["-c", str(CONFIGS / "tiny.yaml"), f"data.manifest={manifest}", f"output_dir={tmp_path / 'runs'}",
+            "finetune.epochs=1", "tracking.wandb=offline"]  # after the sweep's own files and overrides
+    trials = {"r1": {"finetune.lr": 0.001, "finetune.class_weighted_loss": True},
+              "r2": {"finetune.lr": 0.0003, "finetune.class_weighted_loss": False}}
+    folders = {}
+    for run_id, params in trials.items():
+        cmd = agent_command(CONFIGS / "sweep_vft.yaml", params)
+        assert cmd[:3] == ["/usr/bin/env", "mmser", "train"]
+        start_trial(monkeypatch, tmp_path, "swp1", run_id, params)
+        assert main(cmd[2:] + tiny) == 0
+        folders[run_id] = tmp_path / "runs" / "sweep-vft" / "sweep-swp1" / run_id
+    for run_id, folder in folders.items():
+        assert (folder / "metrics.json").is_file()  # two complete run folders, not refused as "another config"
+        saved = (folder / "config.yaml").read_text()
+        assert f"lr: {trials[run_id]['finetune.lr']}" in saved
+        (run,) = offline_runs(folder)
+        assert (run.run_id, run.sweep_id) == (run_id, "swp1")  # the agent's run id: the sweep sees it
+        assert run.config["finetune.lr"] == trials[run_id]["finetune.lr"]  # read from WANDB_SWEEP_PARAM_PATH
+        assert run.config["finetune"]["lr"] == trials[run_id]["finetune.lr"]  # and trained with it
+        assert "val/ua" in run.summary  # the sweep's metric: the validation speaker, not the test session
+    # The agent starting trial r1 again: the same folder, found complete (an unfinished one resumes
+    # from its last.ckpt); its W&B run is again r1 (resume="allow").
+    before = (folders["r1"] / "metrics.json").stat().st_mtime_ns
+    start_trial(monkeypatch, tmp_path, "swp1", "r1", trials["r1"])
+    assert main(agent_command(CONFIGS / "sweep_vft.yaml", trials["r1"])[2:] + tiny) == 0
+    assert (folders["r1"] / "metrics.json").stat().st_mtime_ns == before
+    assert sorted(p.name for p in folders["r1"].parent.iterdir()) == ["r1", "r2"]
+    # Any other run of a trial's process (a pre-training stage) would be merged into the trial's
+    # W&B run by wandb.init: it keeps its CSV logs only.
+    cfg = tiny_config(tmp_path, manifest, ["tracking.wandb=offline"])
+    loggers = tracking.make_loggers(cfg, tmp_path / "stage", name="x-tapt-s1", group="x", job_type="tapt")
+    assert [type(lg).__name__ for lg in loggers] == ["_ContinuedCSVLogger"]
+
+
+def test_the_fusion_sweep_command_is_a_valid_mmser_train_line():
+    from helpers import CONFIGS
+
+    from mmser.cli import _load, parse_args
+
+    for head in ("concat", "decision", "cross_attention"):
+        cmd = agent_command(CONFIGS / "sweep_fusion.yaml", {"finetune.lr": 1e-4, "fusion.head": head})
+        cfg = _load(parse_args(cmd[2:]))
+        assert (cfg.task, cfg.fusion.head, cfg.finetune.lr, cfg.data.validation) == ("fusion", head, 1e-4, "speaker")
+        assert cfg.experiment == "sweep-fusion" and cfg.fusion.audio_runs == "runs/vft"
