@@ -317,20 +317,22 @@ def paired_markdown(tests: list) -> str:
              "difference in points, paired bootstrap 95% CI (10,000 resamples of the pairs, seed 0), "
              "two-sided Wilcoxon signed-rank p (exact up to 50 pairs without ties), seed noise σ = "
              "sqrt(mean over (experiment, session) of the variance over seeds, ddof 1); \"within seed "
-             "noise\" = |mean difference| < σ (mmser/stats.py).", "",
-             "| A | B | pairs | mean ΔUA | 95% CI | Wilcoxon p | seed noise σ | verdict |",
-             "|---|---|---|---|---|---|---|---|"]
+             "noise\" = |mean difference| < σ; \"better\" = p < 0.05 and a CI without 0 (mmser/stats.py).",
+             "", "| A | B | pairs | mean ΔUA | 95% CI | Wilcoxon p | seed noise σ | within seed noise | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for t in tests:
         ci = f"[{_pp(t.ci_low, True)}, {_pp(t.ci_high, True)}]" if t.ci_low is not None else "–"
         p = "–" if t.p_value is None else f"{t.p_value:.3g}"
+        within = "–" if t.within_noise is None else "yes" if t.within_noise else "no"
         lines.append(f"| {t.a} | {t.b} | {t.n_pairs} | {_pp(t.mean_diff, True)} | {ci} | {p} | "
-                     f"{_pp(t.seed_noise)} | {t.verdict} |")
+                     f"{_pp(t.seed_noise)} | {within} | {t.verdict} |")
     return "\n".join(lines)
 
 
 def paired_rows(tests: list) -> list[dict]:
     return [{"a": t.a, "b": t.b, "pairs": t.n_pairs, "mean_diff": t.mean_diff, "ci_low": t.ci_low,
-             "ci_high": t.ci_high, "wilcoxon_p": t.p_value, "seed_noise": t.seed_noise, "verdict": t.verdict}
+             "ci_high": t.ci_high, "wilcoxon_p": t.p_value, "seed_noise": t.seed_noise,
+             "within_seed_noise": t.within_noise, "verdict": t.verdict}
             for t in tests]
 
 

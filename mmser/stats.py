@@ -16,8 +16,11 @@ the same data split and initialisation seed). Three numbers come out, each defin
   that cell's seeds: how much one run moves when only the seed changes. Cells with one seed carry
   no information on it and are left out; without any cell of two seeds it is undefined (None).
 
-Verdict: "within seed noise" when |mean difference| < sigma_seed; otherwise "B better" / "A better"
-when the bootstrap interval excludes 0 and p < alpha (0.05); otherwise "not significant".
+Two marks, reported side by side: `within_noise` = |mean difference| < sigma_seed (the difference is
+smaller than what changing the seed alone does to one run); and the verdict, "B better" / "A better"
+when p < alpha (0.05) and the bootstrap interval excludes 0, "not significant" otherwise. A small
+difference can be both consistent (significant over many pairs) and within the seed noise: a
+table shows both rather than one hiding the other.
 """
 
 from __future__ import annotations
@@ -41,11 +44,8 @@ class PairedTest:
     ci_high: float | None
     p_value: float | None  # Wilcoxon signed-rank, two-sided
     seed_noise: float | None  # sigma_seed (see the module docstring)
+    within_noise: bool | None  # |mean_diff| < seed_noise; None when the seed noise is undefined
     verdict: str
-
-    @property
-    def within_noise(self) -> bool:
-        return self.verdict == "within seed noise"
 
 
 def seed_noise(*experiments: Mapping[Key, float], sessions: Sequence[int] | None = None) -> float | None:
@@ -88,7 +88,7 @@ def paired_test(a: Mapping[Key, float], b: Mapping[Key, float], name_a: str = "A
     """B vs A over the (session, seed) pairs both have (see the module docstring)."""
     keys = sorted(set(a) & set(b))
     if len(keys) < 2:
-        return PairedTest(name_a, name_b, len(keys), None, None, None, None, None,
+        return PairedTest(name_a, name_b, len(keys), None, None, None, None, None, None,
                           "too few shared (session, seed) runs")
     diffs = np.array([float(b[k]) - float(a[k]) for k in keys])
     mean = float(diffs.mean())
@@ -96,10 +96,9 @@ def paired_test(a: Mapping[Key, float], b: Mapping[Key, float], name_a: str = "A
     p = wilcoxon_p(diffs)
     sessions = sorted({s for s, _ in keys})
     noise = seed_noise({k: a[k] for k in keys}, {k: b[k] for k in keys}, sessions=sessions)
-    if noise is not None and abs(mean) < noise:
-        verdict = "within seed noise"
-    elif p is not None and p < alpha and (lo > 0 or hi < 0):
+    within = None if noise is None else abs(mean) < noise
+    if p is not None and p < alpha and (lo > 0 or hi < 0):
         verdict = f"{name_b if mean > 0 else name_a} better"
     else:
         verdict = "not significant"
-    return PairedTest(name_a, name_b, len(keys), mean, lo, hi, p, noise, verdict)
+    return PairedTest(name_a, name_b, len(keys), mean, lo, hi, p, noise, within, verdict)

@@ -75,16 +75,16 @@ def test_paired_tests_per_class_recall_and_confusion_pngs_through_the_cli(tmp_pa
     assert float(real["wilcoxon_p"]) == pytest.approx(2 / 2**10)
     assert 0.050 <= float(real["ci_low"]) < 0.0545 < float(real["ci_high"]) <= 0.059
     assert float(real["seed_noise"]) == pytest.approx(sigma_ab)
-    assert real["verdict"] == "B better"
+    assert real["verdict"] == "B better" and real["within_seed_noise"] == "False"
     # A vs C: mean +0.0015 < sigma 0.017949: within the seed noise. Wilcoxon: W+ = 1+3+5+7+9+10 = 35,
     # W- = 20; 504 of the 1,024 sign patterns of ranks 1..10 have min(W+, W-) <= 20: p = 0.4921875.
     assert float(noise["mean_diff"]) == pytest.approx(0.0015)
     assert float(noise["wilcoxon_p"]) == pytest.approx(504 / 1024)
     assert float(noise["ci_low"]) < 0 < float(noise["ci_high"])
     assert float(noise["seed_noise"]) == pytest.approx(sigma_ac)
-    assert noise["verdict"] == "within seed noise"
-    assert "| A | B | 10 | +5.45 | [+5." in md and "| 0.00195 | 1.66 | B better |" in md
-    assert "| A | C | 10 | +0.15 | [-" in md and "| 0.492 | 1.79 | within seed noise |" in md
+    assert noise["within_seed_noise"] == "True" and noise["verdict"] == "not significant"
+    assert "| A | B | 10 | +5.45 | [+5." in md and "| 0.00195 | 1.66 | no | B better |" in md
+    assert "| A | C | 10 | +0.15 | [-" in md and "| 0.492 | 1.79 | yes | not significant |" in md
     assert "| B | C |" not in md  # only the pairs asked for
 
     # Per-class recall from the confusion matrices summed over the 10 runs: A [[30, 10], [20, 20]]
@@ -109,11 +109,12 @@ def test_paired_test_edge_cases_and_reproducible_bootstrap():
     t = stats.paired_test(a, b)
     assert t.n_pairs == 1 and t.verdict == "too few shared (session, seed) runs" and t.p_value is None
     same = stats.paired_test(a, dict(a))
-    assert same.mean_diff == 0 and same.p_value == 1.0 and same.verdict == "within seed noise"
+    assert same.mean_diff == 0 and same.p_value == 1.0 and same.within_noise and same.verdict == "not significant"
     # one seed per session: the seed noise is undefined, so no "within noise" verdict
     one_seed = {(s, 0): 0.5 for s in (1, 2, 3)}
     t = stats.paired_test(one_seed, {k: v + 0.1 for k, v in one_seed.items()})
-    assert t.seed_noise is None and t.verdict == "not significant"  # 3 pairs: exact p = 2/8 = 0.25
+    assert t.seed_noise is None and t.within_noise is None
+    assert t.verdict == "not significant"  # 3 pairs of one sign: exact p = 2/8 = 0.25
     assert t.p_value == pytest.approx(0.25)
     assert stats.bootstrap_ci(REAL, seed=3) == stats.bootstrap_ci(REAL, seed=3)
     assert stats.seed_noise({(1, 0): 0.5}) is None
@@ -127,3 +128,23 @@ def test_compare_refuses_an_unknown_pair_name(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "A"), str(tmp_path / "B"), "--out", str(tmp_path / "o"),
                  "--pair", "A,X"]) == 2
     assert "no experiment named 'X'" in capsys.readouterr().err
+
+
+def test_demo_pairs_each_fusion_experiment_with_the_best_single_modality(tmp_path):
+    from mmser.demo import fusion_vs_best_single
+    from mmser.report import collect, write_summary
+
+    write_experiment(tmp_path / "vft", [0.0] * 10)  # UA avg 0.57
+    write_experiment(tmp_path / "text-gold", REAL)  # avg 0.6245: the best single modality
+    write_experiment(tmp_path / "fusion-concat-gold", [r + 0.01 for r in REAL])
+    write_experiment(tmp_path / "fusion-xattn-gold", NOISE)
+    results = [collect(tmp_path / n) for n in ("vft", "text-gold", "fusion-concat-gold", "fusion-xattn-gold")]
+    pairs = fusion_vs_best_single(results)
+    assert pairs == [("text-gold", "fusion-concat-gold"), ("text-gold", "fusion-xattn-gold")]
+    md = write_summary(results, tmp_path, stem="comparison", pairs=pairs)
+    # fusion-concat = text-gold + 0.01 on every pair: +1.00 point, all 10 of one sign (p = 2/1024), a
+    # consistent gain, yet smaller than the seed noise: both experiments step by 0.011 over the seeds
+    # of each session, sigma = 0.011 x sqrt(2.5) = 1.74 points. Both marks are shown.
+    assert "| text-gold | fusion-concat-gold | 10 | +1.00 | [+1.00, +1.00] | 0.00195 | 1.74 | yes | " \
+           "fusion-concat-gold better |" in md
+    assert "| vft | text-gold |" not in md
