@@ -438,7 +438,10 @@ def _run_metrics(run) -> dict | None:
     job_type = getattr(run, "job_type", None) or getattr(run, "jobType", None)
     if job_type is not None and job_type not in TEST_JOB_TYPES:
         return None
-    config, summary = dict(run.config or {}), dict(run.summary or {})
+    config = dict(run.config or {})
+    summary = getattr(run, "summary_metrics", None)  # wandb.Api runs: a plain dict
+    if not isinstance(summary, dict):
+        summary = dict(run.summary or {})
     session, seed = config.get("test_session"), config.get("seed")
     if session is None or seed is None:  # runs from before the flat identity keys: the run name
         m = _RUN_NAME.search(str(getattr(run, "name", "")))

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import yaml
 
-from mmser import tracking
 from mmser.config import Config, check_same_config, config_diff, save_config, to_dict
 from mmser.data.manifest import load_manifest, task_records
 from mmser.io import FolderHeld, atomic_write_json, atomic_write_text, check_inputs, write_inputs
@@ -209,6 +208,8 @@ def log_cv_summary(cfg: Config, out_dir: Path, res, images: dict[str, Path], com
     """The experiment's W&B cv-summary run: Table 11 (every metric, per session and averaged) as a
     table, per-session mean / std and the averages in its summary (`cv/test/ua/s1/mean`,
     `cv/test/ua/avg`, ...), the summed confusion matrix, the plots and the command."""
+    from mmser import tracking  # Lightning + wandb: imported only when there is something to log
+
     rows = summary_rows([res])
     columns = ["experiment", "metric", "session", "mean", "std", "n_seeds"]
     values: dict = {"cv/runs": res.runs}
