@@ -314,6 +314,9 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from mmser.training.multimodal import run_task
         from mmser.training.run import default_run_dir
 
+        if args.run_dir is not None and os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
+            raise ValueError("--run-dir: a W&B sweep trial writes its own run folder "
+                             "(output_dir/experiment/sweep-SWEEP_ID/RUN_ID); leave --run-dir out")
         run_dir = args.run_dir or default_run_dir(cfg, args.session, args.seed)
         if cfg.pretrain != "none":  # the fold's pre-training stage (once; reused by later runs)
             from mmser.training.cv import pretrained_fold_config

@@ -336,3 +336,13 @@ def test_the_fusion_sweep_command_is_a_valid_mmser_train_line():
         cfg = _load(parse_args(cmd[2:]))
         assert (cfg.task, cfg.fusion.head, cfg.finetune.lr, cfg.data.validation) == ("fusion", head, 1e-4, "speaker")
         assert cfg.experiment == "sweep-fusion" and cfg.fusion.audio_runs == "runs/vft"
+
+
+def test_a_sweep_trial_refuses_an_explicit_run_dir(tmp_path, monkeypatch, capsys):
+    from mmser.cli import main
+
+    monkeypatch.setenv("WANDB_SWEEP_ID", "swp")
+    monkeypatch.setenv("WANDB_RUN_ID", "r1")
+    assert main(["train", "-c", "base", "-c", "vft", "--session", "1", "--run-dir", str(tmp_path / "x")]) == 2
+    assert "a W&B sweep trial writes its own run folder" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
