@@ -21,10 +21,12 @@ import logging
 from pathlib import Path
 
 from torch import nn
+from transformers import PreTrainedModel
 
 from mmser.config import Config
 from mmser.data.dataset import TextFeatures
 from mmser.data.manifest import load_manifest, task_records
+from mmser.models.audio_encoders import build_audio_encoder
 from mmser.models.fusion import FusionClassifier, build_fusion_head, build_text_classifier
 from mmser.models.text_encoder import TextEncoder, WithTextEncoder, tokenize
 from mmser.models.wav2vec2 import AudioEncoder, apply_freezing, set_gradient_checkpointing
@@ -58,17 +60,19 @@ def audio_run_model_dir(audio_runs: str | Path, test_session: int, seed: int) ->
     return d / "model"
 
 
-def _audio_encoder(cfg: Config, test_session: int, seed: int) -> AudioEncoder:
+def _audio_encoder(cfg: Config, test_session: int, seed: int) -> nn.Module:
     if cfg.fusion.audio_runs:
         classifier = load_model(audio_run_model_dir(cfg.fusion.audio_runs, test_session, seed))
         encoder = classifier.encoder
         # The rebuilt model is fully trainable: freeze what V-FT freezes (fusion.freeze_audio
         # freezes the rest), and honour gradient checkpointing.
-        apply_freezing(encoder.model, cfg.encoder)
-        set_gradient_checkpointing(encoder.model, cfg.encoder.gradient_checkpointing)
+        if isinstance(encoder, AudioEncoder):  # Whisper encoders keep their saved freeze setting
+            apply_freezing(encoder.model, cfg.encoder)
+        if isinstance(getattr(encoder, "model", None), PreTrainedModel):  # not the CTranslate2 Whisper
+            set_gradient_checkpointing(encoder.model, cfg.encoder.gradient_checkpointing)
         encoder.train()
         return encoder
-    return AudioEncoder.from_config(cfg.encoder)
+    return build_audio_encoder(cfg.encoder)  # any kind: wav2vec 2.0-style or Whisper
 
 
 def run_task(cfg: Config, test_session: int, seed: int, run_dir: str | Path) -> dict:
