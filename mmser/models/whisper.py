@@ -27,6 +27,7 @@ computes: `mmser.text.transcribe` caches them from the ASR pass itself (one pass
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -237,11 +238,56 @@ def ct2_frames(model, wav: np.ndarray) -> np.ndarray:
     parts = []
     for seek in range(0, content, fe.nb_max_frames):
         segment = mel[:, seek:seek + min(fe.nb_max_frames, content - seek)]  # (n_mel, m)
-        out = np.array(model.encode(pad_or_trim(segment)))  # (1, 1500, H)
+        out = storage_to_numpy(model.encode(pad_or_trim(segment)))  # (1, 1500, H)
         parts.append(out[0, : encoder_frames(segment.shape[-1])])
     if not parts:
         return np.zeros((0, ct2_hidden_size(model)), dtype=np.float32)
     return np.ascontiguousarray(np.concatenate(parts).astype(np.float32))  # (F, H)
+
+
+def storage_to_numpy(view) -> np.ndarray:
+    """A CTranslate2 StorageView (CPU, or CUDA through torch) as a float32 numpy array."""
+    try:
+        return np.asarray(np.array(view), dtype=np.float32)
+    except (TypeError, ValueError, RuntimeError):  # CUDA storage: no array interface on the host
+        return torch.as_tensor(view, device="cuda").float().cpu().numpy()
+
+
+def frames_of_pass(model, wav: np.ndarray, encoder_outputs: Sequence) -> np.ndarray | None:
+    """The frames (F, H) `ct2_frames` would compute, taken from the encoder outputs a faster-whisper
+    transcribe call recorded (RecordingWhisperModel); None unless the recording fits one window and
+    the pass encoded it exactly once."""
+    fe = model.feature_extractor
+    content = fe(np.asarray(wav, dtype=np.float32)).shape[-1] - 1  # faster-whisper's content_frames
+    if not 0 < content <= fe.nb_max_frames or len(encoder_outputs) != 1:
+        return None
+    out = storage_to_numpy(encoder_outputs[0])  # (1, 1500, H)
+    return np.ascontiguousarray(out[0, : encoder_frames(content)])
+
+
+@functools.cache
+def _recording_model_class():
+    from faster_whisper import WhisperModel as FasterWhisperModel
+
+    class RecordingWhisperModel(FasterWhisperModel):
+        """faster-whisper's WhisperModel that keeps the encoder outputs of each call in
+        `encoder_outputs` (the caller empties the list), so one pass gives text and frames."""
+
+        encoder_outputs: list
+
+        def encode(self, features):
+            out = super().encode(features)
+            if isinstance(getattr(self, "encoder_outputs", None), list):
+                self.encoder_outputs.append(out)
+            return out
+
+    return RecordingWhisperModel
+
+
+def __getattr__(name: str):  # faster_whisper imported on first use only
+    if name == "RecordingWhisperModel":
+        return _recording_model_class()
+    raise AttributeError(name)
 
 
 def ct2_hidden_size(model) -> int:
@@ -249,7 +295,7 @@ def ct2_hidden_size(model) -> int:
     from faster_whisper.audio import pad_or_trim
 
     mel = np.zeros((model.feature_extractor.mel_filters.shape[0], 1), dtype=np.float32)
-    return int(np.array(model.encode(pad_or_trim(mel))).shape[-1])
+    return int(storage_to_numpy(model.encode(pad_or_trim(mel))).shape[-1])
 
 
 def load_ct2_whisper(name: str, compute_type: str = "auto", device: str = "auto"):
