@@ -351,6 +351,11 @@ class FusionConfig:
     # finished audio runs (e.g. runs/vft): fold k, seed n then starts from the fine-tuned model of
     # that folder's s{k}-seed{n} run, which never saw session k.
     audio_runs: str | None = None
+    # A second, frozen audio branch (beyond the paper): a CTranslate2 Whisper (e.g. "offline-tiny.en")
+    # whose cached frames (encoder.feature_cache_dir, encoder.compute_type) are joined feature-wise to
+    # the audio encoder's frames, time-aligned (mmser.models.audio_encoders.PairedAudioEncoder):
+    # wav2vec 2.0 + Whisper-audio + text with any head. None = the audio encoder alone.
+    whisper_audio: str | None = None
     hidden_size: int = ranged(256, ">= 1")
     num_heads: int = ranged(4, ">= 1")
     dropout: float = ranged(0.1, "[0, 1)")

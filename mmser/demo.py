@@ -68,6 +68,8 @@ def experiments(asr_file: Path, audio_runs: Path, audio_cache: Path = Path("runs
         Experiment("whisper-audio", audio + ("whisper_audio.yaml",), whisper),
         Experiment("whisper-concat-asr", audio + ("whisper_audio.yaml", "fusion_concat.yaml"),
                    whisper + whisper_fusion + asr),
+        Experiment("vft-whisper-concat-asr", audio + ("fusion_concat.yaml",),  # wav2vec 2.0 + Whisper + text
+                   fusion_common + whisper + ("fusion.whisper_audio=offline-tiny.en",) + asr),
     ]
 
 

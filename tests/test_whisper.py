@@ -258,3 +258,47 @@ def test_whisper_audio_fuses_with_text_in_every_head(ct2_corpus, tmp_path, head)
     assert metrics["test"]["n"] == 8
     arch = from_pretrained(run / "model").meta["architecture"]
     assert arch["model"] == "FusionClassifier" and arch["audio_encoder"]["encoder_kind"] == "whisper-ct2"
+
+
+class _Frames(torch.nn.Module):
+    """A stand-in encoder that returns fixed frames and valid counts."""
+
+    def __init__(self, frames: torch.Tensor, valid: list[int]):
+        super().__init__()
+        self.frames, self.valid = frames, valid
+        self.hidden_size = frames.shape[-1]
+
+    def encode(self, audio, audio_mask):
+        mask = torch.arange(self.frames.shape[1])[None, :] < torch.tensor(self.valid)[:, None]
+        return self.frames, mask
+
+
+def test_paired_encoder_joins_time_aligned_valid_frames_only():
+    from mmser.models.audio_encoders import PairedAudioEncoder
+
+    a = torch.arange(2 * 6 * 1, dtype=torch.float32).reshape(2, 6, 1)  # (B, F1, 1)
+    b = torch.full((2, 4, 2), float("nan"))  # (B, F2, 2): NaN wherever it is padding
+    b[0, :3] = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
+    b[1, :2] = torch.tensor([[7.0, 7.0], [8.0, 8.0]])
+    paired = PairedAudioEncoder(_Frames(a, [6, 4]), _Frames(b, [3, 2]))
+    frames, mask = paired.encode(torch.zeros(2, 10), torch.ones(2, 10, dtype=torch.bool))
+    assert paired.hidden_size == 3 and frames.shape == (2, 6, 3) and mask.sum(-1).tolist() == [6, 4]
+    assert frames[0, :, 1].tolist() == [1.0, 1.0, 2.0, 2.0, 3.0, 3.0]  # floor(j * 3 / 6)
+    assert frames[1, :4, 1].tolist() == [7.0, 7.0, 8.0, 8.0] and frames[1, 4:, 1:].eq(0).all()
+    assert torch.isfinite(frames).all()  # padding of either side never read
+
+
+def test_wav2vec2_plus_whisper_audio_plus_text(ct2_corpus, tmp_path):
+    from mmser.models.pretrained import from_pretrained
+    from mmser.training.multimodal import run_task
+
+    manifest, cache_dir = ct2_corpus
+    cfg = load_config(*TINY_CONFIGS, CONFIGS / "fusion_concat.yaml", overrides=[
+        f"output_dir={tmp_path / 'runs'}", f"data.manifest={manifest}", f"encoder.feature_cache_dir={cache_dir}",
+        f"text.cache_dir={tmp_path / 'text'}", "fusion.whisper_audio=offline-tiny.en", "fusion.hidden_size=32",
+        "finetune.epochs=1"])
+    run = tmp_path / "runs" / "w2v2-whisper-text" / "s1-seed0"
+    assert run_task(cfg, 1, 0, run)["test"]["n"] == 8
+    audio = from_pretrained(run / "model").meta["architecture"]["audio_encoder"]
+    assert audio["encoder_kind"] == "paired"
+    assert [audio["first"]["encoder_kind"], audio["second"]["encoder_kind"]] == ["wav2vec2", "whisper-ct2"]

@@ -61,6 +61,16 @@ def audio_run_model_dir(audio_runs: str | Path, test_session: int, seed: int) ->
 
 
 def _audio_encoder(cfg: Config, test_session: int, seed: int) -> nn.Module:
+    encoder = _first_audio_encoder(cfg, test_session, seed)
+    if cfg.fusion.whisper_audio:  # + frozen Whisper frames beside the encoder's (wav2vec 2.0 + Whisper + text)
+        from mmser.models.audio_encoders import PairedAudioEncoder, cached_whisper_spec
+        from mmser.models.whisper import Ct2WhisperEncoder
+
+        encoder = PairedAudioEncoder(encoder, Ct2WhisperEncoder(cached_whisper_spec(cfg)))
+    return encoder
+
+
+def _first_audio_encoder(cfg: Config, test_session: int, seed: int) -> nn.Module:
     if cfg.fusion.audio_runs:
         classifier = load_model(audio_run_model_dir(cfg.fusion.audio_runs, test_session, seed))
         encoder = classifier.encoder

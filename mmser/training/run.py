@@ -58,7 +58,7 @@ from mmser.io import (
 )
 from mmser.labels import CLASSES
 from mmser.metrics import classification_report
-from mmser.models.audio_encoders import build_audio_encoder, ct2_spec, uses_cached_whisper
+from mmser.models.audio_encoders import build_audio_encoder, cached_whisper_spec
 from mmser.models.heads import AudioClassifier
 from mmser.models.pretrained import MODEL_FORMAT, from_pretrained, save_pretrained  # noqa: F401 (MODEL_FORMAT re-exported)
 from mmser.models.wav2vec2 import encoder_provenance
@@ -156,14 +156,14 @@ _AUDIO_FEATURES: dict[tuple, dict[str, torch.Tensor]] = {}  # per-process memo o
 
 
 def audio_features_for(cfg: Config) -> dict[str, torch.Tensor] | None:
-    """Cached frozen Whisper frames of every 4-class utterance of the manifest when the run's audio
-    encoder is the CTranslate2 Whisper (mmser.models.whisper), else None."""
-    if cfg.task not in ("audio", "fusion") or not uses_cached_whisper(cfg.encoder):
+    """Cached frozen Whisper frames of every 4-class utterance of the manifest when the run reads
+    them (the CTranslate2 Whisper as the audio encoder, or fusion.whisper_audio), else None."""
+    spec = cached_whisper_spec(cfg)
+    if spec is None:
         return None
     from mmser.data.manifest import task_records
     from mmser.models.whisper import whisper_features
 
-    spec = ct2_spec(cfg.encoder)
     key = (str(Path(cfg.data.manifest).resolve()), file_sha256(cfg.data.manifest), spec,
            str(cfg.encoder.feature_cache_dir))
     if key not in _AUDIO_FEATURES:
