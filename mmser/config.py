@@ -686,17 +686,19 @@ def config_diff(old: dict, new: dict) -> list[str]:
                 d[section].pop(key, None)
         return d
 
-    def walk(a: dict, b: dict, prefix: str) -> list[str]:
+    def walk(a: dict, b: dict, d: dict, prefix: str) -> list[str]:
         out = []
         for k in sorted(set(a) | set(b)):
-            va, vb = a.get(k), b.get(k)
+            va, vb, vd = a.get(k), b.get(k), (d or {}).get(k)
             if isinstance(va, dict) and isinstance(vb, dict):
-                out += walk(va, vb, f"{prefix}{k}.")
+                out += walk(va, vb, vd if isinstance(vd, dict) else {}, f"{prefix}{k}.")
+            elif k not in a and isinstance(d, dict) and k in d and vb == vd:
+                continue  # a key added to mmser after `old` was saved, at its default: no difference
             elif va != vb:
                 out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
         return out
 
-    return walk(strip(old), strip(new), "")
+    return walk(strip(old), strip(new), to_dict(Config()), "")
 
 
 def check_same_config(saved: str | Path, cfg: Config, what: str) -> None:

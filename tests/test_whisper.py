@@ -302,3 +302,16 @@ def test_wav2vec2_plus_whisper_audio_plus_text(ct2_corpus, tmp_path):
     audio = from_pretrained(run / "model").meta["architecture"]["audio_encoder"]
     assert audio["encoder_kind"] == "paired"
     assert [audio["first"]["encoder_kind"], audio["second"]["encoder_kind"]] == ["wav2vec2", "whisper-ct2"]
+
+
+def test_configs_saved_before_the_whisper_keys_existed_still_match():
+    from mmser.config import Config, config_diff, to_dict
+
+    old = to_dict(Config())
+    for key in ("backend", "freeze", "compute_type", "feature_cache_dir", "pooling"):
+        del old["encoder"][key]  # a run folder saved by an mmser without these keys
+    del old["fusion"]["whisper_audio"]
+    assert config_diff(old, to_dict(Config())) == []  # resumable: the new keys hold their defaults
+    changed = Config()
+    changed.encoder.pooling = "attentive"
+    assert config_diff(old, to_dict(changed)) == ["encoder.pooling: None -> 'attentive'"]

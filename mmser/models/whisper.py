@@ -174,7 +174,9 @@ def load_whisper_encoder(enc_cfg) -> WhisperEncoder:
     else:
         # WhisperModel.from_pretrained reads both layouts (bare "encoder.*" and the ASR model's
         # "model.encoder.*"); the decoder is dropped right away.
-        encoder = load_hf_pretrained(WhisperModel, enc_cfg, "encoder").get_encoder()
+        full = load_hf_pretrained(WhisperModel, enc_cfg, "encoder")
+        encoder = full.get_encoder()
+        encoder.mmser_revision = getattr(full, "mmser_revision", None)  # for metrics.json's provenance
     set_gradient_checkpointing(encoder, enc_cfg.gradient_checkpointing)
     return encoder
 
