@@ -315,3 +315,19 @@ def test_configs_saved_before_the_whisper_keys_existed_still_match():
     changed = Config()
     changed.encoder.pooling = "attentive"
     assert config_diff(old, to_dict(changed)) == ["encoder.pooling: None -> 'attentive'"]
+
+
+def test_ct2_encoder_ignores_the_batch_padding(ct2_corpus):
+    from mmser.data.dataset import read_audio
+    from mmser.data.manifest import load_manifest, task_records
+    from mmser.models import whisper as W
+
+    manifest, cache_dir = ct2_corpus
+    records = task_records(load_manifest(manifest))[:2]
+    cached = W.whisper_features(records, W.Ct2Spec(), cache_dir)
+    clips = [read_audio(r["path"]) for r in records]
+    frames, mask = W.Ct2WhisperEncoder(W.Ct2Spec()).encode(**padded_batch(clips, 16000, float("nan")))
+    for i, r in enumerate(records):
+        n = int(mask[i].sum())
+        assert n == cached[r["id"]].shape[0] and not mask[i, n:].any()
+        assert torch.equal(frames[i, :n], cached[r["id"]]) and frames[i, n:].eq(0).all()
