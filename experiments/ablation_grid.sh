@@ -29,7 +29,8 @@ fi
 
 # 2. ASR transcripts (Whisper; any openai-whisper name / .pt or faster-whisper model / dir).
 ASR="$OUT/asr/whisper.jsonl"
-$MMSER transcribe "$M" --backend faster-whisper --model "${ASR_MODEL:-offline-tiny.en}" --out "$ASR"
+$MMSER transcribe "$M" --backend faster-whisper --model "${ASR_MODEL:-offline-tiny.en}" --out "$ASR" \
+  --audio-features "$OUT/cache/audio"   # + the Whisper encoder frames of the same pass (section 4b)
 
 # 3. Text-only, gold and ASR.
 $MMSER cv -c configs/base.yaml -c configs/vft.yaml -c configs/text.yaml --sessions 1-5 --seeds "$SEEDS" \
@@ -52,6 +53,25 @@ for audio in "${audios[@]}"; do
   done
 done
 
+# 4b. Whisper as the audio branch (README "Whisper as the audio branch"): frozen Whisper frames
+#     (WHISPER_AUDIO: offline-tiny.en, or a CTranslate2 folder / faster-whisper name such as large-v3),
+#     cached per utterance; alone, with text through each head, and beside V-FT's wav2vec 2.0.
+WA="${WHISPER_AUDIO:-offline-tiny.en}"
+wcommon=("${common[@]}" encoder.name="$WA" encoder.feature_cache_dir="$OUT/cache/audio")
+$MMSER cv -c configs/base.yaml -c configs/vft.yaml -c configs/whisper_audio.yaml --sessions 1-5 --seeds "$SEEDS" \
+  "${wcommon[@]}" experiment=whisper-audio
+for src in gold asr; do
+  srcarg=()
+  [[ "$src" == asr ]] && srcarg=(text.source="$ASR")
+  for head in concat decision xattn; do
+    $MMSER cv -c configs/base.yaml -c configs/vft.yaml -c configs/whisper_audio.yaml -c "configs/fusion_${head}.yaml" \
+      --sessions 1-5 --seeds "$SEEDS" "${wcommon[@]}" "${srcarg[@]}" experiment="fusion-${head}-whisper-${src}"
+  done
+  $MMSER cv -c configs/base.yaml -c configs/vft.yaml -c configs/fusion_concat.yaml --sessions 1-5 --seeds "$SEEDS" \
+    "${common[@]}" "${srcarg[@]}" fusion.audio_runs="$OUT/vft" fusion.whisper_audio="$WA" \
+    encoder.feature_cache_dir="$OUT/cache/audio" experiment="fusion-concat-vft+whisper-${src}"
+done
+
 # 5. One table (UA, WA, macro-F1, UA on improvised dialogs) and a plot over every variant.
 $MMSER compare "$OUT"/vft "$OUT"/tapt $( [[ -n "$W2V1" ]] && echo "$OUT/ptapt" ) "$OUT"/text-gold "$OUT"/text-asr \
-  "$OUT"/fusion-* --out "$OUT/compare"
+  "$OUT"/whisper-audio "$OUT"/fusion-* --out "$OUT/compare"

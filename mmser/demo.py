@@ -2,7 +2,8 @@
 
 synthetic IEMOCAP-shaped corpus (espeak-ng) -> prepare (manifest, folds) -> V-FT, TAPT and P-TAPT
 leave-one-session-out cross-validation -> Whisper tiny.en ASR (WER) -> text-only (gold, ASR) ->
-late (concat) and cross-attention fusion (gold, ASR) -> one comparison table + plot.
+late (concat) and cross-attention fusion (gold, ASR) -> frozen Whisper tiny.en frames as the audio
+branch (alone, + ASR text, + wav2vec 2.0 + ASR text) -> one comparison table + plot -> `mmser predict`.
 
 No wav2vec 2.0 weights can be downloaded here, so the audio encoder is a tiny RANDOMLY
 INITIALISED wav2vec 2.0 (configs/tiny.yaml + configs/demo.yaml), and the corpus is synthetic. The
@@ -44,14 +45,17 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def experiments(asr_file: Path, audio_runs: Path) -> list[Experiment]:
-    """The demo's grid. Order matters: fusion starts from the finished V-FT runs."""
+def experiments(asr_file: Path, audio_runs: Path, audio_cache: Path = Path("runs/cache/audio")) -> list[Experiment]:
+    """The demo's grid. Order matters: fusion starts from the finished V-FT runs. The Whisper-audio
+    rows train on frozen Whisper tiny.en frames cached in `audio_cache` (filled by the ASR pass)."""
     audio = ("base.yaml", "vft.yaml", "tiny.yaml", "demo.yaml")
     pre = ("tiny_pretrain.yaml",)
     fusion_common = (f"fusion.audio_runs={audio_runs}", "fusion.hidden_size=64", "fusion.num_heads=2",
                      "finetune.epochs=15", "finetune.lr=1e-3")
     text_common = ("fusion.hidden_size=64", "finetune.epochs=30", "finetune.lr=1e-3")
     asr = (f"text.source={asr_file}",)
+    whisper = (f"encoder.feature_cache_dir={audio_cache}",)  # frozen Whisper tiny.en frames (whisper_audio.yaml)
+    whisper_fusion = ("fusion.hidden_size=64", "fusion.num_heads=2", "finetune.epochs=15", "finetune.lr=1e-3")
     return [
         Experiment("vft", audio),
         Experiment("tapt", ("base.yaml", "vft.yaml", "tapt.yaml", "tiny.yaml", "demo.yaml") + pre),
@@ -62,6 +66,11 @@ def experiments(asr_file: Path, audio_runs: Path) -> list[Experiment]:
         Experiment("fusion-concat-asr", audio + ("fusion_concat.yaml",), fusion_common + asr),
         Experiment("fusion-xattn-gold", audio + ("fusion_xattn.yaml",), fusion_common),
         Experiment("fusion-xattn-asr", audio + ("fusion_xattn.yaml",), fusion_common + asr),
+        Experiment("whisper-audio", audio + ("whisper_audio.yaml",), whisper),
+        Experiment("whisper-concat-asr", audio + ("whisper_audio.yaml", "fusion_concat.yaml"),
+                   whisper + whisper_fusion + asr),
+        Experiment("vft-whisper-concat-asr", audio + ("fusion_concat.yaml",),  # wav2vec 2.0 + Whisper + text
+                   fusion_common + whisper + ("fusion.whisper_audio=offline-tiny.en",) + asr),
     ]
 
 
@@ -71,7 +80,8 @@ def experiments(asr_file: Path, audio_runs: Path) -> list[Experiment]:
 # how fast this machine has been so far.
 MEASURED_S = {"synthesize": 10, "prepare": 3, "asr": 100, "vft": 45, "tapt": 55, "ptapt": 75,
               "text-gold": 25, "text-asr": 25, "fusion-concat-gold": 70, "fusion-concat-asr": 70,
-              "fusion-xattn-gold": 75, "fusion-xattn-asr": 75, "predict": 10}
+              "fusion-xattn-gold": 75, "fusion-xattn-asr": 75, "whisper-audio": 40, "whisper-concat-asr": 30,
+              "vft-whisper-concat-asr": 80, "predict": 10}
 DEFAULT_PER_CLASS = 6
 
 
@@ -151,13 +161,14 @@ def run_demo(out: Path, seeds: int = 1, per_class: int = DEFAULT_PER_CLASS, wand
     report = None
     if need_asr:
         report = timed("ASR: faster-whisper tiny.en (offline weights)", "asr", transcribe_manifest, prep.manifest,
-                       asr_file, backend="faster-whisper", model="offline-tiny.en")
+                       asr_file, backend="faster-whisper", model="offline-tiny.en",
+                       audio_features_dir=out / "cache" / "audio")  # + Whisper-audio frames, same pass
         _say(report.summary())
 
     common = [f"data.manifest={prep.manifest}", f"output_dir={out / 'runs'}", f"tracking.wandb={wandb}",
               f"text.cache_dir={out / 'cache' / 'text'}"]
     seeds_list = list(range(seeds))
-    exps = experiments(asr_file, out / "runs" / "vft")
+    exps = experiments(asr_file, out / "runs" / "vft", out / "cache" / "audio")
     if only:
         exps = [e for e in exps if e.name in only]
     failed = []
@@ -180,6 +191,10 @@ def run_demo(out: Path, seeds: int = 1, per_class: int = DEFAULT_PER_CLASS, wand
                      + (f"{100 * report.wer:.1f}%" if report.wer is not None else "n/a") + " overall; per session "
                      + ", ".join(f"S{k}: {100 * v:.1f}%" for k, v in sorted(report.per_session.items())
                                  if v is not None))
+    if any(e.name.startswith("whisper-") for e in exps):
+        notes.append("whisper-* rows: the audio branch is FROZEN Whisper tiny.en encoder frames (real pretrained "
+                     "weights, CTranslate2, cached from the ASR pass) with a trained head; vft / fusion-* rows: "
+                     "the tiny RANDOMLY INITIALISED wav2vec 2.0 fine-tuned")
     if failed:
         notes.append("FAILED runs: " + "; ".join(failed))
     md = write_summary(results, out, command=f"mmser demo --out {out} --seeds {seeds}", stem="comparison",
@@ -216,7 +231,7 @@ def show_predictions(out: Path, records: list[dict], asr_file: Path, n: int = 3)
     held_out = sorted((r for r in records if r["session"] == 1 and r.get("label")), key=lambda r: r["id"])[:n]
     files = [Path(r["path"]) for r in held_out]
     shown = []
-    for name, text_args in (("vft", ""), ("fusion-concat-asr", f" --transcripts {asr_file}")):
+    for name, text_args in (("vft", ""), ("fusion-concat-asr", f" --transcripts {asr_file}"), ("whisper-audio", "")):
         run = out / "runs" / name / "s1-seed0"
         if not (run / "model" / "config.json").is_file() or not files:
             continue

@@ -37,4 +37,5 @@ def test_only_the_asr_experiments_need_the_transcription():
     from mmser.demo import needs_asr
 
     grid = {e.name: needs_asr(e) for e in experiments(Path("asr.jsonl"), Path("runs/vft"))}
-    assert {n for n, v in grid.items() if v} == {"text-asr", "fusion-concat-asr", "fusion-xattn-asr"}
+    assert {n for n, v in grid.items() if v} == {n for n in grid if n.endswith("-asr")}
+    assert {"text-asr", "fusion-concat-asr", "whisper-concat-asr"} <= set(grid) and not grid["vft"]

@@ -52,6 +52,9 @@ def collate_batch(items: list[dict]) -> dict:
             raise ValueError("collate_batch: some items have text features and others do not")
         batch["text"], batch["text_mask"] = _pad([it["text"] for it in items], torch.float32)  # (B, L, D)
         batch["text_pooled"] = torch.stack([it["text_pooled"] for it in items]).float()  # (B, D)
+    if "whisper_frames" in items[0]:  # cached frozen Whisper frames (F, H) (mmser.models.whisper)
+        batch["whisper_frames"], batch["whisper_frames_mask"] = _pad([it["whisper_frames"] for it in items],
+                                                                     torch.float32)  # (B, F, H), (B, F)
     if "text_ids" in items[0]:  # token ids for a fine-tuned text encoder (padded with 0)
         batch["text_ids"], batch["text_ids_mask"] = _pad([it["text_ids"] for it in items], torch.long)
     return batch

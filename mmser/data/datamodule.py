@@ -58,7 +58,8 @@ class SERDataModule(pl.LightningDataModule):
     def __init__(self, fold: Fold, data_cfg: DataConfig, seed: int = 0,
                  text_features: Mapping[str, TextFeatures] | None = None,
                  text_ids: Mapping[str, torch.Tensor] | None = None,
-                 min_samples: int = MIN_ENCODER_SAMPLES):
+                 min_samples: int = MIN_ENCODER_SAMPLES,
+                 audio_features: Mapping[str, torch.Tensor] | None = None):
         super().__init__()
         if min_samples < 1:
             raise ValueError(f"min_samples must be >= 1, got {min_samples}")
@@ -82,7 +83,8 @@ class SERDataModule(pl.LightningDataModule):
         if not self.train_records:
             raise ValueError(f"fold {fold.test_session}: empty training split")
         self.class_weights = class_weights(self.train_records, self.classes)
-        text = {"text_features": text_features, "text_ids": text_ids, "classes": self.classes}
+        text = {"text_features": text_features, "text_ids": text_ids, "audio_features": audio_features,
+                "classes": self.classes}
         self.train_set = UtteranceDataset(self.train_records, sr, data_cfg.train_crop_s, **text)
         self.val_set = UtteranceDataset(self.val_records, sr, None, **text) if self.val_records else None
         self.test_set = UtteranceDataset(self.test_records, sr, None, **text)

@@ -77,12 +77,15 @@ class UtteranceDataset(Dataset):
         crop_s: float | None = None,
         text_features: Mapping[str, TextFeatures] | None = None,
         text_ids: Mapping[str, torch.Tensor] | None = None,
+        audio_features: Mapping[str, torch.Tensor] | None = None,
         classes: Sequence[str] | None = None,
     ):
         self.records = list(records)
         # Class index order (the run's classes: mmser.data.manifest.resolve_classes); None = IEMOCAP's.
         self.classes = tuple(classes) if classes is not None else CLASSES
         self.class_to_index = {c: i for i, c in enumerate(self.classes)}
+        # Cached frozen Whisper frames (F, H) per utterance (mmser.models.whisper), cropped like the audio.
+        self.audio_features = audio_features
         self.sample_rate = sample_rate
         self.crop_s = crop_s
         self.text_features = text_features
@@ -91,7 +94,8 @@ class UtteranceDataset(Dataset):
             if r.get("label") not in self.class_to_index:
                 raise ValueError(f"utterance {r.get('id')}: label {r.get('label')!r} is not one of "
                                  f"{list(self.classes)}")
-        for what, table in (("text features", text_features), ("text token ids", text_ids)):
+        for what, table in (("text features", text_features), ("text token ids", text_ids),
+                            ("Whisper audio features", audio_features)):
             if table is not None:
                 self.require(table, what)
         # Lengths (samples, after cropping) for the length-bucketed sampler.
@@ -124,4 +128,9 @@ class UtteranceDataset(Dataset):
             item["text_pooled"] = torch.as_tensor(feats[1], dtype=torch.float32)
         if self.text_ids is not None:
             item["text_ids"] = torch.as_tensor(self.text_ids[r["id"]], dtype=torch.long)
+        if self.audio_features is not None:
+            from mmser.models.whisper import FRAMES_KEY, crop_frames
+
+            crop = None if self.crop_s is None else int(round(self.crop_s * self.sample_rate))
+            item[FRAMES_KEY] = crop_frames(torch.as_tensor(self.audio_features[r["id"]], dtype=torch.float32), crop)
         return item

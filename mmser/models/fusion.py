@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from mmser.config import FusionConfig
 from mmser.labels import CLASSES
+from mmser.models.audio_encoders import encode_audio
 from mmser.models.heads import masked_mean
 
 TextPooling = Literal["mean", "pooled"]
@@ -477,7 +478,7 @@ class FusionClassifier(nn.Module):
             if key not in batch:
                 raise KeyError(f"FusionClassifier: batch has no '{key}' (keys: {sorted(batch)})")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_audio):
-            frames, frame_mask = self.audio_encoder.encode(batch["audio"], batch["audio_mask"])
+            frames, frame_mask = encode_audio(self.audio_encoder, batch)  # cached Whisper frames too
         # (B, F, Ha), (B, F)
         return self.fusion(
             frames, frame_mask, batch.get("text"), batch.get("text_mask"), batch.get("text_pooled")

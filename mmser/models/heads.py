@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mmser.labels import CLASSES
-from mmser.models.wav2vec2 import ENCODER_CLASSES, AudioEncoder
+from mmser.models.audio_encoders import audio_encoder_dict, audio_encoder_from_dict, encode_audio
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -30,18 +30,45 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x.sum(dim=1) / count  # (B, D)
 
 
-class AudioClassifier(nn.Module):
-    """forward(batch) -> logits (B, num_classes); embed(batch) -> pooled utterance vector (B, H)."""
+class AttentivePooling(nn.Module):
+    """Learned attentive pooling over the valid frames: a_t = softmax_t(w . tanh(W x_t)) over the
+    positions `mask` marks, pooled = sum_t a_t x_t (B, D). Padded positions get -inf scores (never
+    any weight) and are zeroed first (non-finite garbage cannot leak); a row with no valid position
+    pools to zeros. Not the paper's head (an option: encoder.pooling=attentive)."""
 
-    def __init__(self, encoder: AudioEncoder, num_classes: int = len(CLASSES)):
+    def __init__(self, dim: int, hidden: int = 128):
         super().__init__()
+        self.score = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x.masked_fill(~mask.unsqueeze(-1), 0.0)  # (B, T, D)
+        scores = self.score(x).squeeze(-1).float().masked_fill(~mask, float("-inf"))  # (B, T)
+        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # (B, T); all -inf rows -> 0
+        return (weights.unsqueeze(-1) * x.float()).sum(dim=1)  # (B, D)
+
+
+class AudioClassifier(nn.Module):
+    """forward(batch) -> logits (B, num_classes); embed(batch) -> pooled utterance vector (B, H).
+
+    `encoder`: any audio encoder of mmser.models.audio_encoders (wav2vec 2.0-style, Whisper).
+    pooling="mean": the paper's head (ReLU -> masked mean -> ReLU -> Linear); "attentive":
+    AttentivePooling over the raw frames -> Linear."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int = len(CLASSES), pooling: str = "mean"):
+        super().__init__()
+        if pooling not in ("mean", "attentive"):
+            raise ValueError(f"AudioClassifier: pooling must be 'mean' or 'attentive', got {pooling!r}")
         self.encoder = encoder
         self.num_classes = num_classes
+        self.pooling = pooling
+        self.attention = AttentivePooling(encoder.hidden_size) if pooling == "attentive" else None
         self.classifier = nn.Linear(encoder.hidden_size, num_classes)
 
     def embed(self, batch: dict) -> torch.Tensor:
-        """ReLU(masked mean over valid frames of ReLU(encoder frames)) -> (B, H)."""
-        frames, frame_mask = self.encoder.encode(batch["audio"], batch["audio_mask"])  # (B, F, H), (B, F)
+        """Pooled utterance vector (B, H) over the valid frames only."""
+        frames, frame_mask = encode_audio(self.encoder, batch)  # (B, F, H), (B, F)
+        if self.attention is not None:
+            return self.attention(frames, frame_mask)  # (B, H)
         pooled = masked_mean(torch.relu(frames).float(), frame_mask)  # (B, H), summed in fp32 under AMP
         return torch.relu(pooled)
 
@@ -52,28 +79,11 @@ class AudioClassifier(nn.Module):
 
     def config_dict(self) -> dict:
         """Everything needed to rebuild this module's architecture without the original weights."""
-        return {
-            "model": "AudioClassifier",
-            "num_classes": self.num_classes,
-            "encoder_kind": _kind_of(self.encoder.model),
-            "encoder_attention_mask": self.encoder.attention_mask_policy,
-            "encoder_config": self.encoder.model.config.to_dict(),
-        }
+        return {"model": "AudioClassifier", "num_classes": self.num_classes, "pooling": self.pooling,
+                **audio_encoder_dict(self.encoder)}
 
     @classmethod
     def from_config_dict(cls, d: dict) -> AudioClassifier:
         """A randomly initialised AudioClassifier of the architecture described by `config_dict()`."""
-        kind = d["encoder_kind"]
-        if kind not in ENCODER_CLASSES:
-            raise ValueError(f"unknown encoder kind {kind!r} in saved model config")
-        config_cls, model_cls = ENCODER_CLASSES[kind]
-        hf_config = config_cls.from_dict(d["encoder_config"])
-        encoder = AudioEncoder(model_cls(hf_config), attention_mask=d.get("encoder_attention_mask", "auto"))
-        return cls(encoder, num_classes=int(d["num_classes"]))
-
-
-def _kind_of(model: nn.Module) -> str:
-    for kind, (_, model_cls) in ENCODER_CLASSES.items():
-        if isinstance(model, model_cls):
-            return kind
-    raise ValueError(f"unsupported encoder model {type(model).__name__}")
+        return cls(audio_encoder_from_dict(d, "saved model config"), num_classes=int(d["num_classes"]),
+                   pooling=d.get("pooling", "mean"))

@@ -43,6 +43,7 @@ from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
 from mmser.io import atomic_write_json, atomic_write_text, looks_like_path
+from mmser.models.audio_encoders import AUDIO_KINDS, audio_encoder_dict, audio_encoder_from_dict
 from mmser.models.fusion import (
     ConcatFusion,
     CrossAttentionFusion,
@@ -52,7 +53,6 @@ from mmser.models.fusion import (
 )
 from mmser.models.heads import AudioClassifier
 from mmser.models.text_encoder import TextEncoder, WithTextEncoder
-from mmser.models.wav2vec2 import ENCODER_CLASSES, AudioEncoder
 
 MODEL_FORMAT = "mmser-classifier/1"
 MODEL_TYPE = "mmser"
@@ -74,24 +74,18 @@ class ModelFormatError(ValueError):
 # -- architecture <-> JSON --------------------------------------------------------------------------
 
 
-def _audio_encoder_dict(encoder: AudioEncoder) -> dict:
-    kind = next((k for k, (_, cls) in ENCODER_CLASSES.items() if isinstance(encoder.model, cls)), None)
-    if kind is None:
-        raise ModelFormatError(f"cannot save audio encoder {type(encoder.model).__name__} "
-                               f"(savable: {sorted(ENCODER_CLASSES)})")
-    return {"encoder_kind": kind, "encoder_attention_mask": encoder.attention_mask_policy,
-            "encoder_config": encoder.model.config.to_dict()}
+def _audio_encoder_dict(encoder: nn.Module) -> dict:
+    try:
+        return audio_encoder_dict(encoder)
+    except ValueError as e:
+        raise ModelFormatError(str(e)) from None
 
 
-def _audio_encoder_from(d: dict, where: str) -> AudioEncoder:
-    kind = d.get("encoder_kind")
-    if kind not in ENCODER_CLASSES:
-        raise ModelFormatError(f"{where}: unknown encoder kind {kind!r} (known: {sorted(ENCODER_CLASSES)})")
-    config_cls, model_cls = ENCODER_CLASSES[kind]
-    if not isinstance(d.get("encoder_config"), dict):
-        raise ModelFormatError(f"{where}: encoder_config must be a JSON object")
-    return AudioEncoder(model_cls(config_cls.from_dict(d["encoder_config"])),
-                        attention_mask=d.get("encoder_attention_mask", "auto"))
+def _audio_encoder_from(d: dict, where: str) -> nn.Module:
+    try:
+        return audio_encoder_from_dict(d, where)
+    except ValueError as e:
+        raise ModelFormatError(str(e)) from None
 
 
 def architecture_of(model: nn.Module) -> dict:
@@ -118,9 +112,10 @@ def build_architecture(d: dict, where: str = "config.json") -> nn.Module:
         raise ModelFormatError(f"{where}: architecture must be a JSON object, got {type(d).__name__}")
     name = d.get("model")
     if name == "AudioClassifier":
-        if d.get("encoder_kind") not in ENCODER_CLASSES:
+        if d.get("encoder_kind") not in AUDIO_KINDS:
             raise ModelFormatError(f"{where}: unknown encoder kind {d.get('encoder_kind')!r}")
-        return AudioClassifier.from_config_dict(d)
+        return AudioClassifier(_audio_encoder_from(d, where), num_classes=int(d["num_classes"]),
+                               pooling=d.get("pooling", "mean"))
     if name in _HEADS:
         args = {k: v for k, v in d.items() if k != "model"}
         try:

@@ -155,10 +155,14 @@ def encoder_provenance(model: nn.Module) -> dict | None:
     """Where the first HF audio encoder inside `model` came from: its name or path, the requested
     revision and the commit the hub resolved (None for local folders and random models)."""
     for m in model.modules():
-        if isinstance(m, PreTrainedModel) and hasattr(m.config, "conv_dim"):
+        if isinstance(m, PreTrainedModel) and (hasattr(m.config, "conv_dim") or m.config.model_type == "whisper"):
             return {"name_or_path": getattr(m.config, "_name_or_path", None) or "random",
                     "revision": getattr(m, "mmser_revision", None),
                     "resolved_commit": getattr(m.config, "_commit_hash", None)}
+        spec = getattr(m, "spec", None)  # the frozen CTranslate2 Whisper (mmser.models.whisper.Ct2WhisperEncoder)
+        if type(m).__name__ == "Ct2WhisperEncoder" and spec is not None:
+            return {"name_or_path": spec.name, "revision": None, "resolved_commit": None,
+                    "backend": "ctranslate2", "compute_type": spec.resolved().compute_type}
     return None
 
 

