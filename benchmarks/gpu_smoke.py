@@ -145,23 +145,33 @@ def run_ptapt_stage(cfg, work: Path) -> dict:
             "peak_memory_gb": _peak_gb()}
 
 
-def run_kmeans(sc: dict) -> dict:
+def kmeans_frames(n: int, d: int, clusters: int = 4096, seed: int = 0) -> torch.Tensor:
+    """(n, d) float32 frames around `clusters` random centres, on the GPU when there is one."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(clusters, d, generator=g)
+    return (centres[torch.randint(0, clusters, (n,), generator=g)] + 0.3 * torch.randn(n, d, generator=g)).to(device)
+
+
+def time_kmeans(x: torch.Tensor, k: int, iters: int = 20) -> dict:
+    """mmser's k-means (P-TAPT step (b), k-means++ init) on `x`, timed."""
     from mmser.training.ptapt.clustering import kmeans
 
-    n, d, k = sc["kmeans"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    g = torch.Generator().manual_seed(0)
-    centres = torch.randn(k, d, generator=g)
-    x = (centres[torch.randint(0, k, (n,), generator=g)] + 0.3 * torch.randn(n, d, generator=g)).to(device)
     _reset_peak()
-    if device.type == "cuda":
+    if x.is_cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    _, stats = kmeans(x, k, iters=20, seed=0)
-    if device.type == "cuda":
+    _, stats = kmeans(x, k, iters=iters, seed=0)
+    if x.is_cuda:
         torch.cuda.synchronize()
-    return {"n": n, "dim": d, "k": k, "iters": 20, "seconds": time.perf_counter() - t0,
-            "inertia": stats["inertia"], "device": device.type, "peak_memory_gb": _peak_gb()}
+    return {"n": int(x.shape[0]), "dim": int(x.shape[1]), "k": k, "iters": iters,
+            "seconds": time.perf_counter() - t0, "inertia": stats["inertia"], "device": x.device.type,
+            "peak_memory_gb": _peak_gb()}
+
+
+def run_kmeans(sc: dict) -> dict:
+    n, d, k = sc["kmeans"]
+    return time_kmeans(kmeans_frames(n, d, clusters=k), k)
 
 
 def run_ddp(cfg_overrides: list[str], work: Path, manifest: Path, sc: dict) -> dict:
