@@ -350,6 +350,7 @@ def _train_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int, fp: str) -> P
                 "train_sessions": sorted({r["session"] for r in records}),
                 "final_loss": float(trainer.callback_metrics.get("tapt/loss", float("nan"))),
                 "seconds": round(time.time() - t0, 1), "encoder": str(encoder_dir),
+                "world_size": int(trainer.world_size),
                 "perf": {**throughput_monitor(trainer).summary(), **speed}})
             if not cfg.finetune.keep_checkpoints:  # full model + Adam state: ~1 GB per fold at base size
                 shutil.rmtree(ckpt_dir, ignore_errors=True)

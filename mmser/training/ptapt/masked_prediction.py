@@ -288,7 +288,7 @@ def train_encoder(cfg: Config, fold: Fold, labels_dir: Path, work_dir: Path, enc
         encoder.save_pretrained(str(tmp))
         mark_stage_done(tmp, fp, {"seconds": round(time.perf_counter() - t0, 3),
                                   "steps": int(trainer.global_step), "n_utterances": len(keep),
-                                  "cluster_sizes": meta["cluster_sizes"],
+                                  "cluster_sizes": meta["cluster_sizes"], "world_size": int(trainer.world_size),
                                   "perf": {**throughput_monitor(trainer).summary(), **speed}})
         os.replace(tmp, enc_dir)
     trainer.strategy.barrier()  # other ranks go on only once rank 0 has written the folder
