@@ -1,6 +1,6 @@
 """V-FT training throughput: mmser's real training run against a plain transformers baseline.
 
-    .venv/bin/python benchmarks/vft_throughput.py [--n 256 --shape small --batch-size 64
+    .venv/bin/python benchmarks/vft_throughput.py [--n 4446 --steps 6 --shape small --batch-size 64
         --precision 32-true --epochs 1 --repeats 1 --out runs/bench/vft_throughput.json]
 
 Both train the same randomly initialised wav2vec 2.0-style encoder (`--shape`, benchmarks/common.py:
@@ -15,7 +15,10 @@ and precision, the CNN (and feature projection) frozen, SpecAugment p=0.08/0.05,
   item with an attention mask, autocast at the same precision, a plain PyTorch loop.
 Figures: audio seconds per wall second (training epochs), padding efficiency, achieved TFLOP/s (model
 FLOPs of the real frames, mmser.perf), and the ratio mmser / baseline. The last epoch counts (with
---epochs 1, both include their first-step warm-up). A figure, not a test: it asserts nothing.
+--epochs 1, both include their first-step warm-up). `--steps S` times only the first S batches of
+each epoch (mmser: finetune.max_steps): both batch orders are shuffled, so those are a random sample of
+the full epoch's batches (padding efficiency included) at a fraction of the time; the default corpus
+is fold 1's training-set size (4,446). A figure, not a test: it asserts nothing.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def _autocast(precision: str, device: torch.device):
 
 
 def run_baseline(records: list[dict], shape: str, batch_size: int, precision: str, epochs: int,
-                 num_workers: int, seed: int = 0) -> dict:
+                 num_workers: int, seed: int = 0, steps: int | None = None) -> dict:
     """The plain transformers V-FT loop; per-epoch seconds, audio seconds, padding efficiency, FLOPs."""
     from torch.utils.data import DataLoader, Dataset
     from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
@@ -87,7 +90,7 @@ def run_baseline(records: list[dict], shape: str, batch_size: int, precision: st
     rows = []
     for epoch in range(epochs):
         model.train()
-        real = padded = steps = 0
+        real = padded = n_steps = 0
         flops = 0.0
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -103,13 +106,15 @@ def run_baseline(records: list[dict], shape: str, batch_size: int, precision: st
             lengths = m.sum(-1).cpu()
             real += int(lengths.sum())
             padded += m.numel()
-            steps += 1
+            n_steps += 1
             flops += training_flops(cfg, lengths)
+            if steps is not None and n_steps >= steps:  # as finetune.max_steps
+                break
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         rows.append({"epoch": epoch, "seconds": seconds, "cpu_seconds": time.process_time() - cpu0,
-                     "steps": steps, "audio_seconds": real / 16000,
+                     "steps": n_steps, "audio_seconds": real / 16000,
                      "audio_s_per_s": real / 16000 / seconds, "padding_efficiency": real / padded,
                      "achieved_tflops_per_s": flops / seconds / 1e12,
                      "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None})
@@ -117,7 +122,7 @@ def run_baseline(records: list[dict], shape: str, batch_size: int, precision: st
 
 
 def run_mmser(manifest: Path, shape: str, batch_size: int, precision: str, epochs: int, num_workers: int,
-              out_dir: Path, extra: list[str]) -> dict:
+              out_dir: Path, extra: list[str], steps: int | None = None) -> dict:
     """`run_one` (configs/base.yaml + vft.yaml) on fold 1 of `manifest`; its last training epoch."""
     from mmser.config import load_config
     from mmser.training.run import run_one
@@ -126,7 +131,7 @@ def run_mmser(manifest: Path, shape: str, batch_size: int, precision: str, epoch
     overrides = [f"output_dir={out_dir}", f"data.manifest={manifest}", f"data.batch_size={batch_size}",
                  f"data.num_workers={num_workers}", f"finetune.epochs={epochs}", f"trainer.precision={precision}",
                  f"trainer.accelerator={accel}", 'trainer.devices="1"', "tracking.wandb=disabled",
-                 *shape_overrides(shape), *extra]
+                 *shape_overrides(shape), *([f"finetune.max_steps={steps}"] if steps else []), *extra]
     cfg = load_config("base", "vft", overrides=overrides)
     m = run_one(cfg, test_session=1, seed=0, run_dir=out_dir / "run")
     return m["perf"]["epochs"][-1]
@@ -134,7 +139,8 @@ def run_mmser(manifest: Path, shape: str, batch_size: int, precision: str, epoch
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=256, help="training utterances (IEMOCAP-like durations)")
+    ap.add_argument("--n", type=int, default=4446, help="training utterances (IEMOCAP-like durations)")
+    ap.add_argument("--steps", type=int, default=None, help="time the first STEPS batches of each epoch only")
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: base on GPU, small on CPU")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--precision", default=None, help="default: bf16-mixed on GPU, 32-true on CPU")
@@ -146,6 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--mmser-override", action="append", default=[], help="extra key=value for the mmser run")
     ap.add_argument("--out", default=None, help="JSON file to write")
     args = ap.parse_args(argv)
+    if args.steps is not None and args.epochs != 1:
+        ap.error("--steps times part of one epoch: use it with --epochs 1")
     gpu = torch.cuda.is_available()
     shape = args.shape or ("base" if gpu else "small")
     precision = args.precision or ("bf16-mixed" if gpu else "32-true")
@@ -161,9 +169,11 @@ def main(argv: list[str] | None = None) -> dict:
         train = [r for r in load_manifest(manifest) if r["session"] != 1]
         runs = {"baseline": [], "mmser": []}
         for rep in range(args.repeats):
-            runs["baseline"].append(run_baseline(train, shape, args.batch_size, precision, args.epochs, workers))
+            runs["baseline"].append(run_baseline(train, shape, args.batch_size, precision, args.epochs, workers,
+                                                 steps=args.steps))
             runs["mmser"].append(run_mmser(manifest, shape, args.batch_size, precision, args.epochs, workers,
-                                           work / f"mmser-{rep}-{time.time_ns()}", args.mmser_override))
+                                           work / f"mmser-{rep}-{time.time_ns()}", args.mmser_override,
+                                           steps=args.steps))
 
     def med(name, key):
         vals = [r[key] for r in runs[name] if r.get(key) is not None]
@@ -181,7 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "vft_throughput", "machine": machine(),
               "setup": {"n_train": len(train), "audio_seconds": sum(min(r["duration"], 10.0) for r in train),
                         "shape": shape, "encoder": SHAPES[shape], "batch_size": args.batch_size,
-                        "precision": precision, "epochs": args.epochs, "repeats": args.repeats,
+                        "precision": precision, "epochs": args.epochs, "steps_per_epoch": args.steps,
+                        "repeats": args.repeats,
                         "num_workers": workers, "mmser_overrides": args.mmser_override},
               "baseline": summary["baseline"], "mmser": summary["mmser"], "runs": runs,
               "ratio_audio_s_per_s": ratio, "ratio_audio_s_per_cpu_s": cpu_ratio}
