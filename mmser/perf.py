@@ -109,13 +109,15 @@ def encoder_forward_flops(config, lengths: Sequence[int] | torch.Tensor) -> dict
 
 
 def training_flops(config, lengths: Sequence[int] | torch.Tensor, *, cnn_trainable: bool = False,
-                   projection_trainable: bool = False) -> float:
+                   projection_trainable: bool = False, transformer_trainable: bool = True) -> float:
     """Forward + backward FLOPs of one training step over utterances of `lengths` samples: backward =
-    2 x forward for the trainable parts (V-FT: positional conv + transformer; TAPT: everything)."""
+    2 x forward for the trainable parts (V-FT: positional conv + transformer; TAPT: everything; fusion
+    with a frozen audio encoder: nothing). Only the audio encoder counts (heads, quantizer and text
+    encoders are left out)."""
     f = encoder_forward_flops(config, lengths)
     total = 0.0
     for part, trainable in (("cnn", cnn_trainable), ("projection", projection_trainable),
-                            ("pos_conv", True), ("transformer", True)):
+                            ("pos_conv", transformer_trainable), ("transformer", transformer_trainable)):
         total += f[part] * (3.0 if trainable else 1.0)
     return total
 
@@ -138,11 +140,14 @@ def find_hf_encoder(module: nn.Module):
 
 
 def trainable_parts(hf_model) -> dict[str, bool]:
-    """Whether the CNN and the feature projection of an HF wav2vec 2.0-style model train."""
+    """Whether the CNN, the feature projection and the transformer of an HF wav2vec 2.0-style model train."""
     base = getattr(hf_model, "wav2vec2", hf_model)  # Wav2Vec2ForPreTraining wraps the bare model
-    cnn = any(p.requires_grad for p in base.feature_extractor.parameters())
-    proj = any(p.requires_grad for p in base.feature_projection.parameters())
-    return {"cnn_trainable": cnn, "projection_trainable": proj}
+
+    def trains(module) -> bool:
+        return any(p.requires_grad for p in module.parameters())
+
+    return {"cnn_trainable": trains(base.feature_extractor), "projection_trainable": trains(base.feature_projection),
+            "transformer_trainable": trains(base.encoder)}
 
 
 # -- per-epoch measurement ------------------------------------------------------------------------
@@ -174,29 +179,33 @@ class ThroughputMonitor(Callback):
         self._flops = self._padded_flops = 0.0
         self._steps = 0
         self._counted = False  # whether a wav2vec 2.0-style encoder was found to count FLOPs of
+        self._hf = None
+        self._parts: dict[str, bool] = {}
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._reset()
+        self._hf = find_hf_encoder(pl_module)
+        self._parts = trainable_parts(self._hf) if self._hf is not None else {}
         device = pl_module.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         _sync(device)
         self._t0 = time.perf_counter()
+        self._cpu0 = time.process_time()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         mask = batch.get("audio_mask") if isinstance(batch, dict) else None
         if mask is None:
             return
-        hf = find_hf_encoder(pl_module)
+        hf = self._hf
         lengths = mask.sum(-1).cpu()
         self._real += int(lengths.sum())
         self._padded += int(mask.numel())
         self._steps += 1
         if hf is not None:
             self._counted = True
-            parts = trainable_parts(hf)
-            self._flops += training_flops(hf.config, lengths, **parts)
-            self._padded_flops += training_flops(hf.config, [mask.shape[1]] * mask.shape[0], **parts)
+            self._flops += training_flops(hf.config, lengths, **self._parts)
+            self._padded_flops += training_flops(hf.config, [mask.shape[1]] * mask.shape[0], **self._parts)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._t0 is None or self._steps == 0:
@@ -209,6 +218,8 @@ class ThroughputMonitor(Callback):
         row = {
             "epoch": int(trainer.current_epoch),
             "seconds": seconds,
+            # CPU time of this process (all its threads): on a shared CPU, a steadier measure than wall time
+            "cpu_seconds": time.process_time() - self._cpu0,
             "steps": self._steps,
             "audio_seconds": self._real / self.sample_rate,
             "audio_s_per_s": self._real / self.sample_rate / seconds if seconds > 0 else None,
@@ -221,10 +232,11 @@ class ThroughputMonitor(Callback):
             "peak_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
         }
         self.epochs.append(row)
+        # sync_dist: every rank logs (the mean over ranks), as Lightning wants for epoch-level values
         if achieved is not None:
-            pl_module.log("train/tflops_per_s", achieved / 1e12)
+            pl_module.log("train/tflops_per_s", achieved / 1e12, sync_dist=True)
         if row["mfu"] is not None:
-            pl_module.log("train/mfu", row["mfu"])
+            pl_module.log("train/mfu", row["mfu"], sync_dist=True)
 
     def summary(self) -> dict:
         """{"precision", "peak_tflops_per_s", "epochs": [...], "mfu": mean over epochs (None without a peak)}."""

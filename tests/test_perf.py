@@ -54,6 +54,19 @@ def test_wav2vec2_base_costs_about_14_gflops_per_audio_second_with_a_third_in_th
     assert training_flops(Wav2Vec2Config(), [160000]) == pytest.approx(expected)
     everything = training_flops(Wav2Vec2Config(), [160000], cnn_trainable=True, projection_trainable=True)
     assert everything == pytest.approx(3 * sum(v for k, v in f.items() if k != "frames"))
+    frozen = training_flops(Wav2Vec2Config(), [160000], transformer_trainable=False)  # fusion, frozen audio
+    assert frozen == pytest.approx(sum(v for k, v in f.items() if k != "frames"))
+
+
+def test_trainable_parts_follow_requires_grad():
+    from mmser.perf import trainable_parts
+
+    model = build_encoder(tiny_encoder_config())  # V-FT freezing
+    assert trainable_parts(model) == {"cnn_trainable": False, "projection_trainable": False,
+                                      "transformer_trainable": True}
+    for p in model.parameters():
+        p.requires_grad = False
+    assert trainable_parts(model)["transformer_trainable"] is False
 
 
 def test_peak_flops_table_override_and_cpu():
