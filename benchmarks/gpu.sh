@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One smoke-and-measure run of every training path on this machine's first GPU (benchmarks/gpu_smoke.py):
 # wav2vec2-base-shaped random models, synthetic audio with IEMOCAP's durations (~4,650 utterances), one
-# V-FT epoch, 50 TAPT steps, 50 P-TAPT steps (+ steps a/b), k-means K=4,096 on 1M frames, and a 2-process
+# V-FT epoch, 50 TAPT steps, 50 P-TAPT steps (+ steps a/b), k-means K=4,096 on 1M frames, V-FT steps on
+# one batch of 64 x 10 s without checkpointing (peak memory), and a 2-process
 # DDP epoch when two GPUs exist. No downloads. Prints a table; writes one JSON (default runs/bench/gpu.json);
 # exits 1 when a stage failed. Without a GPU (or with --tiny) every shape is tiny: seconds on a CPU
 # (tests/test_benchmarks.py runs it so). Budget: 8 minutes (the `timeout` below).

@@ -14,6 +14,9 @@ next stage run anyway:
 3. **ptapt**: P-TAPT steps (a) 20 steps, (b) features + k-means K = 64/512/4,096, (c) 50 steps
    (`run_ptapt`, frame_model=wav2vec2: no wav2vec 1.0 checkpoint here).
 4. **kmeans**: k-means, K = 4,096, 20 iterations, on 1M x 512 random frames (`mmser...kmeans`).
+4b. **batch64x10s**: three V-FT training steps (the real `ClassifierModule.training_step`, at the
+   run's precision) on one batch of 64 utterances of 10 s each, without gradient checkpointing:
+   seconds per step and peak memory (does the paper's batch fit?).
 5. **ddp**: with >= 2 GPUs, the V-FT epoch again as 2 DDP processes (`mmser train`, trainer.devices=2).
 `--tiny` (the default without a GPU) shrinks every shape so the whole run takes seconds on a CPU (a
 default-suite test runs it). Writes one JSON (machine, setup, one entry per stage, failures) and
@@ -41,10 +44,10 @@ from benchmarks.common import machine, save, shape_overrides, table, write_corpu
 SCALES = {
     "full": {"n_train": 4446, "n_test": 200, "scale": 1.0, "min_s": 0.6, "shape": "base",
              "tapt_steps": 50, "frame_steps": 20, "ptapt_steps": 50, "clusters": [64, 512, 4096],
-             "kmeans": (1_000_000, 512, 4096), "workers": min(8, os.cpu_count() or 1)},
+             "kmeans": (1_000_000, 512, 4096), "workers": min(8, os.cpu_count() or 1), "big_batch": (64, 10.0)},
     "tiny": {"n_train": 24, "n_test": 8, "scale": 0.12, "min_s": 0.3, "shape": "tiny",
              "tapt_steps": 3, "frame_steps": 3, "ptapt_steps": 3, "clusters": [4, 8],
-             "kmeans": (2000, 32, 16), "workers": 0},
+             "kmeans": (2000, 32, 16), "workers": 0, "big_batch": (4, 1.0)},
 }
 
 
@@ -174,6 +177,42 @@ def run_kmeans(sc: dict) -> dict:
     return time_kmeans(kmeans_frames(n, d, clusters=k), k)
 
 
+def run_big_batch(cfg, sc: dict) -> dict:
+    """Three V-FT steps on one (B, T) batch of full-length utterances: step seconds, peak memory."""
+    from mmser.training.finetune import ClassifierModule
+    from mmser.training.run import apply_speed_switches, build_audio_model, resolve_precision
+
+    b, seconds = sc["big_batch"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision(cfg.trainer)
+    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])
+    model = build_audio_model(cfg)
+    speed = apply_speed_switches(cfg, model)
+    module = ClassifierModule(model, None, lr=cfg.finetune.lr).to(device).train()
+    opt = module.configure_optimizers()
+    n = int(seconds * cfg.data.sample_rate)
+    batch = {"ids": [str(i) for i in range(b)], "audio": 0.1 * torch.randn(b, n, device=device),
+             "audio_mask": torch.ones(b, n, dtype=torch.bool, device=device),
+             "labels": torch.arange(b, device=device) % 4}
+    module.log = lambda *a, **k: None  # no trainer here
+    _reset_peak()
+    times = []
+    for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = module.training_step(batch, 0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {"batch": b, "seconds_each": seconds, "precision": precision, "gradient_checkpointing":
+            cfg.encoder.gradient_checkpointing, "step_seconds": times, "peak_memory_gb": _peak_gb(), **speed}
+
+
 def run_ddp(cfg_overrides: list[str], work: Path, manifest: Path, sc: dict) -> dict:
     if torch.cuda.device_count() < 2:
         return {"skipped": f"{torch.cuda.device_count()} GPU(s): DDP needs 2"}
@@ -200,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true", help="full shapes even without a GPU (slow on a CPU)")
     ap.add_argument("--out", default="runs/bench/gpu.json", help="the JSON file written")
     ap.add_argument("--workdir", default=None, help="corpus and run folders (default: a temporary folder)")
-    ap.add_argument("--only", nargs="+", choices=["vft", "tapt", "ptapt", "kmeans", "ddp"], default=None)
+    ap.add_argument("--only", nargs="+", choices=["vft", "tapt", "ptapt", "kmeans", "batch64x10s", "ddp"],
+                    default=None)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: 1 in tiny mode, where tiny matrices gain nothing from more "
                          "and threads fight on a busy CPU; torch's default otherwise)")
@@ -227,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg_for = lambda: stage_config(sc, work, manifest, args.overrides)  # noqa: E731 (fresh per stage)
         stages = {"vft": lambda: run_vft(cfg_for(), work), "tapt": lambda: run_tapt_stage(cfg_for(), work),
                   "ptapt": lambda: run_ptapt_stage(cfg_for(), work), "kmeans": lambda: run_kmeans(sc),
+                  "batch64x10s": lambda: run_big_batch(cfg_for(), sc),
                   "ddp": lambda: run_ddp(args.overrides, work, manifest, sc)}
         for name, fn in stages.items():
             if args.only and name not in args.only:
@@ -250,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         if "skipped" in r:
             rows.append([name, r["skipped"], None, None, None])
             continue
-        secs = r.get("seconds_per_epoch") or r.get("seconds") or r.get("stage_seconds")
+        secs = (r.get("seconds_per_epoch") or r.get("seconds") or r.get("stage_seconds")
+                or (min(r["step_seconds"]) if r.get("step_seconds") else None))
         aps = r.get("audio_s_per_s") or r.get("c_audio_s_per_s") or r.get("audio_s_per_s_per_rank")
         mfu = r.get("mfu") or r.get("c_mfu") or r.get("mfu_rank0")
         rows.append([name, secs, aps, mfu, r.get("peak_memory_gb") or r.get("peak_memory_gb_rank0")])

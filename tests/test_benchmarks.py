@@ -42,5 +42,7 @@ def test_gpu_smoke_script_runs_green_in_tiny_mode(tmp_path: Path) -> None:
     ptapt = result["ptapt"]
     assert ptapt["a_steps"] == 3 and ptapt["c_steps"] == 3 and set(ptapt["b_kmeans_seconds"]) == {"4", "8"}
     assert result["kmeans"]["k"] == 16 and result["kmeans"]["seconds"] > 0
+    big = result["batch64x10s"]
+    assert big["batch"] == 4 and len(big["step_seconds"]) == 3 and big["gradient_checkpointing"] is False
     assert "skipped" in result["ddp"] or result["ddp"]["world_size"] == 2
     assert "| vft |" in proc.stdout
