@@ -280,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["failures"].append({"stage": name, "error": f"{type(e).__name__}: {e}"[:2000],
                                            "traceback": traceback.format_exc()[-3000:]})
             result.setdefault("stage_wall_seconds", {})[name] = time.perf_counter() - t0
+            save(result, args.out)  # after every stage: a run cut short by gpu.sh's timeout keeps what it measured
     result["seconds_total"] = time.perf_counter() - t_start
     rows = []
     for name in stages:
