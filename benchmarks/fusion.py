@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> dict:
             p.requires_grad = False
         ids = tokenize(texts_for(task_records(load_manifest(manifest)), "gold"), tokenizer, cfg.text.max_length)
 
-        def factory(c):
+        def factory(c, num_classes: int):
             encoder = AudioEncoder.from_config(c.encoder)
-            head = build_fusion_head(c.fusion, encoder.hidden_size, int(text_model.config.hidden_size))
+            head = build_fusion_head(c.fusion, encoder.hidden_size, int(text_model.config.hidden_size), num_classes)
             inner = FusionClassifier(encoder, head, freeze_audio=True, branch_loss_weight=c.fusion.branch_loss_weight)
             return WithTextEncoder(inner, TextEncoder(text_model, c.text.pooling))
 

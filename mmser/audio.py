@@ -3,6 +3,7 @@ any channel count -> float32 mono at the rate asked for.
 
     wav = load_audio("speech.flac", 16000)        # (T,) float32, down-mixed and resampled
     wav, sr = read_audio_file("speech.wav")       # (T, C) float32 as stored
+    info = audio_info("speech.wav")               # header only: frames, samplerate, channels, format
 
 Resampling is scipy's polyphase filter (`resample_poly`, a Kaiser-windowed FIR; scipy is already a
 dependency, soxr is not installed here). Stereo and multichannel files are down-mixed by the mean of
@@ -18,6 +19,26 @@ import numpy as np
 import soundfile as sf
 
 
+class UnreadableAudio(ValueError):
+    """A file soundfile cannot decode; `reason` is libsndfile's message on one line."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path, self.reason = Path(path), " ".join(str(reason).split())
+        super().__init__(f"{path}: cannot read audio ({self.reason})")
+
+
+def audio_info(path: str | Path):
+    """soundfile's header (frames, samplerate, channels, format) without reading the samples; a
+    missing file is a FileNotFoundError and an unreadable one a ValueError, each naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: audio file not found")
+    try:
+        return sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError, OSError) as e:
+        raise UnreadableAudio(path, str(e)) from None
+
+
 def read_audio_file(path: str | Path) -> tuple[np.ndarray, int]:
     """(samples (T, C) float32, sample rate) as stored in the file."""
     path = Path(path)
@@ -26,7 +47,7 @@ def read_audio_file(path: str | Path) -> tuple[np.ndarray, int]:
     try:
         wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise ValueError(f"{path}: cannot read audio ({' '.join(str(e).split())})") from None
+        raise UnreadableAudio(path, str(e)) from None
     return wav, int(sr)
 
 
@@ -58,3 +79,5 @@ def load_audio(path: str | Path, target_sr: int = 16000) -> np.ndarray:
     if wav.shape[0] == 0:
         raise ValueError(f"{path}: empty audio file")
     return resample(to_mono(wav), sr, target_sr)
+
+

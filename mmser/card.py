@@ -5,6 +5,8 @@
 The metadata block follows the Hub's model-card format (pipeline_tag, tags, datasets, metrics and a
 model-index with the test session's UA/WA when known); the body gives the task, labels, text side,
 the caveat for the synthetic corpus or a random encoder, the resolved config and the paper citation.
+The corpus is the one the manifest names (meta["corpus"], e.g. "MSP-Podcast" or a prepared CSV
+corpus); a manifest without a name is IEMOCAP, or the synthetic corpus by its path.
 """
 
 from __future__ import annotations
@@ -44,19 +46,24 @@ def model_card(meta: dict, metrics: dict | None = None, command: str | None = No
     experiment = cfg.get("experiment", "mmser-model")
     test = (metrics or {}).get("test")
     session = (metrics or {}).get("test_session")
-    dataset = "synthetic (mmser synth)" if _caveats(cfg) and "synthetic" in " ".join(_caveats(cfg)) else "IEMOCAP"
+    corpus = meta.get("corpus")
+    synthetic = bool(_caveats(cfg)) and "synthetic" in " ".join(_caveats(cfg))
+    dataset = "synthetic (mmser synth)" if synthetic else (corpus or "IEMOCAP")
+    dataset_type = "synthetic" if synthetic else "iemocap" if dataset == "IEMOCAP" else \
+        "".join(ch if ch.isalnum() else "-" for ch in dataset.lower()).strip("-")
+    where = f"session {session}" if isinstance(session, int) else f"test set {session}"
     header: dict = {
         "library_name": "mmser",
         "pipeline_tag": "audio-classification" if task != "text" else "text-classification",
         "tags": ["speech-emotion-recognition", "wav2vec2", "mmser", task],
-        "datasets": ["iemocap"] if dataset == "IEMOCAP" else [],
+        "datasets": [] if synthetic else [dataset_type],
         "metrics": ["unweighted_accuracy", "weighted_accuracy"],
     }
     if test:
-        name = f"IEMOCAP session {session}" if dataset == "IEMOCAP" else f"synthetic session {session}"
+        name = f"{'synthetic' if synthetic else dataset} {where}"
         header["model-index"] = [{"name": experiment, "results": [{
             "task": {"type": "audio-classification", "name": "Speech emotion recognition"},
-            "dataset": {"type": "iemocap" if dataset == "IEMOCAP" else "synthetic", "name": name},
+            "dataset": {"type": dataset_type, "name": name},
             "metrics": [{"type": "unweighted_accuracy", "name": "UA", "value": round(float(test["ua"]), 4)},
                         {"type": "weighted_accuracy", "name": "WA", "value": round(float(test["wa"]), 4)}],
         }]}]
@@ -73,8 +80,11 @@ def model_card(meta: dict, metrics: dict | None = None, command: str | None = No
                      f"{'fine-tuned' if text.get('fine_tuned') else 'frozen'}; training text: "
                      f"{'gold transcripts' if text.get('source') == 'gold' else 'ASR ' + str(text.get('asr'))}")
     if test:
-        lines.append(f"- Test session {session}: UA {test['ua']:.4f}, WA {test['wa']:.4f} "
-                     f"({test.get('n', '?')} utterances; leave-one-session-out)")
+        protocol = ("predefined split" if not isinstance(session, int) else "leave-one-session-out"
+                    if synthetic or dataset == "IEMOCAP" else "leave-one-fold-out")
+        lines.append(f"- {'Test session' if isinstance(session, int) else 'Test set'} {session}"
+                     f"{'' if synthetic or dataset == 'IEMOCAP' else ' of ' + dataset}: UA {test['ua']:.4f}, "
+                     f"WA {test['wa']:.4f} ({test.get('n', '?')} utterances; {protocol})")
     caveats = _caveats(cfg)
     if caveats:
         lines += ["", "## Caveat", ""] + [f"- {c}" for c in caveats]
@@ -91,3 +101,24 @@ def model_card(meta: dict, metrics: dict | None = None, command: str | None = No
                   "```"]
     lines += ["", "## Citation", "", "```bibtex", CITATION, "```", ""]
     return "\n".join(lines)
+
+
+CV_HEADING = "## Cross-validation of this experiment"
+
+
+def with_cross_validation(card: str, tables: str, command: str | None = None) -> str:
+    """`card` with a "Cross-validation of this experiment" section (the per-session UA/WA tables of the
+    whole leave-one-session-out run this model is one fold of, and the cv command) before "## Use";
+    an earlier such section is replaced, so re-summarising a resumed cross-validation stays one section."""
+    lines = card.split("\n")
+    if CV_HEADING in lines:  # drop the old section: up to the next "## " heading
+        i = lines.index(CV_HEADING)
+        j = next((k for k in range(i + 1, len(lines)) if lines[k].startswith("## ")), len(lines))
+        lines = lines[:i] + lines[j:]
+    section = [CV_HEADING, "", "Each fold's model (this is one of them) is tested on the session it never saw; "
+               "values in %, mean ± std over seeds per session (ddof 0), avg = mean of the session means.", "",
+               tables.strip(), ""]
+    if command:
+        section += ["Cross-validation command:", "", "```", command, "```", ""]
+    at = lines.index("## Use") if "## Use" in lines else len(lines)
+    return "\n".join(lines[:at] + section + lines[at:])

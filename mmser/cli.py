@@ -2,19 +2,23 @@
 
     mmser synth OUT_DIR [--per-class N --seed S --tiny]
     mmser prepare iemocap IEMOCAP_ROOT --out OUT_DIR [--strict --force]
+    mmser prepare csv TABLE --audio-root DIR --out OUT_DIR [--labels a,b,c --map raw=class
+                      --folds split|logo:COLUMN|kfold:K ...]
+    mmser prepare msp-podcast MSP_ROOT --out OUT_DIR [--classes 4|8]
     mmser folds MANIFEST [-c cfg.yaml ... key=value ...]
-    mmser train -c configs/vft.yaml --session 1 --seed 0 [key=value ...]
-    mmser cv -c configs/vft.yaml --sessions 1-5 --seeds 5 [key=value ...]
+    mmser train -c configs/vft.yaml --session 1 --seed 0 [key=value ...]      (--session test: a named fold)
+    mmser cv -c configs/vft.yaml --sessions 1-5 --seeds 5 [key=value ...]      (default: every fold)
     mmser compare runs/vft runs/tapt ... --out runs/compare
     mmser transcribe MANIFEST --backend faster-whisper --model tiny.en --out FILE
     mmser demo [--out DIR]
     mmser predict MODEL AUDIO_OR_DIR... [--out preds.csv|.jsonl] [--text TEXT | --transcripts FILE | --asr] [--windows]
     mmser config show -c vft [-c tiny ...] [key=value ...]   |   mmser config list
+    mmser push MODEL USER/REPO [--public]     (a run or model folder -> the Hugging Face Hub)
 
 Options and key=value overrides may come in any order. An error prints one line,
 `mmser: error: <what went wrong, naming the file>`; --debug (anywhere on the line) or MMSER_DEBUG=1
 adds the traceback. Exit codes: 0 done; 1 some runs failed (cv, demo) or an unexpected error (a bug);
-2 bad input (arguments, config, files, checkpoints); 130 interrupted.
+2 bad input (arguments, config, files, checkpoints); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -29,13 +33,14 @@ import traceback
 from pathlib import Path
 
 from mmser.logs import DEFAULT, QUIET, VERBOSE, configure_logging
+from mmser.provenance import record_command
 
 log = logging.getLogger("mmser")
 
 # Commands that take config files and `key=value` overrides (anywhere on their command line).
 OVERRIDE_COMMANDS = ("folds", "train", "cv", "config")
 _OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")
-EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
 
 
 def parse_range(text: str) -> list[int]:
@@ -55,6 +60,31 @@ def parse_range(text: str) -> list[int]:
             out.append(int(part))
     if not out:
         raise argparse.ArgumentTypeError(f"empty range '{text}'")
+    return out
+
+
+def parse_fold(text: str) -> int | str:
+    """'3' -> 3; 'test1' -> 'test1' (a named fold: a predefined split's test set, a group name)."""
+    text = text.strip()
+    if not text:
+        raise argparse.ArgumentTypeError("empty fold")
+    return int(text) if text.isdigit() else text
+
+
+def parse_folds(text: str) -> list[int | str]:
+    """'1-5' -> [1..5]; '1,3' -> [1, 3]; 'test1,test2' -> ['test1', 'test2'] (names and numbers mix)."""
+    out: list[int | str] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        a, sep, b = part.partition("-")
+        if sep and a.strip().isdigit() and b.strip().isdigit():
+            out.extend(parse_range(part))
+        else:
+            out.append(parse_fold(part))
+    if not out:
+        raise argparse.ArgumentTypeError(f"empty list of sessions '{text}'")
     return out
 
 
@@ -109,19 +139,59 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", type=Path, required=True, help="output folder")
     q.add_argument("--strict", action="store_true", help="turn every skip into an error")
     q.add_argument("--force", action="store_true", help="rebuild even if inputs are unchanged")
+    q = psub.add_parser("csv", help="your own corpus: a CSV / TSV / JSONL table of utterances -> OUT/manifest.jsonl",
+                        description="Columns (roles): path, label, speaker (required); id, session, fold, split, "
+                                    "transcript, gender (optional). See mmser/data/corpus.py.")
+    q.add_argument("table", type=Path, help="CSV / TSV (header line) or JSONL file (read only)")
+    q.add_argument("--audio-root", type=Path, default=None,
+                   help="folder the table's relative paths start from (default: the table's folder)")
+    q.add_argument("--out", type=Path, required=True, help="output folder")
+    q.add_argument("--spec", type=Path, default=None,
+                   help="YAML spec (name, columns, labels, map, folds, split_map, ...); options override it")
+    q.add_argument("--format", choices=["csv", "jsonl"], default=None, help="default: by the file's suffix")
+    q.add_argument("--delimiter", default=None, help="CSV field delimiter (default: ',' or a tab for .tsv)")
+    q.add_argument("--column", action="append", default=[], metavar="ROLE=NAME",
+                   help="the table's column for a role, e.g. --column label=emotion --column path=file (repeatable)")
+    q.add_argument("--labels", default=None, metavar="A,B,C",
+                   help="the class set after --map, e.g. neu,hap,sad,ang,fea,dis (default: every label); "
+                        "other labels stay in the manifest outside the task (label null)")
+    q.add_argument("--map", action="append", default=[], metavar="RAW=CLASS",
+                   help="rename raw labels, e.g. --map exc=hap (RAW= drops one); repeatable or comma-separated")
+    q.add_argument("--folds", default=None, metavar="MODE",
+                   help="split (a train/dev/test column), logo:COLUMN (leave one group out: speaker, session, "
+                        "...), kfold:K (K folds by speaker). Default: split, else logo:fold, logo:session, kfold:5")
+    q.add_argument("--split-map", action="append", default=[], metavar="RAW=SPLIT",
+                   help="split values beyond the usual names, e.g. --split-map heldout=test")
+    q.add_argument("--name", default=None, help="the corpus's name (reports, model cards; default: the --out folder's)")
+    q.add_argument("--sample-rate", type=int, default=None, help="expected rate (default 16000)")
+    q.add_argument("--resample", action="store_true",
+                   help="write 16-bit mono copies at the sample rate of files that are not (under OUT/audio)")
+    q.add_argument("--skip-bad-audio", action="store_true",
+                   help="skip rows whose audio is missing, unreadable or empty (listed in the report)")
+    q.add_argument("--force", action="store_true", help="rebuild even if inputs are unchanged")
+    q = psub.add_parser("msp-podcast", help="MSP-Podcast release tree -> OUT/manifest.jsonl (its predefined split)")
+    q.add_argument("root", type=Path, help="release folder with Labels/, Audios/, Transcripts/ (read only)")
+    q.add_argument("--out", type=Path, required=True, help="output folder")
+    q.add_argument("--classes", type=int, choices=[4, 8], default=4,
+                   help="4: neutral, happy, sad, angry (default); 8: + surprise, contempt, disgust, fear")
+    q.add_argument("--resample", action="store_true", help="as for prepare csv")
+    q.add_argument("--skip-bad-audio", action="store_true", help="as for prepare csv")
+    q.add_argument("--force", action="store_true", help="rebuild even if inputs are unchanged")
 
-    p = sub.add_parser("folds", help="leave-one-session-out folds with per-class counts")
+    p = sub.add_parser("folds", help="the manifest's folds with per-class counts")
     p.add_argument("manifest", type=Path)
     _add_config_args(p)
 
     p = sub.add_parser("train", help="one run: (config, test session, seed) -> run dir")
-    p.add_argument("--session", type=int, required=True, help="test session (1..5)")
+    p.add_argument("--session", "--fold", dest="session", type=parse_fold, required=True,
+                   help="test session (IEMOCAP: 1..5) or fold name (a predefined split's test set: test, test1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", type=Path, default=None)
     _add_config_args(p)
 
-    p = sub.add_parser("cv", help="leave-one-session-out cross-validation over sessions x seeds")
-    p.add_argument("--sessions", type=parse_range, default=[1, 2, 3, 4, 5], help="e.g. 1-5 or 1,3")
+    p = sub.add_parser("cv", help="cross-validation over the manifest's folds x seeds")
+    p.add_argument("--sessions", "--folds", dest="sessions", type=parse_folds, default=None,
+                   help="e.g. 1-5, 1,3 or test1 (default: every fold of the manifest)")
     p.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2, 3, 4],
                    help="a count (5 -> seeds 0..4) or a list/range")
     p.add_argument("--out", type=Path, default=None,
@@ -143,11 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam-size", type=int, default=5)
     p.add_argument("--language", default="en")
     p.add_argument("--all-utterances", action="store_true",
-                   help="also transcribe utterances outside the 4 classes (default: 4-class only)")
+                   help="also transcribe utterances outside the task (label null; default: the task's only)")
 
     p = sub.add_parser("config", help="show the resolved config (show) or the packaged configs (list)")
     p.add_argument("action", choices=["show", "list"])
     _add_config_args(p)
+
+    p = sub.add_parser("push", help="upload a saved model (run or model folder) to the Hugging Face Hub")
+    p.add_argument("model", help="a run folder (its model/) or a model folder")
+    p.add_argument("repo", help="Hub repository id, e.g. user/mmser-vft-s1")
+    p.add_argument("--public", action="store_true", help="create the repository public (default: private)")
 
     p = sub.add_parser("predict", help="classify audio files with a saved model (a row per file)")
     p.add_argument("model", help="run folder (its model/), model folder, or Hugging Face Hub id")
@@ -165,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="end-to-end demo on the synthetic corpus (CPU, tiny models)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--seeds", type=int, default=2, help="fine-tuning seeds per fold (default 2)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="fine-tuning seeds per fold (default 1, ~10 min on 2 cores; 2 for mean ± std over seeds)")
     p.add_argument("--per-class", type=int, default=6, help="synthetic utterances per class per actor")
     p.add_argument("--wandb", choices=["offline", "disabled", "online"], default="offline")
     p.add_argument("--only", nargs="+", default=None, metavar="EXPERIMENT",
@@ -217,6 +293,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    record_command(list(sys.argv[1:] if argv is None else argv))
     configure_logging(VERBOSE if args.verbose else QUIET if args.quiet else DEFAULT)
     try:
         return _dispatch(args) or 0
@@ -225,6 +302,16 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print("mmser: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except SystemExit as e:
+        # Lightning turns SIGTERM (a scheduler's kill, `kill PID`) into SIGTERMException, a SystemExit
+        # with no code: without this the process would exit 0 as if the run had finished.
+        if type(e).__name__ != "SIGTERMException":
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print("mmser: terminated (SIGTERM); the same command resumes from the last finished epoch",
+              file=sys.stderr)
+        return EXIT_TERMINATED
     except Exception as e:  # noqa: BLE001 - the one place that turns any error into one line
         code, message = describe_error(e)
         if args.debug:
@@ -291,10 +378,19 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         print(f"synthetic corpus written to {root}")
         return 0
     if args.command == "prepare":
-        from mmser.data.iemocap import prepare_iemocap
         from mmser.data.manifest import fold_table, load_manifest
 
-        result = prepare_iemocap(args.root, args.out, strict=args.strict, force=args.force)
+        if args.corpus == "iemocap":
+            from mmser.data.iemocap import prepare_iemocap
+
+            result = prepare_iemocap(args.root, args.out, strict=args.strict, force=args.force)
+        elif args.corpus == "msp-podcast":
+            from mmser.data.msp_podcast import prepare_msp_podcast
+
+            result = prepare_msp_podcast(args.root, args.out, classes=args.classes, resample=args.resample,
+                                         skip_bad_audio=args.skip_bad_audio, force=args.force)
+        else:
+            result = _prepare_csv(args)
         print(result.summary())
         print(fold_table(load_manifest(result.manifest)))
         return 0
@@ -345,6 +441,15 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         return 0
     if args.command == "config":
         return _config_command(args)
+    if args.command == "push":
+        from mmser.inference import resolve_model_dir
+        from mmser.models.pretrained import push_to_hub
+
+        model_dir = resolve_model_dir(args.model)
+        if not Path(model_dir).is_dir():
+            raise FileNotFoundError(f"{args.model}: no such run or model folder")
+        print(push_to_hub(model_dir, args.repo, private=not args.public))
+        return 0
     if args.command == "predict":
         from mmser.inference import predict_command
 
@@ -381,11 +486,36 @@ def _config_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_csv(args: argparse.Namespace):
+    """`mmser prepare csv`: the spec file (if any) with the options on top."""
+    from mmser.data.corpus import CorpusSpec, parse_pairs, prepare_corpus, split_list
+
+    spec = CorpusSpec.from_yaml(args.spec) if args.spec is not None else CorpusSpec()
+    if args.column:
+        spec.columns = {**spec.columns, **parse_pairs(args.column, "--column")}
+    if args.labels is not None:
+        spec.labels = split_list(args.labels)
+    if args.map:
+        spec.map = {**spec.map, **parse_pairs(args.map, "--map")}
+    if args.split_map:
+        spec.split_map = {**spec.split_map, **parse_pairs(args.split_map, "--split-map")}
+    for key in ("folds", "name", "sample_rate"):
+        if getattr(args, key) is not None:
+            setattr(spec, key, getattr(args, key))
+    spec.resample = spec.resample or args.resample
+    spec.skip_bad_audio = spec.skip_bad_audio or args.skip_bad_audio
+    spec.check("options")
+    return prepare_corpus(args.table, args.out, audio_root=args.audio_root, spec=spec, fmt=args.format,
+                          delimiter=args.delimiter, force=args.force)
+
+
 def _cv_argv(args: argparse.Namespace) -> list[str]:
     out = []
     for c in args.config:
         out += ["-c", c]
-    out += ["--sessions", ",".join(map(str, args.sessions)), "--seeds", ",".join(map(str, args.seeds))]
+    if args.sessions is not None:
+        out += ["--sessions", ",".join(map(str, args.sessions))]
+    out += ["--seeds", ",".join(map(str, args.seeds))]
     return out + list(args.overrides)
 
 

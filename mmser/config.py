@@ -86,13 +86,20 @@ def ranged(default: Any, spec: str) -> Any:
 
 @dataclass
 class DataConfig:
-    # Prepared manifest (written by `mmser prepare iemocap`).
+    # Prepared manifest (written by `mmser prepare iemocap`, `prepare csv` or `prepare msp-podcast`).
     manifest: str = "Dataset/IEMOCAP/manifest.jsonl"
+    # The task's classes, in class-index order. None = every label of the manifest, sorted (IEMOCAP:
+    # angry, happy, neutral, sad). A list keeps only those labels (others are outside the task, like
+    # null labels) in the order given, e.g. [neu, hap, sad, ang]; each must label an utterance.
+    classes: list[str] | None = None
     # Validation policy. The paper has none (the last epoch is tested): "none" is the faithful
     # default. "speaker" holds out one actor of the training sessions; "fraction" holds out a
-    # random fraction of the training utterances. Never anything from the test session.
+    # random fraction of the training utterances. Never anything from the test session. A manifest
+    # with a predefined train/dev/test split validates on its dev split (keep "none" then).
     validation: Literal["none", "speaker", "fraction"] = "none"
-    val_speaker: str | None = None  # e.g. "Ses02F"; None = F actor of the session after the test one
+    # e.g. "Ses02F"; None = F actor of the session after the test one (IEMOCAP), else the first
+    # speaker of the next fold
+    val_speaker: str | None = None
     val_fraction: float = ranged(0.1, "(0, 1)")
     val_seed: int = ranged(58, ">= 0")
     sample_rate: int = ranged(16000, ">= 1")
@@ -199,7 +206,8 @@ class TrainerConfig:
     deterministic: bool = True
     log_every_n_steps: int = ranged(10, ">= 1")
     gradient_clip_val: float | None = ranged(None, "> 0")
-    enable_progress_bar: bool = False
+    # None: Lightning's bar when stderr is a terminal, else one log line per epoch (EpochLog).
+    enable_progress_bar: bool | None = None
     # torch.compile each transformer layer of the audio encoder (dynamic shapes; state-dict keys
     # unchanged). Off by default: the first steps pay the compilation, and on CPU it needs a C++ compiler.
     compile: bool = False

@@ -65,18 +65,48 @@ def experiments(asr_file: Path, audio_runs: Path) -> list[Experiment]:
     ]
 
 
+# Seconds each stage took in a full demo on the 2-core CPU this project is built on (seeds=1,
+# per_class=6; see experiments/RESULTS.md): the start-up estimate. Training stages scale with the
+# seeds and, like ASR, with the corpus size (per_class); the running ETA corrects the estimate by
+# how fast this machine has been so far.
+MEASURED_S = {"synthesize": 10, "prepare": 3, "asr": 100, "vft": 45, "tapt": 55, "ptapt": 75,
+              "text-gold": 25, "text-asr": 25, "fusion-concat-gold": 70, "fusion-concat-asr": 70,
+              "fusion-xattn-gold": 75, "fusion-xattn-asr": 75, "predict": 10}
+DEFAULT_PER_CLASS = 6
+
+
+def estimate_seconds(names: list[str], seeds: int, per_class: int) -> dict[str, float]:
+    """Expected seconds of each stage (the corpus stages, then each experiment in `names`)."""
+    size = per_class / DEFAULT_PER_CLASS
+    est = {"synthesize": MEASURED_S["synthesize"] * size, "prepare": MEASURED_S["prepare"],
+           "asr": MEASURED_S["asr"] * size}
+    for n in names:
+        est[n] = MEASURED_S.get(n, 60) * size * max(seeds, 1)
+    est["predict"] = MEASURED_S["predict"]
+    return est
+
+
+def _minutes(s: float) -> str:
+    return f"{s / 60:.0f} min" if s >= 90 else f"{s:.0f} s"
+
+
+def needs_asr(exp: Experiment) -> bool:
+    """Does this experiment train on the demo's ASR transcripts?"""
+    return any(o.startswith("text.source=") for o in exp.overrides)
+
+
 def experiment_config(exp: Experiment, common: list[str]) -> Config:
     return load_config(*(CONFIGS / f for f in exp.files),
                        overrides=[*common, *exp.overrides, f"experiment={exp.name}"])
 
 
-def run_demo(out: Path, seeds: int = 2, per_class: int = 6, wandb: str = "offline",
+def run_demo(out: Path, seeds: int = 1, per_class: int = DEFAULT_PER_CLASS, wandb: str = "offline",
              only: list[str] | None = None) -> Path:
     """Run the whole demo under `out`; return the comparison Markdown file."""
     from mmser.data.iemocap import prepare_iemocap
     from mmser.data.manifest import fold_table, load_manifest
     from mmser.data.synth import synthesize
-    from mmser.report import collect, plot_comparison, write_summary
+    from mmser.report import collect, comparison_markdown, plot_comparison, write_summary
     from mmser.text.transcribe import transcribe_manifest
     from mmser.training.cv import run_cv
 
@@ -84,24 +114,45 @@ def run_demo(out: Path, seeds: int = 2, per_class: int = 6, wandb: str = "offlin
     t_start = time.time()
     timings: list[tuple[str, float]] = []
     _say(BANNER)
+    planned = [e for e in experiments(Path("asr.jsonl"), Path("vft")) if not only or e.name in only]
+    names = [e.name for e in planned]
+    need_asr = any(needs_asr(e) for e in planned)  # `--only vft` runs no ASR (nor needs its weights)
+    estimate = estimate_seconds(names, seeds, per_class)
+    if not need_asr:
+        estimate.pop("asr")
+    spent = {"expected": 0.0, "actual": 0.0}  # over the stages finished so far
+    _say(f"Expected time on a 2-core CPU: about {_minutes(sum(estimate.values()))} "
+         f"({len(names)} experiments x 5 sessions x {seeds} seed(s); finished stages are reused on a re-run; "
+         f"`--seeds 2` for the fuller run, `--only NAME ...` for a subset).")
 
-    def timed(label, fn, *a, **k):
+    def timed(label, key, fn, *a, **k):
         t0 = time.time()
         _say(f"\n--- {label} ---")
         result = fn(*a, **k)
-        timings.append((label, time.time() - t0))
-        _say(f"    ({label}: {time.time() - t0:.0f} s)")
+        took = time.time() - t0
+        timings.append((label, took))
+        spent["expected"] += estimate.get(key, 0.0)
+        spent["actual"] += took
+        done_keys.append((key, took))
+        remaining = sum(v for kk, v in estimate.items() if kk not in {d[0] for d in done_keys})
+        # this machine's pace so far, once enough has run to tell (short stages are noise)
+        pace = spent["actual"] / spent["expected"] if spent["expected"] >= 100 else 1.0
+        _say(f"    ({label}: {took:.0f} s; about {_minutes(remaining * pace)} left)")
         return result
 
-    root = timed("synthesize the corpus (espeak-ng)", synthesize, out / "corpus", per_class=per_class, seed=0)
-    prep = timed("prepare (manifest + folds)", prepare_iemocap, root, out / "data")
+    done_keys: list[tuple[str, float]] = []
+    root = timed("synthesize the corpus (espeak-ng)", "synthesize", synthesize, out / "corpus",
+                 per_class=per_class, seed=0)
+    prep = timed("prepare (manifest + folds)", "prepare", prepare_iemocap, root, out / "data")
     _say(prep.summary())
     _say(fold_table(load_manifest(prep.manifest)))
 
     asr_file = out / "asr" / "faster-whisper-tiny.en.jsonl"
-    report = timed("ASR: faster-whisper tiny.en (offline weights)", transcribe_manifest, prep.manifest, asr_file,
-                   backend="faster-whisper", model="offline-tiny.en")
-    _say(report.summary())
+    report = None
+    if need_asr:
+        report = timed("ASR: faster-whisper tiny.en (offline weights)", "asr", transcribe_manifest, prep.manifest,
+                       asr_file, backend="faster-whisper", model="offline-tiny.en")
+        _say(report.summary())
 
     common = [f"data.manifest={prep.manifest}", f"output_dir={out / 'runs'}", f"tracking.wandb={wandb}",
               f"text.cache_dir={out / 'cache' / 'text'}"]
@@ -112,17 +163,23 @@ def run_demo(out: Path, seeds: int = 2, per_class: int = 6, wandb: str = "offlin
     failed = []
     for exp in exps:
         cfg = experiment_config(exp, common)
-        cmd = ("mmser cv " + " ".join(f"-c configs/{f}" for f in exp.files) + " --sessions 1-5 --seeds "
+        cmd = ("mmser cv " + " ".join(f"-c {f.removesuffix('.yaml')}" for f in exp.files) + " --sessions 1-5 --seeds "
                + f"{seeds} " + " ".join([*common, *exp.overrides, f"experiment={exp.name}"]))
-        summary = timed(f"cross-validation: {exp.name} (5 sessions x {seeds} seeds)", run_cv, cfg,
+        summary = timed(f"cross-validation: {exp.name} (5 sessions x {seeds} seeds)", exp.name, run_cv, cfg,
                         sessions=[1, 2, 3, 4, 5], seeds=seeds_list, out_dir=out / "runs" / exp.name, command=cmd)
         failed += [f"{exp.name} s{f['session']}-seed{f['seed']}: {f['error']}" for f in summary.failed]
+        so_far = [collect(out / "runs" / e.name) for e in exps[: exps.index(exp) + 1]
+                  if (out / "runs" / e.name).is_dir()]
+        _say("\nResults so far (UA etc. in %, mean of session means ± std over runs):\n"
+             + comparison_markdown(so_far))
 
     results = [collect(out / "runs" / e.name) for e in exps if (out / "runs" / e.name).is_dir()]
-    notes = [BANNER.replace("=", "").strip(),
-             "ASR (faster-whisper tiny.en, beam 5) WER vs gold transcripts: "
-             + (f"{100 * report.wer:.1f}%" if report.wer is not None else "n/a") + " overall; per session "
-             + ", ".join(f"S{k}: {100 * v:.1f}%" for k, v in sorted(report.per_session.items()) if v is not None)]
+    notes = [BANNER.replace("=", "").strip()]
+    if report is not None:
+        notes.append("ASR (faster-whisper tiny.en, beam 5) WER vs gold transcripts: "
+                     + (f"{100 * report.wer:.1f}%" if report.wer is not None else "n/a") + " overall; per session "
+                     + ", ".join(f"S{k}: {100 * v:.1f}%" for k, v in sorted(report.per_session.items())
+                                 if v is not None))
     if failed:
         notes.append("FAILED runs: " + "; ".join(failed))
     md = write_summary(results, out, command=f"mmser demo --out {out} --seeds {seeds}", stem="comparison",

@@ -1,4 +1,9 @@
-"""The 4-class IEMOCAP label set, as the paper's reference preparation keeps it."""
+"""IEMOCAP's 4-class label set, as the paper's reference preparation keeps it.
+
+These are IEMOCAP's constants (its prepare and its synthetic stand-in use them), not the class set
+of every run: a run's classes come from its manifest or `data.classes`
+(mmser.data.manifest.resolve_classes), and a saved model records its own.
+"""
 
 from __future__ import annotations
 

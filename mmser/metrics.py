@@ -82,8 +82,14 @@ def classification_report(
 # --------------------------------------------------------------------------------------------
 
 
-def table11(scores: dict[int, Sequence[float]]) -> dict:
-    """Aggregate {session: [score per seed]} the way the paper's Table 11 does.
+def _fold_key(s) -> tuple:
+    """Sessions in order: integers first, then fold names (mmser.data.manifest.fold_sort_key)."""
+    return (0, s, "") if isinstance(s, int) else (1, 0, str(s))
+
+
+def table11(scores: dict[int | str, Sequence[float]]) -> dict:
+    """Aggregate {session: [score per seed]} the way the paper's Table 11 does (a session is any
+    fold id: IEMOCAP's 1..5, a fold name, a predefined split's test set).
 
     Returns {"sessions": {s: {"mean", "std", "n"}}, "average": mean of session means,
     "std_of_session_means": population std of the session means, "std_all_runs": population std
@@ -92,13 +98,13 @@ def table11(scores: dict[int, Sequence[float]]) -> dict:
     if not scores:
         raise ValueError("table11: no scores")
     sessions = {}
-    for s in sorted(scores):
+    for s in sorted(scores, key=_fold_key):
         v = np.asarray(scores[s], dtype=float)
         if v.size == 0:
             raise ValueError(f"table11: session {s} has no scores")
         sessions[s] = {"mean": float(v.mean()), "std": float(v.std(ddof=0)), "n": int(v.size)}
     means = np.array([sessions[s]["mean"] for s in sessions])
-    pooled = np.concatenate([np.asarray(scores[s], dtype=float) for s in sorted(scores)])
+    pooled = np.concatenate([np.asarray(scores[s], dtype=float) for s in sorted(scores, key=_fold_key)])
     return {
         "sessions": sessions,
         "average": float(means.mean()),

@@ -45,6 +45,22 @@ def git_state(root: Path) -> tuple[str | None, bool | None]:
         return None, None
 
 
+_COMMAND: list[str] | None = None
+
+
+def record_command(argv: list[str]) -> None:
+    """Remember the mmser command line this process runs (set by the CLI), for model cards."""
+    global _COMMAND
+    _COMMAND = ["mmser", *argv]
+
+
+def command() -> str | None:
+    """The mmser command line of this process, shell-quoted, or None when not run from the CLI."""
+    import shlex
+
+    return shlex.join(_COMMAND) if _COMMAND else None
+
+
 @functools.lru_cache(maxsize=1)
 def provenance() -> dict:
     """{"mmser": version, "git_commit": sha or None, "git_dirty": bool or None, "libraries": {...}}.

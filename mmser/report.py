@@ -2,7 +2,9 @@
 experiments (methods, text sources, fusion heads), as Markdown, CSV and a plot.
 
 An experiment folder holds one run folder per (test session, seed), each with a metrics.json
-(written last by `run_one`, so its presence means the run is complete). Nothing here trains.
+(written last by `run_one`, so its presence means the run is complete). Nothing here trains. A
+session is any fold id: IEMOCAP's 1..5 (columns S1..S5), or a named fold such as a predefined
+split's test set (column `test`); the chance line of the plot is 1 / the number of classes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmser.data.manifest import fold_label, fold_sort_key
 from mmser.io import atomic_write_text
 from mmser.metrics import table11
 
@@ -35,9 +38,10 @@ class ExperimentResult:
     name: str
     folder: Path
     # {(section, metric): {session: [value per seed]}}
-    scores: dict[tuple[str, str], dict[int, list[float]]] = field(default_factory=dict)
-    seeds: dict[int, list[int]] = field(default_factory=dict)
+    scores: dict[tuple[str, str], dict[int | str, list[float]]] = field(default_factory=dict)
+    seeds: dict[int | str, list[int]] = field(default_factory=dict)
     runs: int = 0
+    classes: list[str] | None = None  # the runs' class names (None when they disagree or none ran)
 
     def table(self, section: str = "test", metric: str = "ua") -> dict | None:
         s = self.scores.get((section, metric))
@@ -50,18 +54,26 @@ def collect(folder: str | Path, name: str | None = None) -> ExperimentResult:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such experiment folder")
     res = ExperimentResult(name=name or folder.name, folder=folder)
+    class_sets = set()
     for mfile in sorted(folder.glob("*/metrics.json")):
         try:
             m = json.loads(mfile.read_text())
-            session, seed = int(m["test_session"]), int(m["seed"])
+            session, seed = m["test_session"], int(m["seed"])
+            if not isinstance(session, str):
+                session = int(session)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{mfile}: not a valid metrics file ({e})") from None
+        classes = m.get("classes") or (m.get("test") or {}).get("classes")
+        if classes:
+            class_sets.add(tuple(classes))
         res.runs += 1
         res.seeds.setdefault(session, []).append(seed)
         for section, metric, _ in METRICS:
             value = (m.get(section) or {}).get(metric)
             if value is not None:
                 res.scores.setdefault((section, metric), {}).setdefault(session, []).append(float(value))
+    if len(class_sets) == 1:
+        res.classes = list(next(iter(class_sets)))
     return res
 
 
@@ -73,11 +85,11 @@ def table11_markdown(results: list[ExperimentResult], section: str = "test", met
                      title: str | None = None) -> str:
     """One row per experiment: per-session mean±std over seeds (ddof 0), and the average of the
     session means (the paper's Table 11 form). Values in %."""
-    sessions = sorted({s for r in results for s in (r.scores.get((section, metric)) or {})})
+    sessions = sorted({s for r in results for s in (r.scores.get((section, metric)) or {})}, key=fold_sort_key)
     lines = [f"**{title}**", ""] if title else []
     if not sessions:  # no table: a header without session columns is not valid Markdown
         return "\n".join(lines + ["_no finished runs_"])
-    head = "| method | " + " | ".join(f"S{s}" for s in sessions) + " | avg | runs |"
+    head = "| method | " + " | ".join(fold_label(s) for s in sessions) + " | avg | runs |"
     lines += [head, "|---|" + "---|" * (len(sessions) + 2)]
     for r in results:
         t = r.table(section, metric)
@@ -161,7 +173,7 @@ def plot_comparison(results: list[ExperimentResult], path: Path, section: str = 
     tables = [(n, t) for n, t in tables if t]
     if not tables:
         return None
-    sessions = sorted({s for _, t in tables for s in t["sessions"]})
+    sessions = sorted({s for _, t in tables for s in t["sessions"]}, key=fold_sort_key)
     x = np.arange(len(sessions) + 1)
     width = 0.8 / len(tables)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(x) + 0.4 * len(tables)), 4))
@@ -170,9 +182,11 @@ def plot_comparison(results: list[ExperimentResult], path: Path, section: str = 
         stds = [t["sessions"].get(s, {}).get("std", 0.0) for s in sessions] + [t["std_of_session_means"]]
         ax.bar(x + i * width - 0.4 + width / 2, 100 * np.array(means), width, yerr=100 * np.array(stds),
                label=name, capsize=2)
-    ax.set_xticks(x, [f"S{s}" for s in sessions] + ["avg"])
+    ax.set_xticks(x, [fold_label(s) for s in sessions] + ["avg"])
     ax.set_ylabel(f"{metric.upper()} % ({section})")
-    ax.axhline(25, color="grey", lw=0.8, ls="--")
+    n_classes = {len(r.classes) for r in results if r.classes}
+    if len(n_classes) == 1 and metric == "ua":  # chance UA: 1 / number of classes
+        ax.axhline(100 / n_classes.pop(), color="grey", lw=0.8, ls="--")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

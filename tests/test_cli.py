@@ -3,13 +3,14 @@ one line `mmser: error: ...` (traceback only with --debug / MMSER_DEBUG=1) with 
 
 Stage functions are replaced by fakes that raise the errors seen in the wild (a read-only output
 folder, a refused or damaged checkpoint, ...): what is under test is the CLI's handling, in-process.
-The training modules are faked in sys.modules, so these tests never import Lightning or
-transformers (16 s on the 2-core dev machine). One subprocess test checks the real entry point.
+The training modules are faked in sys.modules, so these tests never import
+Lightning or transformers (16 s on the 2-core dev machine). One subprocess test checks the real entry point.
 """
 
 from __future__ import annotations
 
 import pickle
+import shlex
 import subprocess
 import sys
 import types
@@ -112,6 +113,10 @@ def test_train_takes_options_and_overrides_in_any_order(fake_train, tmp_path):
     assert (cfg.finetune.epochs, cfg.data.batch_size, cfg.finetune.lr) == (3, 4, 0.01)
     assert cfg.encoder.name == "random"  # tiny.yaml, given after the overrides, was loaded
     assert cfg.data.eval_batch_size == 16 and cfg.output_dir == str(tmp_path)
+    # the model card of this run quotes the command line it was trained with
+    from mmser.provenance import command
+
+    assert command() == shlex.join(["mmser", *argv])
 
 
 def test_cv_and_folds_take_overrides_anywhere(fake_cv, tmp_path, capsys):

@@ -5,6 +5,7 @@ import json
 import pytest
 from helpers import write_toy_corpus
 
+from mmser.card import CV_HEADING, model_card
 from mmser.config import Config, ConfigError, load_config
 from mmser.io import atomic_write_json
 from mmser.training import cv as cvmod
@@ -28,6 +29,8 @@ def _fake_run_one(calls, fail=()):
              "test": {"ua": value, "wa": value - 0.05, "macro_f1": value - 0.1},
              "test_improvised": {"ua": value - 0.2}}
         atomic_write_json(run_dir / "metrics.json", m)
+        (run_dir / "model").mkdir(parents=True, exist_ok=True)
+        (run_dir / "model" / "README.md").write_text(model_card({"task": "audio", "classes": ["neu"]}, m))
         return m
 
     return run_one
@@ -60,6 +63,16 @@ def test_runs_all_then_skips_finished_and_reports_failures(tmp_path, manifest):
     assert sorted(s2.skipped) == [(1, 0), (1, 1), (2, 0)] and not s2.failed
     assert not (out / "failures.json").exists()
     assert "| toy | 60.5±0.5 (n=2) | 70.5±0.5 (n=2) | 65.5 | 4 |" in s2.markdown
+
+    # Every fold's model card carries the whole cross-validation (UA and WA), once, up to date.
+    cards = sorted(out.glob("s*-seed*/model/README.md"))
+    assert len(cards) == 4
+    for card in cards:
+        text = card.read_text()
+        assert text.count(CV_HEADING) == 1 and text.index(CV_HEADING) < text.index("## Use")
+        assert "| toy | 60.5±0.5 (n=2) | 70.5±0.5 (n=2) | 65.5 | 4 |" in text  # UA, after the resume
+        assert "| toy | 55.5±0.5 (n=2) | 65.5±0.5 (n=2) | 60.5 | 4 |" in text  # WA = UA - 5 points
+        assert "70.0±0.0 (n=1)" not in text  # the first pass's table was replaced
 
 
 def test_refuses_to_mix_configs_in_one_folder(tmp_path, manifest):

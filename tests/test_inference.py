@@ -184,6 +184,34 @@ def test_fusion_model_predicts_with_asr_text_from_its_recorded_system(tmp_path, 
     assert isinstance(p.text, str) and p.label in CLASSES
 
 
+def test_fusion_model_transcribes_with_a_recorded_openai_whisper_checkpoint(tmp_path, fusion_model):
+    """The other ASR backend a model can record: openai-whisper with a .pt checkpoint (a tiny random
+    one here: garbage text, real plumbing), loaded on first use and reused for the next file."""
+    import json
+
+    import torch
+    from whisper.model import ModelDimensions, Whisper
+
+    torch.manual_seed(0)
+    dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=16, n_audio_head=2, n_audio_layer=1,
+                           n_vocab=51864, n_text_ctx=8, n_text_state=16, n_text_head=2, n_text_layer=1)
+    ckpt = tmp_path / "tiny-random.pt"
+    torch.save({"dims": dims.__dict__, "model_state_dict": Whisper(dims).state_dict()}, ckpt)
+    d = tmp_path / "m"
+    d.mkdir()
+    config = json.loads((fusion_model / "config.json").read_text())
+    config["text"] = {**TEXT, "source": "asr", "asr": {"backend": "openai-whisper", "model": str(ckpt),
+                                                       "beam_size": 1, "language": "en"}}
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "model.safetensors").write_bytes((fusion_model / "model.safetensors").read_bytes())
+    clf = EmotionClassifier.from_pretrained(d)
+    first = clf.classify_file(_wav(tmp_path / "a.wav", 1.0, 16000), asr=True)
+    backend = clf._transcriber
+    second = clf.classify_file(_wav(tmp_path / "b.wav", 0.5, 8000), asr=True)
+    assert type(backend).__name__.lower().startswith("openai") and clf._transcriber is backend
+    assert isinstance(first.text, str) and isinstance(second.text, str) and first.label in CLASSES
+
+
 def test_demo_shows_predict_rows_of_an_audio_and_a_fusion_model(tmp_path, audio_model, fusion_model):
     import json
     import shutil
@@ -208,3 +236,17 @@ def test_demo_shows_predict_rows_of_an_audio_and_a_fusion_model(tmp_path, audio_
         assert lines[1].startswith("id,path,window") and len(lines) == 2 + 2 + 1  # command, header, 2 rows, labels
         assert ",," in lines[2] and "error" not in lines[2].split(",")[-1]
     assert "words of" in fusion_block
+
+
+def test_one_reader_for_headers_too(tmp_path):
+    """prepare and the pre-training file check read headers through mmser.audio, with its errors."""
+    from mmser.audio import UnreadableAudio, audio_info
+
+    info = audio_info(_wav(tmp_path / "a.wav", 0.5, 8000))
+    assert (info.samplerate, info.channels, info.frames) == (8000, 1, 4000)
+    (tmp_path / "junk.wav").write_bytes(b"not audio at all")
+    with pytest.raises(UnreadableAudio, match=r"junk\.wav: cannot read audio \(") as e:
+        audio_info(tmp_path / "junk.wav")
+    assert e.value.reason and "\n" not in e.value.reason
+    with pytest.raises(FileNotFoundError, match=r"gone\.wav: audio file not found"):
+        audio_info(tmp_path / "gone.wav")

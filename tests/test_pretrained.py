@@ -196,3 +196,25 @@ def test_hub_ids_download_only_the_model_files_and_push_uploads_the_folder(tmp_p
     assert push_to_hub(folder, "user/mmser-tiny").endswith("/commit/1")
     assert asked["upload"] == ("user/mmser-tiny", str(folder), ["README.md", "config.json", "model.safetensors"])
     assert asked["create"] == ("user/mmser-tiny", True)
+
+    # `mmser push RUN_DIR REPO`: the run folder's model/ goes up, public only when asked
+    from mmser.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    folder.rename(run / "model")
+    assert main(["push", str(run), "user/mmser-run", "--public"]) == 0
+    assert asked["upload"] == ("user/mmser-run", str(run / "model"), ["README.md", "config.json", "model.safetensors"])
+    assert asked["create"] == ("user/mmser-run", False)
+    assert main(["push", str(tmp_path / "nothing"), "user/x"]) == 2
+
+
+def test_a_model_folder_from_before_the_format_is_one_clear_error(tmp_path):
+    """Run folders of mmser before issue 10 saved config.json with 'architecture' (None for text and
+    fusion models) and no 'format': loading says what it is and what to do."""
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps({"task": "fusion", "architecture": None, "classes": ["neu"]}))
+    with pytest.raises(ModelFormatError, match=r"old/config\.json: a model folder from before mmser's model "
+                                               r"format 'mmser-classifier/1'.*train it again"):
+        from_pretrained(old)

@@ -11,6 +11,7 @@ would, one after another, on one tiny corpus.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -214,3 +215,36 @@ def test_a_killed_run_resumes_through_the_cli(corpus, tmp_path, capsys, catalogu
     assert code == 0 and (run_dir / "metrics.json").is_file() and epochs == ["0", "1", "2"], (code, epochs)
     catalogue("killed in epoch 2, then the same `mmser train` again",
               f"exit 0; resumed from last.ckpt; csv/metrics.csv epochs {', '.join(epochs)} (each once)")
+
+
+def test_sigterm_stops_a_run_with_exit_143_and_the_same_command_resumes(corpus, tmp_path, capsys, catalogue):
+    """A scheduler's SIGTERM (`kill PID`, SLURM's time limit) while `mmser train` runs in its own
+    process: Lightning stops at the end of the batch; mmser exits 143 with one line (before, Lightning's
+    SIGTERMException, a SystemExit without a code, made it exit 0 as if finished), and the same command
+    again resumes and finishes."""
+    import signal
+
+    _, manifest = corpus
+    out = tmp_path / "runs"
+    args = ["train", *C, f"data.manifest={manifest}", f"output_dir={out}", "finetune.epochs=200",
+            "data.batch_size=4", "tracking.wandb=disabled", "--session", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "mmser", *args], stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        for line in proc.stderr:  # wait until training runs (an epoch line, after its last.ckpt)
+            if "epoch 2/200" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        err = proc.stderr.read()
+        code = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    last = [x for x in err.splitlines() if x.strip()][-1]
+    run_dir = out / "tiny-vft" / "s1-seed0"
+    assert code == 143 and last.startswith("mmser: terminated (SIGTERM)"), (code, err[-2000:])
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and not (run_dir / "metrics.json").exists()
+    args[args.index("finetune.epochs=200")] = "finetune.epochs=3"
+    code2, _ = _cli(capsys, *args)
+    assert code2 == 0 and (run_dir / "metrics.json").is_file()
+    catalogue("SIGTERM during `mmser train`, then the same command (fewer epochs)",
+              f"exit {code}; {last}; then exit {code2}, finished")

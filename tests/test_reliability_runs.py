@@ -306,7 +306,7 @@ def test_missing_or_unreadable_audio_fails_before_training(tmp_path, monkeypatch
 
 def test_cv_refuses_a_session_the_manifest_lacks_before_creating_anything(tmp_path, manifest):
     cfg = load_config(overrides=[f"data.manifest={manifest}"])
-    with pytest.raises(ValueError, match=rf"sessions 7: not in {manifest} \(its sessions with 4-class "
+    with pytest.raises(ValueError, match=rf"sessions 7: not in {manifest} \(its sessions with task "
                                          r"utterances: 1, 2, 3, 4, 5\)"):
         cvmod.run_cv(cfg, sessions=[1, 7], seeds=[0], out_dir=tmp_path / "x", run_fn=_fake_run([]))
     assert not (tmp_path / "x").exists()

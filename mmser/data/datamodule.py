@@ -1,10 +1,10 @@
-"""LightningDataModule over one leave-one-session-out fold (the only Lightning import in data/)."""
+"""LightningDataModule over one fold (the only Lightning import in data/)."""
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -20,15 +20,20 @@ log = logging.getLogger(__name__)
 _MAX_LISTED = 20  # ids named in a warning
 
 
-def class_weights(records: list[dict]) -> torch.Tensor:
-    """Cross-entropy weights N / n_c normalised to sum 1 (PAPER.md V-FT), index order = CLASSES."""
-    counts = class_counts(records)
-    empty = [c for c in CLASSES if counts[c] == 0]
+def class_weights(records: list[dict], classes: Sequence[str] | None = None) -> torch.Tensor:
+    """Cross-entropy weights N / n_c normalised to sum 1 (PAPER.md V-FT), in the index order of
+    `classes` (the run's classes; None = IEMOCAP's CLASSES)."""
+    classes = tuple(classes) if classes is not None else CLASSES
+    counts = class_counts(records, classes)
+    if sum(counts.values()) != len(records):
+        outside = sorted({str(r["label"]) for r in records if r["label"] not in counts})
+        raise ValueError(f"class weights: training labels outside the classes {list(classes)}: {outside}")
+    empty = [c for c in classes if counts[c] == 0]
     if empty:
         raise ValueError(f"class weights: no training utterances of class(es) {empty}; "
                          "every class needs at least one training example")
     total = sum(counts.values())
-    w = torch.tensor([total / counts[c] for c in CLASSES], dtype=torch.float32)
+    w = torch.tensor([total / counts[c] for c in classes], dtype=torch.float32)
     return w / w.sum()
 
 
@@ -39,7 +44,8 @@ class SERDataModule(pl.LightningDataModule):
     epoch), fixed `batch_size` or `max_batch_seconds` of padded audio per batch (dynamic batches:
     e.g. 640 s holds 64 x 10 s), each process (global rank, over every node) taking its own share.
     Val / test: full utterances, batches in ascending length (`eval_batch_size`).
-    Class weights come from the training split only.
+    Class weights come from the training split only. The class index order is the fold's
+    (`fold.classes`: the manifest's labels or data.classes; IEMOCAP's CLASSES for a bare Fold).
 
     Clips shorter than `min_samples` (after the training crop; lengths from the manifest) are left
     out of every split: a batch of only such clips has no encoder frame and would end the fold
@@ -58,6 +64,7 @@ class SERDataModule(pl.LightningDataModule):
         if min_samples < 1:
             raise ValueError(f"min_samples must be >= 1, got {min_samples}")
         self.fold = fold
+        self.classes = tuple(fold.classes) if fold.classes else CLASSES
         self.cfg = data_cfg
         self.seed = seed
         self.text_features = text_features
@@ -75,8 +82,8 @@ class SERDataModule(pl.LightningDataModule):
         self.test_records = test
         if not self.train_records:
             raise ValueError(f"fold {fold.test_session}: empty training split")
-        self.class_weights = class_weights(self.train_records)
-        text = {"text_features": text_features, "text_ids": text_ids}
+        self.class_weights = class_weights(self.train_records, self.classes)
+        text = {"text_features": text_features, "text_ids": text_ids, "classes": self.classes}
         self.train_set = UtteranceDataset(self.train_records, sr, data_cfg.train_crop_s, **text)
         self.val_set = UtteranceDataset(self.val_records, sr, None, **text) if self.val_records else None
         self.test_set = UtteranceDataset(self.test_records, sr, None, **text)
@@ -85,7 +92,7 @@ class SERDataModule(pl.LightningDataModule):
         """Split sizes and per-class counts (for metrics.json)."""
         out = {}
         for name, recs in (("train", self.train_records), ("val", self.val_records), ("test", self.test_records)):
-            out[name] = {"n": len(recs), "classes": class_counts(recs)}
+            out[name] = {"n": len(recs), "classes": class_counts(recs, self.classes)}
         # Clips left out for being shorter than the encoder's minimum (see the class docstring).
         out["skipped_too_short"] = {"min_samples": self.min_samples,
                                     **{name: len(recs) for name, recs in self.too_short.items()}}
@@ -98,7 +105,7 @@ class SERDataModule(pl.LightningDataModule):
             ids = ", ".join(r["id"] for r in recs[:_MAX_LISTED])
             more = f" and {len(recs) - _MAX_LISTED} more" if len(recs) > _MAX_LISTED else ""
             why = " (this changes the test set)" if name == "test" else ""
-            log.warning("fold %d: skipping %d %s clip(s) shorter than %d samples, too short for the "
+            log.warning("fold %s: skipping %d %s clip(s) shorter than %d samples, too short for the "
                         "encoder%s: %s%s", self.fold.test_session, len(recs), name, self.min_samples,
                         why, ids, more)
 

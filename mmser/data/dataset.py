@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mmser.audio import read_audio_file
-from mmser.labels import CLASS_TO_INDEX
+from mmser.labels import CLASSES
 
 
 class TextFeatures(NamedTuple):
@@ -77,16 +77,20 @@ class UtteranceDataset(Dataset):
         crop_s: float | None = None,
         text_features: Mapping[str, TextFeatures] | None = None,
         text_ids: Mapping[str, torch.Tensor] | None = None,
+        classes: Sequence[str] | None = None,
     ):
         self.records = list(records)
+        # Class index order (the run's classes: mmser.data.manifest.resolve_classes); None = IEMOCAP's.
+        self.classes = tuple(classes) if classes is not None else CLASSES
+        self.class_to_index = {c: i for i, c in enumerate(self.classes)}
         self.sample_rate = sample_rate
         self.crop_s = crop_s
         self.text_features = text_features
         self.text_ids = text_ids  # token ids per utterance, for a fine-tuned text encoder
         for r in self.records:
-            if r.get("label") not in CLASS_TO_INDEX:
+            if r.get("label") not in self.class_to_index:
                 raise ValueError(f"utterance {r.get('id')}: label {r.get('label')!r} is not one of "
-                                 f"{list(CLASS_TO_INDEX)}")
+                                 f"{list(self.classes)}")
         for what, table in (("text features", text_features), ("text token ids", text_ids)):
             if table is not None:
                 self.require(table, what)
@@ -113,7 +117,7 @@ class UtteranceDataset(Dataset):
         """The item of record `r` holding the (already cropped) waveform `wav` (T,): what every
         dataset over manifest records returns; subclasses crop differently or add fields."""
         item = {"id": r["id"], "audio": torch.from_numpy(np.ascontiguousarray(wav)),
-                "label": CLASS_TO_INDEX[r["label"]]}
+                "label": self.class_to_index[r["label"]]}
         if self.text_features is not None:
             feats = self.text_features[r["id"]]
             item["text"] = torch.as_tensor(feats[0], dtype=torch.float32)

@@ -61,8 +61,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import soundfile as sf
-
+from mmser.audio import UnreadableAudio, audio_info
 from mmser.data.manifest import SESSIONS, write_fold_files
 from mmser.io import atomic_write_json, fingerprint, write_jsonl
 from mmser.labels import CLASSES, label_of_code
@@ -379,9 +378,9 @@ def _record(wav: Path, session: int, dialog: str, skipped: list[dict], errors: l
         skipped.append({"path": str(wav), "reason": f"utterance of session {m['session']} inside Session{session}"})
         return None
     try:
-        info = sf.info(str(wav))  # header only
-    except (RuntimeError, OSError, ValueError) as e:
-        skipped.append({"path": str(wav), "reason": f"unreadable audio ({_short(e)})"})
+        info = audio_info(wav)  # header only, through the one reader (mmser.audio)
+    except UnreadableAudio as e:
+        skipped.append({"path": str(wav), "reason": f"unreadable audio ({_short(e.reason)})"})
         return None
     if info.format not in ("WAV", "WAVEX"):
         skipped.append({"path": str(wav), "reason": f"not a RIFF/WAVE file (format {info.format})"})

@@ -205,9 +205,11 @@ class FrameEmotionModel(nn.Module):
         return parts
 
 
-def build_frame_model(cfg: Config) -> FrameEmotionModel:
-    """The step-1 model named by `cfg.ptapt.frame_model` (weights: pre-trained backbone, new heads)."""
+def build_frame_model(cfg: Config, num_classes: int | None = None) -> FrameEmotionModel:
+    """The step-1 model named by `cfg.ptapt.frame_model` (weights: pre-trained backbone, new heads),
+    with `num_classes` outputs (default: IEMOCAP's 4)."""
     pc = cfg.ptapt
+    n = {} if num_classes is None else {"num_classes": int(num_classes)}
     if pc.frame_model == "wav2vec1":
         if pc.wav2vec1_checkpoint is None:
             raise ValueError(
@@ -221,7 +223,7 @@ def build_frame_model(cfg: Config) -> FrameEmotionModel:
         else:
             backbone = Wav2Vec1.from_fairseq(pc.wav2vec1_checkpoint)
         backbone.train()
-        return FrameEmotionModel(backbone, pc)
+        return FrameEmotionModel(backbone, pc, **n)
     if pc.frame_model == "wav2vec2":
         # SpecAugment from ptapt.frame_mask_* (HF applies it: time spans -> masked_spec_embed, channels -> 0).
         # Channel masking is switched on after the build, once the hidden size is known.
@@ -239,5 +241,5 @@ def build_frame_model(cfg: Config) -> FrameEmotionModel:
         hc.mask_feature_prob = pc.frame_mask_feature_prob
         hc.mask_feature_length = pc.frame_mask_feature_length
         hc.mask_feature_min_masks = pc.frame_mask_feature_min_masks
-        return FrameEmotionModel(encoder, pc)
+        return FrameEmotionModel(encoder, pc, **n)
     raise ValueError(f"ptapt.frame_model must be wav2vec1 or wav2vec2, got {pc.frame_model!r}")

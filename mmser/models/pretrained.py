@@ -8,7 +8,9 @@
 A folder holds:
     model.safetensors  the state dict (safetensors: loading it cannot run code)
     config.json        JSON only: "model_type": "mmser", the format, the architecture (enough to rebuild
-                       the module with random weights: encoder HF configs, head sizes), the label names,
+                       the module with random weights: encoder HF configs, head sizes), the label names
+                       ("classes", in output order: as many as the head has outputs, checked on save
+                       and load; IEMOCAP's 4 or any other corpus's),
                        the sample rate, the text side for text / fusion models (text encoder name or path,
                        pooling, max length, whether it was fine-tuned, the ASR system of training), and
                        the resolved training config (for the record; never needed to load)
@@ -144,6 +146,34 @@ def build_architecture(d: dict, where: str = "config.json") -> nn.Module:
     raise ModelFormatError(f"{where}: cannot rebuild architecture {name!r} (not an mmser model class)")
 
 
+def output_size(arch: dict) -> int | None:
+    """How many classes an architecture description outputs (None when it does not say)."""
+    if not isinstance(arch, dict):
+        return None
+    if "num_classes" in arch:
+        try:
+            return int(arch["num_classes"])
+        except (TypeError, ValueError):
+            return None
+    for inner in ("fusion", "inner"):
+        if isinstance(arch.get(inner), dict):
+            return output_size(arch[inner])
+    return None
+
+
+def check_classes(classes, arch: dict, where: str) -> list[str]:
+    """`classes` as a list of distinct non-empty names, one per output of `arch`, or ModelFormatError."""
+    if not isinstance(classes, (list, tuple)) or not classes or \
+            not all(isinstance(c, str) and c for c in classes):
+        raise ModelFormatError(f"{where}: classes must be a non-empty list of class names, got {classes!r}")
+    if len(set(classes)) != len(classes):
+        raise ModelFormatError(f"{where}: classes has a name twice: {list(classes)}")
+    n = output_size(arch)
+    if n is not None and n != len(classes):
+        raise ModelFormatError(f"{where}: {len(classes)} class names {list(classes)} for a model with {n} outputs")
+    return list(classes)
+
+
 # -- folders ------------------------------------------------------------------------------------------
 
 
@@ -180,6 +210,7 @@ def save_pretrained(model: nn.Module, out_dir: str | Path, meta: dict, card: str
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = {"model_type": MODEL_TYPE, "format": MODEL_FORMAT, **meta, "architecture": architecture_of(model)}
+    check_classes(meta["classes"], config["architecture"], "save_pretrained")
     json.dumps(config)  # JSON only: fails here, before any file is written, on a non-JSON value
     tmp = out_dir / f".{WEIGHTS}.tmp"
     save_safetensors_model(model, str(tmp))  # handles shared tensors
@@ -215,6 +246,10 @@ def read_config(model_dir: str | Path) -> dict:
         meta = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelFormatError(f"{cfg_path}: not JSON ({e})") from None
+    if isinstance(meta, dict) and "format" not in meta and ("architecture" in meta or "task" in meta):
+        raise ModelFormatError(f"{cfg_path}: a model folder from before mmser's model format "
+                               f"{MODEL_FORMAT!r} (no 'format' key): its architecture cannot be rebuilt; "
+                               "train it again with this mmser, into a new output_dir (finished runs are skipped)")
     if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
         raise ModelFormatError(f"{cfg_path}: unknown model format "
                                f"{meta.get('format') if isinstance(meta, dict) else None!r}")
@@ -234,7 +269,7 @@ def from_pretrained(name_or_path: str | Path, device: str | torch.device = "cpu"
     except RuntimeError as e:  # missing / unexpected keys, shape mismatch
         raise ModelFormatError(f"{weights}: does not match the architecture in config.json "
                                f"({' '.join(str(e).split())[:300]})") from None
-    classes = meta.get("classes") or []
+    classes = check_classes(meta.get("classes"), meta.get("architecture"), str(model_dir / CONFIG))
     task = meta.get("task") or ("audio" if isinstance(model, AudioClassifier) else "fusion")
     return SavedModel(model=model.to(device).eval(), classes=list(classes),
                       sample_rate=int(meta.get("sample_rate") or meta.get("config", {}).get("data", {})

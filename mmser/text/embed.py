@@ -47,6 +47,7 @@ import torch
 
 from mmser.data.dataset import TextFeatures
 from mmser.io import atomic_write_bytes, fingerprint, looks_like_path
+from mmser.progress import Progress
 
 if TYPE_CHECKING:
     from mmser.config import TextConfig
@@ -187,8 +188,11 @@ def encode_texts(texts: list[str], spec: TextEncoderSpec, batch_size: int = 32, 
     loaded = _frozen(spec.path, spec.encoder, kind, dev, local_files_only)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # by length: less padding
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(texts)
+    bar = Progress(len(texts), f"text features ({spec.encoder})", unit="utt",
+                   mode=None if len(texts) > batch_size else "off")  # one batch: nothing to follow
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
+        bar.update(len(idx))
         batch = [texts[i] for i in idx]
         if kind == "sentence":
             st = loaded

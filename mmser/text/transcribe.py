@@ -42,6 +42,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from mmser.io import atomic_write_json, atomic_write_text, looks_like_path
+from mmser.progress import Progress
 from mmser.text.wer import wer
 
 log = logging.getLogger(__name__)
@@ -304,7 +305,7 @@ class TranscribeReport:
     audio_seconds: float  # audio transcribed by this call
     wer: float | None  # overall WER vs gold (None when no gold words)
     counts: dict = field(default_factory=dict)  # mmser.text.wer.wer() output, overall
-    per_session: dict[int, float | None] = field(default_factory=dict)
+    per_session: dict[int | str, float | None] = field(default_factory=dict)
     per_type: dict[str, float | None] = field(default_factory=dict)  # improvised / scripted
 
     @property
@@ -325,7 +326,9 @@ class TranscribeReport:
         lines.append(f"WER vs gold: {pct(self.wer)} (S {c.get('substitutions', 0)} D {c.get('deletions', 0)} "
                      f"I {c.get('insertions', 0)} / {c.get('ref_words', 0)} words, "
                      f"{c.get('skipped_no_ref', 0)} without gold skipped)")
-        lines.append("per session: " + ", ".join(f"S{s} {pct(w)}" for s, w in sorted(self.per_session.items())))
+        from mmser.data.manifest import fold_label
+
+        lines.append("per session: " + ", ".join(f"{fold_label(s)} {pct(w)}" for s, w in self.per_session.items()))
         lines.append("per type: " + ", ".join(f"{k} {pct(w)}" for k, w in self.per_type.items()))
         lines.append(f"WER written to {self.wer_path}")
         return "\n".join(lines)
@@ -356,7 +359,7 @@ def transcribe_manifest(manifest: Path, out: Path, backend: Backend = "faster-wh
     """Transcribe the manifest's utterances into the JSONL cache `out` (resumable); score WER.
 
     temperatures: Whisper's temperature fallback schedule; (0.0,) = plain beam search only.
-    task_only: only the 4-class utterances (label not null), which are all that training uses;
+    task_only: only the task's utterances (label not null), which are all that training uses;
         False transcribes every manifest record.
     transcriber: an already built backend (tests inject fakes); None loads `backend`/`model`.
         `backend` and `model` are recorded in the cache either way.
@@ -394,7 +397,8 @@ def transcribe_manifest(manifest: Path, out: Path, backend: Backend = "faster-wh
                                            beam_size=beam_size, temperatures=temperatures)
         out.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        with out.open("a", encoding="utf-8") as f:
+        bar = Progress(len(todo), f"transcribe ({backend} {model})", unit="utt", logger=log)
+        with bar, out.open("a", encoding="utf-8") as f:
             for start in range(0, len(todo), batch_size):
                 lines = []
                 for r in todo[start:start + batch_size]:
@@ -409,8 +413,7 @@ def transcribe_manifest(manifest: Path, out: Path, backend: Backend = "faster-wh
                 f.flush()
                 os.fsync(f.fileno())
                 n = min(start + batch_size, len(todo))
-                elapsed = time.perf_counter() - t0
-                log.info("transcribed %d/%d (%.2f utt/s)", n, len(todo), n / max(elapsed, 1e-9))
+                bar.update(n - bar.done)
                 if progress is not None:
                     progress(n, len(todo))
         seconds = time.perf_counter() - t0
@@ -420,11 +423,17 @@ def transcribe_manifest(manifest: Path, out: Path, backend: Backend = "faster-wh
         return wer([r["transcript"] for r in subset], [done[r["id"]] for r in subset])
 
     overall = score(records)
-    per_session = {s: score([r for r in records if r["session"] == s])["wer"]
-                   for s in sorted({r["session"] for r in records})}
+    # Per session (a predefined split's corpora: per split), and per type where the manifest knows it.
+    from mmser.data.manifest import fold_sort_key
+
+    def group(r: dict):
+        return r.get("split") or r["session"]
+
+    per_session = {s: score([r for r in records if group(r) == s])["wer"]
+                   for s in sorted({group(r) for r in records if group(r) is not None}, key=fold_sort_key)}
     per_type = {}
     for name, scripted in (("improvised", False), ("scripted", True)):
-        subset = [r for r in records if bool(r["scripted"]) == scripted]
+        subset = [r for r in records if r.get("scripted") is scripted]
         if subset:
             per_type[name] = score(subset)["wer"]
     wer_path = out.with_suffix(".wer.json")

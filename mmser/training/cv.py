@@ -1,9 +1,16 @@
-"""Leave-one-session-out cross-validation: every (test session, seed), resumable.
+"""Cross-validation over the manifest's folds: every (test session, seed), resumable.
+
+The folds are the manifest's (mmser.data.manifest): IEMOCAP's leave-one-session-out sessions 1..5,
+a prepared corpus's groups or k folds, or one fold per test set of a predefined split (`test`;
+MSP-Podcast's `test1`, `test2`), which trains on "train", validates on "dev" and tests on that test
+set. Selection (finetune.test_checkpoint=best_val) only ever looks at the validation set.
 
     out_dir/
       cv_config.yaml           the resolved config every run of this experiment shares
-      pretrain/s{k}/...        pre-training artifacts, once per fold (TAPT / P-TAPT only)
-      s{k}-seed{n}/            one run folder each (see mmser.training.run)
+      pretrain/s{k}/...        pre-training artifacts, once per fold (TAPT / P-TAPT only;
+                               pretrain/{name}/ for a named fold)
+      s{k}-seed{n}/            one run folder each (see mmser.training.run; {name}-seed{n} for a
+                               named fold)
       summary.md, summary.csv  Table 11 form, with the command that produced them
       summary_ua.png           per-session bars
       failures.json            runs that raised, with the error (the others still ran)
@@ -31,7 +38,7 @@ from pathlib import Path
 import yaml
 
 from mmser.config import Config, check_same_config, config_diff, save_config, to_dict
-from mmser.data.manifest import load_manifest, task_records
+from mmser.data.manifest import FoldId, classes_for, fold_tag, load_manifest, resolve_folds
 from mmser.io import FolderHeld, atomic_write_json, atomic_write_text, check_inputs, write_inputs
 from mmser.report import collect, plot_comparison, write_summary
 
@@ -41,30 +48,35 @@ log = logging.getLogger(__name__)
 class CVSummary:
     out_dir: Path
     markdown: str
-    completed: list[tuple[int, int]] = field(default_factory=list)
-    skipped: list[tuple[int, int]] = field(default_factory=list)
+    completed: list[tuple[FoldId, int]] = field(default_factory=list)
+    skipped: list[tuple[FoldId, int]] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
     # runs another live process holds: skipped, not failed ({session, seed, stage, holder})
     held: list[dict] = field(default_factory=list)
 
 
-def run_dir_for(out_dir: Path, session: int, seed: int) -> Path:
-    return out_dir / f"s{session}-seed{seed}"
+def run_dir_for(out_dir: Path, session: FoldId, seed: int) -> Path:
+    from mmser.training.run import run_name
+
+    return out_dir / run_name(session, seed)
 
 
-def check_cv_inputs(cfg: Config, sessions: list[int]) -> dict:
+def resolve_cv_folds(cfg: Config, sessions=None) -> list[FoldId]:
+    """The manifest's folds named by `sessions` (ints or strings, e.g. [1, 2] or ["test1"]; None =
+    every fold of the manifest), or a ValueError naming what the manifest has."""
+    records = load_manifest(cfg.data.manifest)
+    return resolve_folds(records, sessions, str(cfg.data.manifest), classes_for(records, cfg.data))
+
+
+def check_cv_inputs(cfg: Config, sessions: list[FoldId]) -> dict:
     """Everything a cross-validation can check before writing: the manifest has each session, every
     fold splits (validation speaker, best_val needs a validation set), the trainer settings resolve.
     Returns the data's record for inputs.json."""
     from mmser.training.run import build_fold, data_inputs, trainer_kwargs
 
     records = load_manifest(cfg.data.manifest)
-    present = sorted({r["session"] for r in task_records(records)})
-    missing = [s for s in sessions if s not in present]
-    if missing:
-        raise ValueError(f"sessions {', '.join(map(str, missing))}: not in {cfg.data.manifest} (its sessions with "
-                         f"4-class utterances: {', '.join(map(str, present)) or 'none'})")
-    for session in sessions:
+    classes_for(records, cfg.data)  # data.classes fits the manifest
+    for session in resolve_folds(records, sessions, str(cfg.data.manifest), classes_for(records, cfg.data)):
         build_fold(cfg, records, session, check_audio=False)  # each run checks its fold's audio files
     trainer_kwargs(cfg)
     return data_inputs(cfg)
@@ -105,13 +117,15 @@ def _check_same_experiment(cfg: Config, out_dir: Path, inputs: dict) -> None:
         check_inputs(m.parent, inputs, "this finished run")
 
 
-def _held(session: int, seed: int, stage: str, e: FolderHeld) -> dict:
+def _held(session: FoldId, seed: int, stage: str, e: FolderHeld) -> dict:
     return {"session": session, "seed": seed, "stage": stage, "holder": e.holder}
 
 
-def run_cv(cfg: Config, sessions: list[int], seeds: list[int], out_dir: Path,
+def run_cv(cfg: Config, sessions: list[FoldId] | None, seeds: list[int], out_dir: Path,
            command: str | None = None, run_fn=None) -> CVSummary:
     """Run (or resume) the cross-validation and write the Table 11 summary.
+
+    `sessions`: the folds to run (None = every fold of the manifest).
 
     `run_fn(cfg, test_session=, seed=, run_dir=)` trains one run; default
     mmser.training.multimodal.run_task (audio V-FT, text-only or fusion, by cfg.task).
@@ -120,6 +134,7 @@ def run_cv(cfg: Config, sessions: list[int], seeds: list[int], out_dir: Path,
         from mmser.training.multimodal import run_task as run_fn
 
     out_dir = Path(out_dir)
+    sessions = resolve_cv_folds(cfg, sessions)
     inputs = check_cv_inputs(cfg, sessions)  # nothing is written before these checks
     _check_same_experiment(cfg, out_dir, inputs)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -135,21 +150,21 @@ def run_cv(cfg: Config, sessions: list[int], seeds: list[int], out_dir: Path,
             except KeyboardInterrupt:
                 raise
             except FolderHeld as e:  # another process pre-trains this fold: its runs wait for it
-                log.info("fold %d: pre-training %s", session, e)
+                log.info("fold %s: pre-training %s", session, e)
                 summary.held += [_held(session, seed, "pretrain", e) for seed in seeds]
                 continue
             except Exception as e:  # the fold's pre-training failed: its runs cannot run
-                log.error("fold %d: pre-training failed: %s", session, e)
+                log.error("fold %s: pre-training failed: %s", session, e)
                 for seed in seeds:
                     summary.failed.append(_failure(session, seed, "pretrain", e))
                 continue
         for seed in seeds:
             run_dir = run_dir_for(out_dir, session, seed)
             if (run_dir / "metrics.json").exists():
-                log.info("s%d seed %d: complete, skipped (%s)", session, seed, run_dir)
+                log.info("%s seed %d: complete, skipped (%s)", fold_tag(session), seed, run_dir)
                 summary.skipped.append((session, seed))
                 continue
-            log.info("s%d seed %d: training -> %s", session, seed, run_dir)
+            log.info("%s seed %d: training -> %s", fold_tag(session), seed, run_dir)
             try:
                 run_fn(fold_cfg, test_session=session, seed=seed, run_dir=run_dir)
                 summary.completed.append((session, seed))
@@ -157,10 +172,10 @@ def run_cv(cfg: Config, sessions: list[int], seeds: list[int], out_dir: Path,
             except KeyboardInterrupt:
                 raise
             except FolderHeld as e:
-                log.info("s%d seed %d: %s", session, seed, e)
+                log.info("%s seed %d: %s", fold_tag(session), seed, e)
                 summary.held.append(_held(session, seed, "finetune", e))
             except Exception as e:
-                log.error("s%d seed %d failed: %s", session, seed, e)
+                log.error("%s seed %d failed: %s", fold_tag(session), seed, e)
                 run_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(run_dir / "error.txt", traceback.format_exc())
                 summary.failed.append(_failure(session, seed, "finetune", e))
@@ -173,7 +188,7 @@ def run_cv(cfg: Config, sessions: list[int], seeds: list[int], out_dir: Path,
     return summary
 
 
-def _failure(session: int, seed: int, stage: str, e: BaseException) -> dict:
+def _failure(session: FoldId, seed: int, stage: str, e: BaseException) -> dict:
     return {"session": session, "seed": seed, "stage": stage, "error": f"{type(e).__name__}: {e}"}
 
 
@@ -184,17 +199,28 @@ def summarize(out_dir: Path, command: str | None = None, name: str | None = None
     notes = []
     if failed:
         notes.append(f"**{len(failed)} run(s) failed** (see failures.json): "
-                     + ", ".join(f"s{f['session']}-seed{f['seed']} ({f['stage']})" for f in failed))
+                     + ", ".join(f"{fold_tag(f['session'])}-seed{f['seed']} ({f['stage']})" for f in failed))
     if held:
         notes.append(f"**{len(held)} run(s) skipped, held by another live process** (not failed; that "
-                     "process writes them): " + ", ".join(f"s{h['session']}-seed{h['seed']} ({h['stage']}, "
+                     "process writes them): " + ", ".join(f"{fold_tag(h['session'])}-seed{h['seed']} ({h['stage']}, "
                                                           f"{h['holder']})" for h in held))
     md = write_summary([res], out_dir, command=command, notes=notes)
     plot_comparison([res], out_dir / "summary_ua.png")
+    _cards_with_cross_validation(out_dir, res, command)
     return md
 
 
-def pretrained_fold_config(cfg: Config, session: int, out_dir: Path) -> Config:
+def _cards_with_cross_validation(out_dir: Path, res, command: str | None) -> None:
+    """Every fold's model card (run_dir/model/README.md) gains the experiment's per-fold UA/WA."""
+    from mmser.card import with_cross_validation
+    from mmser.report import table11_markdown
+
+    tables = "\n\n".join(table11_markdown([res], metric=m, title=f"test {m.upper()}") for m in ("ua", "wa"))
+    for card in sorted(out_dir.glob("*-seed*/model/README.md")):  # s1-seed0, test-seed0, ...
+        atomic_write_text(card, with_cross_validation(card.read_text(encoding="utf-8"), tables, command))
+
+
+def pretrained_fold_config(cfg: Config, session: FoldId, out_dir: Path) -> Config:
     """Run the fold's pre-training stage (once; resumable) and point the encoder at its output.
 
     The stage folder's inputs.json records the manifest it is made from: a finished or partial
@@ -203,7 +229,7 @@ def pretrained_fold_config(cfg: Config, session: int, out_dir: Path) -> Config:
     from mmser.training.pretrain import pretrain_fold
     from mmser.training.run import data_inputs
 
-    stage_dir = out_dir / "pretrain" / f"s{session}"
+    stage_dir = out_dir / "pretrain" / fold_tag(session)
     inputs = {"manifest": data_inputs(cfg)["manifest"]}  # pre-training reads the audio only
     if not check_inputs(stage_dir, inputs, "this pre-training stage"):
         if stage_dir.is_dir() and any(stage_dir.iterdir()):

@@ -11,7 +11,7 @@
   `cfg.encoder` (a hub name, a local folder, or the fold's TAPT / P-TAPT output via `pretrain`), or
   the fine-tuned model of the matching (session, seed) run of `cfg.fusion.audio_runs`.
 
-Frozen text features are computed once per (encoder, text source) over every 4-class utterance
+Frozen text features are computed once per (encoder, text source) over every task utterance
 and cached on disk (mmser.text.embed), so folds, seeds and epochs reuse them.
 """
 
@@ -24,11 +24,11 @@ from torch import nn
 
 from mmser.config import Config
 from mmser.data.dataset import TextFeatures
-from mmser.data.manifest import load_manifest, task_records
+from mmser.data.manifest import FoldId, load_manifest, task_records
 from mmser.models.fusion import FusionClassifier, build_fusion_head, build_text_classifier
 from mmser.models.text_encoder import TextEncoder, WithTextEncoder, tokenize
 from mmser.models.wav2vec2 import AudioEncoder, apply_freezing, set_gradient_checkpointing
-from mmser.training.run import data_inputs, finished_run, load_model, run_one
+from mmser.training.run import data_inputs, finished_run, load_model, run_name, run_one
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ _FEATURES: dict[tuple, dict[str, TextFeatures]] = {}  # per-process memo over th
 
 
 def text_features_for(cfg: Config) -> dict[str, TextFeatures]:
-    """Frozen text features of every 4-class utterance of the manifest (cached on disk)."""
+    """Frozen text features of every task utterance (label not null) of the manifest (cached on disk)."""
     from mmser.text.embed import TextEncoderSpec, text_features
 
     key = (str(cfg.data.manifest), str(cfg.text.source), cfg.text.encoder, cfg.text.pooling,
@@ -48,9 +48,9 @@ def text_features_for(cfg: Config) -> dict[str, TextFeatures]:
     return _FEATURES[key]
 
 
-def audio_run_model_dir(audio_runs: str | Path, test_session: int, seed: int) -> Path:
+def audio_run_model_dir(audio_runs: str | Path, test_session: FoldId, seed: int) -> Path:
     """The fine-tuned model of fold `test_session`, seed `seed` in an audio experiment folder."""
-    d = Path(audio_runs) / f"s{test_session}-seed{seed}"
+    d = Path(audio_runs) / run_name(test_session, seed)
     if not (d / "metrics.json").is_file() or not (d / "model" / "model.safetensors").is_file():
         raise FileNotFoundError(
             f"{d}: no finished audio run for session {test_session}, seed {seed} (fusion.audio_runs="
@@ -58,7 +58,7 @@ def audio_run_model_dir(audio_runs: str | Path, test_session: int, seed: int) ->
     return d / "model"
 
 
-def _audio_encoder(cfg: Config, test_session: int, seed: int) -> AudioEncoder:
+def _audio_encoder(cfg: Config, test_session: FoldId, seed: int) -> AudioEncoder:
     if cfg.fusion.audio_runs:
         classifier = load_model(audio_run_model_dir(cfg.fusion.audio_runs, test_session, seed))
         encoder = classifier.encoder
@@ -71,7 +71,7 @@ def _audio_encoder(cfg: Config, test_session: int, seed: int) -> AudioEncoder:
     return AudioEncoder.from_config(cfg.encoder)
 
 
-def run_task(cfg: Config, test_session: int, seed: int, run_dir: str | Path) -> dict:
+def run_task(cfg: Config, test_session: FoldId, seed: int, run_dir: str | Path) -> dict:
     """One run of any task (audio / text / fusion) -> run dir with metrics.json (see run_one)."""
     if cfg.task == "audio":
         return run_one(cfg, test_session=test_session, seed=seed, run_dir=run_dir)
@@ -95,12 +95,12 @@ def run_task(cfg: Config, test_session: int, seed: int, run_dir: str | Path) -> 
                        tokenizer, cfg.text.max_length)
         text_dim = int(text_model.config.hidden_size)
 
-    def factory(c: Config) -> nn.Module:
+    def factory(c: Config, num_classes: int) -> nn.Module:
         if c.task == "text":
-            model = build_text_classifier(c.fusion, text_dim)
+            model = build_text_classifier(c.fusion, text_dim, num_classes)
         else:
             encoder = _audio_encoder(c, test_session, seed)
-            head = build_fusion_head(c.fusion, encoder.hidden_size, text_dim)
+            head = build_fusion_head(c.fusion, encoder.hidden_size, text_dim, num_classes)
             model = FusionClassifier(encoder, head, freeze_audio=c.fusion.freeze_audio,
                                      branch_loss_weight=c.fusion.branch_loss_weight)
         if ids is None:

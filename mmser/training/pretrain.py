@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmser.config import Config
-from mmser.data.manifest import load_manifest, split_fold
+from mmser.data.manifest import FoldId, load_manifest, split_fold
 
 
-def pretrain_fold(cfg: Config, test_session: int, out_dir: Path) -> Path:
+def pretrain_fold(cfg: Config, test_session: FoldId, out_dir: Path) -> Path:
     """Run (or reuse) the fold's pre-training stage; return the encoder folder for V-FT."""
     fold = split_fold(load_manifest(cfg.data.manifest), test_session, cfg.data)
     if cfg.pretrain == "tapt":

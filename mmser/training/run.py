@@ -1,5 +1,10 @@
 """One run = (config, test session, seed) -> a run dir. The stage function behind `mmser train`.
 
+The test session is any fold of the manifest: IEMOCAP's sessions 1..5, a group or k-fold number or
+name, or a predefined split's test set (`test`, MSP-Podcast's `test1`). The class set is the
+manifest's (or data.classes): it sizes the model, orders predictions.csv and metrics.json, and is
+saved with the model.
+
     run_dir/config.yaml          resolved config
     run_dir/inputs.json          the data it was made from (sha256 of the manifest and, for text and
                                  fusion, of an ASR transcript file): a run of other data is refused
@@ -8,12 +13,13 @@
     run_dir/csv/metrics.csv      per-step / per-epoch logs, every epoch once across resumes (plus
                                  run_dir/wandb/ when W&B is on)
     run_dir/.lock                held by the process training the run (another one skips it)
-    run_dir/predictions.csv      id, true, pred, one probability column per class (test session)
+    run_dir/predictions.csv      id, true, pred, one probability column per class (test set)
     run_dir/model/               model.safetensors + config.json (rebuild with `load_model`)
     run_dir/metrics.json         written LAST, atomically: its presence means "complete"
 
 The tested weights are those of the last epoch ("last", the paper) or of the best validation
-epoch ("best_val", needs a validation set). Nothing is ever selected on the test session.
+epoch ("best_val", needs a validation set: a predefined split's dev part, or data.validation).
+Nothing is ever selected on the test set.
 
 Everything that can be checked is checked before anything is written (the fold, the audio files,
 the trainer settings, the model), so a failed start never leaves a config behind that refuses the
@@ -30,11 +36,11 @@ import logging
 import platform
 import re
 import shutil
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
-import soundfile as sf
 import torch
 import yaml
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
@@ -43,10 +49,11 @@ from torch import nn
 
 import mmser
 from mmser import tracking
+from mmser.audio import UnreadableAudio, audio_info
 from mmser.config import Config, TrainerConfig, check_same_config, config_diff, save_config, to_dict
 from mmser.data.datamodule import SERDataModule
 from mmser.data.dataset import TextFeatures
-from mmser.data.manifest import Fold, load_manifest, split_fold
+from mmser.data.manifest import Fold, FoldId, classes_for, fold_tag, load_manifest, split_fold
 from mmser.io import (
     atomic_write_json,
     atomic_write_text,
@@ -69,9 +76,14 @@ from mmser.training.progress import EpochLog
 log = logging.getLogger(__name__)
 
 
-def default_run_dir(cfg: Config, session: int, seed: int) -> Path:
-    """output_dir/experiment/s{session}-seed{seed}."""
-    return Path(cfg.output_dir) / cfg.experiment / f"s{session}-seed{seed}"
+def run_name(session: FoldId, seed: int) -> str:
+    """The run folder's name: `s3-seed0` for session 3, `test1-seed0` for a named fold."""
+    return f"{fold_tag(session)}-seed{seed}"
+
+
+def default_run_dir(cfg: Config, session: FoldId, seed: int) -> Path:
+    """output_dir/experiment/s{session}-seed{seed} (a named fold: output_dir/experiment/{name}-seed{seed})."""
+    return Path(cfg.output_dir) / cfg.experiment / run_name(session, seed)
 
 
 def resolve_precision(trainer_cfg: TrainerConfig) -> str:
@@ -102,7 +114,8 @@ def trainer_kwargs(cfg: Config) -> dict:
         strategy=resolve_strategy(tc), precision=resolve_precision(tc),
         deterministic="warn" if tc.deterministic else False,
         log_every_n_steps=tc.log_every_n_steps, gradient_clip_val=tc.gradient_clip_val,
-        enable_progress_bar=tc.enable_progress_bar, enable_model_summary=False,
+        enable_progress_bar=(sys.stderr.isatty() if tc.enable_progress_bar is None else tc.enable_progress_bar),
+        enable_model_summary=False,
         num_sanity_val_steps=0, use_distributed_sampler=False,
     )
 
@@ -165,9 +178,10 @@ def resolve_strategy(trainer_cfg: TrainerConfig) -> str:
     return "ddp_find_unused_parameters_true" if strategy == "ddp" else strategy
 
 
-def build_audio_model(cfg: Config) -> AudioClassifier:
-    """The paper's V-FT classifier: encoder from `cfg.encoder` + the mean-pool linear head."""
-    return AudioClassifier(AudioEncoder.from_config(cfg.encoder), num_classes=len(CLASSES))
+def build_audio_model(cfg: Config, num_classes: int = len(CLASSES)) -> AudioClassifier:
+    """The paper's V-FT classifier: encoder from `cfg.encoder` + the mean-pool linear head with
+    `num_classes` outputs (a run passes its class count)."""
+    return AudioClassifier(AudioEncoder.from_config(cfg.encoder), num_classes=num_classes)
 
 
 # -- saved models ---------------------------------------------------------------------------------
@@ -195,14 +209,19 @@ def text_side(cfg: Config) -> dict | None:
             "fine_tuned": not cfg.text.freeze, "source": "gold" if source == "gold" else "asr", "asr": asr}
 
 
-def save_model(model: nn.Module, cfg: Config, out_dir: str | Path, metrics: dict | None = None) -> None:
-    """out_dir/model.safetensors + config.json (architecture, labels, sample rate, text side, resolved
-    config) + README.md (model card), in mmser.models.pretrained's format."""
+def save_model(model: nn.Module, cfg: Config, out_dir: str | Path, metrics: dict | None = None,
+               classes: Sequence[str] = CLASSES, corpus: str | None = None) -> None:
+    """out_dir/model.safetensors + config.json (architecture, labels `classes` in output order,
+    sample rate, text side, corpus name, resolved config) + README.md (model card), in
+    mmser.models.pretrained's format."""
     from mmser.card import model_card
+    from mmser.provenance import command
 
-    meta = {"mmser_version": mmser.__version__, "task": cfg.task, "classes": list(CLASSES),
+    meta = {"mmser_version": mmser.__version__, "task": cfg.task, "classes": list(classes),
             "sample_rate": cfg.data.sample_rate, "text": text_side(cfg), "config": to_dict(cfg)}
-    save_pretrained(model, out_dir, meta, card=model_card(meta, metrics))
+    if corpus is not None:
+        meta["corpus"] = corpus
+    save_pretrained(model, out_dir, meta, card=model_card(meta, metrics, command=command()))
 
 
 def load_model(model_dir: str | Path) -> nn.Module:
@@ -241,10 +260,16 @@ def predictions_csv(rows: Sequence[dict], class_names: Sequence[str] = CLASSES) 
     return buf.getvalue()
 
 
-def _report(rows: Sequence[dict]) -> dict | None:
+def _report(rows: Sequence[dict], classes: Sequence[str] = CLASSES) -> dict | None:
     if not rows:
         return None
-    return classification_report([r["true"] for r in rows], [r["pred"] for r in rows], CLASSES)
+    return classification_report([r["true"] for r in rows], [r["pred"] for r in rows], classes)
+
+
+def corpus_name(records: Sequence[dict]) -> str | None:
+    """The manifest's corpus name (its records' "corpus"; None for IEMOCAP manifests, which have none)."""
+    names = sorted({str(r["corpus"]) for r in records if r.get("corpus")})
+    return names[0] if len(names) == 1 else (" + ".join(names) if names else None)
 
 
 def _hardware() -> dict:
@@ -277,13 +302,13 @@ def check_audio_files(records: Sequence[dict], sample_rate: int, what: str, show
     paths = sorted({str(r["path"]) for r in records})
     bad = []
     for path in paths:
-        if not Path(path).is_file():
+        try:
+            info = audio_info(path)  # the one reader's header check (mmser.audio)
+        except FileNotFoundError:
             bad.append(f"{path} (missing)")
             continue
-        try:
-            info = sf.info(path)
-        except (sf.LibsndfileError, RuntimeError) as e:
-            bad.append(f"{path} (unreadable: {' '.join(str(e).split())})")
+        except UnreadableAudio as e:
+            bad.append(f"{path} (unreadable: {e.reason})")
             continue
         if info.samplerate != sample_rate or info.channels != 1:
             bad.append(f"{path} ({info.samplerate} Hz, {info.channels} channels; expected {sample_rate} Hz mono)")
@@ -293,13 +318,14 @@ def check_audio_files(records: Sequence[dict], sample_rate: int, what: str, show
                          f"{'; '.join(bad[:show])}{more}")
 
 
-def build_fold(cfg: Config, records: list[dict], test_session: int, check_audio: bool = True) -> Fold:
+def build_fold(cfg: Config, records: list[dict], test_session: FoldId, check_audio: bool = True) -> Fold:
     """The run's fold, checked: test_checkpoint=best_val has a validation set, and (check_audio)
     every train / val / test audio file is there and readable."""
-    fold = split_fold(records, test_session, cfg.data)
+    fold = split_fold(records, test_session, cfg.data, classes_for(records, cfg.data))
     if cfg.finetune.test_checkpoint == "best_val" and not fold.val:
         raise ValueError("finetune.test_checkpoint=best_val needs a validation set "
-                         "(data.validation=speaker or fraction); the test session is never used to select")
+                         "(data.validation=speaker or fraction, or a predefined split's dev part); "
+                         "the test session is never used to select")
     if check_audio:
         check_audio_files(fold.train + fold.val + fold.test, cfg.data.sample_rate,
                           f"fold {test_session} ({cfg.data.manifest})")
@@ -367,11 +393,11 @@ def checkpoint_step(path: Path) -> int:
 
 def run_one(
     cfg: Config,
-    test_session: int,
+    test_session: FoldId,
     seed: int,
     run_dir: str | Path,
     *,
-    model_factory: Callable[[Config], nn.Module] | None = None,
+    model_factory: Callable[[Config, int], nn.Module] | None = None,
     text_features: Mapping[str, TextFeatures] | None = None,
     text_ids: Mapping[str, torch.Tensor] | None = None,
     callbacks: Sequence[Callback] = (),
@@ -380,8 +406,8 @@ def run_one(
     """Train on the fold's training sessions, test on session `test_session`; return metrics.json.
 
     A run dir with metrics.json is complete: it is returned without training. A run dir with
-    checkpoints/last.ckpt (a killed run) resumes from it. `model_factory` builds the classifier
-    (default: the audio V-FT model; fusion passes its own) and `text_features` (id -> (tokens, pooled))
+    checkpoints/last.ckpt (a killed run) resumes from it. `model_factory(cfg, num_classes)` builds
+    the classifier (default: the audio V-FT model; fusion passes its own) and `text_features` (id -> (tokens, pooled))
     adds text to the batches (or `text_ids`, id -> token ids, for a fine-tuned text encoder).
     `callbacks` are extra Lightning callbacks. A run folder another live process holds raises
     mmser.io.FolderHeld (cv counts it as skipped).
@@ -396,33 +422,37 @@ def run_one(
             raise ValueError(f"run_one: task={cfg.task!r} needs a model_factory (the default builds audio models)")
         model_factory = build_audio_model
     # Every check before anything is written: a failed start leaves nothing that refuses the rerun.
-    fold = build_fold(cfg, load_manifest(cfg.data.manifest), test_session)
+    records = load_manifest(cfg.data.manifest)
+    fold = build_fold(cfg, records, test_session)
     trainer_kwargs(cfg)  # strategy, devices, precision
     with hold_folder(run_dir, enabled=rank_zero_only.rank == 0):
         done = finished_run(cfg, run_dir, inputs)  # finished by another process in the meantime
         if done is not None:
             return done
         check_inputs(run_dir, inputs, "this unfinished run")  # never resume a run of other data
-        return _train(cfg, fold, test_session, seed, run_dir, inputs, model_factory=model_factory,
-                      text_features=text_features, text_ids=text_ids, callbacks=callbacks, job_type=job_type)
+        return _train(cfg, fold, fold.test_session, seed, run_dir, inputs, model_factory=model_factory,
+                      text_features=text_features, text_ids=text_ids, callbacks=callbacks, job_type=job_type,
+                      corpus=corpus_name(records))
 
 
-def _train(cfg: Config, fold: Fold, test_session: int, seed: int, run_dir: Path, inputs: dict, *,
-           model_factory: Callable[[Config], nn.Module], text_features: Mapping[str, TextFeatures] | None,
-           text_ids: Mapping[str, torch.Tensor] | None, callbacks: Sequence[Callback], job_type: str) -> dict:
+def _train(cfg: Config, fold: Fold, test_session: FoldId, seed: int, run_dir: Path, inputs: dict, *,
+           model_factory: Callable[[Config, int], nn.Module], text_features: Mapping[str, TextFeatures] | None,
+           text_ids: Mapping[str, torch.Tensor] | None, callbacks: Sequence[Callback], job_type: str,
+           corpus: str | None = None) -> dict:
     metrics_path = run_dir / "metrics.json"
     pl.seed_everything(seed, workers=True)
     dm = SERDataModule(fold, cfg.data, seed=seed, text_features=text_features, text_ids=text_ids)
-    model = model_factory(cfg)
+    classes = dm.classes
+    model = model_factory(cfg, len(classes))
     speed = apply_speed_switches(cfg, model)
     module = ClassifierModule(model, dm.class_weights if cfg.finetune.class_weighted_loss else None,
-                              lr=cfg.finetune.lr, sample_rate=cfg.data.sample_rate)
+                              lr=cfg.finetune.lr, class_names=classes, sample_rate=cfg.data.sample_rate)
 
     if rank_zero_only.rank == 0:
         _claim_run_dir(cfg, run_dir, inputs)
     ckpt_dir = run_dir / "checkpoints"
     resume = ckpt_dir / "last.ckpt"
-    name = f"{cfg.experiment}-s{test_session}-seed{seed}"
+    name = f"{cfg.experiment}-{run_name(test_session, seed)}"
     loggers = tracking.make_loggers(cfg, run_dir, name=name, group=cfg.experiment, job_type=job_type,
                                     resume_step=checkpoint_step(resume) if resume.is_file() else None)
     # checkpoints/last.ckpt, overwritten at the end of every epoch (monitor=None + top_k=1 keeps
@@ -464,19 +494,24 @@ def _train(cfg: Config, fold: Fold, test_session: int, seed: int, run_dir: Path,
         by_id = {r["id"]: r for r in dm.test_records}
         if sorted(r["id"] for r in rows) != sorted(by_id):
             raise RuntimeError(f"{run_dir}: test predictions do not cover the test session exactly")
-        improvised = [r for r in rows if not by_id[r["id"]]["scripted"]]
+        # Improvised-only metrics where the manifest knows each test utterance's kind (IEMOCAP);
+        # None where it does not (scripted: null, as in prepared CSV corpora).
+        known = all(by_id[r["id"]].get("scripted") is not None for r in rows)
+        improvised = [r for r in rows if by_id[r["id"]].get("scripted") is False] if known else []
         summary = module.training_summary()
         metrics = {
-            "test": _report(rows),
-            "test_improvised": _report(improvised),
+            "test": _report(rows, classes),
+            "test_improvised": _report(improvised, classes),
             "val": val_report,
             "counts": dm.counts(),
             # the CE weights used (None = unweighted loss)
-            "class_weights": ({c: float(w) for c, w in zip(CLASSES, dm.class_weights, strict=True)}
+            "class_weights": ({c: float(w) for c, w in zip(classes, dm.class_weights, strict=True)}
                               if cfg.finetune.class_weighted_loss else None),
             "experiment": cfg.experiment,
             "test_session": test_session,
             "seed": seed,
+            "classes": list(classes),
+            "corpus": corpus,
             "test_checkpoint": cfg.finetune.test_checkpoint,
             "epochs_trained": epochs_trained,
             "padding_efficiency": summary["padding_efficiency"],
@@ -494,10 +529,10 @@ def _train(cfg: Config, fold: Fold, test_session: int, seed: int, run_dir: Path,
             "provenance": provenance(),  # mmser version, git commit + dirty flag, library versions
         }
         if trainer.is_global_zero:
-            atomic_write_text(run_dir / "predictions.csv", predictions_csv(rows))
-            save_model(module.model, cfg, run_dir / "model", metrics)
+            atomic_write_text(run_dir / "predictions.csv", predictions_csv(rows, classes))
+            save_model(module.model, cfg, run_dir / "model", metrics, classes=classes, corpus=corpus)
             check_saved_model(module.model, run_dir / "model", next(iter(dm.test_dataloader())))
-            tracking.log_final(loggers, metrics, [r["true"] for r in rows], [r["pred"] for r in rows], CLASSES)
+            tracking.log_final(loggers, metrics, [r["true"] for r in rows], [r["pred"] for r in rows], classes)
             atomic_write_json(metrics_path, metrics)  # last: marks the run complete
             if not cfg.finetune.keep_checkpoints:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)  # only needed to resume an unfinished run

@@ -45,9 +45,8 @@ from mmser import tracking
 from mmser.config import Config, TaptConfig, save_config, to_dict
 from mmser.data.batching import BucketBatchSampler, collate_batch
 from mmser.data.dataset import UtteranceDataset, read_audio
-from mmser.data.manifest import Fold
+from mmser.data.manifest import Fold, fold_seed_offset, fold_sort_key, fold_tag
 from mmser.io import fingerprint, hold_folder, mark_stage_done, stage_done
-from mmser.labels import CLASS_TO_INDEX
 from mmser.models.wav2vec2 import (
     compute_time_mask,
     config_overrides,
@@ -214,8 +213,10 @@ def random_crop_bounds(n: int, max_len: int, hop: int, rng: np.random.Generator)
 class RandomCropDataset(UtteranceDataset):
     """UtteranceDataset whose training items are random windows of <= crop_s seconds."""
 
-    def __init__(self, records, sample_rate: int, crop_s: float, hop: int = 320, seed: int = 0):
-        super().__init__(records, sample_rate, crop_s=crop_s)  # lengths = min(len, crop) for bucketing
+    def __init__(self, records, sample_rate: int, crop_s: float, hop: int = 320, seed: int = 0,
+                 classes=None):
+        # lengths = min(len, crop) for bucketing
+        super().__init__(records, sample_rate, crop_s=crop_s, classes=classes)
         self.max_len = int(round(crop_s * sample_rate))
         self.hop = hop
         self.seed = seed
@@ -227,7 +228,7 @@ class RandomCropDataset(UtteranceDataset):
         rng = np.random.default_rng([self.seed, self.epoch, i])
         a, b = random_crop_bounds(len(wav), self.max_len, self.hop, rng)
         return {"id": r["id"], "audio": torch.from_numpy(np.ascontiguousarray(wav[a:b])),
-                "label": CLASS_TO_INDEX[r["label"]], "crop_start": a}
+                "label": self.class_to_index[r["label"]], "crop_start": a}
 
 
 class _CropEpoch(pl.Callback):
@@ -281,7 +282,7 @@ def run_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int = 0) -> Path:
     out_dir = Path(out_dir)
     encoder_dir = out_dir / "encoder"
     tc = cfg.tapt
-    if any(r["session"] == fold.test_session for r in fold.train):
+    if any(fold.is_test(r) for r in fold.train):
         raise AssertionError("TAPT: test-session audio in the training split")  # split_fold guarantees
     # Everything the encoder depends on: a finished stage made from other inputs is refused.
     # (the attention kernel is a speed switch, not an input: left out, so switching it reuses the stage)
@@ -290,12 +291,12 @@ def run_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int = 0) -> Path:
                       ("sample_rate", cfg.data.sample_rate), ("num_buckets", cfg.data.num_buckets),
                       ("train_ids", sorted(r["id"] for r in fold.train))])
     if stage_done(out_dir, fp) and (encoder_dir / "config.json").is_file():
-        log.info("TAPT fold %d: complete (%s)", fold.test_session, encoder_dir)
+        log.info("TAPT fold %s: complete (%s)", fold.test_session, encoder_dir)
         return encoder_dir
     # One process per stage folder; another live one holding it raises mmser.io.FolderHeld.
     with hold_folder(out_dir, enabled=rank_zero_only.rank == 0):
         if stage_done(out_dir, fp) and (encoder_dir / "config.json").is_file():  # done meanwhile
-            log.info("TAPT fold %d: complete (%s)", fold.test_session, encoder_dir)
+            log.info("TAPT fold %s: complete (%s)", fold.test_session, encoder_dir)
             return encoder_dir
         return _train_tapt(cfg, fold, out_dir, seed, fp)
 
@@ -303,7 +304,7 @@ def run_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int = 0) -> Path:
 def _train_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int, fp: str) -> Path:
     encoder_dir = out_dir / "encoder"
     tc = cfg.tapt
-    pl.seed_everything(seed + 1000 * fold.test_session, workers=True)
+    pl.seed_everything(seed + 1000 * fold_seed_offset(fold.test_session), workers=True)
     model = build_pretraining_model(cfg)
     speed = apply_speed_switches(cfg, model)
     hop = int(np.prod(model.config.conv_stride))
@@ -311,11 +312,11 @@ def _train_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int, fp: str) -> P
     sr = cfg.data.sample_rate
     records = [r for r in fold.train if float(r["duration"]) * sr >= min_len]
     if len(records) < len(fold.train):
-        log.warning("TAPT fold %d: %d clips shorter than %d samples (2 mask spans) left out",
+        log.warning("TAPT fold %s: %d clips shorter than %d samples (2 mask spans) left out",
                     fold.test_session, len(fold.train) - len(records), min_len)
     if not records:
         raise ValueError(f"TAPT fold {fold.test_session}: no training clip is long enough ({min_len} samples)")
-    dataset = RandomCropDataset(records, sr, tc.crop_s, hop=hop, seed=seed)
+    dataset = RandomCropDataset(records, sr, tc.crop_s, hop=hop, seed=seed, classes=fold.classes or None)
     sampler = BucketBatchSampler(dataset.lengths, max_batch_samples=int(tc.max_batch_seconds * sr),
                                  num_buckets=cfg.data.num_buckets, shuffle=True, seed=seed)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_batch,
@@ -323,7 +324,7 @@ def _train_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int, fp: str) -> P
     module = TaptModule(model, tc, sample_rate=sr, attention_mask=tc.attention_mask)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
-    loggers = tracking.make_loggers(cfg, out_dir, name=f"{cfg.experiment}-tapt-s{fold.test_session}",
+    loggers = tracking.make_loggers(cfg, out_dir, name=f"{cfg.experiment}-tapt-{fold_tag(fold.test_session)}",
                                     group=cfg.experiment, job_type="tapt")
     ckpt_dir = out_dir / "checkpoints"
     last_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
@@ -347,7 +348,8 @@ def _train_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int, fp: str) -> P
             mark_stage_done(out_dir, fp, {
                 "stage": "tapt", "test_session": fold.test_session, "steps": int(trainer.global_step),
                 "train_utterances": len(records), "excluded_short": len(fold.train) - len(records),
-                "train_sessions": sorted({r["session"] for r in records}),
+                "train_sessions": sorted({r["session"] for r in records if r["session"] is not None},
+                                         key=fold_sort_key),
                 "final_loss": float(trainer.callback_metrics.get("tapt/loss", float("nan"))),
                 "seconds": round(time.time() - t0, 1), "encoder": str(encoder_dir),
                 "world_size": int(trainer.world_size),

@@ -42,6 +42,7 @@ from mmser.data.dataset import read_audio
 from mmser.data.manifest import Fold
 from mmser.io import atomic_write_bytes, atomic_write_json, mark_stage_done
 from mmser.models.frame_model import FrameEmotionModel
+from mmser.progress import track
 from mmser.training.ptapt.common import check_no_test_session
 
 log = logging.getLogger(__name__)
@@ -115,11 +116,12 @@ def _kmeans_pp_init(x: torch.Tensor, k: int, gen: torch.Generator, max_points: i
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, init: str = "k-means++",
-           chunk: int | None = None) -> tuple[torch.Tensor, dict]:
+           chunk: int | None = None, desc: str | None = None) -> tuple[torch.Tensor, dict]:
     """Lloyd's k-means on x (N, D) float32 (on x's device). Returns centroids (K, D) and stats
     {"inertia": mean squared distance after the last update, "reseeded": empty clusters re-seeded}.
 
-    init: "k-means++" or "random" (K distinct points, faiss' default)."""
+    init: "k-means++" or "random" (K distinct points, faiss' default). desc: show progress per
+    iteration under this name (`mmser.progress`)."""
     if x.dim() != 2:
         raise ValueError(f"kmeans: expected features (N, D), got shape {tuple(x.shape)}")
     n = x.shape[0]
@@ -136,7 +138,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, init: str = 
     else:
         raise ValueError(f"kmeans: init must be 'k-means++' or 'random', got {init!r}")
     reseeded = 0
-    for _ in range(iters):
+    for _ in track(range(iters), desc=desc or "", unit="iter", mode=None if desc else "off"):
         ids, _ = assign_clusters(x, centroids, chunk, with_dist=False)
         sums = torch.zeros_like(centroids).index_add_(0, ids, x)  # (K, D)
         counts = torch.bincount(ids, minlength=k).to(x.dtype)  # (K,)
@@ -165,7 +167,7 @@ def extract_frame_features(model: torch.nn.Module, records: Sequence[dict], samp
     zero padding would change every frame (as the reference: batch size 1)."""
     model = model.to(device).float().eval()
     feats: dict[str, np.ndarray] = {}
-    for r in records:
+    for r in track(records, desc="P-TAPT frame features", unit="utt"):
         wav = torch.from_numpy(read_audio(r["path"], sample_rate))[None].to(device)  # (1, T)
         mask = torch.ones_like(wav, dtype=torch.bool)
         with torch.autocast(device_type=torch.device(device).type, enabled=False):
@@ -214,7 +216,7 @@ def make_pseudo_labels(features: dict[str, np.ndarray], cluster_sizes: Sequence[
     columns, centroids, stats = [], {}, {}
     for k in cluster_sizes:
         t0 = time.perf_counter()
-        c, st = kmeans(x_fit, int(k), iters=iters, seed=seed, init=init)
+        c, st = kmeans(x_fit, int(k), iters=iters, seed=seed, init=init, desc=f"k-means K={k}")
         labels, dist = assign_clusters(x_all, c)
         st["inertia_all_frames"] = float(dist.mean())
         st["seconds"] = round(time.perf_counter() - t0, 3)

@@ -18,7 +18,7 @@ from mmser.training.run import make_trainer
 
 
 def check_no_test_session(records: Sequence[dict], fold: Fold, stage: str) -> None:
-    bad = [r["id"] for r in records if r["session"] == fold.test_session]
+    bad = [r["id"] for r in records if fold.is_test(r)]
     if bad:
         raise AssertionError(f"P-TAPT {stage}: test-session {fold.test_session} utterances in its input: {bad[:5]}")
 

@@ -98,11 +98,12 @@ def _run_steps(cfg: Config, fold: Fold, out_dir: Path, fp_a: str, fp_b: str, fp_
                run=lambda: train_frame_model(cfg, fold, frame_dir, fp_a))
     # (b) clusters the features of the best-validation weights, reloaded from frame_model/ (eval mode);
     # under DDP once, on global rank 0, while the other ranks wait (step (c) reads the folder).
-    on_global_rank_zero(
-        lambda: _run_stage("(b)", "frame features + k-means", labels_dir, fp_b, timings=timings,
-                           key="pseudo_labels",
-                           run=lambda: cluster_frames(cfg, fold, load_frame_model(cfg, frame_dir), labels_dir, fp_b)),
-        "P-TAPT step (b)")
+    def step_b() -> None:
+        frame_model = load_frame_model(cfg, frame_dir, len(fold.classes) or None)
+        cluster_frames(cfg, fold, frame_model, labels_dir, fp_b)
+
+    on_global_rank_zero(lambda: _run_stage("(b)", "frame features + k-means", labels_dir, fp_b, timings=timings,
+                                           key="pseudo_labels", run=step_b), "P-TAPT step (b)")
     _run_stage("(c)", "masked pseudo-label prediction", enc_dir, fp_c, timings=timings, key="encoder",
                work_dir=work_dir, run=lambda: train_encoder(cfg, fold, labels_dir, work_dir, enc_dir, fp_c))
     if timings:

@@ -27,7 +27,7 @@ from mmser.config import Config, PtaptConfig
 from mmser.data.batching import BucketBatchSampler, collate_batch
 from mmser.data.datamodule import class_weights as compute_class_weights
 from mmser.data.dataset import UtteranceDataset
-from mmser.data.manifest import Fold
+from mmser.data.manifest import Fold, fold_tag
 from mmser.io import atomic_write_bytes, atomic_write_json, mark_stage_done
 from mmser.models.frame_model import FrameEmotionModel, build_frame_model
 from mmser.training.ptapt.common import check_no_test_session, stage_trainer
@@ -113,11 +113,13 @@ def train_frame_model(cfg: Config, fold: Fold, stage_dir: Path, fp: str) -> Fram
     atomic_write_json(stage_dir / "split.json", {"train": sorted(r["id"] for r in train),
                                                   "val": sorted(r["id"] for r in val)})
     pl.seed_everything(pc.seed, workers=True)
-    model = build_frame_model(cfg)
+    classes = fold.classes or None
+    model = build_frame_model(cfg, num_classes=len(fold.classes) if fold.classes else None)
     # Class weights N / n_c from the whole training split, as the reference (before its 90/10 split).
-    module = FrameModule(model, compute_class_weights(list(fold.train)), pc)
+    module = FrameModule(model, compute_class_weights(list(fold.train), classes), pc)
     sr = cfg.data.sample_rate
-    train_set, val_set = UtteranceDataset(train, sr, None), UtteranceDataset(val, sr, None)
+    train_set = UtteranceDataset(train, sr, None, classes=classes)
+    val_set = UtteranceDataset(val, sr, None, classes=classes)
     train_sampler = BucketBatchSampler(train_set.lengths, batch_size=pc.frame_batch_size, num_buckets=1,
                                        shuffle=True, seed=pc.seed, drop_last=len(train) > pc.frame_batch_size)
     val_sampler = BucketBatchSampler(val_set.lengths, batch_size=pc.frame_batch_size, shuffle=False)
@@ -127,7 +129,7 @@ def train_frame_model(cfg: Config, fold: Fold, stage_dir: Path, fp: str) -> Fram
     ckpt_dir = stage_dir / "checkpoints"
     best_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1,
                               save_last=True)
-    name = f"{cfg.experiment}-ptapt-frame-s{fold.test_session}"
+    name = f"{cfg.experiment}-ptapt-frame-{fold_tag(fold.test_session)}"
     # Validate once per epoch (the reference), or more often when the whole stage is shorter than
     # a few epochs, so that a best checkpoint always exists.
     every = min(len(train_sampler), max(1, pc.frame_steps // 4))
@@ -160,11 +162,12 @@ def _torch_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
-def load_frame_model(cfg: Config, stage_dir: Path) -> FrameEmotionModel:
-    """The step-(a) model with its best-validation weights (built from `cfg`, weights from model.pt)."""
+def load_frame_model(cfg: Config, stage_dir: Path, num_classes: int | None = None) -> FrameEmotionModel:
+    """The step-(a) model with its best-validation weights (built from `cfg` with `num_classes`
+    outputs, default IEMOCAP's 4; weights from model.pt)."""
     path = Path(stage_dir) / "model.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no frame model weights (P-TAPT step (a) has not finished)")
-    model = build_frame_model(cfg)
+    model = build_frame_model(cfg, num_classes=num_classes)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()

@@ -46,7 +46,7 @@ from mmser import tracking
 from mmser.config import Config, PtaptConfig
 from mmser.data.batching import BucketBatchSampler, collate_batch
 from mmser.data.dataset import UtteranceDataset, num_samples, read_audio
-from mmser.data.manifest import Fold
+from mmser.data.manifest import Fold, fold_tag
 from mmser.io import mark_stage_done
 from mmser.models.wav2vec2 import build_encoder, compute_time_mask, uses_attention_mask
 from mmser.training.ptapt.clustering import load_pseudo_labels, read_meta
@@ -93,13 +93,14 @@ def align_labels(labels: np.ndarray, n_frames: int) -> np.ndarray:
 
 
 class PseudoLabelDataset(UtteranceDataset):
-    """Items: {"id", "audio" (T,), "label" (4-class index), "pseudo_labels" LongTensor (F, n_K)}, where
+    """Items: {"id", "audio" (T,), "label" (class index), "pseudo_labels" LongTensor (F, n_K)}, where
     F = the encoder's frame count of the (cropped) audio and rows past the label sequence are -100.
     Utterances longer than `crop_s` are cropped at random, on the encoder's frame hop."""
 
     def __init__(self, records: Sequence[dict], labels: Mapping[str, np.ndarray], conv_kernel: Sequence[int],
-                 conv_stride: Sequence[int], crop_s: float | None, sample_rate: int = 16000):
-        super().__init__(records, sample_rate, crop_s)  # lengths = min(len, crop) for bucketing
+                 conv_stride: Sequence[int], crop_s: float | None, sample_rate: int = 16000,
+                 classes: Sequence[str] | None = None):
+        super().__init__(records, sample_rate, crop_s, classes=classes)  # lengths = min(len, crop) for bucketing
         self.require(labels, "pseudo-labels")
         self.labels = labels
         self.kernels, self.strides = list(conv_kernel), list(conv_stride)
@@ -262,7 +263,8 @@ def train_encoder(cfg: Config, fold: Fold, labels_dir: Path, work_dir: Path, enc
                     len(records) - len(keep), len(records), pc.mask_time_length)
     if not keep:
         raise ValueError("P-TAPT step (c): no training utterance is longer than the mask span")
-    dataset = PseudoLabelDataset(keep, labels, hc.conv_kernel, hc.conv_stride, pc.crop_s, sr)
+    dataset = PseudoLabelDataset(keep, labels, hc.conv_kernel, hc.conv_stride, pc.crop_s, sr,
+                                 classes=fold.classes or None)
     sampler = BucketBatchSampler(dataset.lengths, max_batch_samples=int(pc.max_batch_seconds * sr),
                                  num_buckets=cfg.data.num_buckets, shuffle=True, seed=pc.seed)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_pseudo,
@@ -273,7 +275,7 @@ def train_encoder(cfg: Config, fold: Fold, labels_dir: Path, work_dir: Path, enc
     # last.ckpt every 1,000 steps: the resume point of an interrupted run (final weights: enc_dir)
     last_cb = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                               every_n_train_steps=max(1, min(1000, pc.total_steps)))
-    name = f"{cfg.experiment}-ptapt-s{fold.test_session}"
+    name = f"{cfg.experiment}-ptapt-{fold_tag(fold.test_session)}"
     trainer, loggers = stage_trainer(cfg, work_dir, pc.total_steps, [last_cb], name, "ptapt", validate=False)
     resume = ckpt_dir / "last.ckpt"
     try:
