@@ -111,7 +111,9 @@ def run_tapt_stage(cfg, work: Path) -> dict:
     epochs = perf.get("epochs", [])
     audio = sum(e["audio_seconds"] for e in epochs)
     train_s = sum(e["seconds"] for e in epochs)
+    cpu_s = sum(e.get("cpu_seconds") or 0.0 for e in epochs)
     return {"steps": info.get("steps"), "stage_seconds": seconds, "train_seconds": train_s,
+            "train_cpu_seconds": cpu_s, "audio_s_per_cpu_s": audio / cpu_s if cpu_s else None,
             "seconds_per_step": train_s / info["steps"] if info.get("steps") else None,
             "audio_s_per_s": audio / train_s if train_s else None, "mfu": perf.get("mfu"),
             "peak_memory_gb": _peak_gb(), "final_loss": info.get("final_loss")}
@@ -138,7 +140,9 @@ def run_ptapt_stage(cfg, work: Path) -> dict:
     epochs = perf.get("epochs", [])
     audio = sum(e["audio_seconds"] for e in epochs)
     train_s = sum(e["seconds"] for e in epochs)
+    cpu_s = sum(e.get("cpu_seconds") or 0.0 for e in epochs)
     return {"stage_seconds": seconds, "a_seconds": a.get("seconds"), "a_steps": a.get("steps"),
+            "c_train_cpu_seconds": cpu_s, "c_audio_s_per_cpu_s": audio / cpu_s if cpu_s else None,
             "b_seconds": b.get("seconds"), "b_feature_seconds": meta.get("feature_seconds"),
             "b_frames": meta.get("n_frames"),
             "b_kmeans_seconds": {k: v["seconds"] for k, v in meta.get("kmeans", {}).items()},

@@ -66,10 +66,12 @@ def main(argv: list[str] | None = None) -> dict:
     x = kmeans_frames(args.kmeans_n, args.kmeans_dim, clusters=max(args.kmeans_k))
     result["kmeans"] = [time_kmeans(x, k, args.kmeans_iters) for k in args.kmeans_k]
     t, p = result["tapt"], result["ptapt"]
-    rows = [["TAPT", t["steps"], t["seconds_per_step"], t["audio_s_per_s"], None],
+    rows = [["TAPT", t["steps"], t["seconds_per_step"], t["audio_s_per_s"],
+             f"{t['audio_s_per_cpu_s']:.3g} audio s per CPU s" if t.get("audio_s_per_cpu_s") else None],
             ["P-TAPT (a) frame model", p["a_steps"], p["a_seconds"] / max(p["a_steps"] or 1, 1), None, None],
             ["P-TAPT (b) features", p["b_frames"], p["b_feature_seconds"], None, "frames, seconds"],
-            ["P-TAPT (c)", p["c_steps"], p["c_seconds_per_step"], p["c_audio_s_per_s"], None]]
+            ["P-TAPT (c)", p["c_steps"], p["c_seconds_per_step"], p["c_audio_s_per_s"],
+             f"{p['c_audio_s_per_cpu_s']:.3g} audio s per CPU s" if p.get("c_audio_s_per_cpu_s") else None]]
     rows += [[f"k-means K={k['k']}", k["n"], k["seconds"], None, f"{k['n']} x {k['dim']}, {k['iters']} it."]
              for k in result["kmeans"]]
     print(table(["stage", "steps / frames", "s per step (k-means: s)", "audio s/s", "note"], rows))
