@@ -8,7 +8,7 @@
     mmser folds MANIFEST [-c cfg.yaml ... key=value ...]
     mmser train -c configs/vft.yaml --session 1 --seed 0 [key=value ...]      (--session test: a named fold)
     mmser cv -c configs/vft.yaml --sessions 1-5 --seeds 5 [key=value ...]      (default: every fold)
-    mmser compare runs/vft runs/tapt ... --out runs/compare
+    mmser compare runs/vft runs/tapt ... --out runs/compare [--pair vft,tapt]   (or wandb:ENTITY/PROJECT/GROUP)
     mmser transcribe MANIFEST --backend faster-whisper --model tiny.en --out FILE
     mmser demo [--out DIR]
     mmser predict MODEL AUDIO_OR_DIR... [--out preds.csv|.jsonl] [--text TEXT | --transcripts FILE | --asr] [--windows]
@@ -198,9 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experiment folder (default: output_dir/experiment)")
     _add_config_args(p)
 
-    p = sub.add_parser("compare", help="one comparison table + plot over several experiment folders")
-    p.add_argument("experiments", nargs="+", type=Path, help="experiment folders (cv outputs)")
+    p = sub.add_parser("compare", help="comparison tables, paired tests and plots over several experiments")
+    p.add_argument("experiments", nargs="+",
+                   help="experiment folders (cv outputs), or W&B sources: wandb:ENTITY/PROJECT/GROUP, "
+                        "wandb:ENTITY/PROJECT/runs/ID[,ID...] (read when online)")
     p.add_argument("--out", type=Path, required=True, help="folder for comparison.md/.csv/.png")
+    p.add_argument("--pair", action="append", default=None, metavar="A,B",
+                   help="paired test of experiment B against A (names as in the table); repeatable; "
+                        "default: every pair")
 
     p = sub.add_parser("transcribe", help="Whisper ASR over a manifest, cached JSONL + WER")
     p.add_argument("manifest", type=Path)
@@ -405,6 +410,9 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from mmser.training.multimodal import run_task
         from mmser.training.run import default_run_dir
 
+        if args.run_dir is not None and os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
+            raise ValueError("--run-dir: a W&B sweep trial writes its own run folder "
+                             "(output_dir/experiment/sweep-SWEEP_ID/RUN_ID); leave --run-dir out")
         run_dir = args.run_dir or default_run_dir(cfg, args.session, args.seed)
         if cfg.pretrain != "none":  # the fold's pre-training stage (once; reused by later runs)
             from mmser.training.cv import pretrained_fold_config
@@ -424,13 +432,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         print(summary.markdown)
         return 0 if not summary.failed else EXIT_FAILED
     if args.command == "compare":
-        from mmser.report import collect, plot_comparison, write_summary
-
-        results = [collect(e) for e in args.experiments]
-        command = "mmser compare " + " ".join(map(str, args.experiments)) + f" --out {args.out}"
-        print(write_summary(results, args.out, command=command, stem="comparison"))
-        plot_comparison(results, args.out / "comparison_ua.png")
-        return 0
+        return _compare_command(args)
     if args.command == "transcribe":
         from mmser.text.transcribe import transcribe_manifest
 
@@ -466,6 +468,33 @@ def _dispatch(args: argparse.Namespace) -> int | None:
             return EXIT_FAILED
         return 0
     raise AssertionError(args.command)
+
+
+def _compare_command(args: argparse.Namespace) -> int:
+    """`mmser compare`: Table 11 per experiment, paired tests, per-class recall, plots. A W&B source
+    that cannot be read (offline, no login) is left out with a note saying how to sync it."""
+    from mmser.report import collect_sources, plot_comparison, plot_confusions, write_summary
+
+    pairs = None
+    if args.pair:
+        pairs = []
+        for text in args.pair:
+            a, sep, b = text.partition(",")
+            if not sep or not a.strip() or not b.strip():
+                raise ValueError(f"--pair {text}: expected two experiment names, A,B")
+            pairs.append((a.strip(), b.strip()))
+    results, skipped = collect_sources(list(args.experiments))
+    for note in skipped:
+        print(f"mmser: {note}", file=sys.stderr)
+    if not results:
+        raise ValueError("nothing to compare: " + "; ".join(skipped))
+    command = "mmser compare " + " ".join(map(str, args.experiments)) + f" --out {args.out}" + "".join(
+        f" --pair {a},{b}" for a, b in pairs or [])
+    notes = [f"Not read: {n}" for n in skipped]
+    print(write_summary(results, args.out, command=command, stem="comparison", notes=notes, pairs=pairs))
+    plot_comparison(results, args.out / "comparison_ua.png")
+    plot_confusions(results, args.out)
+    return 0
 
 
 def _config_command(args: argparse.Namespace) -> int:

@@ -225,6 +225,11 @@ class TrackingConfig:
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
     init_timeout_s: float = ranged(30.0, "> 0")  # W&B init never blocks a run longer than this
+    # W&B artifacts: "none"; "reference" = predictions.csv uploaded (KB), model folders and TAPT /
+    # P-TAPT encoders logged as references to their local files (checksums only, nothing copied:
+    # lineage without copying GBs); "upload" = the model and encoder files are uploaded too (about
+    # 0.4 GB per run or fold at wav2vec2-base size).
+    artifacts: Literal["none", "reference", "upload"] = "reference"
 
 
 @dataclass
@@ -613,7 +618,8 @@ PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 def packaged_configs() -> dict[str, Path]:
     """Bare name -> file of every config shipped with mmser, sorted by name."""
-    return {p.stem: p for p in sorted(PACKAGED_CONFIGS.glob("*.yaml"))}
+    # sweep_*.yaml are W&B sweep definitions (`wandb sweep`), not mmser configs
+    return {p.stem: p for p in sorted(PACKAGED_CONFIGS.glob("*.yaml")) if not p.name.startswith("sweep_")}
 
 
 def resolve_config_path(name: str | Path) -> Path:
@@ -668,7 +674,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 # Fields that may differ between invocations of the same experiment without changing its results.
-VOLATILE_FIELDS = {("tracking", "wandb"), ("trainer", "enable_progress_bar"), ("data", "num_workers"),
+VOLATILE_FIELDS = {("tracking", "wandb"), ("tracking", "artifacts"), ("trainer", "enable_progress_bar"),
+                   ("data", "num_workers"),
                    # speed switches: the same computation (float rounding aside)
                    ("encoder", "attn_implementation"), ("trainer", "compile"), ("trainer", "peak_tflops")}
 

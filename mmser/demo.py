@@ -106,7 +106,7 @@ def run_demo(out: Path, seeds: int = 1, per_class: int = DEFAULT_PER_CLASS, wand
     from mmser.data.iemocap import prepare_iemocap
     from mmser.data.manifest import fold_table, load_manifest
     from mmser.data.synth import synthesize
-    from mmser.report import collect, comparison_markdown, plot_comparison, write_summary
+    from mmser.report import collect, comparison_markdown, plot_comparison, plot_confusions, write_summary
     from mmser.text.transcribe import transcribe_manifest
     from mmser.training.cv import run_cv
 
@@ -183,8 +183,9 @@ def run_demo(out: Path, seeds: int = 1, per_class: int = DEFAULT_PER_CLASS, wand
     if failed:
         notes.append("FAILED runs: " + "; ".join(failed))
     md = write_summary(results, out, command=f"mmser demo --out {out} --seeds {seeds}", stem="comparison",
-                       notes=notes)
+                       notes=notes, pairs=fusion_vs_best_single(results))
     plot_comparison(results, out / "comparison_ua.png")
+    plot_confusions(results, out)
     _say("\n" + md)
     _say("Stage times: " + ", ".join(f"{k}: {v:.0f} s" for k, v in timings))
     _say(f"Total {time.time() - t_start:.0f} s. Tables: {out / 'comparison.md'} (+ .csv, comparison_ua.png); "
@@ -193,6 +194,17 @@ def run_demo(out: Path, seeds: int = 1, per_class: int = DEFAULT_PER_CLASS, wand
     if failed:
         raise RuntimeError(f"{len(failed)} demo run(s) failed: {failed[:3]}")
     return out / "comparison.md"
+
+
+def fusion_vs_best_single(results) -> list[tuple[str, str]]:
+    """(best single modality, fusion experiment) pairs for the paired tests: the audio-only or
+    text-only experiment with the highest UA (mean of session means) against each fusion one."""
+    single = [(r.table()["average"], r.name) for r in results
+              if not r.name.startswith("fusion") and r.table() is not None]
+    if not single:
+        return []
+    best = max(single)[1]
+    return [(best, r.name) for r in results if r.name.startswith("fusion") and r.table() is not None]
 
 
 def show_predictions(out: Path, records: list[dict], asr_file: Path, n: int = 3) -> list[str]:

@@ -5,6 +5,10 @@ An experiment folder holds one run folder per (test session, seed), each with a 
 (written last by `run_one`, so its presence means the run is complete). Nothing here trains. A
 session is any fold id: IEMOCAP's 1..5 (columns S1..S5), or a named fold such as a predefined
 split's test set (column `test`); the chance line of the plot is 1 / the number of classes.
+An experiment can also come from W&B (`wandb:ENTITY/PROJECT/GROUP`, read through
+mmser.tracking, the only module that imports wandb). Beside Table 11: paired tests between
+experiments over their shared (session, seed) runs (mmser.stats), per-class recall and row-normalised
+confusion matrices summed over folds and seeds.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from mmser.data.manifest import fold_label, fold_sort_key
 from mmser.io import atomic_write_text
@@ -41,7 +47,11 @@ class ExperimentResult:
     scores: dict[tuple[str, str], dict[int | str, list[float]]] = field(default_factory=dict)
     seeds: dict[int | str, list[int]] = field(default_factory=dict)
     runs: int = 0
-    classes: list[str] | None = None  # the runs' class names (None when they disagree or none ran)
+    # {(section, metric): {(session, seed): value}}: what the paired tests pair
+    values: dict[tuple[str, str], dict[tuple[int | str, int], float]] = field(default_factory=dict)
+    # test confusion matrix summed over every run (rows = true class), and its class names
+    confusion: np.ndarray | None = None
+    classes: list[str] | None = None  # the runs' class names (runs that disagree are an error)
 
     def table(self, section: str = "test", metric: str = "ua") -> dict | None:
         s = self.scores.get((section, metric))
@@ -54,27 +64,78 @@ def collect(folder: str | Path, name: str | None = None) -> ExperimentResult:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such experiment folder")
     res = ExperimentResult(name=name or folder.name, folder=folder)
-    class_sets = set()
     for mfile in sorted(folder.glob("*/metrics.json")):
         try:
             m = json.loads(mfile.read_text())
-            session, seed = m["test_session"], int(m["seed"])
-            if not isinstance(session, str):
-                session = int(session)
+            add_run(res, m)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{mfile}: not a valid metrics file ({e})") from None
-        classes = m.get("classes") or (m.get("test") or {}).get("classes")
-        if classes:
-            class_sets.add(tuple(classes))
-        res.runs += 1
-        res.seeds.setdefault(session, []).append(seed)
-        for section, metric, _ in METRICS:
-            value = (m.get(section) or {}).get(metric)
-            if value is not None:
-                res.scores.setdefault((section, metric), {}).setdefault(session, []).append(float(value))
-    if len(class_sets) == 1:
-        res.classes = list(next(iter(class_sets)))
     return res
+
+
+def add_run(res: ExperimentResult, m: dict) -> None:
+    """Add one run's metrics (metrics.json's form: test_session, seed, test{ua, wa, macro_f1,
+    confusion, classes}, test_improvised{...}) to `res`."""
+    session, seed = m["test_session"], int(m["seed"])
+    if not isinstance(session, str):  # IEMOCAP's sessions are ints; a named fold ("test1") stays a str
+        session = int(session)
+    res.runs += 1
+    res.seeds.setdefault(session, []).append(seed)
+    for section, metric, _ in METRICS:
+        value = (m.get(section) or {}).get(metric)
+        if value is not None:
+            res.scores.setdefault((section, metric), {}).setdefault(session, []).append(float(value))
+            res.values.setdefault((section, metric), {})[(session, seed)] = float(value)
+    test = m.get("test") or {}
+    named = m.get("classes") or test.get("classes")
+    if named:
+        if res.classes is not None and list(named) != res.classes:
+            raise ValueError(f"classes {list(named)} differ from the experiment's other runs ({res.classes})")
+        res.classes = list(named)
+    if test.get("confusion") is not None:
+        cm = np.asarray(test["confusion"], dtype=np.int64)
+        classes = list(test.get("classes") or named or [str(i) for i in range(len(cm))])
+        if res.confusion is None:
+            res.confusion, res.classes = cm, classes
+        elif classes != res.classes or cm.shape != res.confusion.shape:
+            raise ValueError(f"classes {classes} differ from the experiment's other runs ({res.classes})")
+        else:
+            res.confusion = res.confusion + cm
+
+
+WANDB_PREFIX = "wandb:"
+
+
+def collect_sources(sources: list[str], api=None) -> tuple[list[ExperimentResult], list[str]]:
+    """Experiments from local folders and W&B sources, in the order given; and a note per W&B source
+    that could not be read (offline, no login, no network: `mmser compare` goes on without it).
+
+    A W&B source is `wandb:ENTITY/PROJECT/GROUP` (every finished run of that group, i.e. experiment)
+    or `wandb:ENTITY/PROJECT/runs/ID[,ID...]` (those runs, one experiment per config `experiment`);
+    `api` is a wandb.Api-like object (tests pass a fake)."""
+    results: list[ExperimentResult] = []
+    skipped: list[str] = []
+    for source in sources:
+        if not str(source).startswith(WANDB_PREFIX):
+            results.append(collect(source))
+            continue
+        from mmser import tracking  # imports Lightning and wandb: only for W&B sources
+
+        try:
+            runs = tracking.fetch_wandb_runs(str(source)[len(WANDB_PREFIX):], api=api)
+        except tracking.WandbUnavailable as e:
+            log.warning("%s", e)
+            skipped.append(str(e))
+            continue
+        by_experiment: dict[str, ExperimentResult] = {}
+        for m in runs:
+            name = str(m.get("experiment") or source)
+            res = by_experiment.setdefault(name, ExperimentResult(name=name, folder=Path(str(source))))
+            add_run(res, m)
+        if not by_experiment:
+            skipped.append(f"{source}: no finished runs with test metrics")
+        results += list(by_experiment.values())
+    return results, skipped
 
 
 def _pct(x: float) -> str:
@@ -143,8 +204,12 @@ def comparison_markdown(results: list[ExperimentResult]) -> str:
 
 
 def write_summary(results: list[ExperimentResult], out_dir: Path, command: str | None = None,
-                  stem: str = "summary", notes: list[str] | None = None) -> str:
-    """Write STEM.md (tables + the command that produced them) and STEM.csv; return the Markdown."""
+                  stem: str = "summary", notes: list[str] | None = None,
+                  pairs: list[tuple[str, str]] | None = None) -> str:
+    """Write STEM.md (tables + the command that produced them) and STEM.csv; return the Markdown.
+
+    With two or more experiments, STEM.md also has the paired tests (`pairs`: (A, B) experiment
+    names; default every pair) and STEM_paired.csv their numbers."""
     parts = []
     if command:
         parts += ["Produced by:", "", "```", command, "```", ""]
@@ -154,10 +219,131 @@ def write_summary(results: list[ExperimentResult], out_dir: Path, command: str |
                                "seeds, ddof 0; avg = mean of session means)"), ""]
     parts += [table11_markdown(results, "test_improvised", "ua", "UA % on improvised dialogs only"), ""]
     parts += [comparison_markdown(results)]
+    if any(r.confusion is not None for r in results):
+        parts += ["", per_class_markdown(results)]
+    tests = paired_tests(results, pairs) if len(results) >= 2 else []
+    if tests:
+        parts += ["", paired_markdown(tests)]
+        atomic_write_text(out_dir / f"{stem}_paired.csv", rows_to_csv(paired_rows(tests)))
     md = "\n".join(parts) + "\n"
     atomic_write_text(out_dir / f"{stem}.md", md)
     atomic_write_text(out_dir / f"{stem}.csv", rows_to_csv(summary_rows(results)))
     return md
+
+
+# -- per-class recall and confusion matrices ---------------------------------------------------------
+
+
+def normalised_confusion(cm: np.ndarray) -> np.ndarray:
+    """Rows divided by their sums (row i = how true class i was predicted; its diagonal entry is the
+    recall of class i); an empty row stays 0."""
+    cm = np.asarray(cm, dtype=float)
+    support = cm.sum(axis=1, keepdims=True)
+    return np.divide(cm, support, out=np.zeros_like(cm), where=support > 0)
+
+
+def per_class_markdown(results: list[ExperimentResult]) -> str:
+    """Recall % of each class from the confusion matrix summed over every fold and seed (so a class
+    counts each of its test utterances once per seed), and the UA of that summed matrix."""
+    with_cm = [r for r in results if r.confusion is not None]
+    classes = list(dict.fromkeys(c for r in with_cm for c in r.classes or []))
+    lines = ["**Per-class recall % (confusion matrix summed over folds and seeds)**", "",
+             "| experiment | " + " | ".join(classes) + " | UA of the summed matrix | utterances |",
+             "|---|" + "---|" * (len(classes) + 2)]
+    for r in with_cm:
+        recall = np.diag(normalised_confusion(r.confusion))
+        support = r.confusion.sum(axis=1)
+        by_class = {c: (recall[i] if support[i] else None) for i, c in enumerate(r.classes or [])}
+        cells = [_pct(by_class[c]) if by_class.get(c) is not None else "–" for c in classes]
+        present = [v for v in by_class.values() if v is not None]
+        ua = _pct(float(np.mean(present))) if present else "–"
+        lines.append(f"| {r.name} | " + " | ".join(cells) + f" | {ua} | {int(r.confusion.sum())} |")
+    return "\n".join(lines)
+
+
+def plot_confusion(result: ExperimentResult, path: Path) -> Path | None:
+    """Row-normalised confusion matrix (summed over folds and seeds) as a PNG: % per cell, counts below."""
+    if result.confusion is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    norm = normalised_confusion(result.confusion)
+    classes = result.classes or [str(i) for i in range(len(norm))]
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(1.1 * k + 2.2, 1.0 * k + 1.6))
+    ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{100 * norm[i, j]:.0f}%\n({int(result.confusion[i, j])})", ha="center", va="center",
+                    fontsize=8, color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{result.name}: {result.runs} runs, rows normalised", fontsize=9)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def plot_confusions(results: list[ExperimentResult], out_dir: Path, prefix: str = "confusion_") -> list[Path]:
+    """One `prefix`EXPERIMENT.png per experiment that has confusion matrices."""
+    paths = [plot_confusion(r, out_dir / f"{prefix}{_file_part(r.name)}.png") for r in results]
+    return [p for p in paths if p is not None]
+
+
+def _file_part(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+# -- paired tests ----------------------------------------------------------------------------------
+
+
+def paired_tests(results: list[ExperimentResult], pairs: list[tuple[str, str]] | None = None,
+                 section: str = "test", metric: str = "ua", n_boot: int = 10000, seed: int = 0) -> list:
+    """mmser.stats.paired_test for each (A, B) pair of experiment names (default: every pair, in the
+    given order, B after A), over the (session, seed) runs both have."""
+    from mmser.stats import paired_test
+
+    by_name = {r.name: r for r in results}
+    if pairs is None:
+        pairs = [(a.name, b.name) for i, a in enumerate(results) for b in results[i + 1:]]
+    unknown = [n for pair in pairs for n in pair if n not in by_name]
+    if unknown:
+        raise ValueError(f"paired test: no experiment named {', '.join(map(repr, unknown))} "
+                         f"(have: {', '.join(by_name)})")
+    return [paired_test(by_name[a].values.get((section, metric), {}), by_name[b].values.get((section, metric), {}),
+                        name_a=a, name_b=b, n_boot=n_boot, seed=seed) for a, b in pairs]
+
+
+def _pp(x: float | None, signed: bool = False) -> str:
+    return "–" if x is None else f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
+
+
+def paired_markdown(tests: list) -> str:
+    lines = ["**Paired tests, UA (B − A) over the (session, seed) runs both experiments have**: mean "
+             "difference in points, paired bootstrap 95% CI (10,000 resamples of the pairs, seed 0), "
+             "two-sided Wilcoxon signed-rank p (exact up to 50 pairs without ties), seed noise σ = "
+             "sqrt(mean over (experiment, session) of the variance over seeds, ddof 1); \"within seed "
+             "noise\" = |mean difference| < σ; \"better\" = p < 0.05 and a CI without 0 (mmser/stats.py).",
+             "", "| A | B | pairs | mean ΔUA | 95% CI | Wilcoxon p | seed noise σ | within seed noise | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for t in tests:
+        ci = f"[{_pp(t.ci_low, True)}, {_pp(t.ci_high, True)}]" if t.ci_low is not None else "–"
+        p = "–" if t.p_value is None else f"{t.p_value:.3g}"
+        within = "–" if t.within_noise is None else "yes" if t.within_noise else "no"
+        lines.append(f"| {t.a} | {t.b} | {t.n_pairs} | {_pp(t.mean_diff, True)} | {ci} | {p} | "
+                     f"{_pp(t.seed_noise)} | {within} | {t.verdict} |")
+    return "\n".join(lines)
+
+
+def paired_rows(tests: list) -> list[dict]:
+    return [{"a": t.a, "b": t.b, "pairs": t.n_pairs, "mean_diff": t.mean_diff, "ci_low": t.ci_low,
+             "ci_high": t.ci_high, "wilcoxon_p": t.p_value, "seed_noise": t.seed_noise,
+             "within_seed_noise": t.within_noise, "verdict": t.verdict}
+            for t in tests]
 
 
 def plot_comparison(results: list[ExperimentResult], path: Path, section: str = "test",
@@ -167,7 +353,6 @@ def plot_comparison(results: list[ExperimentResult], path: Path, section: str = 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     tables = [(r.name, r.table(section, metric)) for r in results]
     tables = [(n, t) for n, t in tables if t]
@@ -189,6 +374,13 @@ def plot_comparison(results: list[ExperimentResult], path: Path, section: str = 
         ax.axhline(100 / n_classes.pop(), color="grey", lw=0.8, ls="--")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Path) -> Path:
+    """Save a matplotlib figure atomically (PNG by the suffix) and close it."""
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
     # a temp name of this process's own: two `mmser cv` on one folder may both write the plot
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)

@@ -11,8 +11,11 @@ set. Selection (finetune.test_checkpoint=best_val) only ever looks at the valida
                                pretrain/{name}/ for a named fold)
       s{k}-seed{n}/            one run folder each (see mmser.training.run; {name}-seed{n} for a
                                named fold)
-      summary.md, summary.csv  Table 11 form, with the command that produced them
+      summary.md, summary.csv  Table 11 form, with the command that produced them, and per-class recall
       summary_ua.png           per-session bars
+      summary_confusion.png    test confusion matrix summed over folds and seeds, rows normalised
+      cv-summary/wandb/        the experiment's W&B `cv-summary` run (unless tracking.wandb=disabled):
+                               Table 11, the summed confusion matrix and the command
       failures.json            runs that raised, with the error (the others still ran)
       inputs.json              the data (manifest sha256, ...) every run here is made from
 
@@ -40,7 +43,8 @@ import yaml
 from mmser.config import Config, check_same_config, config_diff, save_config, to_dict
 from mmser.data.manifest import FoldId, classes_for, fold_tag, load_manifest, resolve_folds
 from mmser.io import FolderHeld, atomic_write_json, atomic_write_text, check_inputs, write_inputs
-from mmser.report import collect, plot_comparison, write_summary
+from mmser.metrics import table11
+from mmser.report import METRICS, collect, plot_comparison, plot_confusion, summary_rows, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +187,10 @@ def run_cv(cfg: Config, sessions: list[FoldId] | None, seeds: list[int], out_dir
         atomic_write_json(out_dir / "failures.json", summary.failed)
     elif (out_dir / "failures.json").exists():
         (out_dir / "failures.json").unlink()
+    # the W&B cv-summary run: when this call finished runs, or there is none yet
+    track = bool(summary.completed) or not (out_dir / "cv-summary" / "wandb").is_dir()
     summary.markdown = summarize(out_dir, command=command, name=cfg.experiment,
-                                 failed=summary.failed, held=summary.held)
+                                 failed=summary.failed, held=summary.held, cfg=cfg if track else None)
     return summary
 
 
@@ -193,8 +199,9 @@ def _failure(session: FoldId, seed: int, stage: str, e: BaseException) -> dict:
 
 
 def summarize(out_dir: Path, command: str | None = None, name: str | None = None,
-              failed: list[dict] | None = None, held: list[dict] | None = None) -> str:
-    """(Re)write summary.md / summary.csv / summary_ua.png from the complete runs in out_dir."""
+              failed: list[dict] | None = None, held: list[dict] | None = None, cfg: Config | None = None) -> str:
+    """(Re)write summary.md / summary.csv / summary_ua.png / summary_confusion.png from the complete
+    runs in out_dir; with `cfg` (and W&B on), also the experiment's W&B cv-summary run."""
     res = collect(out_dir, name=name)
     notes = []
     if failed:
@@ -205,9 +212,42 @@ def summarize(out_dir: Path, command: str | None = None, name: str | None = None
                      "process writes them): " + ", ".join(f"{fold_tag(h['session'])}-seed{h['seed']} ({h['stage']}, "
                                                           f"{h['holder']})" for h in held))
     md = write_summary([res], out_dir, command=command, notes=notes)
-    plot_comparison([res], out_dir / "summary_ua.png")
+    images = {"ua_per_session": plot_comparison([res], out_dir / "summary_ua.png"),
+              "confusion_normalised": plot_confusion(res, out_dir / "summary_confusion.png")}
+    if cfg is not None and res.runs:
+        log_cv_summary(cfg, out_dir, res, {k: v for k, v in images.items() if v is not None}, command)
     _cards_with_cross_validation(out_dir, res, command)
     return md
+
+
+def log_cv_summary(cfg: Config, out_dir: Path, res, images: dict[str, Path], command: str | None) -> bool:
+    """The experiment's W&B cv-summary run: Table 11 (every metric, per session and averaged) as a
+    table, per-session mean / std and the averages in its summary (`cv/test/ua/s1/mean`,
+    `cv/test/ua/avg`, ...), the summed confusion matrix, the plots and the command."""
+    from mmser import tracking  # Lightning + wandb: imported only when there is something to log
+
+    rows = summary_rows([res])
+    columns = ["experiment", "metric", "session", "mean", "std", "n_seeds"]
+    values: dict = {"cv/runs": res.runs}
+    for section, metric, _ in METRICS:
+        scores = res.scores.get((section, metric))
+        if not scores:
+            continue
+        t = table11(scores)
+        key = f"cv/{section}/{metric}"
+        for s, st in t["sessions"].items():
+            tag = fold_tag(s)  # s1 ... s5, or a named fold's name
+            values.update({f"{key}/{tag}/mean": st["mean"], f"{key}/{tag}/std": st["std"], f"{key}/{tag}/n": st["n"]})
+        values.update({f"{key}/avg": t["average"], f"{key}/std_of_session_means": t["std_of_session_means"],
+                       f"{key}/std_all_runs": t["std_all_runs"]})
+    confusion = res.confusion.tolist() if res.confusion is not None else None
+    if confusion is not None:
+        values["cv/test/confusion"] = confusion
+    return tracking.log_cv_summary(cfg, out_dir, table_columns=columns,
+                                   table_rows=[[r["experiment"], r["metric"], str(r["session"]), r["mean"], r["std"],
+                                                r["n_seeds"] if r["n_seeds"] != "" else None] for r in rows],
+                                   summary=values,
+                                   confusion=confusion, classes=res.classes, images=images, command=command)
 
 
 def _cards_with_cross_validation(out_dir: Path, res, command: str | None) -> None:

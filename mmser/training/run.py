@@ -82,8 +82,30 @@ def run_name(session: FoldId, seed: int) -> str:
 
 
 def default_run_dir(cfg: Config, session: FoldId, seed: int) -> Path:
-    """output_dir/experiment/s{session}-seed{seed} (a named fold: output_dir/experiment/{name}-seed{seed})."""
+    """output_dir/experiment/s{session}-seed{seed} (a named fold: output_dir/experiment/{name}-seed{seed});
+    in a W&B sweep trial (`wandb agent` sets WANDB_SWEEP_ID and WANDB_RUN_ID)
+    output_dir/experiment/sweep-{sweep id}/{run id}: one folder per trial, and the same trial started
+    again by the agent (same run id) resumes its own folder."""
+    trial = tracking.sweep_trial()
+    if trial is not None:
+        return Path(cfg.output_dir) / cfg.experiment / f"sweep-{trial[0]}" / trial[1]
     return Path(cfg.output_dir) / cfg.experiment / run_name(session, seed)
+
+
+def run_inputs(cfg: Config, test_session: int, seed: int) -> list[tuple[str, str]]:
+    """The W&B artifacts (name, type) a run starts from: the fold's TAPT / P-TAPT encoder, or the
+    fine-tuned audio model of `fusion.audio_runs` that a fusion run starts from."""
+    inputs = []
+    if cfg.task != "text" and cfg.pretrain != "none" and not (cfg.task == "fusion" and cfg.fusion.audio_runs):
+        inputs.append((tracking.encoder_artifact(cfg.experiment, cfg.pretrain, test_session), "encoder"))
+    if cfg.task == "fusion" and cfg.fusion.audio_runs:
+        run = Path(cfg.fusion.audio_runs) / f"s{test_session}-seed{seed}"
+        try:
+            audio_experiment = read_json(run / "metrics.json").get("experiment") or Path(cfg.fusion.audio_runs).name
+        except (OSError, ValueError):
+            audio_experiment = Path(cfg.fusion.audio_runs).name
+        inputs.append((tracking.model_artifact(audio_experiment, test_session, seed), "model"))
+    return inputs
 
 
 def resolve_precision(trainer_cfg: TrainerConfig) -> str:
@@ -453,8 +475,15 @@ def _train(cfg: Config, fold: Fold, test_session: FoldId, seed: int, run_dir: Pa
     ckpt_dir = run_dir / "checkpoints"
     resume = ckpt_dir / "last.ckpt"
     name = f"{cfg.experiment}-{run_name(test_session, seed)}"
+    side = text_side(cfg)
+    asr = (side or {}).get("asr") or {}
+    identity = tracking.run_identity(cfg, test_session, seed, stage=job_type,
+                                     text_source=f"{asr.get('backend')}:{asr.get('model')}" if asr else None)
+    trial = tracking.sweep_trial()  # a sweep trial's own folder is logged under the agent's run id
+    wandb_id = trial[1] if trial and run_dir.resolve() == default_run_dir(cfg, test_session, seed).resolve() else None
     loggers = tracking.make_loggers(cfg, run_dir, name=name, group=cfg.experiment, job_type=job_type,
-                                    resume_step=checkpoint_step(resume) if resume.is_file() else None)
+                                    resume_step=checkpoint_step(resume) if resume.is_file() else None,
+                                    identity=identity, run_id=wandb_id, inputs=run_inputs(cfg, test_session, seed))
     # checkpoints/last.ckpt, overwritten at the end of every epoch (monitor=None + top_k=1 keeps
     # only the newest). Not save_last: with save_top_k=0 Lightning writes it only when training ends.
     last_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
@@ -533,6 +562,13 @@ def _train(cfg: Config, fold: Fold, test_session: FoldId, seed: int, run_dir: Pa
             save_model(module.model, cfg, run_dir / "model", metrics, classes=classes, corpus=corpus)
             check_saved_model(module.model, run_dir / "model", next(iter(dm.test_dataloader())))
             tracking.log_final(loggers, metrics, [r["true"] for r in rows], [r["pred"] for r in rows], classes)
+            tracking.log_artifact(loggers, cfg, tracking.predictions_artifact(cfg.experiment, test_session, seed),
+                                  "predictions", run_dir / "predictions.csv", large=False,
+                                  metadata={"test_session": test_session, "seed": seed})
+            tracking.log_artifact(loggers, cfg, tracking.model_artifact(cfg.experiment, test_session, seed), "model",
+                                  run_dir / "model", large=True,
+                                  metadata={"test_session": test_session, "seed": seed, "method": identity["method"],
+                                            "test_ua": metrics["test"]["ua"]})
             atomic_write_json(metrics_path, metrics)  # last: marks the run complete
             if not cfg.finetune.keep_checkpoints:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)  # only needed to resume an unfinished run

@@ -325,7 +325,8 @@ def _train_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int, fp: str) -> P
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
     loggers = tracking.make_loggers(cfg, out_dir, name=f"{cfg.experiment}-tapt-{fold_tag(fold.test_session)}",
-                                    group=cfg.experiment, job_type="tapt")
+                                    group=cfg.experiment, job_type="tapt",
+                                    identity=tracking.run_identity(cfg, fold.test_session, stage="tapt"))
     ckpt_dir = out_dir / "checkpoints"
     last_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
                               every_n_train_steps=max(1, min(500, tc.total_steps // 4)),
@@ -356,6 +357,9 @@ def _train_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int, fp: str) -> P
                 "perf": {**throughput_monitor(trainer).summary(), **speed}})
             if not cfg.finetune.keep_checkpoints:  # full model + Adam state: ~1 GB per fold at base size
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
+            tracking.log_artifact(loggers, cfg, tracking.encoder_artifact(cfg.experiment, "tapt", fold.test_session),
+                                  "encoder", encoder_dir, large=True,
+                                  metadata={"stage": "tapt", "test_session": fold.test_session, "fingerprint": fp})
         trainer.strategy.barrier()  # other ranks return the folder only once rank 0 has written it
         exit_code = 0
     finally:

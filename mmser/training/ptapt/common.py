@@ -24,9 +24,10 @@ def check_no_test_session(records: Sequence[dict], fold: Fold, stage: str) -> No
 
 
 def stage_trainer(cfg: Config, stage_dir: Path, max_steps: int, callbacks: list, name: str, job_type: str,
-                  validate: bool, **extra) -> tuple[pl.Trainer, list]:
+                  validate: bool, test_session: int | None = None, **extra) -> tuple[pl.Trainer, list]:
     """A step-bounded trainer writing under `stage_dir`, and its loggers (finish them after fit)."""
-    loggers = tracking.make_loggers(cfg, stage_dir, name=name, group=cfg.experiment, job_type=job_type)
+    loggers = tracking.make_loggers(cfg, stage_dir, name=name, group=cfg.experiment, job_type=job_type,
+                                    identity=tracking.run_identity(cfg, test_session, stage=job_type))
     trainer = make_trainer(cfg, max_steps=max_steps, max_epochs=-1, logger=loggers,
                            callbacks=callbacks, default_root_dir=str(stage_dir),
                            limit_val_batches=None if validate else 0, **extra)

@@ -134,6 +134,7 @@ def train_frame_model(cfg: Config, fold: Fold, stage_dir: Path, fp: str) -> Fram
     # a few epochs, so that a best checkpoint always exists.
     every = min(len(train_sampler), max(1, pc.frame_steps // 4))
     trainer, loggers = stage_trainer(cfg, stage_dir, pc.frame_steps, [best_cb], name, "ptapt-frame", validate=True,
+                                     test_session=fold.test_session,
                                      val_check_interval=every, check_val_every_n_epoch=None)
     resume = ckpt_dir / "last.ckpt"
     try:

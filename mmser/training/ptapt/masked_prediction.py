@@ -276,21 +276,26 @@ def train_encoder(cfg: Config, fold: Fold, labels_dir: Path, work_dir: Path, enc
     last_cb = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                               every_n_train_steps=max(1, min(1000, pc.total_steps)))
     name = f"{cfg.experiment}-ptapt-{fold_tag(fold.test_session)}"
-    trainer, loggers = stage_trainer(cfg, work_dir, pc.total_steps, [last_cb], name, "ptapt", validate=False)
+    trainer, loggers = stage_trainer(cfg, work_dir, pc.total_steps, [last_cb], name, "ptapt", validate=False,
+                                     test_session=fold.test_session)
     resume = ckpt_dir / "last.ckpt"
     try:
         trainer.fit(module, loader, ckpt_path=str(resume) if resume.is_file() else None)
+        if trainer.global_rank == 0:
+            # Save the encoder (heads dropped) into a temporary folder, then rename it into place.
+            if enc_dir.exists():
+                shutil.rmtree(enc_dir)  # an incomplete folder (no DONE.json) of an earlier attempt
+            tmp = Path(tempfile.mkdtemp(prefix=f".{enc_dir.name}.", dir=enc_dir.parent))
+            encoder.save_pretrained(str(tmp))
+            mark_stage_done(tmp, fp, {"seconds": round(time.perf_counter() - t0, 3),
+                                      "steps": int(trainer.global_step), "n_utterances": len(keep),
+                                      "cluster_sizes": meta["cluster_sizes"], "world_size": int(trainer.world_size),
+                                      "perf": {**throughput_monitor(trainer).summary(), **speed}})
+            os.replace(tmp, enc_dir)
+            # the encoder as an artifact of this stage's W&B run (fine-tuning runs declare it as input)
+            tracking.log_artifact(loggers, cfg, tracking.encoder_artifact(cfg.experiment, "ptapt", fold.test_session),
+                                  "encoder", enc_dir, large=True,
+                                  metadata={"stage": "ptapt", "test_session": fold.test_session, "fingerprint": fp})
     finally:
         tracking.finish(loggers)
-    if trainer.global_rank == 0:
-        # Save the encoder (heads dropped) into a temporary folder, then rename it into place.
-        if enc_dir.exists():
-            shutil.rmtree(enc_dir)  # an incomplete folder (no DONE.json) of an earlier attempt
-        tmp = Path(tempfile.mkdtemp(prefix=f".{enc_dir.name}.", dir=enc_dir.parent))
-        encoder.save_pretrained(str(tmp))
-        mark_stage_done(tmp, fp, {"seconds": round(time.perf_counter() - t0, 3),
-                                  "steps": int(trainer.global_step), "n_utterances": len(keep),
-                                  "cluster_sizes": meta["cluster_sizes"], "world_size": int(trainer.world_size),
-                                  "perf": {**throughput_monitor(trainer).summary(), **speed}})
-        os.replace(tmp, enc_dir)
     trainer.strategy.barrier()  # other ranks go on only once rank 0 has written the folder
