@@ -1,4 +1,4 @@
-"""IEMOCAP-like utterance durations, shared by the benchmarks and experiments/bench_padding.py.
+"""IEMOCAP-like utterance durations, shared by the benchmarks and benchmarks/padding.py.
 
 A log-normal fitted to the corpus facts in ../shared/IEMOCAP.md: 5,531 utterances, median 3.6 s,
 mean 4.6 s -> mu = ln 3.6, sigma = sqrt(2 ln(4.6/3.6)) = 0.70, clipped to [0.6, 34] s. This gives

@@ -173,6 +173,12 @@ class EncoderConfig:
     # advice, only for layer-norm feature extractors (group-norm models such as wav2vec2-base then
     # attend to padded frames). Pooling and SpecAugment use the valid frames either way.
     attention_mask: Literal["auto", "always", "never"] = "always"
+    # Attention kernel of the transformer (transformers' attn_implementation): "sdpa" = PyTorch's
+    # scaled_dot_product_attention (fused / flash kernels on GPU; transformers 5's own default), "eager"
+    # = the explicit softmax(QK^T)V of the reference's transformers 4.10. Same function, float rounding
+    # aside. "auto" = sdpa where the model has it (wav2vec2, HuBERT), else eager (WavLM); "sdpa" on a
+    # model without it is an error. V-FT, TAPT, P-TAPT step (c), fusion (mmser.perf).
+    attn_implementation: Literal["auto", "sdpa", "eager"] = "auto"
     # SpecAugment during fine-tuning (PAPER.md V-FT).
     # How many time-mask spans an utterance gets (mmser.models.wav2vec2.compute_time_mask):
     # "expected" = the reference's masked fraction (7.9% of valid frames on IEMOCAP-like durations:
@@ -215,6 +221,12 @@ class TrainerConfig:
     gradient_clip_val: float | None = ranged(None, "> 0")
     # None: Lightning's bar when stderr is a terminal, else one log line per epoch (EpochLog).
     enable_progress_bar: bool | None = None
+    # torch.compile each transformer layer of the audio encoder (dynamic shapes; state-dict keys
+    # unchanged). Off by default: the first steps pay the compilation, and on CPU it needs a C++ compiler.
+    compile: bool = False
+    # Peak TFLOP/s of one device for the MFU in metrics.json; None = mmser.perf.PEAK_TFLOPS by GPU name
+    # (MFU null on a CPU or an unknown GPU).
+    peak_tflops: float | None = ranged(None, "> 0")
 
 
 @dataclass
@@ -688,7 +700,9 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 # Fields that may differ between invocations of the same experiment without changing its results.
 VOLATILE_FIELDS = {("tracking", "wandb"), ("tracking", "artifacts"), ("trainer", "enable_progress_bar"),
-                   ("data", "num_workers")}
+                   ("data", "num_workers"),
+                   # speed switches: the same computation (float rounding aside)
+                   ("encoder", "attn_implementation"), ("trainer", "compile"), ("trainer", "peak_tflops")}
 
 
 def config_diff(old: dict, new: dict) -> list[str]:

@@ -18,3 +18,31 @@ def test_masking_benchmark_smoke(tmp_path: Path, capsys) -> None:
     assert printed == result == json.loads(out.read_text())
     for key in ("reference_vft", "mmser_vft", "reference_tapt", "mmser_tapt"):
         assert 0.0 < result[key] < 1.0, (key, result[key])
+
+
+def test_gpu_smoke_script_runs_green_in_tiny_mode(tmp_path: Path) -> None:
+    """benchmarks/gpu.sh end to end on the CPU (tiny shapes): every stage runs, nothing fails, and the
+    JSON holds the figures the GPU run reports (seconds, audio s/s, MFU field, peak memory field)."""
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(repo / "benchmarks" / "gpu.sh"), "--tiny", "--out", str(out),
+                           "--workdir", str(tmp_path / "work")], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["mode"] == "tiny" and result["failures"] == []
+    vft = result["vft"]
+    assert vft["seconds_per_epoch"] > 0 and vft["audio_s_per_s"] > 0 and vft["attention"] == "sdpa"
+    assert "mfu" in vft and "peak_memory_gb" in vft
+    assert result["tapt"]["steps"] == 3 and result["tapt"]["audio_s_per_s"] > 0
+    ptapt = result["ptapt"]
+    assert ptapt["a_steps"] == 3 and ptapt["c_steps"] == 3 and set(ptapt["b_kmeans_seconds"]) == {"4", "8"}
+    assert result["kmeans"]["k"] == 16 and result["kmeans"]["seconds"] > 0
+    big = result["batch64x10s"]
+    assert big["batch"] == 4 and len(big["step_seconds"]) == 3 and big["gradient_checkpointing"] is False
+    assert "skipped" in result["ddp"] or result["ddp"]["world_size"] == 2
+    assert "| vft |" in proc.stdout

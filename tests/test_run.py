@@ -183,6 +183,21 @@ def test_ddp_on_two_cpu_processes_via_the_cli(tmp_path, toy_manifest):
     assert m["test"]["n"] == 16  # gathered from both ranks, no duplicates
     assert m["train_steps"] == 2 * 64 // 8 // 2  # each rank ran half of every epoch's batches
     assert len(_read_predictions(run_dir / "predictions.csv")) == 16
+    # the gathered test predictions are those of one process evaluating the saved model alone
+    import numpy as np
+
+    from mmser.data.dataset import read_audio
+
+    model = load_model(run_dir / "model")
+    records = {r["id"]: r for r in load_manifest(toy_manifest)}
+    with open(run_dir / "predictions.csv") as f:
+        for row in csv.DictReader(f):
+            wav = torch.from_numpy(np.asarray(read_audio(records[row["id"]]["path"], 16000)))[None]
+            with torch.no_grad():
+                probs = torch.softmax(model({"audio": wav, "audio_mask": torch.ones_like(wav, dtype=torch.bool)}),
+                                      -1)[0]
+            assert [float(row[f"prob_{c}"]) for c in CLASSES] == pytest.approx(probs.tolist(), abs=1e-4)
+    assert m["perf"]["epochs"] and m["perf"]["epochs"][-1]["steps"] == 4
 
 
 def test_a_run_dir_of_another_config_is_never_reused_or_resumed(tmp_path, toy_manifest):

@@ -41,7 +41,8 @@ class SERDataModule(pl.LightningDataModule):
     """Train / val / test loaders of one fold (mmser.data.manifest.split_fold).
 
     Training: first `train_crop_s` seconds, shuffled length buckets (seeded, new order each
-    epoch), fixed `batch_size` or `max_batch_seconds` of padded audio per batch.
+    epoch), fixed `batch_size` or `max_batch_seconds` of padded audio per batch (dynamic batches:
+    e.g. 640 s holds 64 x 10 s), each process (global rank, over every node) taking its own share.
     Val / test: full utterances, batches in ascending length (`eval_batch_size`).
     Class weights come from the training split only. The class index order is the fold's
     (`fold.classes`: the manifest's labels or data.classes; IEMOCAP's CLASSES for a bare Fold).
@@ -111,8 +112,12 @@ class SERDataModule(pl.LightningDataModule):
                         why, ids, more)
 
     def _loader(self, dataset: UtteranceDataset, sampler: BucketBatchSampler) -> DataLoader:
+        # Workers read and crop audio while the model trains; they persist across epochs (the
+        # datasets here hold no per-epoch state: the crop is the first train_crop_s seconds), and
+        # batches land in pinned memory on a CUDA machine (asynchronous host-to-device copies).
+        workers = self.cfg.num_workers
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_batch,
-                          num_workers=self.cfg.num_workers, persistent_workers=False,
+                          num_workers=workers, persistent_workers=workers > 0,
                           pin_memory=torch.cuda.is_available())
 
     def train_sampler(self) -> BucketBatchSampler:

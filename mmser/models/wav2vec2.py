@@ -9,7 +9,9 @@ fine-tuning setup applied (PAPER.md "V-FT"):
   config.json says (facebook/wav2vec2-base's holds `"gradient_checkpointing": true`, which
   transformers 5 turns on at load; the reference turned it off);
 - hub names load at a pinned revision (`encoder.revision`, "auto" = the reference's pin for
-  facebook/wav2vec2-base).
+  facebook/wav2vec2-base);
+- the attention kernel is `encoder.attn_implementation` ("sdpa" by default: PyTorch's fused
+  scaled_dot_product_attention; "eager" = the reference's explicit softmax), read back after setting.
 
 `AudioEncoder` wraps it with the batch contract's `encode(audio, audio_mask) -> (frames, frame_mask)`.
 It computes the time mask itself (`compute_time_mask`) and hands it to the HF model as
@@ -51,6 +53,7 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 
 from mmser.config import EncoderConfig
 from mmser.io import looks_like_path
+from mmser.perf import set_attention_implementation
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +264,7 @@ def build_encoder(enc_cfg: EncoderConfig) -> PreTrainedModel:
         )
     apply_freezing(model, enc_cfg)
     set_gradient_checkpointing(model, enc_cfg.gradient_checkpointing)
+    set_attention_implementation(model, enc_cfg.attn_implementation)
     return model
 
 

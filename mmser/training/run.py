@@ -69,6 +69,7 @@ from mmser.models.audio_encoders import build_audio_encoder, cached_whisper_spec
 from mmser.models.heads import AudioClassifier
 from mmser.models.pretrained import MODEL_FORMAT, from_pretrained, save_pretrained  # noqa: F401 (MODEL_FORMAT re-exported)
 from mmser.models.wav2vec2 import encoder_provenance
+from mmser.perf import ThroughputMonitor, attention_implementation, compile_transformer_layers, find_hf_encoder
 from mmser.provenance import provenance
 from mmser.training.finetune import ClassifierModule
 from mmser.training.progress import EpochLog
@@ -165,8 +166,27 @@ class TrainMode(Callback):
 
 def make_trainer(cfg: Config, *, callbacks: Sequence[Callback] = (), **kwargs) -> pl.Trainer:
     """The one Trainer factory of every training stage (fine-tuning, text, fusion, TAPT, P-TAPT):
-    `trainer_kwargs(cfg)` plus `TrainMode` ahead of the stage's own callbacks."""
-    return pl.Trainer(**trainer_kwargs(cfg), callbacks=[TrainMode(), EpochLog(), *callbacks], **kwargs)
+    `trainer_kwargs(cfg)` plus `TrainMode` and a `ThroughputMonitor` (seconds, audio s/s, MFU per
+    epoch: `throughput_monitor(trainer)`) ahead of the stage's own callbacks."""
+    monitor = ThroughputMonitor(resolve_precision(cfg.trainer), cfg.data.sample_rate, cfg.trainer.peak_tflops)
+    return pl.Trainer(**trainer_kwargs(cfg), callbacks=[TrainMode(), EpochLog(), monitor, *callbacks], **kwargs)
+
+
+def throughput_monitor(trainer: pl.Trainer) -> ThroughputMonitor | None:
+    """The `ThroughputMonitor` that `make_trainer` put on `trainer`."""
+    return next((cb for cb in trainer.callbacks if isinstance(cb, ThroughputMonitor)), None)
+
+
+def apply_speed_switches(cfg: Config, model: nn.Module) -> dict:
+    """The GPU-path switches that do not change the objective, on the audio encoder inside `model`:
+    `trainer.compile` (torch.compile of each transformer layer). Returns what is in use, for
+    metrics.json: the attention kernel (set by `encoder.attn_implementation` when the encoder is
+    built) and the number of compiled layers."""
+    hf = find_hf_encoder(model)
+    if hf is None:
+        return {"attention": None, "compiled_layers": 0}
+    compiled = compile_transformer_layers(hf) if cfg.trainer.compile else 0
+    return {"attention": attention_implementation(hf), "compiled_layers": compiled}
 
 
 def resolve_strategy(trainer_cfg: TrainerConfig) -> str:
@@ -469,6 +489,7 @@ def _train(cfg: Config, fold: Fold, test_session: FoldId, seed: int, run_dir: Pa
                        audio_features=audio_features_for(cfg))
     classes = dm.classes
     model = model_factory(cfg, len(classes))
+    speed = apply_speed_switches(cfg, model)
     module = ClassifierModule(model, dm.class_weights if cfg.finetune.class_weighted_loss else None,
                               lr=cfg.finetune.lr, class_names=classes, sample_rate=cfg.data.sample_rate)
 
@@ -550,6 +571,9 @@ def _train(cfg: Config, fold: Fold, test_session: FoldId, seed: int, run_dir: Pa
             "throughput": summary["throughput"],  # training audio seconds per wall second (per process)
             "train_steps": summary["train_steps"],
             "precision": precision,
+            # per epoch: seconds, audio s/s, padding efficiency, training TFLOPs (real frames), MFU
+            # (null without a known peak: CPU, unknown GPU), peak memory; of this process (mmser.perf)
+            "perf": {**throughput_monitor(trainer).summary(), **speed},
             # the audio encoder's origin: name or folder, requested hub revision, resolved commit
             "encoder": encoder_provenance(module.model),
             "world_size": trainer.world_size,

@@ -55,7 +55,8 @@ from mmser.models.wav2vec2 import (
     set_gradient_checkpointing,
     uses_attention_mask,
 )
-from mmser.training.run import make_trainer
+from mmser.perf import set_attention_implementation
+from mmser.training.run import apply_speed_switches, make_trainer, throughput_monitor
 from mmser.training.schedule import make_scheduler
 
 log = logging.getLogger(__name__)
@@ -270,6 +271,7 @@ def build_pretraining_model(cfg: Config) -> Wav2Vec2ForPreTraining:
     for p in model.parameters():
         p.requires_grad = True
     set_gradient_checkpointing(model, enc.gradient_checkpointing)
+    set_attention_implementation(model, enc.attn_implementation)
     return model
 
 
@@ -283,7 +285,9 @@ def run_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int = 0) -> Path:
     if any(fold.is_test(r) for r in fold.train):
         raise AssertionError("TAPT: test-session audio in the training split")  # split_fold guarantees
     # Everything the encoder depends on: a finished stage made from other inputs is refused.
-    fp = fingerprint([("tapt", to_dict(tc)), ("encoder", to_dict(cfg.encoder)), ("seed", seed),
+    # (the attention kernel is a speed switch, not an input: left out, so switching it reuses the stage)
+    encoder_fp = {k: v for k, v in to_dict(cfg.encoder).items() if k != "attn_implementation"}
+    fp = fingerprint([("tapt", to_dict(tc)), ("encoder", encoder_fp), ("seed", seed),
                       ("sample_rate", cfg.data.sample_rate), ("num_buckets", cfg.data.num_buckets),
                       ("train_ids", sorted(r["id"] for r in fold.train))])
     if stage_done(out_dir, fp) and (encoder_dir / "config.json").is_file():
@@ -302,6 +306,7 @@ def _train_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int, fp: str) -> P
     tc = cfg.tapt
     pl.seed_everything(seed + 1000 * fold_seed_offset(fold.test_session), workers=True)
     model = build_pretraining_model(cfg)
+    speed = apply_speed_switches(cfg, model)
     hop = int(np.prod(model.config.conv_stride))
     min_len = min_tapt_samples(model, tc)
     sr = cfg.data.sample_rate
@@ -347,7 +352,9 @@ def _train_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int, fp: str) -> P
                 "train_sessions": sorted({r["session"] for r in records if r["session"] is not None},
                                          key=fold_sort_key),
                 "final_loss": float(trainer.callback_metrics.get("tapt/loss", float("nan"))),
-                "seconds": round(time.time() - t0, 1), "encoder": str(encoder_dir)})
+                "seconds": round(time.time() - t0, 1), "encoder": str(encoder_dir),
+                "world_size": int(trainer.world_size),
+                "perf": {**throughput_monitor(trainer).summary(), **speed}})
             if not cfg.finetune.keep_checkpoints:  # full model + Adam state: ~1 GB per fold at base size
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
             tracking.log_artifact(loggers, cfg, tracking.encoder_artifact(cfg.experiment, "tapt", fold.test_session),

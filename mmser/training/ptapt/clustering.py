@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from mmser.config import Config
 from mmser.data.dataset import read_audio
@@ -258,7 +259,10 @@ def cluster_frames(cfg: Config, fold: Fold, model: FrameEmotionModel, stage_dir:
     make_pseudo_labels(feats, pc.cluster_sizes, pc.kmeans_iters, pc.seed, stage_dir,
                        fit_fraction=pc.kmeans_fit_fraction, init=pc.kmeans_init, device=device,
                        extra_meta={"hop_samples": model.hop_samples, "feature_seconds": round(t_feat, 3)})
-    mark_stage_done(stage_dir, fp, {"seconds": round(time.perf_counter() - t0, 3), "n_utterances": len(records)})
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    mark_stage_done(stage_dir, fp, {"seconds": round(time.perf_counter() - t0, 3), "n_utterances": len(records),
+                                    "rank": rank, "world_size": world})
 
 
 # ------------------------------------------------------------------------------------------------

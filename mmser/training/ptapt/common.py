@@ -4,10 +4,12 @@ factory: the config's Trainer settings and the `TrainMode` callback) with the st
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import datetime
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch.distributed as dist
 
 from mmser import tracking
 from mmser.config import Config
@@ -30,3 +32,31 @@ def stage_trainer(cfg: Config, stage_dir: Path, max_steps: int, callbacks: list,
                            callbacks=callbacks, default_root_dir=str(stage_dir),
                            limit_val_batches=None if validate else 0, **extra)
     return trainer, loggers
+
+
+def on_global_rank_zero(run: Callable[[], object], what: str, timeout_hours: float = 24.0) -> None:
+    """Run `run` once: on global rank 0 when torch.distributed is up with several processes (the
+    others wait, then go on), else here. Every rank must call it at the same point. The wait is a
+    broadcast on a gloo group of its own with a long timeout (k-means at full scale can outlast the
+    default 30 min process-group timeout); a failure on rank 0 is raised on every rank.
+
+    Processes that Lightning starts later (its DDP launcher re-runs the script at the first `fit`)
+    arrive after rank 0 has finished such a step and find it done."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        run()
+        return
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=timeout_hours))
+    try:
+        error: list = [None]
+        if dist.get_rank() == 0:
+            try:
+                run()
+            except BaseException as e:
+                error = [f"{type(e).__name__}: {e}"]
+                dist.broadcast_object_list(error, src=0, group=group)
+                raise
+        dist.broadcast_object_list(error, src=0, group=group)
+        if error[0] is not None:
+            raise RuntimeError(f"{what} failed on rank 0: {error[0]}")
+    finally:
+        dist.destroy_process_group(group)

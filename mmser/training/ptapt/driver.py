@@ -8,6 +8,11 @@ never a validation split of the fine-tuning protocol. `run_ptapt` runs (a) -> (b
     out_dir/encoder_training/  checkpoints/ (last.ckpt: resume point), csv/
     out_dir/encoder/         save_pretrained folder of the encoder (heads dropped) + DONE.json
 
+Several processes (DDP, `trainer.strategy=ddp`, any number of nodes): steps (a) and (c) are one
+distributed training each (every rank takes its share of the batches; rank 0 writes the folder,
+the others wait); step (b) (frame features + k-means) runs once, on global rank 0, while the others
+wait for it (`common.on_global_rank_zero`), then step (c) reads its labels on every rank.
+
 A stage whose DONE.json exists with the same input fingerprint is skipped; one made from other
 inputs is refused (delete it or use another out_dir). Interrupted training resumes from the
 stage's last.ckpt. Each fingerprint includes its upstream stage's, so the stages after a changed
@@ -28,7 +33,7 @@ from mmser.config import Config, to_dict
 from mmser.data.manifest import Fold
 from mmser.io import fingerprint, hold_folder, stage_done
 from mmser.training.ptapt.clustering import cluster_frames
-from mmser.training.ptapt.common import check_no_test_session
+from mmser.training.ptapt.common import check_no_test_session, on_global_rank_zero
 from mmser.training.ptapt.frame_training import load_frame_model, train_frame_model
 from mmser.training.ptapt.masked_prediction import train_encoder
 
@@ -36,8 +41,10 @@ log = logging.getLogger(__name__)
 
 
 def _encoder_fingerprint_items(cfg: Config) -> dict:
-    # V-FT SpecAugment and freezing flags do not affect P-TAPT (it sets its own).
-    return {k: v for k, v in to_dict(cfg.encoder).items() if not k.startswith(("mask_", "freeze_"))}
+    # V-FT SpecAugment and freezing flags do not affect P-TAPT (it sets its own); the attention
+    # kernel is a speed switch (the same function).
+    return {k: v for k, v in to_dict(cfg.encoder).items()
+            if not k.startswith(("mask_", "freeze_")) and k != "attn_implementation"}
 
 
 def _run_stage(step: str, what: str, done_dir: Path, fp: str, run: Callable[[], object],
@@ -89,10 +96,14 @@ def _run_steps(cfg: Config, fold: Fold, out_dir: Path, fp_a: str, fp_b: str, fp_
     timings: dict[str, float] = {}
     _run_stage("(a)", "frame-level emotion model", frame_dir, fp_a, timings=timings, key="frame_model",
                run=lambda: train_frame_model(cfg, fold, frame_dir, fp_a))
-    # (b) clusters the features of the best-validation weights, reloaded from frame_model/ (eval mode)
-    _run_stage("(b)", "frame features + k-means", labels_dir, fp_b, timings=timings, key="pseudo_labels",
-               run=lambda: cluster_frames(cfg, fold, load_frame_model(cfg, frame_dir, len(fold.classes) or None),
-                                          labels_dir, fp_b))
+    # (b) clusters the features of the best-validation weights, reloaded from frame_model/ (eval mode);
+    # under DDP once, on global rank 0, while the other ranks wait (step (c) reads the folder).
+    def step_b() -> None:
+        frame_model = load_frame_model(cfg, frame_dir, len(fold.classes) or None)
+        cluster_frames(cfg, fold, frame_model, labels_dir, fp_b)
+
+    on_global_rank_zero(lambda: _run_stage("(b)", "frame features + k-means", labels_dir, fp_b, timings=timings,
+                                           key="pseudo_labels", run=step_b), "P-TAPT step (b)")
     _run_stage("(c)", "masked pseudo-label prediction", enc_dir, fp_c, timings=timings, key="encoder",
                work_dir=work_dir, run=lambda: train_encoder(cfg, fold, labels_dir, work_dir, enc_dir, fp_c))
     if timings:

@@ -146,11 +146,14 @@ def train_frame_model(cfg: Config, fold: Fold, stage_dir: Path, fp: str) -> Fram
                            f"reached ptapt.frame_steps without validating: delete {stage_dir} to redo step (a))")
     state = torch.load(best_cb.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
-    atomic_write_bytes(stage_dir / "model.pt", _torch_bytes(model.state_dict()))
-    mark_stage_done(stage_dir, fp, {"seconds": round(time.perf_counter() - t0, 3),
-                               "best_val_loss": float(best_cb.best_model_score),
-                               "best_checkpoint": Path(best_cb.best_model_path).name,
-                               "steps": int(trainer.global_step), "n_train": len(train), "n_val": len(val)})
+    if trainer.is_global_zero:  # one writer under DDP; the others wait below
+        atomic_write_bytes(stage_dir / "model.pt", _torch_bytes(model.state_dict()))
+        mark_stage_done(stage_dir, fp, {"seconds": round(time.perf_counter() - t0, 3),
+                                   "best_val_loss": float(best_cb.best_model_score),
+                                   "best_checkpoint": Path(best_cb.best_model_path).name,
+                                   "steps": int(trainer.global_step), "n_train": len(train), "n_val": len(val),
+                                   "world_size": int(trainer.world_size)})
+    trainer.strategy.barrier()
     return model
 
 

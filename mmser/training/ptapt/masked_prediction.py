@@ -51,6 +51,7 @@ from mmser.io import mark_stage_done
 from mmser.models.wav2vec2 import build_encoder, compute_time_mask, uses_attention_mask
 from mmser.training.ptapt.clustering import load_pseudo_labels, read_meta
 from mmser.training.ptapt.common import check_no_test_session, stage_trainer
+from mmser.training.run import apply_speed_switches, throughput_monitor
 from mmser.training.schedule import make_scheduler
 
 log = logging.getLogger(__name__)
@@ -247,6 +248,7 @@ def train_encoder(cfg: Config, fold: Fold, labels_dir: Path, work_dir: Path, enc
     check_no_test_session(records, fold, "step (c)")
     pl.seed_everything(pc.seed, workers=True)
     encoder = build_ptapt_encoder(cfg)
+    speed = apply_speed_switches(cfg, encoder)
     hc = encoder.config
     hop = int(np.prod(hc.conv_stride))
     if meta.get("hop_samples") != hop:
@@ -287,7 +289,8 @@ def train_encoder(cfg: Config, fold: Fold, labels_dir: Path, work_dir: Path, enc
             encoder.save_pretrained(str(tmp))
             mark_stage_done(tmp, fp, {"seconds": round(time.perf_counter() - t0, 3),
                                       "steps": int(trainer.global_step), "n_utterances": len(keep),
-                                      "cluster_sizes": meta["cluster_sizes"]})
+                                      "cluster_sizes": meta["cluster_sizes"], "world_size": int(trainer.world_size),
+                                      "perf": {**throughput_monitor(trainer).summary(), **speed}})
             os.replace(tmp, enc_dir)
             # the encoder as an artifact of this stage's W&B run (fine-tuning runs declare it as input)
             tracking.log_artifact(loggers, cfg, tracking.encoder_artifact(cfg.experiment, "ptapt", fold.test_session),

@@ -1,6 +1,6 @@
 """Padding efficiency (real samples / padded samples) of length-bucketed vs random batches.
 
-    .venv/bin/python experiments/bench_padding.py [--manifest runs/demo/data/manifest.jsonl]
+    .venv/bin/python benchmarks/padding.py [--manifest runs/demo/data/manifest.jsonl] [--out FILE]
 
 Two length distributions:
 1. IEMOCAP-like: 5,531 durations drawn from a log-normal fitted to the corpus facts in
@@ -9,7 +9,7 @@ Two length distributions:
    the generator is shared with benchmarks/masking.py (benchmarks/durations.py).
 2. A prepared manifest (e.g. the synthetic corpus), when given.
 Training lengths are cropped to the first 10 s (V-FT); batch 64 (V-FT) and a 250 s budget (TAPT).
-A figure, not a test: it prints a table and asserts nothing.
+A figure, not a test: it prints a table (and writes JSON with --out) and asserts nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 from mmser.data.batching import BucketBatchSampler, padding_efficiency
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for benchmarks/
+from benchmarks.common import machine, save  # noqa: E402
 from benchmarks.durations import SR, iemocap_like_durations  # noqa: E402
 
 
@@ -44,7 +45,7 @@ def random_budget_batches(lengths: np.ndarray, budget: int, seed: int) -> list[l
     return batches + ([cur] if cur else [])
 
 
-def report(name: str, durations: np.ndarray, epochs: int = 5) -> list[str]:
+def report(name: str, durations: np.ndarray, epochs: int = 5, records: list | None = None) -> list[str]:
     lengths = (np.minimum(durations, 10.0) * SR).astype(int)
     rows = []
     for label, kw, rand in (
@@ -59,22 +60,31 @@ def report(name: str, durations: np.ndarray, epochs: int = 5) -> list[str]:
         nr = np.mean([len(rand(e)) for e in range(epochs)])
         rows.append(f"| {name} | {len(lengths)} | {label} | {rnd:.3f} ({nr:.0f} batches) | "
                     f"{bucketed:.3f} ({nb:.0f} batches) | {bucketed / rnd:.2f}x |")
+        if records is not None:
+            records.append({"lengths": name, "n": len(lengths), "batching": label, "random": float(rnd),
+                            "random_batches": float(nr), "bucketed": float(bucketed),
+                            "bucketed_batches": float(nb), "gain": float(bucketed / rnd)})
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--manifest", default=None, help="a prepared manifest.jsonl (4-class utterances)")
-    args = ap.parse_args()
+    ap.add_argument("--out", default=None, help="JSON file to write")
+    args = ap.parse_args(argv)
     rows = ["| lengths | n | batching | random: efficiency | bucketed (50 buckets) | gain |",
             "|---|---|---|---|---|---|"]
-    rows += report("IEMOCAP-like", iemocap_like_durations())
+    records: list[dict] = []
+    rows += report("IEMOCAP-like", iemocap_like_durations(), records=records)
     if args.manifest:
         from mmser.data.manifest import load_manifest, task_records
 
         recs = task_records(load_manifest(args.manifest))
-        rows += report(args.manifest, np.array([r["duration"] for r in recs]))
+        rows += report(args.manifest, np.array([r["duration"] for r in recs]), records=records)
     print("\n".join(rows))
+    result = {"benchmark": "padding", "machine": machine(), "rows": records}
+    save(result, args.out)
+    return result
 
 
 if __name__ == "__main__":
