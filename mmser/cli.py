@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--seeds", type=int, default=1,
                    help="fine-tuning seeds per fold (default 1, ~10 min on 2 cores; 2 for mean ± std over seeds)")
-    p.add_argument("--per-class", type=int, default=6, help="synthetic utterances per class per actor")
+    p.add_argument("--per-class", type=int, default=4,
+                   help="synthetic utterances per class per actor (default 4: 160 utterances; 6 for 240)")
     p.add_argument("--wandb", choices=["offline", "disabled", "online"], default="offline")
     p.add_argument("--only", nargs="+", default=None, metavar="EXPERIMENT",
                    help="run only these experiments (vft tapt ptapt text-gold text-asr fusion-...)")

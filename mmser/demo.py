@@ -74,15 +74,18 @@ def experiments(asr_file: Path, audio_runs: Path, audio_cache: Path = Path("runs
     ]
 
 
-# Seconds each stage took in a full demo on the 2-core CPU this project is built on (seeds=1,
-# per_class=6; see experiments/RESULTS.md): the start-up estimate. Training stages scale with the
+# Seconds each stage takes in a full demo on the 2-core CPU this project is built on (seeds=1,
+# per_class=DEFAULT_PER_CLASS; see experiments/RESULTS.md): the start-up estimate. Training stages scale with the
 # seeds and, like ASR, with the corpus size (per_class); the running ETA corrects the estimate by
 # how fast this machine has been so far.
-MEASURED_S = {"synthesize": 10, "prepare": 3, "asr": 100, "vft": 45, "tapt": 55, "ptapt": 75,
-              "text-gold": 25, "text-asr": 25, "fusion-concat-gold": 70, "fusion-concat-asr": 70,
-              "fusion-xattn-gold": 75, "fusion-xattn-asr": 75, "whisper-audio": 40, "whisper-concat-asr": 30,
-              "vft-whisper-concat-asr": 80, "predict": 10}
-DEFAULT_PER_CLASS = 6
+MEASURED_S = {"synthesize": 2, "prepare": 1, "asr": 103, "vft": 47, "tapt": 49, "ptapt": 62,
+              "text-gold": 20, "text-asr": 23, "fusion-concat-gold": 57, "fusion-concat-asr": 53,
+              "fusion-xattn-gold": 89, "fusion-xattn-asr": 91, "whisper-audio": 31, "whisper-concat-asr": 19,
+              "vft-whisper-concat-asr": 65, "predict": 10}
+# 4 utterances per class per actor: 160 utterances, 32 per test session. The 2026-12-02 run at 6
+# (240) took 1,069 s for the whole grid, too long for the README's first command; the figures above
+# are that run's stage times x 4/6.
+DEFAULT_PER_CLASS = 4
 
 
 def estimate_seconds(names: list[str], seeds: int, per_class: int) -> dict[str, float]:
@@ -211,15 +214,20 @@ def run_demo(out: Path, seeds: int = 1, per_class: int = DEFAULT_PER_CLASS, wand
     return out / "comparison.md"
 
 
+def is_fusion(name: str) -> bool:
+    """Does this demo experiment fuse audio and text (fusion-*, whisper-concat-asr, vft-whisper-...)?"""
+    return name.startswith("fusion") or "-concat-" in name or "-xattn-" in name
+
+
 def fusion_vs_best_single(results) -> list[tuple[str, str]]:
     """(best single modality, fusion experiment) pairs for the paired tests: the audio-only or
     text-only experiment with the highest UA (mean of session means) against each fusion one."""
     single = [(r.table()["average"], r.name) for r in results
-              if not r.name.startswith("fusion") and r.table() is not None]
+              if not is_fusion(r.name) and r.table() is not None]
     if not single:
         return []
     best = max(single)[1]
-    return [(best, r.name) for r in results if r.name.startswith("fusion") and r.table() is not None]
+    return [(best, r.name) for r in results if is_fusion(r.name) and r.table() is not None]
 
 
 def show_predictions(out: Path, records: list[dict], asr_file: Path, n: int = 3) -> list[str]:

@@ -138,9 +138,13 @@ def test_demo_pairs_each_fusion_experiment_with_the_best_single_modality(tmp_pat
     write_experiment(tmp_path / "text-gold", REAL)  # avg 0.6245: the best single modality
     write_experiment(tmp_path / "fusion-concat-gold", [r + 0.01 for r in REAL])
     write_experiment(tmp_path / "fusion-xattn-gold", NOISE)
-    results = [collect(tmp_path / n) for n in ("vft", "text-gold", "fusion-concat-gold", "fusion-xattn-gold")]
+    write_experiment(tmp_path / "whisper-concat-asr", NOISE)  # a fusion row whose name is not fusion-*
+    names = ("vft", "text-gold", "fusion-concat-gold", "fusion-xattn-gold", "whisper-concat-asr")
+    results = [collect(tmp_path / n) for n in names]
     pairs = fusion_vs_best_single(results)
-    assert pairs == [("text-gold", "fusion-concat-gold"), ("text-gold", "fusion-xattn-gold")]
+    assert pairs == [("text-gold", "fusion-concat-gold"), ("text-gold", "fusion-xattn-gold"),
+                     ("text-gold", "whisper-concat-asr")]
+    results, pairs = results[:4], pairs[:2]
     md = write_summary(results, tmp_path, stem="comparison", pairs=pairs)
     # fusion-concat = text-gold + 0.01 on every pair: +1.00 point, all 10 of one sign (p = 2/1024), a
     # consistent gain, yet smaller than the seed noise: both experiments step by 0.011 over the seeds

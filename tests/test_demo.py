@@ -16,10 +16,10 @@ def test_every_experiment_of_the_grid_has_a_measured_time():
 
 
 def test_estimate_scales_training_with_seeds_and_everything_with_corpus_size():
-    one = estimate_seconds(["vft", "fusion-concat-asr"], seeds=1, per_class=6)
-    two = estimate_seconds(["vft", "fusion-concat-asr"], seeds=2, per_class=6)
+    one = estimate_seconds(["vft", "fusion-concat-asr"], seeds=1, per_class=4)
+    two = estimate_seconds(["vft", "fusion-concat-asr"], seeds=2, per_class=4)
     assert two["vft"] == 2 * one["vft"] and two["asr"] == one["asr"]
-    small = estimate_seconds(["vft"], seeds=1, per_class=3)
+    small = estimate_seconds(["vft"], seeds=1, per_class=2)
     assert small["vft"] == one["vft"] / 2 and small["asr"] == one["asr"] / 2
     assert set(one) == {"synthesize", "prepare", "asr", "vft", "fusion-concat-asr", "predict"}
 
