@@ -16,7 +16,9 @@ from typing import TextIO
 # Loggers whose INFO lines are library chatter, not progress of an mmser stage.
 NOISY_LOGGERS = ("pytorch_lightning", "lightning", "lightning_fabric")
 # Library warnings that say nothing actionable to an mmser user (message regexes).
-NOISY_WARNINGS = (r".*isinstance\(treespec, LeafSpec\)",)
+# The eval-mode one: fusion's frozen audio branch stays in eval mode on purpose (run.TrainMode puts
+# everything else in train mode), so Lightning's "Found N module(s) in eval mode" says nothing.
+NOISY_WARNINGS = (r".*isinstance\(treespec, LeafSpec\)", r"Found \d+ module\(s\) in eval mode at the start of training")
 QUIET, DEFAULT, VERBOSE = -1, 0, 1
 
 

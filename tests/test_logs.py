@@ -38,6 +38,8 @@ def _emit(verbosity: int) -> str:
     logging.getLogger("mmser.cli").error("a real error")
     with warnings.catch_warnings(record=True) as caught:
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", DeprecationWarning, stacklevel=1)
+        warnings.warn("Found 65 module(s) in eval mode at the start of training. This may lead to unexpected "
+                      "behavior during training.", UserWarning, stacklevel=1)
         warnings.warn("something else", UserWarning, stacklevel=1)
     return out.getvalue() + "".join(f"WARNING {w.message}\n" for w in caught)
 
@@ -45,14 +47,14 @@ def _emit(verbosity: int) -> str:
 def test_default_output_drops_library_info_and_the_leafspec_warning(restore_logging):
     text = _emit(DEFAULT)
     assert "GPU available" not in text and "litlogger" not in text and "Seed set" not in text
-    assert "LeafSpec" not in text
+    assert "LeafSpec" not in text and "in eval mode" not in text
     for kept in ("a real Lightning warning", "run: test UA 0.5", "a real error", "something else"):
         assert kept in text
 
 
 def test_verbose_brings_everything_back(restore_logging):
     text = _emit(VERBOSE)
-    for kept in ("GPU available", "litlogger", "Seed set", "LeafSpec", "run: test UA 0.5"):
+    for kept in ("GPU available", "litlogger", "Seed set", "LeafSpec", "in eval mode", "run: test UA 0.5"):
         assert kept in text
 
 
