@@ -52,7 +52,6 @@ files' sizes and mtimes) reuse the outputs; `force=True` rebuilds.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -74,10 +73,11 @@ from mmser.data.manifest import (
     fold_sort_key,
     is_fold_name,
     load_manifest,
+    reuse_prepared,
     split_fold,
     write_fold_files,
 )
-from mmser.io import atomic_write_json, fingerprint, write_jsonl
+from mmser.io import atomic_write_json, file_sha256, fingerprint, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -616,15 +616,11 @@ def corpus_counts(records: list[dict], fold_mode: str) -> dict:
     }
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _fingerprint(table: Path, rows: Sequence[Row], spec: CorpusSpec, audio_root: Path, corpus: str,
                  extra: Sequence[Path]) -> str:
     def items():
         yield "format_version", CORPUS_FORMAT_VERSION
-        yield "table", [str(table), _sha256(table)]
+        yield "table", [str(table), file_sha256(table)]
         yield "spec", asdict(spec)
         yield "audio_root", str(audio_root)
         yield "corpus", corpus
@@ -653,24 +649,6 @@ def _fingerprint(table: Path, rows: Sequence[Row], spec: CorpusSpec, audio_root:
     return fingerprint(items())
 
 
-def _try_reuse(out_dir: Path, fp: str) -> dict | None:
-    report_path, manifest = out_dir / REPORT_NAME, out_dir / MANIFEST_NAME
-    if not (report_path.is_file() and manifest.is_file()):
-        return None
-    try:
-        report = json.loads(report_path.read_text())
-    except (ValueError, OSError):
-        return None
-    if not isinstance(report, dict) or report.get("fingerprint") != fp:
-        return None
-    if report.get("manifest_sha256") != _sha256(manifest):
-        log.info("%s changed since it was written; rebuilding", manifest)
-        return None
-    if not all((out_dir / f).is_file() for f in report.get("fold_files", [None])):
-        return None
-    return report
-
-
 def prepare_rows(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec, audio_root: str | Path,
                  out_dir: str | Path, source: str | Path, corpus: str | None = None, force: bool = False,
                  extra_inputs: Sequence[Path] = (), report_extra: dict | None = None,
@@ -686,7 +664,7 @@ def prepare_rows(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec, 
     if not audio_root.is_dir():
         raise FileNotFoundError(f"--audio-root {audio_root}: no such folder")
     fp = _fingerprint(source, rows, spec, audio_root, corpus, extra_inputs)
-    report = None if force else _try_reuse(out_dir, fp)
+    report = None if force else reuse_prepared(out_dir, fp, MANIFEST_NAME, REPORT_NAME)
     if report is not None:
         log.info("%s: inputs unchanged (fingerprint %s): reusing %s", corpus, fp, out_dir / MANIFEST_NAME)
         for w in report["warnings"]:
@@ -731,7 +709,7 @@ def prepare_rows(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec, 
         "audio_root": str(audio_root),
         "spec": asdict(spec),
         "fingerprint": fp,
-        "manifest_sha256": _sha256(manifest),
+        "manifest_sha256": file_sha256(manifest),
         "counts": counts,
         "fold_assignment": {k: v for k, v in sorted(build.fold_assignment.items(), key=lambda kv: (
             fold_sort_key(kv[1]), kv[0]))},

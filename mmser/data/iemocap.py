@@ -52,8 +52,6 @@ rebuilds.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import re
@@ -62,8 +60,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmser.audio import UnreadableAudio, audio_info
-from mmser.data.manifest import SESSIONS, write_fold_files
-from mmser.io import atomic_write_json, fingerprint, write_jsonl
+from mmser.data.manifest import SESSIONS, reuse_prepared, write_fold_files
+from mmser.io import atomic_write_json, file_sha256, fingerprint, write_jsonl
 from mmser.labels import CLASSES, label_of_code
 
 log = logging.getLogger(__name__)
@@ -516,30 +514,6 @@ def _counts(records: list[dict]) -> dict:
     }
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _try_reuse(out_dir: Path, fp: str) -> dict | None:
-    """The previous report if its outputs are intact and were built from the same inputs."""
-    report_path = out_dir / REPORT_NAME
-    manifest = out_dir / MANIFEST_NAME
-    if not (report_path.is_file() and manifest.is_file()):
-        return None
-    try:
-        report = json.loads(report_path.read_text())
-    except (ValueError, OSError):
-        return None
-    if not isinstance(report, dict) or report.get("fingerprint") != fp:
-        return None
-    if report.get("manifest_sha256") != _sha256(manifest):
-        log.info("%s changed since it was written; rebuilding", manifest)
-        return None
-    if not all((out_dir / f).is_file() for f in report.get("fold_files", [None])):
-        return None
-    return report
-
-
 def prepare_iemocap(root: str | Path, out_dir: str | Path, strict: bool = False,
                     force: bool = False) -> PrepareResult:
     """Prepare the IEMOCAP release at `root` (read-only) into `out_dir`; see the module docstring."""
@@ -547,7 +521,7 @@ def prepare_iemocap(root: str | Path, out_dir: str | Path, strict: bool = False,
     out_dir = Path(out_dir)
     inputs = _list_inputs(root)
     fp = _input_fingerprint(inputs)
-    report = None if force else _try_reuse(out_dir, fp)
+    report = None if force else reuse_prepared(out_dir, fp, MANIFEST_NAME, REPORT_NAME)
     if report is not None:
         if strict and report["skipped"]:
             _raise_problems("IEMOCAP preparation (strict)",
@@ -576,7 +550,7 @@ def prepare_iemocap(root: str | Path, out_dir: str | Path, strict: bool = False,
         "format_version": MANIFEST_FORMAT_VERSION,
         "root": str(root),
         "fingerprint": fp,
-        "manifest_sha256": _sha256(manifest),
+        "manifest_sha256": file_sha256(manifest),
         "counts": counts,
         "no_label_line": scan.n_no_label_line,
         "no_transcript": scan.n_no_transcript,

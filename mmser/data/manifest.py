@@ -27,6 +27,7 @@ the manifest, sorted (IEMOCAP: angry, happy, neutral, sad). See `resolve_classes
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import re
@@ -36,7 +37,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmser.io import atomic_write_json
+from mmser.io import atomic_write_json, file_sha256
+
+log = logging.getLogger(__name__)
 
 SESSIONS = (1, 2, 3, 4, 5)  # IEMOCAP's sessions
 REQUIRED_FIELDS = ("id", "path", "session", "speaker", "gender", "dialog", "scripted",
@@ -485,3 +488,24 @@ def write_fold_files(records: list[dict], folds_dir: str | Path, data_cfg=None) 
         atomic_write_json(path, obj)
         paths.append(path)
     return paths
+
+
+def reuse_prepared(out_dir: Path, fp: str, manifest_name: str = "manifest.jsonl",
+                   report_name: str = "prepare_report.json") -> dict | None:
+    """A prepare stage's previous report if its outputs are intact and were built from the same
+    inputs (report fingerprint `fp`, manifest sha256, fold files present), else None."""
+    report_path, manifest = out_dir / report_name, out_dir / manifest_name
+    if not (report_path.is_file() and manifest.is_file()):
+        return None
+    try:
+        report = json.loads(report_path.read_text())
+    except (ValueError, OSError):
+        return None
+    if not isinstance(report, dict) or report.get("fingerprint") != fp:
+        return None
+    if report.get("manifest_sha256") != file_sha256(manifest):
+        log.info("%s changed since it was written; rebuilding", manifest)
+        return None
+    if not all((out_dir / f).is_file() for f in report.get("fold_files", [None])):
+        return None
+    return report
