@@ -42,13 +42,11 @@ What was checked against public descriptions, and what is a guess (no copy of th
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 from pathlib import Path
 
-from mmser.data.corpus import CorpusPrepareResult, CorpusSpec, Row, prepare_rows
+from mmser.data.corpus import CorpusPrepareResult, CorpusSpec, Row, prepare_rows, read_table
 
 log = logging.getLogger(__name__)
 
@@ -82,28 +80,14 @@ def read_msp_rows(root: Path, warnings: list[str]) -> tuple[Path, list[str], lis
     transcripts = root / "Transcripts"
     if not transcripts.is_dir():
         warnings.append(f"{transcripts}: missing folder; transcripts are null")
-    data = labels.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise ValueError(f"{labels}:{line}: not UTF-8 text (byte {e.start})") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = [h.strip() for h in next(reader, [])]
+    header, table = read_table(labels, fmt="csv", delimiter=",")  # UTF-8, field counts, as any CSV corpus
     missing = [c for c in ("FileName", "EmoClass", "SpkrID", "Split_Set") if c not in header]
     if missing:
         raise ValueError(f"{labels}:1: missing column(s) {', '.join(missing)} (expected {', '.join(COLUMNS)}; "
                          f"got {', '.join(header) or 'nothing'})")
     problems, rows, no_text = [], [], 0
-    start = reader.line_num + 1
-    for values in reader:
-        lineno, start = start, reader.line_num + 1
-        if not any(v.strip() for v in values):
-            continue
-        if len(values) != len(header):
-            problems.append(f"{labels}:{lineno}: {len(values)} fields, the header has {len(header)}")
-            continue
-        v = {h: x.strip() for h, x in zip(header, values, strict=True)}
+    for row in table:
+        lineno, v = row.line, {h: x or "" for h, x in row.values.items()}
         name = v["FileName"]
         if not name:
             problems.append(f"{labels}:{lineno}: empty FileName")
