@@ -133,3 +133,8 @@ def make_batch(lengths: Sequence[int], seed: int = 0, labels: Sequence[int] | No
         labels = [i % len(CLASSES) for i in range(len(lengths))]
     return {"ids": [f"utt{i}" for i in range(len(lengths))], "audio": audio, "audio_mask": mask,
             "labels": torch.tensor(list(labels), dtype=torch.long)}
+
+
+# A saved text / fusion model's text side (config.json "text"): the offline MiniLM, gold transcripts.
+TEXT_SIDE = {"encoder": "minilm-offline", "pooling": "mean", "max_length": 16, "fine_tuned": False,
+             "source": "gold", "asr": None}

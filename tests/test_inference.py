@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from helpers import TEXT_SIDE as TEXT
 from helpers import (  # noqa: F401 (single_torch_thread: autouse fixture)
     single_torch_thread,
     tiny_audio_classifier,
@@ -20,9 +21,6 @@ from mmser.labels import CLASSES
 from mmser.models.fusion import ConcatFusion, FusionClassifier
 from mmser.models.pretrained import save_pretrained
 from mmser.models.wav2vec2 import AudioEncoder
-
-TEXT = {"encoder": "minilm-offline", "pooling": "mean", "max_length": 16, "fine_tuned": False,
-        "source": "gold", "asr": None}
 
 
 @pytest.fixture(scope="module")

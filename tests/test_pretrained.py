@@ -9,6 +9,7 @@ import pickle
 
 import pytest
 import torch
+from helpers import TEXT_SIDE as TEXT
 from helpers import (  # noqa: F401 (single_torch_thread: autouse fixture)
     make_batch,
     single_torch_thread,
@@ -27,9 +28,6 @@ from mmser.models.fusion import (
 from mmser.models.pretrained import ModelFormatError, from_pretrained, save_pretrained
 from mmser.models.text_encoder import TextEncoder, WithTextEncoder
 from mmser.models.wav2vec2 import AudioEncoder
-
-TEXT = {"encoder": "minilm-offline", "pooling": "mean", "max_length": 16, "fine_tuned": False,
-        "source": "gold", "asr": None}
 
 
 def _meta(task: str) -> dict:
