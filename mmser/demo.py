@@ -146,14 +146,14 @@ def run_demo(out: Path, seeds: int = 1, per_class: int = DEFAULT_PER_CLASS, wand
         timings.append((label, took))
         spent["expected"] += estimate.get(key, 0.0)
         spent["actual"] += took
-        done_keys.append((key, took))
-        remaining = sum(v for kk, v in estimate.items() if kk not in {d[0] for d in done_keys})
+        finished.add(key)
+        remaining = sum(v for k, v in estimate.items() if k not in finished)
         # this machine's pace so far, once enough has run to tell (short stages are noise)
         pace = spent["actual"] / spent["expected"] if spent["expected"] >= 100 else 1.0
         _say(f"    ({label}: {took:.0f} s; about {_minutes(remaining * pace)} left)")
         return result
 
-    done_keys: list[tuple[str, float]] = []
+    finished: set[str] = set()  # stage keys of `estimate` done so far
     root = timed("synthesize the corpus (espeak-ng)", "synthesize", synthesize, out / "corpus",
                  per_class=per_class, seed=0)
     prep = timed("prepare (manifest + folds)", "prepare", prepare_iemocap, root, out / "data")
