@@ -35,10 +35,22 @@ def fake_iemocap_factory(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """Print the reliability catalogue (tests/test_reliability_catalogue.py) as a `case | outcome` table."""
-    from test_reliability_catalogue import CATALOGUE_KEY
+CATALOGUE_KEY = pytest.StashKey[list]()
 
+
+@pytest.fixture
+def catalogue(request):
+    """`catalogue(case, outcome)`: one row of the reliability catalogue table (any test module)."""
+    rows = request.config.stash.setdefault(CATALOGUE_KEY, [])
+
+    def record(case: str, outcome: str) -> None:
+        rows.append((case, outcome))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Print the reliability catalogue (tests/test_reliability_catalogue*.py) as a `case | outcome` table."""
     rows = config.stash.get(CATALOGUE_KEY, [])
     if rows:
         terminalreporter.section("reliability catalogue")

@@ -138,3 +138,23 @@ def make_batch(lengths: Sequence[int], seed: int = 0, labels: Sequence[int] | No
 # A saved text / fusion model's text side (config.json "text"): the offline MiniLM, gold transcripts.
 TEXT_SIDE = {"encoder": "minilm-offline", "pooling": "mean", "max_length": 16, "fine_tuned": False,
              "source": "gold", "asr": None}
+
+
+# The reliability catalogue (tests/test_reliability_catalogue*.py): each case records its outcome
+# through the `catalogue` fixture (conftest.py), printed as one `case | outcome` table at the end.
+def cli_last_line(capsys, *argv: str) -> tuple[int, str]:
+    """Exit code and the last stderr line of `mmser ARGV` (in process)."""
+    from mmser.cli import main
+
+    capsys.readouterr()
+    code = main(list(argv))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return code, (err[-1] if err else "")
+
+
+def cli_error(capsys, catalogue, case, argv, expect_in, code=2) -> str:
+    """Assert `mmser ARGV` fails with one `mmser: error:` line containing `expect_in`; record it."""
+    got, line = cli_last_line(capsys, *argv)
+    assert got == code and line.startswith("mmser: error:") and expect_in in line, (got, line)
+    catalogue(case, line)
+    return line

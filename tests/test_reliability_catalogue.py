@@ -19,9 +19,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import REPO, TINY_CONFIGS, write_toy_corpus
+from helpers import REPO, TINY_CONFIGS, cli_error, cli_last_line, write_toy_corpus
 
-from mmser.cli import main
 from mmser.io import read_jsonl, write_jsonl
 
 C = [x for f in TINY_CONFIGS for x in ("-c", str(f))]
@@ -33,31 +32,8 @@ def corpus(tmp_path_factory):
     return root, write_toy_corpus(root / "toy", per_class=1, durations=(0.3, 0.4))
 
 
-@pytest.fixture
-def catalogue(request):
-    rows = request.config.stash.setdefault(CATALOGUE_KEY, [])
-
-    def record(case: str, outcome: str) -> None:
-        rows.append((case, outcome))
-
-    return record
-
-
-CATALOGUE_KEY = pytest.StashKey[list]()
-
-
-def _cli(capsys, *argv: str) -> tuple[int, str]:
-    """Exit code and the last stderr line of `mmser ARGV`."""
-    capsys.readouterr()
-    code = main(list(argv))
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    return code, (err[-1] if err else "")
-
-
-def _error(capsys, catalogue, case, argv, expect_in, code=2):
-    got, line = _cli(capsys, *argv)
-    assert got == code and line.startswith("mmser: error:") and expect_in in line, (got, line)
-    catalogue(case, line)
+_cli = cli_last_line
+_error = cli_error
 
 
 @pytest.mark.parametrize("override, key", [
