@@ -69,6 +69,7 @@ from mmser.data.manifest import (
     DEV_SPLIT,
     TRAIN_SPLIT,
     FoldId,
+    fold_file_paths,
     fold_ids,
     fold_sort_key,
     is_fold_name,
@@ -77,7 +78,16 @@ from mmser.data.manifest import (
     split_fold,
     write_fold_files,
 )
-from mmser.io import atomic_write_json, file_sha256, fingerprint, write_jsonl
+from mmser.io import (
+    UnsafePathError,
+    atomic_open,
+    atomic_write_json,
+    check_not_inputs,
+    file_sha256,
+    fingerprint,
+    safe_join,
+    write_jsonl,
+)
 
 log = logging.getLogger(__name__)
 
@@ -362,6 +372,7 @@ class _Build:
     to_resample: dict[str, tuple[Path, Path]]  # id -> (source, copy)
     fold_mode: str
     fold_assignment: dict[str, FoldId] = field(default_factory=dict)
+    sources: list[Path] = field(default_factory=list)  # every row's audio file (the stage's inputs)
 
 
 def _default_folds(columns: Sequence[str], spec: CorpusSpec) -> str:
@@ -403,6 +414,7 @@ def build_records(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec,
     skipped: list[dict] = []
     to_resample: dict[str, tuple[Path, Path]] = {}
     groups: dict[str, str] = {}
+    sources: list[Path] = []
     for row in rows:
         bad = []
         raw_path, speaker = get(row, "path"), get(row, "speaker")
@@ -428,6 +440,7 @@ def build_records(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec,
         if not path.is_absolute():
             path = audio_root / path
         path = Path(os.path.abspath(path))
+        sources.append(path)
         uid = get(row, "id")
         if uid is None:
             try:
@@ -463,7 +476,12 @@ def build_records(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec,
                                 "mono (convert the corpus, or pass --resample to write 16-bit mono copies at "
                                 f"{spec.sample_rate} Hz under {out_dir / AUDIO_DIR})")
                 continue
-            copy = Path(os.path.abspath(out_dir / AUDIO_DIR / f"{uid}.wav"))
+            try:  # the id names the copy: it must stay under OUT/audio (ids like "../../x" are refused)
+                copy = Path(os.path.abspath(safe_join(out_dir / AUDIO_DIR, uid, what="utterance id", where=row.where)))
+                copy = copy.with_name(copy.name + ".wav")
+            except UnsafePathError as e:
+                problems.append(str(e))
+                continue
             to_resample[uid] = (path, copy)
             path = copy
             duration = round(duration * spec.sample_rate) / spec.sample_rate  # refined after writing
@@ -502,7 +520,7 @@ def build_records(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec,
         assignment = dict(sorted(by_speaker.items()))
     records.sort(key=lambda r: r["id"])
     return _Build(records=records, skipped=skipped, warnings=[], to_resample=to_resample, fold_mode=fold_mode,
-                  fold_assignment=assignment)
+                  fold_assignment=assignment, sources=sources)
 
 
 def _write_copies(build: _Build, sample_rate: int) -> None:
@@ -512,10 +530,8 @@ def _write_copies(build: _Build, sample_rate: int) -> None:
     by_id = {r["id"]: r for r in build.records}
     for uid, (src, dst) in build.to_resample.items():
         wav = load_audio(src, sample_rate)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.tmp.wav")
-        sf.write(str(tmp), np.clip(wav, -1.0, 1.0), sample_rate, subtype="PCM_16")
-        tmp.replace(dst)
+        with atomic_open(dst) as f:
+            sf.write(f, np.clip(wav, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
         by_id[uid]["duration"] = len(wav) / sample_rate
 
 
@@ -674,6 +690,10 @@ def prepare_rows(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec, 
                                    skipped=report["skipped"], warnings=report["warnings"], reused=True,
                                    too_short=report["too_short"]["clips"])
     build = build_records(columns, rows, spec, audio_root, out_dir, corpus, str(source))
+    # nothing is written over what this stage reads (before the first write)
+    outputs = [out_dir / MANIFEST_NAME, out_dir / REPORT_NAME, *fold_file_paths(build.records, out_dir / FOLDS_DIR),
+               *(dst for _, dst in build.to_resample.values())]
+    check_not_inputs(outputs, [source, *extra_inputs, *build.sources])
     if build.to_resample:
         log.info("%s: writing %d resampled copies under %s", corpus, len(build.to_resample), out_dir / AUDIO_DIR)
         _write_copies(build, spec.sample_rate)

@@ -60,8 +60,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmser.audio import UnreadableAudio, audio_info
-from mmser.data.manifest import SESSIONS, reuse_prepared, write_fold_files
-from mmser.io import atomic_write_json, file_sha256, fingerprint, write_jsonl
+from mmser.data.manifest import SESSIONS, fold_file_paths, reuse_prepared, write_fold_files
+from mmser.io import atomic_write_json, check_not_inputs, file_sha256, fingerprint, write_jsonl
 from mmser.labels import CLASSES, label_of_code
 
 log = logging.getLogger(__name__)
@@ -542,8 +542,10 @@ def prepare_iemocap(root: str | Path, out_dir: str | Path, strict: bool = False,
     for w in warnings:
         log.warning("%s", w)
 
-    fold_paths = write_fold_files(scan.records, out_dir / FOLDS_DIR)
     manifest = out_dir / MANIFEST_NAME
+    check_not_inputs([manifest, out_dir / REPORT_NAME, *fold_file_paths(scan.records, out_dir / FOLDS_DIR)],
+                     inputs.files(), "--out")  # never write over the release (e.g. --out inside it)
+    fold_paths = write_fold_files(scan.records, out_dir / FOLDS_DIR)
     write_jsonl(manifest, scan.records)
     counts = _counts(scan.records)
     report = {

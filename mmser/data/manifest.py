@@ -37,7 +37,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmser.io import atomic_write_json, file_sha256
+from mmser.io import atomic_write_json, file_sha256, safe_join
 
 log = logging.getLogger(__name__)
 
@@ -470,6 +470,12 @@ def fold_file_name(fold: FoldId) -> str:
     return f"fold{fold}.json" if isinstance(fold, int) else f"fold-{fold}.json"
 
 
+def fold_file_paths(records: list[dict], folds_dir: str | Path, data_cfg=None) -> list[Path]:
+    """The files `write_fold_files` writes (to check them against a stage's inputs beforehand)."""
+    return [safe_join(folds_dir, fold_file_name(s), what="fold name")
+            for s in fold_ids(records, _listed_classes(records, data_cfg))]
+
+
 def write_fold_files(records: list[dict], folds_dir: str | Path, data_cfg=None) -> list[Path]:
     """Write `folds_dir/fold{k}.json` = {"test_session": k, "train": [ids], "test": [ids]}
     (plus "val" when the fold has a validation set) for every fold with task utterances,
@@ -484,7 +490,7 @@ def write_fold_files(records: list[dict], folds_dir: str | Path, data_cfg=None) 
             obj["val_policy"] = fold.val_policy
             obj["val"] = sorted(r["id"] for r in fold.val)
         obj["test"] = sorted(r["id"] for r in fold.test)
-        path = folds_dir / fold_file_name(s)
+        path = safe_join(folds_dir, fold_file_name(s), what="fold name")  # a fold name comes from data
         atomic_write_json(path, obj)
         paths.append(path)
     return paths

@@ -61,6 +61,7 @@ from mmser.io import (
     file_sha256,
     hold_folder,
     read_json,
+    safe_join,
     write_inputs,
 )
 from mmser.labels import CLASSES
@@ -89,8 +90,8 @@ def default_run_dir(cfg: Config, session: FoldId, seed: int) -> Path:
     again by the agent (same run id) resumes its own folder."""
     trial = tracking.sweep_trial()
     if trial is not None:
-        return Path(cfg.output_dir) / cfg.experiment / f"sweep-{trial[0]}" / trial[1]
-    return Path(cfg.output_dir) / cfg.experiment / run_name(session, seed)
+        return safe_join(cfg.output_dir, cfg.experiment, f"sweep-{trial[0]}", trial[1], what="experiment / sweep run")
+    return safe_join(cfg.output_dir, cfg.experiment, run_name(session, seed), what="experiment / run name")
 
 
 def run_inputs(cfg: Config, test_session: int, seed: int) -> list[tuple[str, str]]:
