@@ -311,6 +311,49 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def same_audio_groups(paths: Iterable[str | Path]) -> list[list[int]]:
+    """Indexes into `paths` that are one file under several names (same inode, symlinks resolved)
+    or hold the same bytes: groups of 2+, each sorted, in order of their first index. Cheap on a
+    large corpus: only files of equal size are sampled (8 KiB from the middle), and only equal
+    samples are hashed whole (sha256). Missing files are left out."""
+    paths = [Path(p) for p in paths]
+    by_inode: dict[tuple[int, int], list[int]] = {}
+    sizes: dict[tuple[int, int], int] = {}
+    for i, p in enumerate(paths):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        by_inode.setdefault((st.st_dev, st.st_ino), []).append(i)
+        sizes[(st.st_dev, st.st_ino)] = st.st_size
+    files = list(by_inode.values())  # one entry per distinct file: the indexes naming it
+
+    def sample(i: int, size: int) -> bytes:
+        with paths[i].open("rb") as f:
+            f.seek(max(0, size // 2 - 4096))
+            return f.read(8192)
+
+    def split(groups: list[list[list[int]]], key) -> list[list[list[int]]]:
+        out = []
+        for g in groups:
+            if len(g) < 2:
+                continue
+            buckets: dict[object, list[list[int]]] = {}
+            for f in g:
+                buckets.setdefault(key(f), []).append(f)
+            out += [b for b in buckets.values() if len(b) > 1]
+        return out
+
+    size_of = {tuple(f): sizes[k] for k, f in by_inode.items()}
+    same = split([files], lambda f: size_of[tuple(f)])
+    same = split(same, lambda f: sample(f[0], size_of[tuple(f)]))
+    same = split(same, lambda f: file_sha256(paths[f[0]]))
+    groups = [sorted(i for f in g for i in f) for g in same]
+    grouped = {i for g in groups for i in g}
+    groups += [sorted(f) for f in files if len(f) > 1 and f[0] not in grouped]  # one file, several names
+    return sorted(groups)
+
+
 # -- what a folder was made from ------------------------------------------------------------------
 #
 # A folder's inputs.json records the data it was made from: {name: {"path": ..., "sha256": ...}}

@@ -113,8 +113,8 @@ def test_safe_join_allows_subfolders_and_refuses_escapes(tmp_path):
 
 def test_out_equal_to_the_audio_root_never_overwrites_the_sources(tmp_path, capsys, catalogue):
     root = tmp_path / "corpus"
-    rows = [{"file": f"audio/{r['speaker']}_{r['label']}.wav", "id": f"{r['speaker']}_{r['label']}", "label": r["label"],
-             "speaker": r["speaker"]} for r in four_rows()]
+    rows = [{"file": f"audio/{r['speaker']}_{r['label']}.wav", "id": f"{r['speaker']}_{r['label']}",
+             "label": r["label"], "speaker": r["speaker"]} for r in four_rows()]
     table = write_table(root, rows, sr=44100)
     before = {p: p.read_bytes() for p in (root / "audio").iterdir()}
     cli_error(capsys, catalogue, "prepare csv --resample --out = the audio root (copies named like the sources)",
@@ -146,3 +146,106 @@ def test_check_not_inputs_sees_symlinks_and_hard_links(tmp_path):
         with pytest.raises(ValueError, match="would overwrite the input"):
             check_not_inputs([tmp_path / out], [src])
     check_not_inputs([tmp_path / "new.wav"], [src])  # a new file is fine
+
+
+# -- 3. no silent wrong results in prepare (and training) ---------------------------------------------
+
+
+def _nan_wav() -> np.ndarray:
+    wav = _tone(330.0)
+    wav[100] = np.nan
+    wav[200] = np.inf
+    return wav
+
+
+def test_nan_audio_is_a_reported_bad_row(tmp_path, capsys, catalogue):
+    root = tmp_path / "corpus"
+    rows = four_rows()
+    rows[1]["wav"] = _nan_wav()
+    rows.append({"file": "wavs/s1_extra.wav", "label": "neu", "speaker": "s1"})  # s1 keeps a neu clip
+    table = write_table(root, rows)
+    bad = root / rows[1]["file"]
+    line = cli_error(capsys, catalogue, "prepare csv: a float WAV holding NaN / Inf samples",
+                     prepare_argv(table, tmp_path / "out"), "2 NaN/Inf sample(s)")
+    assert f"{table}:3" in line and str(bad) in line
+    assert main(prepare_argv(table, tmp_path / "out", "--skip-bad-audio")) == 0
+    report = json.loads((tmp_path / "out" / "prepare_report.json").read_text())
+    assert [(x["path"], "NaN/Inf" in x["reason"]) for x in report["skipped"]] == [(str(bad), True)]
+    ids = [json.loads(x)["id"] for x in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert "wavs/s1_neu" not in ids and len(ids) == 4
+
+
+def test_nan_audio_reaching_the_dataset_is_one_line_naming_the_file(tmp_path, catalogue):
+    from mmser.data.dataset import UtteranceDataset
+
+    path = tmp_path / "nan.wav"
+    sf.write(str(path), _nan_wav(), SR, subtype="FLOAT")
+    ds = UtteranceDataset([{"id": "u", "path": str(path), "label": "angry", "duration": 0.2}])
+    with pytest.raises(ValueError) as e:
+        ds[0]
+    message = str(e.value)
+    assert message == f"{path}: 2 NaN/Inf sample(s), the first at 0.006 s", message
+    catalogue("training: a NaN/Inf sample reaches the dataset", message)
+
+
+def test_an_unterminated_quote_is_named_not_swallowed(tmp_path, capsys, catalogue):
+    root = tmp_path / "corpus"
+    rows = four_rows(transcript="fine")
+    table = write_table(root, rows)
+    lines = table.read_text().splitlines(keepends=True)
+    lines[2] = lines[2].replace(",fine", ',"fine')  # row 2 (line 3) opens a quote it never closes
+    table.write_text("".join(lines))
+    cli_error(capsys, catalogue, "prepare csv: an unterminated quote (rows swallowed into one transcript)",
+              prepare_argv(table, tmp_path / "out"), f"{table}:3: a quoted field runs on to line 5")
+    # a legitimately quoted multi-line transcript is still read
+    table.write_text("".join(lines[:2]) + lines[2].replace('"fine', '"fine\nand more"') + "".join(lines[3:]))
+    assert main(prepare_argv(table, tmp_path / "out2")) == 0
+    texts = [json.loads(x)["transcript"] for x in (tmp_path / "out2" / "manifest.jsonl").read_text().splitlines()]
+    assert "fine\nand more" in texts
+
+
+def test_the_same_audio_under_two_ids_in_two_folds_is_refused(tmp_path, capsys, catalogue):
+    root = tmp_path / "corpus"
+    rows = four_rows()
+    table = write_table(root, rows)
+    s2 = root / rows[2]["file"]  # s2's ang clip: copied as s1's extra clip (another name, same bytes)
+    (root / "wavs" / "copy.wav").write_bytes(s2.read_bytes())
+    rows = four_rows() + [{"file": "wavs/copy.wav", "label": "ang", "speaker": "s1"}]
+    table = write_table(root, rows)
+    cli_error(capsys, catalogue, "prepare csv: one audio file under two ids, in two folds",
+              prepare_argv(table, tmp_path / "out"), "ids wavs/copy (")
+    assert not (tmp_path / "out").exists()
+    # within one fold: kept, with a warning in the report
+    rows[-1]["speaker"] = "s2"
+    table = write_table(root, rows)
+    assert main(prepare_argv(table, tmp_path / "out3")) == 0
+    report = json.loads((tmp_path / "out3" / "prepare_report.json").read_text())
+    assert any("wavs/copy" in w and "wavs/s2_ang" in w and "within one fold" in w for w in report["warnings"])
+
+
+def test_the_same_audio_error_names_both_ids_and_lines(tmp_path, capsys):
+    root = tmp_path / "corpus"
+    rows = four_rows()
+    write_table(root, rows)
+    os.symlink(root / rows[0]["file"], root / "wavs" / "link.wav")  # one file, two names
+    rows = four_rows() + [{"file": "wavs/link.wav", "label": "ang", "speaker": "s2"}]
+    table = write_table(root, rows)
+    code = main(prepare_argv(table, tmp_path / "out"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "ids wavs/link" in err[0] and "wavs/s1_ang" in err[0] and f"{table}:2" in err[0] and f"{table}:6" in err[0]
+
+
+def test_labels_differing_in_case_or_spaces_are_one_class(tmp_path, catalogue):
+    root = tmp_path / "corpus"
+    rows = four_rows()
+    rows[0]["label"], rows[2]["label"] = "ANG", " Ang "
+    rows.append({"file": "wavs/s2_more.wav", "label": "Neu", "speaker": "s2"})  # no collision: "neu" too
+    table = write_table(root, rows)
+    assert main(prepare_argv(table, tmp_path / "out")) == 0
+    report = json.loads((tmp_path / "out" / "prepare_report.json").read_text())
+    assert report["counts"]["classes"] == ["ang", "neu"]
+    assert report["counts"]["per_class"] == {"ang": 2, "neu": 3}
+    assert report["label_case_merged"] == {"ANG": "ang", "Ang": "ang", "Neu": "neu"}
+    catalogue("prepare csv: labels 'ang', 'ANG', ' Ang '", "one class 'ang'; report label_case_merged "
+              + json.dumps(report["label_case_merged"]))

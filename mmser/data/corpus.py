@@ -16,9 +16,11 @@ relative to --audio-root unless absolute), `label`, `speaker` (required); `id` (
 relative to the audio root, without its suffix), `session`, `fold`, `split`, `transcript`,
 `gender` (optional). Every value is read as text (JSONL numbers too).
 
-Labels: `--map RAW=CLASS` renames raw labels first (`--map xxx=` drops one: label null), then
-`--labels a,b,c` is the class set: rows whose label is outside it (or empty) stay in the manifest with
-`label: null` (their raw label in `emotion_code`), outside the task, like IEMOCAP's other codes.
+Labels: spellings that differ only in case (`ang`, `ANG`, ` Ang `) are one label, in lower case
+(listed in the report's `label_case_merged` and a warning). `--map RAW=CLASS` renames raw labels
+first (`--map xxx=` drops one: label null), then `--labels a,b,c` is the class set: rows whose
+label is outside it (or empty) stay in the manifest with `label: null` (their raw label in
+`emotion_code`), outside the task, like IEMOCAP's other codes.
 Without --labels every mapped label is a class. A class of --labels that labels no row is an error.
 The class index order of a run is the sorted class names, or `data.classes` (mmser.data.manifest).
 
@@ -37,11 +39,13 @@ then `kfold:5`):
   lowest number). Deterministic; K <= number of speakers.
 
 Audio: every file is checked with mmser.audio.audio_info (header only): missing, unreadable or empty
-files, and files that are not `sample_rate` Hz mono, are errors naming the table's file:line. With
+files, files holding NaN or Inf samples (float WAVs are read whole for that; integer PCM cannot hold
+them) and files that are not `sample_rate` Hz mono are errors naming the table's file:line. With
 `--resample`, files at another rate or with several channels are read with mmser.audio.load_audio
 (down-mixed, resampled) and written as 16-bit PCM WAV copies under OUT/audio/ (the manifest points
 at the copies). With `--skip-bad-audio`, missing / unreadable / empty files are skipped and listed
-in the report instead. Durations come from the headers (of the copies when resampled).
+in the report instead (row, path, reason), NaN / Inf files among them. Durations come from the
+headers (of the copies when resampled).
 
 Every problem with a row (missing value, unknown split value, duplicate id, bad audio) is collected
 and raised once as a ValueError whose first line is `FILE:LINE: problem`, with the count and more
@@ -64,17 +68,19 @@ from pathlib import Path
 
 import numpy as np
 
-from mmser.audio import audio_info, load_audio
+from mmser.audio import audio_info, check_finite_file, load_audio
 from mmser.data.manifest import (
     DEV_SPLIT,
     TRAIN_SPLIT,
     FoldId,
+    describe_same_audio,
     fold_file_paths,
     fold_ids,
     fold_sort_key,
     is_fold_name,
     load_manifest,
     reuse_prepared,
+    same_audio,
     split_fold,
     write_fold_files,
 )
@@ -305,6 +311,13 @@ def read_table(path: str | Path, fmt: str | None = None, delimiter: str | None =
         lineno, start = start, reader.line_num + 1
         if not any(v.strip() for v in values):
             continue
+        if reader.line_num > lineno:  # a quoted field over several lines: rows swallowed by a stray quote?
+            swallowed = [x for v in values for x in v.split("\n")[1:] if x.count(delimiter) >= len(header) - 1]
+            if swallowed:
+                problems.append(f"{path}:{lineno}: a quoted field runs on to line {reader.line_num} and holds "
+                                f"{len(swallowed)} line(s) shaped like rows (an unterminated quote?); close the "
+                                "quote, or double a quote inside a quoted field")
+                continue
         if len(values) != len(header):
             problems.append(f"{path}:{lineno}: {len(values)} fields, the header has {len(header)}")
             continue
@@ -372,6 +385,7 @@ class _Build:
     to_resample: dict[str, tuple[Path, Path]]  # id -> (source, copy)
     fold_mode: str
     fold_assignment: dict[str, FoldId] = field(default_factory=dict)
+    label_case_merged: dict[str, str] = field(default_factory=dict)  # raw spelling -> the label it became
     sources: list[Path] = field(default_factory=list)  # every row's audio file (the stage's inputs)
 
 
@@ -409,6 +423,16 @@ def build_records(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec,
         return row.values.get(spec.column(role))
 
     classes = set(spec.labels) if spec.labels is not None else None
+    # Labels that differ only in case ("ang", "ANG", "Ang"; spaces around are stripped on reading)
+    # are one label, spelled in lower case: the spellings merged are in the report and a warning.
+    spellings: dict[str, set[str]] = {}
+    for row in rows:
+        raw = get(row, "label")
+        if raw is not None:
+            spellings.setdefault(raw.lower(), set()).add(raw)
+    case_merged = {raw: key for key, spelled in spellings.items() if len(spelled) > 1 for raw in sorted(spelled)
+                   if raw != key}
+    map_by_key = {k.strip().lower(): v for k, v in spec.map.items()}
     records: list[dict] = []
     rows_of: dict[str, Row] = {}
     skipped: list[dict] = []
@@ -453,7 +477,10 @@ def build_records(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec,
             continue
         rows_of[uid] = row
         raw_label = get(row, "label")
-        mapped = spec.map.get(raw_label, raw_label) if raw_label is not None else None
+        mapped = None
+        if raw_label is not None:
+            name = case_merged.get(raw_label, raw_label)
+            mapped = spec.map.get(raw_label, spec.map.get(name, map_by_key.get(name.lower(), name)))
         mapped = mapped or None
         label = mapped if mapped is not None and (classes is None or mapped in classes) else None
         # the audio: exists, readable, not empty, the expected rate and channels
@@ -462,6 +489,7 @@ def build_records(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec,
             frames, sr, channels = info.frames, info.samplerate, info.channels
             if frames <= 0:
                 raise ValueError(f"{path}: no audio samples")
+            check_finite_file(path, info)  # NaN / Inf samples (float-coded files only: read whole)
         except (FileNotFoundError, ValueError) as e:
             message = f"{row.where}: {' '.join(str(e).split())}"
             if spec.skip_bad_audio:
@@ -519,8 +547,23 @@ def build_records(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec,
             r["session"] = by_speaker.get(r["speaker"], 1)
         assignment = dict(sorted(by_speaker.items()))
     records.sort(key=lambda r: r["id"])
-    return _Build(records=records, skipped=skipped, warnings=[], to_resample=to_resample, fold_mode=fold_mode,
-                  fold_assignment=assignment, sources=sources)
+    # the same audio under two ids: refused across folds / splits (leakage), a warning within one
+    source_of = {uid: src for uid, (src, _) in to_resample.items()}
+    warnings = []
+    if case_merged:
+        warnings.append("labels differing only in case merged (one class each, lower case): "
+                        + ", ".join(f"{raw!r} -> {key!r}" for raw, key in sorted(case_merged.items())))
+    for recs, leaks in same_audio(records, lambda r: source_of.get(r["id"], r["path"])):
+        text = describe_same_audio(recs, lambda r: rows_of[r["id"]].where)
+        if leaks:
+            problems.append(f"{rows_of[recs[0]['id']].where}: {text} in different folds or splits: a fold would "
+                            "test (or select) on audio it trains on; remove the duplicate rows")
+        else:
+            warnings.append(f"{text} within one fold (kept: no leakage, but the clip counts twice)")
+    if problems:
+        raise CorpusError(problems)
+    return _Build(records=records, skipped=skipped, warnings=warnings, to_resample=to_resample, fold_mode=fold_mode,
+                  fold_assignment=assignment, sources=sources, label_case_merged=case_merged)
 
 
 def _write_copies(build: _Build, sample_rate: int) -> None:
@@ -734,6 +777,7 @@ def prepare_rows(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec, 
         "fold_assignment": {k: v for k, v in sorted(build.fold_assignment.items(), key=lambda kv: (
             fold_sort_key(kv[1]), kv[0]))},
         "resampled": len(build.to_resample),
+        "label_case_merged": build.label_case_merged,
         "skipped": build.skipped,
         "too_short": {"min_duration_s": MIN_DURATION_S, "count": len(too_short), "clips": too_short},
         "warnings": warnings,

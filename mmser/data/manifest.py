@@ -496,6 +496,34 @@ def write_fold_files(records: list[dict], folds_dir: str | Path, data_cfg=None) 
     return paths
 
 
+def same_audio(records: Sequence[dict], path_of=None) -> list[tuple[list[dict], bool]]:
+    """Groups of task records (label not null) whose audio is one file or the same bytes
+    (mmser.io.same_audio_groups), each with whether it spans folds or splits: the same audio in two
+    folds (or in train and dev) is leakage, a fold would test on what it trained on. `path_of(r)`:
+    the file to compare (default r["path"])."""
+    from mmser.io import same_audio_groups
+
+    task = [r for r in records if r["label"] is not None]
+    groups = same_audio_groups([(path_of or (lambda r: r["path"]))(r) for r in task])
+    out = []
+    for g in groups:
+        recs = [task[i] for i in g]
+        places = {(r.get("split"), None if r.get("split") is not None else r["session"]) for r in recs}
+        out.append((recs, len(places) > 1))
+    return out
+
+
+def _place(r: dict) -> str:
+    return f"split {r['split']}" if r.get("split") is not None else f"fold {r['session']}"
+
+
+def describe_same_audio(recs: Sequence[dict], where=None) -> str:
+    """"ids A (WHERE, fold 1) and B (WHERE, fold 2) are the same audio (PATH)"."""
+    ids = " and ".join(f"{r['id']} ({where(r) + ', ' if where else ''}{_place(r)})" for r in recs[:4])
+    more = f" and {len(recs) - 4} more" if len(recs) > 4 else ""
+    return f"ids {ids}{more} are the same audio ({recs[0]['path']})"
+
+
 def reuse_prepared(out_dir: Path, fp: str, manifest_name: str = "manifest.jsonl",
                    report_name: str = "prepare_report.json") -> dict | None:
     """A prepare stage's previous report if its outputs are intact and were built from the same
