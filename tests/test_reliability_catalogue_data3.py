@@ -249,3 +249,118 @@ def test_labels_differing_in_case_or_spaces_are_one_class(tmp_path, catalogue):
     assert report["label_case_merged"] == {"ANG": "ang", "Ang": "ang", "Neu": "neu"}
     catalogue("prepare csv: labels 'ang', 'ANG', ' Ang '", "one class 'ang'; report label_case_merged "
               + json.dumps(report["label_case_merged"]))
+
+
+# -- 4. kill -9 during a checkpoint write loses nothing ---------------------------------------------
+
+
+_KILLED_SAVE = """
+import io, os, shutil, sys, torch
+from mmser.config import load_config
+from mmser.training.run import make_trainer
+
+def die_half_way(data, f):  # the kill lands half-way through writing the new checkpoint's bytes
+    f.write(data[: len(data) // 2])
+    f.flush()
+    os._exit(9)
+
+real_save = torch.save
+def save(obj, f, *a, **k):
+    if isinstance(f, io.BytesIO):  # Lightning's own writer serialises in memory first
+        return real_save(obj, f, *a, **k)
+    buf = io.BytesIO()
+    real_save(obj, buf)
+    die_half_way(buf.getvalue(), f)
+torch.save = save
+shutil._fastcopy_sendfile = lambda src, dst: die_half_way(src.read(), dst)  # a copy out of TMPDIR
+shutil.copyfileobj = lambda src, dst, length=0: die_half_way(src.read(), dst)
+configs = sys.argv[2:]
+trainer = make_trainer(load_config(*configs), logger=False, default_root_dir=os.path.dirname(sys.argv[1]))
+trainer.strategy.checkpoint_io.save_checkpoint({"epoch": 2, "w": torch.zeros(50000)}, sys.argv[1])
+"""
+
+
+def test_a_kill_during_the_checkpoint_write_keeps_the_previous_one(tmp_path, catalogue):
+    import shutil
+    import subprocess
+    import sys
+
+    import torch
+    from helpers import TINY_CONFIGS
+
+    from mmser.training.checkpoint_io import AtomicCheckpointIO
+
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    # TMPDIR on another file system than the run folder where this machine has one (/dev/shm)
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shm.stat().st_dev != tmp_path.stat().st_dev:
+        other_tmp = Path(__import__("tempfile").mkdtemp(dir=shm))
+    else:
+        other_tmp = tmp_path / "tmpdir"
+        other_tmp.mkdir()
+    try:
+        last = ckpt_dir / "last.ckpt"
+        torch.save({"epoch": 1, "w": torch.ones(50000)}, last)
+        before = last.read_bytes()
+        env = {**os.environ, "TMPDIR": str(other_tmp), "PYTHONPATH": os.pathsep.join(sys.path)}
+        proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(last), *map(str, TINY_CONFIGS)], env=env,
+                              capture_output=True, timeout=300)
+        assert proc.returncode == 9, proc.stderr.decode()[-2000:]
+        # was (Lightning's writer, TMPDIR on /dev/shm): last.ckpt cut from 401,577 to 200,000 bytes in place
+        assert last.read_bytes() == before
+        left = [p.name for p in ckpt_dir.iterdir() if p.name != "last.ckpt"]
+        assert len(left) == 1 and left[0].startswith(".last.ckpt.tmp-") and not list(other_tmp.iterdir())
+        # the next start (the resume loads last.ckpt) removes the dead writer's temp file
+        assert AtomicCheckpointIO().load_checkpoint(last, weights_only=True)["epoch"] == 1
+        assert [p.name for p in ckpt_dir.iterdir()] == ["last.ckpt"]
+    finally:
+        shutil.rmtree(other_tmp, ignore_errors=True)
+    catalogue("kill -9 during the last.ckpt write, TMPDIR on another file system",
+              "previous last.ckpt intact; the temp file beside it is removed at the next start")
+
+
+def test_checkpoint_temp_files_are_made_beside_the_checkpoint_not_in_tmpdir(tmp_path, monkeypatch):
+    import tempfile
+
+    import torch
+
+    from mmser.training.checkpoint_io import AtomicCheckpointIO
+
+    other_tmp = tmp_path / "tmpdir"
+    other_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(other_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(other_tmp))
+    ckpt_dir = tmp_path / "checkpoints"
+    seen = {}
+    real = torch.save
+
+    def watching(obj, f, *a, **k):
+        seen["dest"] = sorted(p.name for p in ckpt_dir.iterdir())
+        seen["tmpdir"] = sorted(p.name for p in other_tmp.iterdir())
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", watching)
+    AtomicCheckpointIO().save_checkpoint({"w": torch.ones(2)}, ckpt_dir / "last.ckpt")
+    assert len(seen["dest"]) == 1 and seen["dest"][0].startswith(f".last.ckpt.tmp-{os.getpid()}.")
+    assert seen["tmpdir"] == []
+    assert [p.name for p in ckpt_dir.iterdir()] == ["last.ckpt"]
+
+    def half_then_raise(obj, f, *a, **k):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", half_then_raise)
+    with pytest.raises(OSError) as e:
+        AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(2)}, ckpt_dir / "last.ckpt")
+    assert (e.value.filename, e.value.strerror) == (str(ckpt_dir / "last.ckpt"), "No space left on device")
+    assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["w"].tolist() == [1.0, 1.0]
+    assert [p.name for p in ckpt_dir.iterdir()] == ["last.ckpt"]
+
+
+def test_every_stage_trainer_saves_through_the_atomic_checkpoint_io(tmp_path):
+    from mmser.training.checkpoint_io import AtomicCheckpointIO
+    from mmser.training.run import make_trainer
+
+    trainer = make_trainer(tiny_config(tmp_path), logger=False, default_root_dir=str(tmp_path))
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)

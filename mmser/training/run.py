@@ -72,6 +72,7 @@ from mmser.models.pretrained import MODEL_FORMAT, from_pretrained, save_pretrain
 from mmser.models.wav2vec2 import encoder_provenance
 from mmser.perf import ThroughputMonitor, attention_implementation, compile_transformer_layers, find_hf_encoder
 from mmser.provenance import provenance
+from mmser.training.checkpoint_io import AtomicCheckpointIO
 from mmser.training.finetune import ClassifierModule
 from mmser.training.progress import EpochLog
 
@@ -141,6 +142,7 @@ def trainer_kwargs(cfg: Config) -> dict:
         enable_progress_bar=(sys.stderr.isatty() if tc.enable_progress_bar is None else tc.enable_progress_bar),
         enable_model_summary=False,
         num_sanity_val_steps=0, use_distributed_sampler=False,
+        plugins=[AtomicCheckpointIO()],  # checkpoints atomic in their own folder (kill -9 keeps last.ckpt)
     )
 
 
