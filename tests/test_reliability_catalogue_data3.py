@@ -364,3 +364,78 @@ def test_every_stage_trainer_saves_through_the_atomic_checkpoint_io(tmp_path):
 
     trainer = make_trainer(tiny_config(tmp_path), logger=False, default_root_dir=str(tmp_path))
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+# -- 5. outputs keep the umask's mode ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_outputs_get_the_mode_of_the_umask(tmp_path, catalogue, umask, mode):
+    import torch
+
+    from mmser.io import atomic_write_json
+    from mmser.training.checkpoint_io import AtomicCheckpointIO
+
+    old = os.umask(umask)
+    try:
+        atomic_write_json(tmp_path / "a.json", {"x": 1})
+        AtomicCheckpointIO().save_checkpoint({"w": torch.ones(1)}, tmp_path / "last.ckpt")
+        table = write_table(tmp_path / "corpus", four_rows(), sr=8000)
+        assert main(prepare_argv(table, tmp_path / "out", "--resample")) == 0
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    files = [tmp_path / "a.json", tmp_path / "last.ckpt", out / "manifest.jsonl", out / "prepare_report.json",
+             *(out / "folds").iterdir(), *(out / "audio").rglob("*.wav")]
+    got = {p.name: oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(got.values()) == {oct(mode)}, got  # was: 0o600 whatever the umask (mkstemp's mode)
+    if umask == 0o022:
+        catalogue("outputs under umask 022 (manifest, report, folds, copies, checkpoints)", f"mode {oct(mode)}")
+
+
+# -- 6. write errors: one line naming the destination ---------------------------------------------------
+
+
+def _small_corpus(tmp_path: Path) -> Path:
+    return write_table(tmp_path / "corpus", four_rows())
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path, capsys, catalogue, monkeypatch):
+    import errno
+
+    import mmser.io
+
+    table = _small_corpus(tmp_path)
+    out = tmp_path / "out"
+    real = os.fsync
+
+    def full(fd):
+        if os.path.isfile(f"/proc/self/fd/{fd}"):  # a file being written (not the folder's fsync)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    monkeypatch.setattr(mmser.io.os, "fsync", full)
+    line = cli_error(capsys, catalogue, "prepare csv on a full disk", prepare_argv(table, out),
+                     "No space left on device")
+    assert line.startswith(f"mmser: error: {out / 'folds'}") and ".tmp" not in line, line
+    assert not [p for p in out.rglob("*") if p.is_file()]  # no temp file left behind
+
+
+def test_an_output_path_that_is_a_folder(tmp_path, capsys, catalogue):
+    table = _small_corpus(tmp_path)
+    out = tmp_path / "out"
+    (out / "manifest.jsonl").mkdir(parents=True)
+    line = cli_error(capsys, catalogue, "prepare csv: OUT/manifest.jsonl is a folder", prepare_argv(table, out),
+                     f"{out / 'manifest.jsonl'}: is a folder; expected a file there")
+    assert ".tmp" not in line  # was: the temp file's name (.manifest.jsonl.XXXX.tmp -> manifest.jsonl)
+
+
+def test_out_under_a_file(tmp_path, capsys, catalogue):
+    table = _small_corpus(tmp_path)
+    blocker = tmp_path / "data.txt"
+    blocker.write_text("a file, not a folder")
+    cli_error(capsys, catalogue, "prepare csv --out under a file", prepare_argv(table, blocker / "out"),
+                     f"cannot create its folder: {blocker} is a file, not a folder")
+    assert blocker.read_text() == "a file, not a folder"
+    cli_error(capsys, catalogue, "prepare csv --out is a file", prepare_argv(table, blocker),
+                     f"cannot create its folder: {blocker} is a file, not a folder")
