@@ -99,6 +99,17 @@ def test_run_folders_made_from_names_stay_inside_output_dir(tmp_path, monkeypatc
               "refused by mmser.io.safe_join (the one checked join)")
 
 
+def test_cv_experiment_folder_stays_inside_output_dir(tmp_path, capsys, catalogue):
+    from helpers import TINY_CONFIGS, write_toy_corpus
+
+    manifest = write_toy_corpus(tmp_path / "toy", per_class=1, sessions=(1, 2), durations=(0.2, 0.25))
+    out = tmp_path / "a" / "runs"
+    argv = ["cv", *[x for f in TINY_CONFIGS for x in ("-c", str(f))], f"data.manifest={manifest}",
+            f"output_dir={out}", "experiment=../../escaped", "--seeds", "1"]
+    cli_error(capsys, catalogue, "cv experiment=../../escaped", argv, "experiment")
+    assert not (tmp_path / "escaped").exists() and not out.exists()
+
+
 def test_safe_join_allows_subfolders_and_refuses_escapes(tmp_path):
     from mmser.io import UnsafePathError, safe_join
 

@@ -91,6 +91,7 @@ from mmser.io import (
     check_not_inputs,
     file_sha256,
     fingerprint,
+    remove_stale_temps,
     safe_join,
     write_jsonl,
 )
@@ -571,6 +572,8 @@ def _write_copies(build: _Build, sample_rate: int) -> None:
     import soundfile as sf
 
     by_id = {r["id"]: r for r in build.records}
+    for folder in sorted({dst.parent for _, dst in build.to_resample.values()}):
+        remove_stale_temps(folder)  # left by a killed prepare
     for uid, (src, dst) in build.to_resample.items():
         wav = load_audio(src, sample_rate)
         with atomic_open(dst) as f:
@@ -760,6 +763,8 @@ def prepare_rows(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec, 
         log.warning("skipped %s: %s", x["row"], x["reason"])
     for w in warnings:
         log.warning("%s", w)
+    for folder in (out_dir, out_dir / FOLDS_DIR):
+        remove_stale_temps(folder)  # left by a killed prepare
     fold_paths = write_fold_files(records, out_dir / FOLDS_DIR)
     manifest = out_dir / MANIFEST_NAME
     write_jsonl(manifest, records)

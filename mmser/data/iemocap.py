@@ -69,7 +69,7 @@ from mmser.data.manifest import (
     same_audio,
     write_fold_files,
 )
-from mmser.io import atomic_write_json, check_not_inputs, file_sha256, fingerprint, write_jsonl
+from mmser.io import atomic_write_json, check_not_inputs, file_sha256, fingerprint, remove_stale_temps, write_jsonl
 from mmser.labels import CLASSES, label_of_code
 
 log = logging.getLogger(__name__)
@@ -563,6 +563,8 @@ def prepare_iemocap(root: str | Path, out_dir: str | Path, strict: bool = False,
     manifest = out_dir / MANIFEST_NAME
     check_not_inputs([manifest, out_dir / REPORT_NAME, *fold_file_paths(scan.records, out_dir / FOLDS_DIR)],
                      inputs.files(), "--out")  # never write over the release (e.g. --out inside it)
+    for folder in (out_dir, out_dir / FOLDS_DIR):
+        remove_stale_temps(folder)  # left by a killed prepare
     fold_paths = write_fold_files(scan.records, out_dir / FOLDS_DIR)
     write_jsonl(manifest, scan.records)
     counts = _counts(scan.records)
