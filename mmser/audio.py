@@ -23,18 +23,37 @@ import soundfile as sf
 class UnreadableAudio(ValueError):
     """A file soundfile cannot decode; `reason` is libsndfile's message on one line."""
 
-    def __init__(self, path: str | Path, reason: str):
+    def __init__(self, path: str | Path, reason: str | None = None):
+        if reason is None:  # re-raised from a DataLoader worker: keep the original one-line message
+            message = _worker_message(str(path), type(self).__name__)
+            self.path, self.reason = Path(message.split(": ", 1)[0]), message
+            super().__init__(message)
+            return
         self.path, self.reason = Path(path), " ".join(str(reason).split())
         super().__init__(f"{path}: cannot read audio ({self.reason})")
+
+
+def _worker_message(text: str, name: str) -> str:
+    """The original message of an exception that torch's DataLoader re-raises from a worker as
+    `type(message + traceback)`: the traceback's last line, `module.Name: message`."""
+    last = text.strip().splitlines()[-1] if text.strip() else text
+    return last.split(f"{name}: ", 1)[-1]
 
 
 class NonFiniteAudio(ValueError):
     """A file holding NaN or Inf samples (only float-coded files can): a model fed one returns NaN
     probabilities and the first class as its label, so every reader refuses it, naming the file."""
 
-    def __init__(self, path: str | Path, count: int, first: int, sample_rate: int | None = None):
-        self.path, self.count, self.first = Path(path), int(count), int(first)
-        at = f"{first / sample_rate:.3f} s" if sample_rate else f"sample {first}"
+    def __init__(self, path: str | Path, count: int | None = None, first: int | None = None,
+                 sample_rate: int | None = None):
+        if count is None:  # re-raised from a DataLoader worker: keep the original one-line message
+            message = _worker_message(str(path), type(self).__name__)
+            self.path, self.count, self.first = Path(message.split(": ", 1)[0]), None, None
+            self.reason = message.split(": ", 1)[-1]
+            super().__init__(message)
+            return
+        self.path, self.count, self.first = Path(path), int(count), int(first or 0)
+        at = f"{self.first / sample_rate:.3f} s" if sample_rate else f"sample {self.first}"
         self.reason = f"{count} NaN/Inf sample(s), the first at {at}"
         super().__init__(f"{path}: {self.reason}")
 

@@ -197,6 +197,12 @@ def test_nan_audio_reaching_the_dataset_is_one_line_naming_the_file(tmp_path, ca
     message = str(e.value)
     assert message == f"{path}: 2 NaN/Inf sample(s), the first at 0.006 s", message
     catalogue("training: a NaN/Inf sample reaches the dataset", message)
+    # read in a DataLoader worker (configs/base.yaml: num_workers 2), torch re-raises it by its type
+    from torch.utils.data import DataLoader
+
+    with pytest.raises(ValueError) as e:
+        next(iter(DataLoader(ds, batch_size=None, num_workers=1)))
+    assert str(e.value) == message
 
 
 def test_an_unterminated_quote_is_named_not_swallowed(tmp_path, capsys, catalogue):
