@@ -456,3 +456,24 @@ def test_out_under_a_file(tmp_path, capsys, catalogue):
     assert blocker.read_text() == "a file, not a folder"
     cli_error(capsys, catalogue, "prepare csv --out is a file", prepare_argv(table, blocker),
                      f"cannot create its folder: {blocker} is a file, not a folder")
+
+
+def test_a_full_disk_while_writing_resampled_copies_names_the_copy(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import mmser.io
+
+    table = write_table(tmp_path / "corpus", four_rows(), sr=8000)
+    out = tmp_path / "out"
+    real = os.fsync
+
+    def full(fd):  # the disk fills up while the copies under OUT/audio are written
+        if f"{out / 'audio'}/" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    monkeypatch.setattr(mmser.io.os, "fsync", full)
+    assert main(prepare_argv(table, out, "--resample")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mmser: error: {out / 'audio'}") and err[0].endswith(
+        ".wav: No space left on device"), err

@@ -86,7 +86,7 @@ from mmser.data.manifest import (
 )
 from mmser.io import (
     UnsafePathError,
-    atomic_open,
+    atomic_write_bytes,
     atomic_write_json,
     check_not_inputs,
     file_sha256,
@@ -576,8 +576,11 @@ def _write_copies(build: _Build, sample_rate: int) -> None:
         remove_stale_temps(folder)  # left by a killed prepare
     for uid, (src, dst) in build.to_resample.items():
         wav = load_audio(src, sample_rate)
-        with atomic_open(dst) as f:
-            sf.write(f, np.clip(wav, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
+        # encoded in memory (one clip), then written atomically: a write error (a full disk) then
+        # surfaces as an OSError naming the copy, not as soundfile's callback AssertionError
+        buf = io.BytesIO()
+        sf.write(buf, np.clip(wav, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
+        atomic_write_bytes(dst, buf.getvalue())
         by_id[uid]["duration"] = len(wav) / sample_rate
 
 
