@@ -98,7 +98,9 @@ from mmser.io import (
 
 log = logging.getLogger(__name__)
 
-CORPUS_FORMAT_VERSION = 1
+# Bump when the outputs for the same inputs change (a folder of an older version is rebuilt). 2: labels
+# differing only in case merged, NaN / Inf audio refused, the same audio across folds refused.
+CORPUS_FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.jsonl"
 REPORT_NAME = "prepare_report.json"
 FOLDS_DIR = "folds"

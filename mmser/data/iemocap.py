@@ -76,7 +76,8 @@ log = logging.getLogger(__name__)
 
 # Bump when the manifest's or the report's content or format changes: it invalidates earlier
 # outputs. 2: the report lists too-short clips and every warning (transcript decoding, duplicates).
-MANIFEST_FORMAT_VERSION = 2
+# 3: float wavs with NaN / Inf samples are skipped; the same audio under two ids is a warning.
+MANIFEST_FORMAT_VERSION = 3
 SAMPLE_RATE = 16000  # IEMOCAP.md: sentence wavs are 16 kHz mono 16-bit PCM
 # Clips under this are reported (`too_short`). IEMOCAP's shortest utterance is 0.6 s (IEMOCAP.md), so
 # anything under 0.1 s on a real copy is damage (a truncated file), not speech; 0.1 s = 1,600 samples
