@@ -7,7 +7,8 @@ any channel count -> float32 mono at the rate asked for.
 
 Resampling is scipy's polyphase filter (`resample_poly`, a Kaiser-windowed FIR; scipy is already a
 dependency, soxr is not installed here). Stereo and multichannel files are down-mixed by the mean of
-the channels. Every error names the file: missing (FileNotFoundError), unreadable or empty (ValueError).
+the channels. Every error names the file: missing (FileNotFoundError), unreadable or empty (ValueError),
+NaN or Inf samples (NonFiniteAudio, a ValueError: checked on every read, one pass over the samples).
 """
 
 from __future__ import annotations
@@ -22,9 +23,60 @@ import soundfile as sf
 class UnreadableAudio(ValueError):
     """A file soundfile cannot decode; `reason` is libsndfile's message on one line."""
 
-    def __init__(self, path: str | Path, reason: str):
+    def __init__(self, path: str | Path, reason: str | None = None):
+        if reason is None:  # re-raised from a DataLoader worker: keep the original one-line message
+            message = _worker_message(str(path), type(self).__name__)
+            self.path, self.reason = Path(message.split(": ", 1)[0]), message
+            super().__init__(message)
+            return
         self.path, self.reason = Path(path), " ".join(str(reason).split())
         super().__init__(f"{path}: cannot read audio ({self.reason})")
+
+
+def _worker_message(text: str, name: str) -> str:
+    """The original message of an exception that torch's DataLoader re-raises from a worker as
+    `type(message + traceback)`: the traceback's last line, `module.Name: message`."""
+    last = text.strip().splitlines()[-1] if text.strip() else text
+    return last.split(f"{name}: ", 1)[-1]
+
+
+class NonFiniteAudio(ValueError):
+    """A file holding NaN or Inf samples (only float-coded files can): a model fed one returns NaN
+    probabilities and the first class as its label, so every reader refuses it, naming the file."""
+
+    def __init__(self, path: str | Path, count: int | None = None, first: int | None = None,
+                 sample_rate: int | None = None):
+        if count is None:  # re-raised from a DataLoader worker: keep the original one-line message
+            message = _worker_message(str(path), type(self).__name__)
+            self.path, self.count, self.first = Path(message.split(": ", 1)[0]), None, None
+            self.reason = message.split(": ", 1)[-1]
+            super().__init__(message)
+            return
+        self.path, self.count, self.first = Path(path), int(count), int(first or 0)
+        at = f"{self.first / sample_rate:.3f} s" if sample_rate else f"sample {self.first}"
+        self.reason = f"{count} NaN/Inf sample(s), the first at {at}"
+        super().__init__(f"{path}: {self.reason}")
+
+
+# Subtypes whose samples can be NaN or Inf; integer PCM (and FLAC, ...) cannot hold them.
+FLOAT_SUBTYPES = frozenset({"FLOAT", "DOUBLE"})
+
+
+def check_finite(path: str | Path, wav: np.ndarray, sample_rate: int | None = None) -> np.ndarray:
+    """`wav` unchanged, or NonFiniteAudio naming `path` when a sample is NaN or Inf (one pass)."""
+    finite = np.isfinite(wav)
+    if not finite.all():
+        bad = np.flatnonzero(~finite.reshape(finite.shape[0], -1).all(axis=1))
+        raise NonFiniteAudio(path, int((~finite).sum()), int(bad[0]), sample_rate)
+    return wav
+
+
+def check_finite_file(path: str | Path, info=None) -> None:
+    """Prepare's check without decoding every file: only float-coded files (FLOAT_SUBTYPES, from
+    the header) are read, and refused (NonFiniteAudio) when they hold NaN or Inf."""
+    info = info if info is not None else audio_info(path)
+    if info.subtype in FLOAT_SUBTYPES:
+        read_audio_file(path)
 
 
 def audio_info(path: str | Path):
@@ -48,7 +100,7 @@ def read_audio_file(path: str | Path) -> tuple[np.ndarray, int]:
         wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise UnreadableAudio(path, str(e)) from None
-    return wav, int(sr)
+    return check_finite(path, wav, int(sr)), int(sr)
 
 
 def to_mono(wav: np.ndarray) -> np.ndarray:

@@ -427,9 +427,10 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         return 0
     if args.command == "cv":
         cfg = _load(args)
+        from mmser.io import safe_join
         from mmser.training.cv import run_cv
 
-        out = args.out or Path(cfg.output_dir) / cfg.experiment
+        out = args.out or safe_join(cfg.output_dir, cfg.experiment, what="experiment")
         command = "mmser " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("mmser") \
             else "mmser cv " + " ".join(_cv_argv(args))
         summary = run_cv(cfg, sessions=args.sessions, seeds=args.seeds, out_dir=out, command=command)

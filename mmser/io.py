@@ -9,14 +9,16 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 log = logging.getLogger(__name__)
 
@@ -27,22 +29,196 @@ def looks_like_path(name: str) -> bool:
     either (audio encoders, text encoders, Whisper models, saved mmser models)."""
     return name.startswith((".", "~")) or os.path.isabs(name) or name.count("/") > 1
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+# -- paths made from data ----------------------------------------------------------------------------
+#
+# A file name made from data (an utterance id, a file name from a table, an experiment, fold or run
+# name) goes through `safe_join`, the one checked join: "../../x", "/etc/x", "a/../../b" or a NUL
+# would otherwise write outside the output folder. Subfolders ("spk1/utt3") are allowed; the check
+# is on the names (lexical), so an output folder that is itself a symlink keeps working.
+
+
+class UnsafePathError(ValueError):
+    """A name from data that would put a file outside its output folder."""
+
+
+def safe_join(root: str | Path, *parts: str | os.PathLike, what: str = "name", where: str | None = None) -> Path:
+    """root / parts..., refusing a part that is empty, absolute, has a '..' component or a NUL byte:
+    UnsafePathError "WHERE: WHAT '../x' has a '..' component: it would write outside ROOT"."""
+    root = Path(root)
+    out = root
+    for part in parts:
+        text = os.fspath(part)
+        problem = None
+        if not text:
+            problem = "is empty"
+        elif "\x00" in text:
+            problem = "contains a NUL byte"
+        elif os.path.isabs(text):
+            problem = "is an absolute path"
+        elif ".." in Path(text).parts:
+            problem = "has a '..' component"
+        elif not [c for c in Path(text).parts if c != "."]:
+            problem = "names no file"
+        if problem:
+            head = f"{where}: " if where else ""
+            tail = f"it would write outside {root}" if "absolute" in problem or ".." in problem else \
+                f"not a file name under {root}"
+            raise UnsafePathError(f"{head}{what} {text!r} {problem}: {tail}")
+        out = out / text
+    return out
+
+
+# -- a stage never overwrites its inputs ----------------------------------------------------------
+
+
+def check_not_inputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path], option: str = "--out") -> None:
+    """Refuse (ValueError naming both) when an output file would be one of the inputs: the same
+    real path (symlinks resolved) or the same file (a hard link, a bind mount). Call it before the
+    stage writes anything: e.g. `--out` = the audio root with resampled copies named like their
+    sources, or an input table named OUT/manifest.jsonl."""
+    by_real: dict[str, Path] = {}
+    by_inode: dict[tuple[int, int], Path] = {}
+    for p in inputs:
+        p = Path(p)
+        try:
+            st = p.stat()
+        except OSError:
+            continue  # a missing input cannot be overwritten (the stage reports it itself)
+        by_real.setdefault(os.path.realpath(p), p)
+        by_inode.setdefault((st.st_dev, st.st_ino), p)
+    for out in outputs:
+        out = Path(out)
+        hit = by_real.get(os.path.realpath(out))
+        if hit is None:
+            try:
+                st = out.stat()
+                hit = by_inode.get((st.st_dev, st.st_ino))
+            except OSError:
+                pass
+        if hit is not None:
+            raise ValueError(f"{out}: this output would overwrite the input {hit}; choose another {option} "
+                             "(a stage never writes over what it reads)")
+
+
+# -- atomic writes ---------------------------------------------------------------------------------
+#
+# Every output is written to a temp file IN ITS DESTINATION FOLDER (never TMPDIR: a rename across
+# file systems is a copy, and a kill during that copy truncates the destination in place), fsynced,
+# given the mode a plain open() would give it (mkstemp creates 0600; the umask's 0644 is what users
+# and their group tools expect), renamed over the destination with os.replace (atomic on POSIX) and
+# the folder fsynced, so a kill -9 or a power cut leaves either the old file or the new one. The temp
+# name `.NAME.tmp-PID.XXXXXX` carries the writer's pid: `remove_stale_temps` deletes those of dead
+# writers. An OSError names the DESTINATION (never the temp name): "OUT/manifest.jsonl: No space
+# left on device", "OUT/x: Is a directory", "OUT: its folder F is a file, not a folder".
+
+_UMASK_LOCK = threading.Lock()
+TEMP_MARK = ".tmp-"
+
+
+def file_mode() -> int:
+    """0o666 & ~umask: the mode open() gives a new file (0644 under umask 022)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with open("/proc/self/status", encoding="ascii") as f:  # Linux: read without changing it
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _blocking_file(folder: Path) -> Path | None:
+    """The first ancestor of `folder` (itself included) that exists and is not a folder."""
+    for p in [folder, *folder.parents]:
+        if p.exists() or p.is_symlink():
+            return None if p.is_dir() else p
+    return None
+
+
+def named_os_error(e: OSError, path: str | Path) -> OSError:
+    """The same error (errno, reason) naming `path`, the file the caller was writing; a folder that
+    cannot be made because an ancestor is a file says which."""
+    path = Path(path)
+    reason = e.strerror or " ".join(str(e).split()) or type(e).__name__
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):
+        blocker = _blocking_file(path.parent)
+        if blocker is not None:
+            reason = f"cannot create its folder: {blocker} is a file, not a folder"
+    if e.errno == errno.EISDIR or (e.errno in (errno.EEXIST, errno.ENOTEMPTY) and path.is_dir()):
+        reason = "is a folder; expected a file there"
+    out = OSError(e.errno, reason, str(path))  # errno picks the subclass (PermissionError, ...)
+    return out
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder; the rename is done either way
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """`with atomic_open(path) as f: f.write(...)`: `path` appears complete or not at all (see the
+    section comment). Errors, the body's included, name `path`."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}{os.getpid()}.", dir=path.parent)
+    except OSError as e:
+        raise named_os_error(e, path) from e
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and not isinstance(e, FolderHeld):
+            raise named_os_error(e, path) from e
         raise
+    _fsync_dir(path.parent)
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temp files of `atomic_open` in `folder` whose writer is dead (a kill -9 during a
+    write); returns them. A live writer's temp file (another process writing there) is kept."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    pattern = re.compile(r"^\..+" + re.escape(TEMP_MARK) + r"(\d+)\.[^.]+$")
+    for p in folder.iterdir():
+        m = pattern.match(p.name)
+        if m is None or not p.is_file() or _pid_alive(int(m[1])):
+            continue
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            continue
+    if removed:
+        log.info("%s: removed %d temp file(s) of interrupted writes", folder, len(removed))
+    return removed
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -133,6 +309,49 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def same_audio_groups(paths: Iterable[str | Path]) -> list[list[int]]:
+    """Indexes into `paths` that are one file under several names (same inode, symlinks resolved)
+    or hold the same bytes: groups of 2+, each sorted, in order of their first index. Cheap on a
+    large corpus: only files of equal size are sampled (8 KiB from the middle), and only equal
+    samples are hashed whole (sha256). Missing files are left out."""
+    paths = [Path(p) for p in paths]
+    by_inode: dict[tuple[int, int], list[int]] = {}
+    sizes: dict[tuple[int, int], int] = {}
+    for i, p in enumerate(paths):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        by_inode.setdefault((st.st_dev, st.st_ino), []).append(i)
+        sizes[(st.st_dev, st.st_ino)] = st.st_size
+    files = list(by_inode.values())  # one entry per distinct file: the indexes naming it
+
+    def sample(i: int, size: int) -> bytes:
+        with paths[i].open("rb") as f:
+            f.seek(max(0, size // 2 - 4096))
+            return f.read(8192)
+
+    def split(groups: list[list[list[int]]], key) -> list[list[list[int]]]:
+        out = []
+        for g in groups:
+            if len(g) < 2:
+                continue
+            buckets: dict[object, list[list[int]]] = {}
+            for f in g:
+                buckets.setdefault(key(f), []).append(f)
+            out += [b for b in buckets.values() if len(b) > 1]
+        return out
+
+    size_of = {tuple(f): sizes[k] for k, f in by_inode.items()}
+    same = split([files], lambda f: size_of[tuple(f)])
+    same = split(same, lambda f: sample(f[0], size_of[tuple(f)]))
+    same = split(same, lambda f: file_sha256(paths[f[0]]))
+    groups = [sorted(i for f in g for i in f) for g in same]
+    grouped = {i for g in groups for i in g}
+    groups += [sorted(f) for f in files if len(f) > 1 and f[0] not in grouped]  # one file, several names
+    return sorted(groups)
 
 
 # -- what a folder was made from ------------------------------------------------------------------

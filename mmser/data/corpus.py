@@ -16,9 +16,11 @@ relative to --audio-root unless absolute), `label`, `speaker` (required); `id` (
 relative to the audio root, without its suffix), `session`, `fold`, `split`, `transcript`,
 `gender` (optional). Every value is read as text (JSONL numbers too).
 
-Labels: `--map RAW=CLASS` renames raw labels first (`--map xxx=` drops one: label null), then
-`--labels a,b,c` is the class set: rows whose label is outside it (or empty) stay in the manifest with
-`label: null` (their raw label in `emotion_code`), outside the task, like IEMOCAP's other codes.
+Labels: spellings that differ only in case (`ang`, `ANG`, ` Ang `) are one label, in lower case
+(listed in the report's `label_case_merged` and a warning). `--map RAW=CLASS` renames raw labels
+first (`--map xxx=` drops one: label null), then `--labels a,b,c` is the class set: rows whose
+label is outside it (or empty) stay in the manifest with `label: null` (their raw label in
+`emotion_code`), outside the task, like IEMOCAP's other codes.
 Without --labels every mapped label is a class. A class of --labels that labels no row is an error.
 The class index order of a run is the sorted class names, or `data.classes` (mmser.data.manifest).
 
@@ -37,11 +39,13 @@ then `kfold:5`):
   lowest number). Deterministic; K <= number of speakers.
 
 Audio: every file is checked with mmser.audio.audio_info (header only): missing, unreadable or empty
-files, and files that are not `sample_rate` Hz mono, are errors naming the table's file:line. With
+files, files holding NaN or Inf samples (float WAVs are read whole for that; integer PCM cannot hold
+them) and files that are not `sample_rate` Hz mono are errors naming the table's file:line. With
 `--resample`, files at another rate or with several channels are read with mmser.audio.load_audio
 (down-mixed, resampled) and written as 16-bit PCM WAV copies under OUT/audio/ (the manifest points
 at the copies). With `--skip-bad-audio`, missing / unreadable / empty files are skipped and listed
-in the report instead. Durations come from the headers (of the copies when resampled).
+in the report instead (row, path, reason), NaN / Inf files among them. Durations come from the
+headers (of the copies when resampled).
 
 Every problem with a row (missing value, unknown split value, duplicate id, bad audio) is collected
 and raised once as a ValueError whose first line is `FILE:LINE: problem`, with the count and more
@@ -64,24 +68,39 @@ from pathlib import Path
 
 import numpy as np
 
-from mmser.audio import audio_info, load_audio
+from mmser.audio import audio_info, check_finite_file, load_audio
 from mmser.data.manifest import (
     DEV_SPLIT,
     TRAIN_SPLIT,
     FoldId,
+    describe_same_audio,
+    fold_file_paths,
     fold_ids,
     fold_sort_key,
     is_fold_name,
     load_manifest,
     reuse_prepared,
+    same_audio,
     split_fold,
     write_fold_files,
 )
-from mmser.io import atomic_write_json, file_sha256, fingerprint, write_jsonl
+from mmser.io import (
+    UnsafePathError,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_not_inputs,
+    file_sha256,
+    fingerprint,
+    remove_stale_temps,
+    safe_join,
+    write_jsonl,
+)
 
 log = logging.getLogger(__name__)
 
-CORPUS_FORMAT_VERSION = 1
+# Bump when the outputs for the same inputs change (a folder of an older version is rebuilt). 2: labels
+# differing only in case merged, NaN / Inf audio refused, the same audio across folds refused.
+CORPUS_FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.jsonl"
 REPORT_NAME = "prepare_report.json"
 FOLDS_DIR = "folds"
@@ -295,6 +314,13 @@ def read_table(path: str | Path, fmt: str | None = None, delimiter: str | None =
         lineno, start = start, reader.line_num + 1
         if not any(v.strip() for v in values):
             continue
+        if reader.line_num > lineno:  # a quoted field over several lines: rows swallowed by a stray quote?
+            swallowed = [x for v in values for x in v.split("\n")[1:] if x.count(delimiter) >= len(header) - 1]
+            if swallowed:
+                problems.append(f"{path}:{lineno}: a quoted field runs on to line {reader.line_num} and holds "
+                                f"{len(swallowed)} line(s) shaped like rows (an unterminated quote?); close the "
+                                "quote, or double a quote inside a quoted field")
+                continue
         if len(values) != len(header):
             problems.append(f"{path}:{lineno}: {len(values)} fields, the header has {len(header)}")
             continue
@@ -362,6 +388,8 @@ class _Build:
     to_resample: dict[str, tuple[Path, Path]]  # id -> (source, copy)
     fold_mode: str
     fold_assignment: dict[str, FoldId] = field(default_factory=dict)
+    label_case_merged: dict[str, str] = field(default_factory=dict)  # raw spelling -> the label it became
+    sources: list[Path] = field(default_factory=list)  # every row's audio file (the stage's inputs)
 
 
 def _default_folds(columns: Sequence[str], spec: CorpusSpec) -> str:
@@ -398,11 +426,22 @@ def build_records(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec,
         return row.values.get(spec.column(role))
 
     classes = set(spec.labels) if spec.labels is not None else None
+    # Labels that differ only in case ("ang", "ANG", "Ang"; spaces around are stripped on reading)
+    # are one label, spelled in lower case: the spellings merged are in the report and a warning.
+    spellings: dict[str, set[str]] = {}
+    for row in rows:
+        raw = get(row, "label")
+        if raw is not None:
+            spellings.setdefault(raw.lower(), set()).add(raw)
+    case_merged = {raw: key for key, spelled in spellings.items() if len(spelled) > 1 for raw in sorted(spelled)
+                   if raw != key}
+    map_by_key = {k.strip().lower(): v for k, v in spec.map.items()}
     records: list[dict] = []
     rows_of: dict[str, Row] = {}
     skipped: list[dict] = []
     to_resample: dict[str, tuple[Path, Path]] = {}
     groups: dict[str, str] = {}
+    sources: list[Path] = []
     for row in rows:
         bad = []
         raw_path, speaker = get(row, "path"), get(row, "speaker")
@@ -428,6 +467,7 @@ def build_records(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec,
         if not path.is_absolute():
             path = audio_root / path
         path = Path(os.path.abspath(path))
+        sources.append(path)
         uid = get(row, "id")
         if uid is None:
             try:
@@ -440,7 +480,10 @@ def build_records(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec,
             continue
         rows_of[uid] = row
         raw_label = get(row, "label")
-        mapped = spec.map.get(raw_label, raw_label) if raw_label is not None else None
+        mapped = None
+        if raw_label is not None:
+            name = case_merged.get(raw_label, raw_label)
+            mapped = spec.map.get(raw_label, spec.map.get(name, map_by_key.get(name.lower(), name)))
         mapped = mapped or None
         label = mapped if mapped is not None and (classes is None or mapped in classes) else None
         # the audio: exists, readable, not empty, the expected rate and channels
@@ -449,6 +492,7 @@ def build_records(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec,
             frames, sr, channels = info.frames, info.samplerate, info.channels
             if frames <= 0:
                 raise ValueError(f"{path}: no audio samples")
+            check_finite_file(path, info)  # NaN / Inf samples (float-coded files only: read whole)
         except (FileNotFoundError, ValueError) as e:
             message = f"{row.where}: {' '.join(str(e).split())}"
             if spec.skip_bad_audio:
@@ -463,7 +507,12 @@ def build_records(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec,
                                 "mono (convert the corpus, or pass --resample to write 16-bit mono copies at "
                                 f"{spec.sample_rate} Hz under {out_dir / AUDIO_DIR})")
                 continue
-            copy = Path(os.path.abspath(out_dir / AUDIO_DIR / f"{uid}.wav"))
+            try:  # the id names the copy: it must stay under OUT/audio (ids like "../../x" are refused)
+                copy = Path(os.path.abspath(safe_join(out_dir / AUDIO_DIR, uid, what="utterance id", where=row.where)))
+                copy = copy.with_name(copy.name + ".wav")
+            except UnsafePathError as e:
+                problems.append(str(e))
+                continue
             to_resample[uid] = (path, copy)
             path = copy
             duration = round(duration * spec.sample_rate) / spec.sample_rate  # refined after writing
@@ -501,8 +550,23 @@ def build_records(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec,
             r["session"] = by_speaker.get(r["speaker"], 1)
         assignment = dict(sorted(by_speaker.items()))
     records.sort(key=lambda r: r["id"])
-    return _Build(records=records, skipped=skipped, warnings=[], to_resample=to_resample, fold_mode=fold_mode,
-                  fold_assignment=assignment)
+    # the same audio under two ids: refused across folds / splits (leakage), a warning within one
+    source_of = {uid: src for uid, (src, _) in to_resample.items()}
+    warnings = []
+    if case_merged:
+        warnings.append("labels differing only in case merged (one class each, lower case): "
+                        + ", ".join(f"{raw!r} -> {key!r}" for raw, key in sorted(case_merged.items())))
+    for recs, leaks in same_audio(records, lambda r: source_of.get(r["id"], r["path"])):
+        text = describe_same_audio(recs, lambda r: rows_of[r["id"]].where)
+        if leaks:
+            problems.append(f"{rows_of[recs[0]['id']].where}: {text} in different folds or splits: a fold would "
+                            "test (or select) on audio it trains on; remove the duplicate rows")
+        else:
+            warnings.append(f"{text} within one fold (kept: no leakage, but the clip counts twice)")
+    if problems:
+        raise CorpusError(problems)
+    return _Build(records=records, skipped=skipped, warnings=warnings, to_resample=to_resample, fold_mode=fold_mode,
+                  fold_assignment=assignment, sources=sources, label_case_merged=case_merged)
 
 
 def _write_copies(build: _Build, sample_rate: int) -> None:
@@ -510,12 +574,15 @@ def _write_copies(build: _Build, sample_rate: int) -> None:
     import soundfile as sf
 
     by_id = {r["id"]: r for r in build.records}
+    for folder in sorted({dst.parent for _, dst in build.to_resample.values()}):
+        remove_stale_temps(folder)  # left by a killed prepare
     for uid, (src, dst) in build.to_resample.items():
         wav = load_audio(src, sample_rate)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.tmp.wav")
-        sf.write(str(tmp), np.clip(wav, -1.0, 1.0), sample_rate, subtype="PCM_16")
-        tmp.replace(dst)
+        # encoded in memory (one clip), then written atomically: a write error (a full disk) then
+        # surfaces as an OSError naming the copy, not as soundfile's callback AssertionError
+        buf = io.BytesIO()
+        sf.write(buf, np.clip(wav, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
+        atomic_write_bytes(dst, buf.getvalue())
         by_id[uid]["duration"] = len(wav) / sample_rate
 
 
@@ -674,6 +741,10 @@ def prepare_rows(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec, 
                                    skipped=report["skipped"], warnings=report["warnings"], reused=True,
                                    too_short=report["too_short"]["clips"])
     build = build_records(columns, rows, spec, audio_root, out_dir, corpus, str(source))
+    # nothing is written over what this stage reads (before the first write)
+    outputs = [out_dir / MANIFEST_NAME, out_dir / REPORT_NAME, *fold_file_paths(build.records, out_dir / FOLDS_DIR),
+               *(dst for _, dst in build.to_resample.values())]
+    check_not_inputs(outputs, [source, *extra_inputs, *build.sources])
     if build.to_resample:
         log.info("%s: writing %d resampled copies under %s", corpus, len(build.to_resample), out_dir / AUDIO_DIR)
         _write_copies(build, spec.sample_rate)
@@ -697,6 +768,8 @@ def prepare_rows(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec, 
         log.warning("skipped %s: %s", x["row"], x["reason"])
     for w in warnings:
         log.warning("%s", w)
+    for folder in (out_dir, out_dir / FOLDS_DIR):
+        remove_stale_temps(folder)  # left by a killed prepare
     fold_paths = write_fold_files(records, out_dir / FOLDS_DIR)
     manifest = out_dir / MANIFEST_NAME
     write_jsonl(manifest, records)
@@ -714,6 +787,7 @@ def prepare_rows(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec, 
         "fold_assignment": {k: v for k, v in sorted(build.fold_assignment.items(), key=lambda kv: (
             fold_sort_key(kv[1]), kv[0]))},
         "resampled": len(build.to_resample),
+        "label_case_merged": build.label_case_merged,
         "skipped": build.skipped,
         "too_short": {"min_duration_s": MIN_DURATION_S, "count": len(too_short), "clips": too_short},
         "warnings": warnings,

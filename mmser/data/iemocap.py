@@ -15,7 +15,8 @@ What happens on bad input (decided per case; `strict=True` / `--strict` turns ev
 error, raised once as a ValueError that lists all problems):
 - root is not a folder, or a `SessionN` folder (N = 1..5) or its `sentences/wav` or
   `dialog/EmoEvaluation` folder is missing: ERROR naming the folder. A fold needs every session.
-- a wav that soundfile cannot read, that is not RIFF/WAVE, or that holds no samples: SKIP, listed
+- a wav that soundfile cannot read, that is not RIFF/WAVE, that holds no samples or NaN / Inf
+  samples (a float-coded wav; read whole only then): SKIP, listed
   in the report. One damaged file should not block a 10,000-file corpus; the count check below
   and the report make the loss visible.
 - a wav that is readable but not 16 kHz mono: ERROR (all such files listed at once). That means
@@ -59,16 +60,24 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmser.audio import UnreadableAudio, audio_info
-from mmser.data.manifest import SESSIONS, reuse_prepared, write_fold_files
-from mmser.io import atomic_write_json, file_sha256, fingerprint, write_jsonl
+from mmser.audio import NonFiniteAudio, UnreadableAudio, audio_info, check_finite_file
+from mmser.data.manifest import (
+    SESSIONS,
+    describe_same_audio,
+    fold_file_paths,
+    reuse_prepared,
+    same_audio,
+    write_fold_files,
+)
+from mmser.io import atomic_write_json, check_not_inputs, file_sha256, fingerprint, remove_stale_temps, write_jsonl
 from mmser.labels import CLASSES, label_of_code
 
 log = logging.getLogger(__name__)
 
 # Bump when the manifest's or the report's content or format changes: it invalidates earlier
 # outputs. 2: the report lists too-short clips and every warning (transcript decoding, duplicates).
-MANIFEST_FORMAT_VERSION = 2
+# 3: float wavs with NaN / Inf samples are skipped; the same audio under two ids is a warning.
+MANIFEST_FORMAT_VERSION = 3
 SAMPLE_RATE = 16000  # IEMOCAP.md: sentence wavs are 16 kHz mono 16-bit PCM
 # Clips under this are reported (`too_short`). IEMOCAP's shortest utterance is 0.6 s (IEMOCAP.md), so
 # anything under 0.1 s on a real copy is damage (a truncated file), not speech; 0.1 s = 1,600 samples
@@ -386,6 +395,11 @@ def _record(wav: Path, session: int, dialog: str, skipped: list[dict], errors: l
     if info.frames <= 0:
         skipped.append({"path": str(wav), "reason": "no audio samples"})
         return None
+    try:
+        check_finite_file(wav, info)  # NaN / Inf samples (a float-coded wav only)
+    except NonFiniteAudio as e:
+        skipped.append({"path": str(wav), "reason": e.reason})
+        return None
     if info.samplerate != SAMPLE_RATE or info.channels != 1:
         errors.append(f"{wav}: {info.samplerate} Hz, {info.channels} channel(s); expected {SAMPLE_RATE} Hz mono")
         return None
@@ -537,13 +551,22 @@ def prepare_iemocap(root: str | Path, out_dir: str | Path, strict: bool = False,
     scan = _scan(inputs)
     _check_scan(scan, strict)
     warnings = scan.warnings + check_expected_counts(scan.records)
+    # The same audio under two utterance ids: reported, not refused (the release is a fixed tree,
+    # read as it is; a duplicate across sessions would be leakage, so it is named in the warnings).
+    for recs, leaks in same_audio(scan.records):
+        warnings.append(f"{describe_same_audio(recs)}" + (" in different sessions: LEAKAGE, a fold tests on audio "
+                        "it trains on; remove one file" if leaks else " within one session"))
     for x in scan.skipped:
         log.warning("skipped %s: %s", x["path"], x["reason"])
     for w in warnings:
         log.warning("%s", w)
 
-    fold_paths = write_fold_files(scan.records, out_dir / FOLDS_DIR)
     manifest = out_dir / MANIFEST_NAME
+    check_not_inputs([manifest, out_dir / REPORT_NAME, *fold_file_paths(scan.records, out_dir / FOLDS_DIR)],
+                     inputs.files(), "--out")  # never write over the release (e.g. --out inside it)
+    for folder in (out_dir, out_dir / FOLDS_DIR):
+        remove_stale_temps(folder)  # left by a killed prepare
+    fold_paths = write_fold_files(scan.records, out_dir / FOLDS_DIR)
     write_jsonl(manifest, scan.records)
     counts = _counts(scan.records)
     report = {

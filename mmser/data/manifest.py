@@ -37,7 +37,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmser.io import atomic_write_json, file_sha256
+from mmser.io import atomic_write_json, file_sha256, safe_join
 
 log = logging.getLogger(__name__)
 
@@ -470,6 +470,12 @@ def fold_file_name(fold: FoldId) -> str:
     return f"fold{fold}.json" if isinstance(fold, int) else f"fold-{fold}.json"
 
 
+def fold_file_paths(records: list[dict], folds_dir: str | Path, data_cfg=None) -> list[Path]:
+    """The files `write_fold_files` writes (to check them against a stage's inputs beforehand)."""
+    return [safe_join(folds_dir, fold_file_name(s), what="fold name")
+            for s in fold_ids(records, _listed_classes(records, data_cfg))]
+
+
 def write_fold_files(records: list[dict], folds_dir: str | Path, data_cfg=None) -> list[Path]:
     """Write `folds_dir/fold{k}.json` = {"test_session": k, "train": [ids], "test": [ids]}
     (plus "val" when the fold has a validation set) for every fold with task utterances,
@@ -484,10 +490,38 @@ def write_fold_files(records: list[dict], folds_dir: str | Path, data_cfg=None) 
             obj["val_policy"] = fold.val_policy
             obj["val"] = sorted(r["id"] for r in fold.val)
         obj["test"] = sorted(r["id"] for r in fold.test)
-        path = folds_dir / fold_file_name(s)
+        path = safe_join(folds_dir, fold_file_name(s), what="fold name")  # a fold name comes from data
         atomic_write_json(path, obj)
         paths.append(path)
     return paths
+
+
+def same_audio(records: Sequence[dict], path_of=None) -> list[tuple[list[dict], bool]]:
+    """Groups of task records (label not null) whose audio is one file or the same bytes
+    (mmser.io.same_audio_groups), each with whether it spans folds or splits: the same audio in two
+    folds (or in train and dev) is leakage, a fold would test on what it trained on. `path_of(r)`:
+    the file to compare (default r["path"])."""
+    from mmser.io import same_audio_groups
+
+    task = [r for r in records if r["label"] is not None]
+    groups = same_audio_groups([(path_of or (lambda r: r["path"]))(r) for r in task])
+    out = []
+    for g in groups:
+        recs = [task[i] for i in g]
+        places = {(r.get("split"), None if r.get("split") is not None else r["session"]) for r in recs}
+        out.append((recs, len(places) > 1))
+    return out
+
+
+def _place(r: dict) -> str:
+    return f"split {r['split']}" if r.get("split") is not None else f"fold {r['session']}"
+
+
+def describe_same_audio(recs: Sequence[dict], where=None) -> str:
+    """"ids A (WHERE, fold 1) and B (WHERE, fold 2) are the same audio (PATH)"."""
+    ids = " and ".join(f"{r['id']} ({where(r) + ', ' if where else ''}{_place(r)})" for r in recs[:4])
+    more = f" and {len(recs) - 4} more" if len(recs) > 4 else ""
+    return f"ids {ids}{more} are the same audio ({recs[0]['path']})"
 
 
 def reuse_prepared(out_dir: Path, fp: str, manifest_name: str = "manifest.jsonl",

@@ -61,6 +61,7 @@ from mmser.io import (
     file_sha256,
     hold_folder,
     read_json,
+    safe_join,
     write_inputs,
 )
 from mmser.labels import CLASSES
@@ -71,6 +72,7 @@ from mmser.models.pretrained import MODEL_FORMAT, from_pretrained, save_pretrain
 from mmser.models.wav2vec2 import encoder_provenance
 from mmser.perf import ThroughputMonitor, attention_implementation, compile_transformer_layers, find_hf_encoder
 from mmser.provenance import provenance
+from mmser.training.checkpoint_io import AtomicCheckpointIO
 from mmser.training.finetune import ClassifierModule
 from mmser.training.progress import EpochLog
 
@@ -89,8 +91,8 @@ def default_run_dir(cfg: Config, session: FoldId, seed: int) -> Path:
     again by the agent (same run id) resumes its own folder."""
     trial = tracking.sweep_trial()
     if trial is not None:
-        return Path(cfg.output_dir) / cfg.experiment / f"sweep-{trial[0]}" / trial[1]
-    return Path(cfg.output_dir) / cfg.experiment / run_name(session, seed)
+        return safe_join(cfg.output_dir, cfg.experiment, f"sweep-{trial[0]}", trial[1], what="experiment / sweep run")
+    return safe_join(cfg.output_dir, cfg.experiment, run_name(session, seed), what="experiment / run name")
 
 
 def run_inputs(cfg: Config, test_session: int, seed: int) -> list[tuple[str, str]]:
@@ -140,6 +142,7 @@ def trainer_kwargs(cfg: Config) -> dict:
         enable_progress_bar=(sys.stderr.isatty() if tc.enable_progress_bar is None else tc.enable_progress_bar),
         enable_model_summary=False,
         num_sanity_val_steps=0, use_distributed_sampler=False,
+        plugins=[AtomicCheckpointIO()],  # checkpoints atomic in their own folder (kill -9 keeps last.ckpt)
     )
 
 
