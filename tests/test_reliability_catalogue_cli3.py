@@ -1,0 +1,91 @@
+"""The reliability catalogue, round 3: the command line, config files, `mmser compare` and W&B.
+
+Each case runs the real CLI (`mmser.cli.main`, in process, or `python -m mmser` where a signal or the
+process environment matters), asserts its outcome and adds a row to the `case | outcome` table
+(conftest.py's `catalogue`). Issue 22 part B lists the defects these cases were written against.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO, TINY_CONFIGS, cli_error, cli_last_line, write_toy_corpus
+
+C = [x for f in TINY_CONFIGS for x in ("-c", str(f))]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("catalogue_cli3")
+    return root, write_toy_corpus(root / "toy", per_class=1, durations=(0.3, 0.4))
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Config files: one line naming the file, quoting none of it
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case, content, expect", [
+    ("deeply nested YAML -c file", "a: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),  # was RecursionError
+    ("deeply nested JSON -c file", '{"a": ' * 3000 + "1" + "}" * 3000, "nested too deeply"),
+    ("binary -c file", bytes(range(256)) * 4, "binary data"),  # was: 'utf-8' codec can't decode ...
+    ("latin-1 -c file", "experiment: caf\xe9\n".encode("latin-1"), "not UTF-8 text (byte 0xe9"),
+    ("control characters in a -c file", "experiment: a\x07b\n", "not valid YAML"),
+    ("duplicate YAML key", "experiment: a\nfinetune:\n  epochs: 2\n  lr: 0.1\n  epochs: 3\n",
+     "line 5: duplicate key 'epochs' (first on line 3"),  # was: last wins silently (epochs=3)
+    ("duplicate top-level key", "experiment: a\nexperiment: b\n", "line 2: duplicate key 'experiment'"),
+])
+def test_bad_config_files(tmp_path, capsys, catalogue, case, content, expect):
+    path = tmp_path / "my.yaml"
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    line = cli_error(capsys, catalogue, case, ["config", "show", "-c", str(path)], expect)
+    assert str(path) in line and len(line) < 300, line
+
+
+def test_a_yaml_merge_key_may_still_be_overridden():
+    """`<<: *base` then the same key again is YAML's override, not a duplicate."""
+    from mmser.config import parse_yaml
+
+    assert parse_yaml("a: &b {x: 1, y: 2}\nc:\n  <<: *b\n  x: 3\n", "t")["c"] == {"x": 3, "y": 2}
+
+
+def test_a_system_file_as_config_is_not_quoted(tmp_path, capsys, catalogue):
+    """`-c /etc/passwd` (valid YAML: one long string) was refused with the whole file in the message."""
+    secret = tmp_path / "passwd"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n")
+    line = cli_error(capsys, catalogue, "-c /etc/passwd (a file that is one YAML string)",
+                     ["config", "show", "-c", str(secret)], "not a config file")
+    assert "root:x" not in line and "daemon" not in line, line
+    if Path("/etc/passwd").is_file():
+        line = cli_error(capsys, catalogue, "-c /etc/passwd", ["config", "show", "-c", "/etc/passwd"], "/etc/passwd")
+        assert "root:" not in line and "/bin/" not in line, line
+    # a long value in an ordinary config is cut in the message, not copied whole
+    long = tmp_path / "long.yaml"
+    long.write_text("finetune:\n  epochs: " + "x" * 5000 + "\n")
+    line = cli_error(capsys, catalogue, "a 5,000-character value", ["config", "show", "-c", str(long)],
+                     "finetune.epochs: expected an integer")
+    assert len(line) < 300, line
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "/tmp/abs", "a/b", "a\\b", "..", ".", ""])
+def test_experiment_must_be_a_plain_name(corpus, tmp_path, capsys, catalogue, name):
+    """`experiment=../../escaped` put the run folder outside output_dir; now refused by validation,
+    before anything is written."""
+    _, manifest = corpus
+    out = tmp_path / "runs"
+    cli_error(capsys, catalogue, f"experiment={name!r}",
+              ["train", *C, f"data.manifest={manifest}", f"output_dir={out}", "--session", "1",
+               f"experiment={name}"], "experiment: must be a plain name")
+    assert not out.exists() and not (tmp_path / "escaped").exists() and not (tmp_path.parent / "escaped").exists()
+
+
+def test_experiment_in_a_config_file_names_the_file(tmp_path, capsys, catalogue):
+    path = tmp_path / "exp.yaml"
+    path.write_text("experiment: ../up\n")
+    line = cli_error(capsys, catalogue, "experiment: ../up in a -c file", ["config", "show", "-c", str(path)],
+                     "experiment: must be a plain name")
+    assert str(path) in line, line
