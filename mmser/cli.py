@@ -312,6 +312,14 @@ def main(argv: list[str] | None = None) -> int:
         print("mmser: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except SystemExit as e:
+        # Lightning catches Ctrl-C itself (trainer.call._call_and_handle_interrupt: callbacks' on_exception,
+        # loggers finalised "failed") and then calls sys.exit(1) inside its `except KeyboardInterrupt`:
+        # a SystemExit whose context is the KeyboardInterrupt is an interruption (exit 130), not a failure.
+        if _raised_while_interrupted(e):
+            if args.debug:
+                traceback.print_exc()
+            print("mmser: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
         # Lightning turns SIGTERM (a scheduler's kill, `kill PID`) into SIGTERMException, a SystemExit
         # with no code: without this the process would exit 0 as if the run had finished.
         if type(e).__name__ != "SIGTERMException":
@@ -329,6 +337,18 @@ def main(argv: list[str] | None = None) -> int:
             message += " (run with --debug for the traceback)"
         print(f"mmser: error: {message}", file=sys.stderr)
         return code
+
+
+def _raised_while_interrupted(e: BaseException) -> bool:
+    """Whether `e` was raised while a KeyboardInterrupt was being handled (its context chain holds one)."""
+    seen = set()
+    ctx = e.__context__
+    while ctx is not None and id(ctx) not in seen:
+        if isinstance(ctx, KeyboardInterrupt):
+            return True
+        seen.add(id(ctx))
+        ctx = ctx.__context__
+    return False
 
 
 def describe_error(e: BaseException) -> tuple[int, str]:

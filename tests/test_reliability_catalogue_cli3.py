@@ -89,3 +89,36 @@ def test_experiment_in_a_config_file_names_the_file(tmp_path, capsys, catalogue)
     line = cli_error(capsys, catalogue, "experiment: ../up in a -c file", ["config", "show", "-c", str(path)],
                      "experiment: must be a plain name")
     assert str(path) in line, line
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Ctrl-C during train / cv: exit 130, "mmser: interrupted"
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["train", "cv"])
+def test_ctrl_c_during_training_exits_130(corpus, tmp_path, catalogue, command):
+    """SIGINT (Ctrl-C) while Lightning trains: Lightning catches the KeyboardInterrupt itself and calls
+    sys.exit(1), so `mmser train` exited 1 with no line; now 130 and "mmser: interrupted" (README)."""
+    import signal
+
+    _, manifest = corpus
+    out = tmp_path / "runs"
+    fold = ["--session", "1"] if command == "train" else ["--sessions", "1", "--seeds", "1"]
+    args = [command, *C, f"data.manifest={manifest}", f"output_dir={out}", "finetune.epochs=200",
+            "data.batch_size=4", "tracking.wandb=disabled", *fold]
+    proc = subprocess.Popen([sys.executable, "-m", "mmser", *args], stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        for line in proc.stderr:  # wait until Lightning trains (an epoch line)
+            if "epoch 2/200" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        err = proc.stderr.read()
+        code = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    last = ([x for x in err.splitlines() if x.strip()] or [""])[-1]
+    assert code == 130 and last == "mmser: interrupted", (code, err[-2000:])
+    assert "Traceback" not in err, err[-2000:]
+    catalogue(f"Ctrl-C (SIGINT) during `mmser {command}`", f"exit {code}; {last}")
