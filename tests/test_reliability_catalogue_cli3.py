@@ -122,3 +122,58 @@ def test_ctrl_c_during_training_exits_130(corpus, tmp_path, catalogue, command):
     assert code == 130 and last == "mmser: interrupted", (code, err[-2000:])
     assert "Traceback" not in err, err[-2000:]
     catalogue(f"Ctrl-C (SIGINT) during `mmser {command}`", f"exit {code}; {last}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Seeds and verbosity options
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case, argv, expect", [
+    ("cv --seeds 0", ["cv", "--sessions", "1", "--seeds", "0"], "at least 1 seed"),  # was: exit 0, nothing run
+    ("train --seed -5", ["train", "--session", "1", "--seed", "-5"], "-5 is outside 0 .. 4294967295"),
+    ("train --seed 2**32", ["train", "--session", "1", "--seed", str(2**32)], "is outside 0 .. 4294967295"),
+])
+def test_bad_seeds_are_refused_before_anything_is_written(corpus, tmp_path, capsys, catalogue, case, argv, expect):
+    """`--seed -5` failed inside Lightning after the run folder was made; `--seeds 0` ran nothing, exit 0."""
+    from mmser.cli import main
+
+    _, manifest = corpus
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as e:
+        main([*argv, *C, f"data.manifest={manifest}", f"output_dir={out}", "tracking.wandb=disabled"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and expect in err, (e.value.code, err)
+    assert not out.exists()
+    catalogue(case, f"exit 2; {err}")
+
+
+def test_verbosity_options_after_the_subcommand(fake_iemocap, tmp_path, catalogue):
+    """`mmser prepare iemocap ... -q` was refused (unrecognized arguments: -q); now -q / -v / --debug work
+    anywhere, and one given before the subcommand is not reset by the subcommand's default."""
+    from mmser.cli import parse_args
+
+    assert parse_args(["-q", "config", "show"]).quiet and parse_args(["config", "show", "-q"]).quiet
+    assert not parse_args(["config", "show"]).quiet and not parse_args(["config", "show"]).verbose
+    v = parse_args(["prepare", "csv", "t.csv", "--out", "o", "-v"])
+    assert v.verbose and v.debug and not v.quiet
+
+    def prepare(root, *extra):
+        proc = subprocess.run([sys.executable, "-m", "mmser", "prepare", "iemocap", str(root), "--out",
+                               str(tmp_path / "prep"), "--force", *extra], capture_output=True, text=True, cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+        return proc.returncode, proc.stderr
+
+    code_default, err_default = prepare(fake_iemocap)
+    code_q, err_q = prepare(fake_iemocap, "-q")
+    assert code_default == code_q == 0, err_q
+    assert " INFO " in err_default and err_q == "", (err_default, err_q)
+    missing = tmp_path / "no-such-tree"
+    code_plain, err_plain = prepare(missing)
+    code_v, err_v = prepare(missing, "-v")  # -v: the traceback of an error
+    code_d, err_d = prepare(missing, "--debug")
+    assert code_plain == code_v == code_d == 2 and "Traceback" not in err_plain, err_plain
+    assert "Traceback" in err_v and "Traceback" in err_d, (err_v[-500:], err_d[-500:])
+    catalogue("`prepare iemocap ... -q` / `-v` / `--debug` after the subcommand",
+              f"exit 0; stderr {len(err_default.splitlines())} line(s) by default, {len(err_q.splitlines())} "
+              "with -q; an error's traceback with -v and --debug only")
