@@ -555,7 +555,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
 def _compare_command(args: argparse.Namespace) -> int:
     """`mmser compare`: Table 11 per experiment, paired tests, per-class recall, plots. A W&B source
     that cannot be read (offline, no login) is left out with a note saying how to sync it."""
-    from mmser.report import collect_sources, plot_comparison, plot_confusions, write_summary
+    from mmser.report import check_comparable, collect_sources, plot_comparison, plot_confusions, write_summary
 
     pairs = None
     if args.pair:
@@ -566,13 +566,20 @@ def _compare_command(args: argparse.Namespace) -> int:
                 raise ValueError(f"--pair {text}: expected two experiment names, A,B")
             pairs.append((a.strip(), b.strip()))
     results, skipped = collect_sources(list(args.experiments))
-    for note in skipped:
-        print(f"mmser: {note}", file=sys.stderr)
+    partial = []  # experiments with unfinished run folders: their finished runs are compared
+    for r in results:
+        if r.unfinished:
+            shown = ", ".join(r.unfinished[:5]) + (", ..." if len(r.unfinished) > 5 else "")
+            partial.append(f"{r.folder}: {len(r.unfinished)} of {len(r.unfinished) + r.runs} run folders "
+                           f"unfinished (no metrics.json: {shown}); its {r.runs} finished run(s) are compared")
+    for note in skipped + partial:  # one warning line per source left out or incomplete
+        print(f"mmser: warning: {note}", file=sys.stderr)
     if not results:
-        raise ValueError("nothing to compare: " + "; ".join(skipped))
+        raise ValueError("nothing to compare: no experiment has a finished run (" + "; ".join(skipped) + ")")
+    check_comparable(results)
     command = "mmser compare " + " ".join(map(str, args.experiments)) + f" --out {args.out}" + "".join(
         f" --pair {a},{b}" for a, b in pairs or [])
-    notes = [f"Not read: {n}" for n in skipped]
+    notes = [f"Not read: {n}" for n in skipped] + [f"Incomplete: {n}" for n in partial]
     print(write_summary(results, args.out, command=command, stem="comparison", notes=notes, pairs=pairs))
     plot_comparison(results, args.out / "comparison_ua.png")
     plot_confusions(results, args.out)

@@ -177,3 +177,75 @@ def test_verbosity_options_after_the_subcommand(fake_iemocap, tmp_path, catalogu
     catalogue("`prepare iemocap ... -q` / `-v` / `--debug` after the subcommand",
               f"exit 0; stderr {len(err_default.splitlines())} line(s) by default, {len(err_q.splitlines())} "
               "with -q; an error's traceback with -v and --debug only")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. mmser compare: one task on one data set; empty and half-finished experiments said so
+# ---------------------------------------------------------------------------------------------
+
+
+def _experiment(folder: Path, classes=("angry", "sad"), corpus=None, sha="a" * 64, runs=((1, 0), (2, 0)),
+                unfinished=()):
+    """An experiment folder of finished runs (metrics.json + inputs.json) and unfinished run folders."""
+    from mmser.io import atomic_write_json
+
+    for k, (session, seed) in enumerate(runs):
+        run = folder / f"s{session}-seed{seed}"
+        ua = 0.5 + 0.01 * k
+        atomic_write_json(run / "metrics.json", {
+            "test_session": session, "seed": seed, "classes": list(classes), "corpus": corpus,
+            "test": {"ua": ua, "wa": ua, "macro_f1": ua, "classes": list(classes),
+                     "confusion": [[2 if i == j else 1 for j in classes] for i in classes]}})
+        atomic_write_json(run / "inputs.json", {"manifest": {"path": "/data/manifest.jsonl", "sha256": sha}})
+    for name in unfinished:
+        (folder / name / "checkpoints").mkdir(parents=True)
+    return folder
+
+
+@pytest.mark.parametrize("case, b_fields, expect", [
+    ("compare: runs of different class sets", {"classes": ("angry", "happy", "sad")}, "classes"),
+    ("compare: runs of different corpora", {"corpus": "msp-podcast"}, "corpus"),
+    ("compare: runs of different manifests", {"sha": "b" * 64}, "manifest sha256 aaaaaaaaaaaa vs bbbbbbbbbbbb"),
+])
+def test_compare_refuses_experiments_of_different_data(tmp_path, capsys, catalogue, case, b_fields, expect):
+    """Before: any two experiments were paired by (session, seed), whatever their classes or corpus."""
+    a = _experiment(tmp_path / "A")
+    b = _experiment(tmp_path / "B", **b_fields)
+    line = cli_error(capsys, catalogue, case, ["compare", str(a), str(b), "--out", str(tmp_path / "cmp")],
+                     "are not comparable")
+    assert "A (" in line and "B (" in line and expect in line, line
+    assert not (tmp_path / "cmp" / "comparison.md").exists()
+
+
+def test_compare_of_one_data_set_still_works(tmp_path, capsys):
+    a, b = _experiment(tmp_path / "A"), _experiment(tmp_path / "B", classes=("sad", "angry"))  # order aside
+    code, _ = cli_last_line(capsys, "compare", str(a), str(b), "--out", str(tmp_path / "cmp"))
+    assert code == 0 and (tmp_path / "cmp" / "comparison.md").is_file()
+
+
+def test_compare_says_which_experiments_are_empty_or_half_finished(tmp_path, capsys, catalogue):
+    """Before: an empty folder and one without a finished run were rows of 0 runs, with exit 0 and no word."""
+    from mmser.cli import main
+
+    done = _experiment(tmp_path / "done")
+    half = _experiment(tmp_path / "half", runs=((1, 0),), unfinished=("s2-seed0", "s3-seed0"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    started = _experiment(tmp_path / "started", runs=(), unfinished=("s1-seed0",))
+    out = tmp_path / "cmp"
+    capsys.readouterr()
+    assert main(["compare", str(done), str(half), str(empty), str(started), "--out", str(out)]) == 0
+    warnings = [x for x in capsys.readouterr().err.splitlines() if x.startswith("mmser: warning:")]
+    assert len(warnings) == 3, warnings
+    assert f"{half}: 2 of 3 run folders unfinished" in warnings[2] and "s2-seed0, s3-seed0" in warnings[2]
+    assert str(empty) in warnings[0] and "no finished run" in warnings[0]
+    assert str(started) in warnings[1] and "1 run folder(s), none finished" in warnings[1]
+    md = (out / "comparison.md").read_text()
+    table = [x for x in md.splitlines() if x.startswith("| ")]
+    assert not any(x.startswith(("| empty ", "| started ")) for x in table), md  # no rows of 0 runs
+    assert "Incomplete:" in md and "Not read:" in md
+    catalogue("compare: an empty, a started and a half-finished experiment beside a finished one",
+              f"exit 0; {len(warnings)} warning lines, e.g. {warnings[2]}")
+    cli_error(capsys, catalogue, "compare: no experiment has a finished run",
+              ["compare", str(empty), str(started), "--out", str(tmp_path / "cmp2")],
+              "no experiment has a finished run")
