@@ -7,7 +7,9 @@ process environment matters), asserts its outcome and adds a row to the `case | 
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -249,3 +251,71 @@ def test_compare_says_which_experiments_are_empty_or_half_finished(tmp_path, cap
     cli_error(capsys, catalogue, "compare: no experiment has a finished run",
               ["compare", str(empty), str(started), "--out", str(tmp_path / "cmp2")],
               "no experiment has a finished run")
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. W&B with a home folder that cannot be written; the "anonymous" warning of every run
+# ---------------------------------------------------------------------------------------------
+
+
+def _without_wandb_dirs(env: dict) -> dict:
+    return {k: v for k, v in env.items() if k not in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR",
+                                                       "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR", "WANDB_MODE",
+                                                       "XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME")}
+
+
+def test_wandb_keeps_its_final_metrics_when_home_cannot_be_written(corpus, tmp_path, catalogue):
+    """HOME under a regular file: nothing can be created there, even by root (permission bits would
+    not stop root). Before: W&B lost the final metrics ("could not log final metrics (PermissionError:
+    Unable to write staging files to ~/.local/share/wandb ...") and wandb-core wrote 17 log lines."""
+    from wandb_offline import offline_runs
+
+    _, manifest = corpus
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    out = tmp_path / "runs"
+    env = {**_without_wandb_dirs(os.environ), "HOME": str(blocker / "home"), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "mmser", "train", *C, f"data.manifest={manifest}",
+                           f"output_dir={out}", "finetune.epochs=1", "tracking.wandb=offline", "--session", "1"],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_dir = out / "tiny-vft" / "s1-seed0"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    (run,) = offline_runs(run_dir)
+    assert run.summary["test/ua"] == pytest.approx(metrics["test"]["ua"])
+    assert run.summary["test/confusion"] == metrics["test"]["confusion"]
+    assert any(k.startswith("test/confusion_matrix_table/") for row in run.history for k in row)  # the plot
+    assert {"predictions", "model"} <= {a["type"] for a in run.artifacts}, run.artifacts
+    # wandb's own lines ("wandb: ..."), wandb-core's (Go's log format: "2026/12/04 19:58:17 INFO server: ..."),
+    # mmser's about W&B
+    wandb_lines = [x for x in proc.stderr.splitlines()
+                   if x.startswith("wandb:") or re.match(r"\d{4}/\d\d/\d\d \d\d:", x) or "W&B" in x]
+    assert all("mmser.tracking: W&B:" in x and "not writable" in x for x in wandb_lines), wandb_lines
+    assert len(wandb_lines) == 1, wandb_lines  # mmser's one INFO line saying where W&B's folders went
+    assert "anonymous setting" not in proc.stderr
+    assert (run_dir / "wandb" / "data").is_dir() and not (blocker.parent / "home").exists()
+    catalogue("W&B offline with HOME not writable (HOME under a file)",
+              f"exit 0; final metrics, confusion matrix, predictions and model artifacts in the W&B run; W&B's "
+              f"folders under RUN/wandb; {len(wandb_lines)} stderr line about it")
+
+
+def test_no_anonymous_setting_warning(tmp_path, capfd, catalogue, monkeypatch):
+    """Lightning's WandbLogger passes anonymous=None, which wandb 0.31 answers on every run with "The
+    anonymous setting has no effect and will be removed in a future version"."""
+    from helpers import tiny_config
+
+    from mmser import tracking
+
+    for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home" / var.lower()))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = tiny_config(tmp_path, overrides=["tracking.wandb=offline"])
+    capfd.readouterr()
+    loggers = tracking.make_loggers(cfg, tmp_path / "run", name="t", group="g", job_type="finetune")
+    try:
+        assert len(loggers) == 2  # CSV + W&B: W&B started
+    finally:
+        tracking.finish(loggers)
+    err = capfd.readouterr().err
+    assert "anonymous" not in err, err
+    catalogue("any W&B run: wandb's 'anonymous setting has no effect' warning", "not printed")
