@@ -362,7 +362,10 @@ class TextConfig:
     freeze: bool = True
     lr: float = ranged(2e-5, "> 0")
     max_length: int = ranged(64, ">= 1")
-    cache_dir: str = "runs/cache/text"
+    # Frozen text features, one file per (texts, source, encoder) key (mmser.text.embed). None =
+    # {output_dir}/cache/text (`text_cache_dir`): beside the runs, wherever the command is started
+    # from (a default relative to the working directory failed in an unwritable one).
+    cache_dir: str | None = None
 
 
 @dataclass
@@ -776,6 +779,11 @@ def load_config(*paths: str | Path, overrides: list[str] | tuple[str, ...] = ())
     return validate_config(cfg, sources)
 
 
+def text_cache_dir(cfg: Config) -> Path:
+    """Where frozen text features are cached: text.cache_dir, or {output_dir}/cache/text by default."""
+    return Path(cfg.text.cache_dir) if cfg.text.cache_dir else Path(cfg.output_dir) / "cache" / "text"
+
+
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -797,6 +805,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
 # Fields that may differ between invocations of the same experiment without changing its results.
 VOLATILE_FIELDS = {("tracking", "wandb"), ("tracking", "artifacts"), ("trainer", "enable_progress_bar"),
                    ("data", "num_workers"),
+                   # where a content-keyed cache lives: the same features either way
+                   ("text", "cache_dir"),
                    # speed switches: the same computation (float rounding aside)
                    ("encoder", "attn_implementation"), ("trainer", "compile"), ("trainer", "peak_tflops")}
 

@@ -319,3 +319,30 @@ def test_no_anonymous_setting_warning(tmp_path, capfd, catalogue, monkeypatch):
     err = capfd.readouterr().err
     assert "anonymous" not in err, err
     catalogue("any W&B run: wandb's 'anonymous setting has no effect' warning", "not printed")
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The default text-feature cache beside the runs, not in the working directory
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc (a folder nobody can write)")
+def test_text_cache_default_is_under_output_dir(corpus, tmp_path, capsys, catalogue, monkeypatch):
+    """text.cache_dir defaulted to runs/cache/text in the working directory: started from a folder that
+    cannot be written (here /proc, where even root cannot make a folder), a text run failed with
+    "runs: No such file or directory"; the default is now {output_dir}/cache/text."""
+    _, manifest = corpus
+    out = tmp_path / "runs"
+    monkeypatch.chdir("/proc")
+    code, line = cli_last_line(capsys, "train", *C, "-c", str(REPO / "configs" / "text.yaml"),
+                               f"data.manifest={manifest}", f"output_dir={out}", "finetune.epochs=1",
+                               "tracking.wandb=disabled", "--session", "1")
+    assert code == 0, line
+    assert list((out / "cache" / "text").glob("*.safetensors")), list(out.rglob("*"))
+    from mmser.config import load_config, text_cache_dir
+
+    cfg = load_config("text", overrides=[f"output_dir={out}"])
+    assert text_cache_dir(cfg) == out / "cache" / "text"
+    assert text_cache_dir(load_config(overrides=["text.cache_dir=/x/y"])) == Path("/x/y")  # given: kept
+    catalogue("a text run started in a folder that cannot be written (cwd /proc)",
+              "exit 0; features cached under OUTPUT_DIR/cache/text")
