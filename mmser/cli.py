@@ -433,6 +433,11 @@ def describe_error(e: BaseException) -> tuple[int, str]:
         return EXIT_INPUT, message
     if isinstance(e, (ConfigError, MissingExtraError, OSError, ValueError)):
         return EXIT_INPUT, one_line(str(e)) or type(e).__name__
+    if isinstance(e, RecursionError):
+        # a parser (json, yaml) recursing through a crafted file of deeply nested lists or mappings
+        path = _file_in_traceback(e)
+        if path is not None:
+            return EXIT_INPUT, f"{path}: nested too deeply to be read (lists or mappings inside each other)"
     return EXIT_FAILED, one_line(f"unexpected {type(e).__name__}: {e}")
 
 

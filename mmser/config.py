@@ -543,6 +543,8 @@ def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
     """A YAML file -> Python data (see parse_yaml); one ConfigError naming the file for a missing,
     oversized, binary or non-UTF-8 file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a {what}")
     if not path.is_file():
         raise ConfigError(f"{what} not found: {path}")
     size = path.stat().st_size

@@ -73,6 +73,23 @@ def test_a_system_file_as_config_is_not_quoted(tmp_path, capsys, catalogue):
     assert len(line) < 300, line
 
 
+def test_deeply_nested_json_inputs_name_the_file(tmp_path, capsys, catalogue):
+    """A RecursionError from any parser was "unexpected RecursionError ... (run with --debug)", exit 1:
+    now exit 2 with the file (found in the failing call's arguments) for every reader."""
+    deep = "[" * 100000 + "]" * 100000
+    manifest = tmp_path / "deep.jsonl"
+    manifest.write_text('{"id": ' + deep + "}\n")
+    line = cli_error(capsys, catalogue, "deeply nested JSON line in a manifest (mmser folds)",
+                     ["folds", str(manifest)], "nested too deeply")
+    assert str(manifest) in line, line
+    run = tmp_path / "exp" / "s1-seed0"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(deep)
+    cli_error(capsys, catalogue, "deeply nested metrics.json (mmser compare)",
+              ["compare", str(tmp_path / "exp"), "--out", str(tmp_path / "cmp")], "metrics.json: not a valid")
+    cli_error(capsys, catalogue, "-c a folder", ["config", "show", "-c", str(tmp_path)], "a folder, not a config")
+
+
 @pytest.mark.parametrize("name", ["../../escaped", "/tmp/abs", "a/b", "a\\b", "..", ".", ""])
 def test_experiment_must_be_a_plain_name(corpus, tmp_path, capsys, catalogue, name):
     """`experiment=../../escaped` put the run folder outside output_dir; now refused by validation,
