@@ -15,7 +15,8 @@
     mmser config show -c vft [-c tiny ...] [key=value ...]   |   mmser config list
     mmser push MODEL USER/REPO [--public]     (a run or model folder -> the Hugging Face Hub)
 
-Options and key=value overrides may come in any order. An error prints one line,
+Options and key=value overrides may come in any order (-v, -q and --debug too, before or after the
+command). An error prints one line,
 `mmser: error: <what went wrong, naming the file>`; --debug (anywhere on the line) or MMSER_DEBUG=1
 adds the traceback. Exit codes: 0 done; 1 some runs failed (cv, demo) or an unexpected error (a bug);
 2 bad input (arguments, config, files, checkpoints); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).

@@ -8,7 +8,9 @@ split's test set (column `test`); the chance line of the plot is 1 / the number 
 An experiment can also come from W&B (`wandb:ENTITY/PROJECT/GROUP`, read through
 mmser.tracking, the only module that imports wandb). Beside Table 11: paired tests between
 experiments over their shared (session, seed) runs (mmser.stats), per-class recall and row-normalised
-confusion matrices summed over folds and seeds.
+confusion matrices summed over folds and seeds. `mmser compare` refuses experiments of different
+class sets, corpora or manifests (`check_comparable`: pairing their runs would pair unrelated test
+sets) and leaves out, with a warning, experiment folders without a finished run.
 """
 
 from __future__ import annotations
@@ -183,8 +185,7 @@ def collect_sources(sources: list[str], api=None) -> tuple[list[ExperimentResult
 
         try:
             runs = tracking.fetch_wandb_runs(str(source)[len(WANDB_PREFIX):], api=api)
-        except tracking.WandbUnavailable as e:
-            log.warning("%s", e)
+        except tracking.WandbUnavailable as e:  # the caller says so (mmser compare: one warning line each)
             skipped.append(str(e))
             continue
         by_experiment: dict[str, ExperimentResult] = {}
