@@ -4,7 +4,8 @@ Every run gets a CSVLogger in its run dir (csv/metrics.csv, continued across res
 optional and can never fail or stall a run: mode "offline" writes local files under run_dir/wandb/
 (upload later with `wandb sync run_dir/wandb/offline-run-*`), "online" needs an account and
 network, "disabled" skips it. Any W&B error at start-up or at the end becomes a warning and the run
-goes on without it.
+goes on without it. W&B's own folders (settings, caches, artifact staging) stay in the home folder
+unless it cannot be written: then they go under run_dir/wandb/ (`wandb_home_dirs`).
 
 What a W&B run holds:
 - config: the run identity as flat top-level keys (`run_identity`: experiment, test_session, seed,
