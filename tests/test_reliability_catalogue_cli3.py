@@ -36,7 +36,7 @@ def corpus(tmp_path_factory):
     ("deeply nested JSON -c file", '{"a": ' * 3000 + "1" + "}" * 3000, "nested too deeply"),
     ("binary -c file", bytes(range(256)) * 4, "binary data"),  # was: 'utf-8' codec can't decode ...
     ("latin-1 -c file", "experiment: caf\xe9\n".encode("latin-1"), "not UTF-8 text (byte 0xe9"),
-    ("control characters in a -c file", "experiment: a\x07b\n", "not valid YAML"),
+    ("control characters in a -c file", "experiment: a\x07b\n", "not valid YAML"),  # a guard: refused before too
     ("duplicate YAML key", "experiment: a\nfinetune:\n  epochs: 2\n  lr: 0.1\n  epochs: 3\n",
      "line 5: duplicate key 'epochs' (first on line 3"),  # was: last wins silently (epochs=3)
     ("duplicate top-level key", "experiment: a\nexperiment: b\n", "line 2: duplicate key 'experiment'"),
