@@ -15,7 +15,8 @@
     mmser config show -c vft [-c tiny ...] [key=value ...]   |   mmser config list
     mmser push MODEL USER/REPO [--public]     (a run or model folder -> the Hugging Face Hub)
 
-Options and key=value overrides may come in any order. An error prints one line,
+Options and key=value overrides may come in any order (-v, -q and --debug too, before or after the
+command). An error prints one line,
 `mmser: error: <what went wrong, naming the file>`; --debug (anywhere on the line) or MMSER_DEBUG=1
 adds the traceback. Exit codes: 0 done; 1 some runs failed (cv, demo) or an unexpected error (a bug);
 2 bad input (arguments, config, files, checkpoints); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
@@ -50,14 +51,17 @@ def parse_range(text: str) -> list[int]:
         part = part.strip()
         if not part:
             continue
-        if "-" in part:
-            a, b = part.split("-", 1)
-            lo, hi = int(a), int(b)
-            if hi < lo:
-                raise argparse.ArgumentTypeError(f"bad range '{part}'")
-            out.extend(range(lo, hi + 1))
-        else:
-            out.append(int(part))
+        try:
+            if "-" in part:
+                a, b = part.split("-", 1)
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise argparse.ArgumentTypeError(f"bad range '{part}'")
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{part}' is neither a number nor a range A-B") from None
     if not out:
         raise argparse.ArgumentTypeError(f"empty range '{text}'")
     return out
@@ -88,11 +92,46 @@ def parse_folds(text: str) -> list[int | str]:
     return out
 
 
+# Seeds go to Lightning's seed_everything, which takes 0 .. 2**32 - 1 (numpy's range).
+MAX_SEED = 2**32 - 1
+
+
+def parse_seed(text: str) -> int:
+    """'3' -> 3; refused (before anything is written) unless 0 <= seed <= MAX_SEED."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{seed} is outside 0 .. {MAX_SEED}")
+    return seed
+
+
 def parse_seeds(text: str) -> list[int]:
-    """'5' -> seeds [0..4]; '0,3,7' or '3-5' -> those seeds."""
+    """'5' -> seeds [0..4]; '0,3,7' or '3-5' -> those seeds. At least one seed, each in 0 .. MAX_SEED."""
+    text = text.strip()
     if text.isdigit():
+        if int(text) < 1:
+            raise argparse.ArgumentTypeError(f"'{text}': at least 1 seed (a count, or a list such as 0,3,7)")
+        if int(text) > MAX_SEED + 1:
+            raise argparse.ArgumentTypeError(f"'{text}': at most {MAX_SEED + 1} seeds")
         return list(range(int(text)))
-    return parse_range(text)
+    seeds = parse_range(text)
+    for seed in seeds:
+        if not 0 <= seed <= MAX_SEED:
+            raise argparse.ArgumentTypeError(f"seed {seed} is outside 0 .. {MAX_SEED}")
+    return seeds
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (a count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be >= 1")
+    return value
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -185,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="one run: (config, test session, seed) -> run dir")
     p.add_argument("--session", "--fold", dest="session", type=parse_fold, required=True,
                    help="test session (IEMOCAP: 1..5) or fold name (a predefined split's test set: test, test1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=parse_seed, default=0, help=f"fine-tuning seed, 0 .. {MAX_SEED} (default 0)")
     p.add_argument("--run-dir", type=Path, default=None)
     _add_config_args(p)
 
@@ -193,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sessions", "--folds", dest="sessions", type=parse_folds, default=None,
                    help="e.g. 1-5, 1,3 or test1 (default: every fold of the manifest)")
     p.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2, 3, 4],
-                   help="a count (5 -> seeds 0..4) or a list/range")
+                   help="a count >= 1 (5 -> seeds 0..4) or a list/range")
     p.add_argument("--out", type=Path, default=None,
                    help="experiment folder (default: output_dir/experiment)")
     _add_config_args(p)
@@ -248,14 +287,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="end-to-end demo on the synthetic corpus (CPU, tiny models)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--seeds", type=int, default=1,
+    p.add_argument("--seeds", type=positive_int, default=1,
                    help="fine-tuning seeds per fold (default 1, ~10 min on 2 cores; 2 for mean ± std over seeds)")
     p.add_argument("--per-class", type=int, default=4,
                    help="synthetic utterances per class per actor (default 4: 160 utterances; 6 for 240)")
     p.add_argument("--wandb", choices=["offline", "disabled", "online"], default="offline")
     p.add_argument("--only", nargs="+", default=None, metavar="EXPERIMENT",
                    help="run only these experiments (vft tapt ptapt text-gold text-asr fusion-...)")
+    _add_anywhere_options(parser)
     return parser
+
+
+def _add_anywhere_options(parser: argparse.ArgumentParser) -> None:
+    """-v / -q / --debug on every subcommand too (`mmser train ... -q`), not only before it.
+
+    Their default there is SUPPRESS: a subparser sets the attribute only when the option is given,
+    so `mmser -q train` keeps the top level's value instead of the subparser's default False."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for sub in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+            taken = {s for a in sub._actions for s in a.option_strings}
+            for flags, help_ in ((("-v", "--verbose"), "as before the command"),
+                                 (("-q", "--quiet"), "as before the command"),
+                                 (("--debug",), "as before the command")):
+                if not taken & set(flags):
+                    sub.add_argument(*flags, action="store_true", default=argparse.SUPPRESS, help=help_)
+            _add_anywhere_options(sub)
 
 
 def _take_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
@@ -312,6 +370,14 @@ def main(argv: list[str] | None = None) -> int:
         print("mmser: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except SystemExit as e:
+        # Lightning catches Ctrl-C itself (trainer.call._call_and_handle_interrupt: callbacks' on_exception,
+        # loggers finalised "failed") and then calls sys.exit(1) inside its `except KeyboardInterrupt`:
+        # a SystemExit whose context is the KeyboardInterrupt is an interruption (exit 130), not a failure.
+        if _raised_while_interrupted(e):
+            if args.debug:
+                traceback.print_exc()
+            print("mmser: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
         # Lightning turns SIGTERM (a scheduler's kill, `kill PID`) into SIGTERMException, a SystemExit
         # with no code: without this the process would exit 0 as if the run had finished.
         if type(e).__name__ != "SIGTERMException":
@@ -329,6 +395,18 @@ def main(argv: list[str] | None = None) -> int:
             message += " (run with --debug for the traceback)"
         print(f"mmser: error: {message}", file=sys.stderr)
         return code
+
+
+def _raised_while_interrupted(e: BaseException) -> bool:
+    """Whether `e` was raised while a KeyboardInterrupt was being handled (its context chain holds one)."""
+    seen = set()
+    ctx = e.__context__
+    while ctx is not None and id(ctx) not in seen:
+        if isinstance(ctx, KeyboardInterrupt):
+            return True
+        seen.add(id(ctx))
+        ctx = ctx.__context__
+    return False
 
 
 def describe_error(e: BaseException) -> tuple[int, str]:
@@ -356,6 +434,11 @@ def describe_error(e: BaseException) -> tuple[int, str]:
         return EXIT_INPUT, message
     if isinstance(e, (ConfigError, MissingExtraError, OSError, ValueError)):
         return EXIT_INPUT, one_line(str(e)) or type(e).__name__
+    if isinstance(e, RecursionError):
+        # a parser (json, yaml) recursing through a crafted file of deeply nested lists or mappings
+        path = _file_in_traceback(e)
+        if path is not None:
+            return EXIT_INPUT, f"{path}: nested too deeply to be read (lists or mappings inside each other)"
     return EXIT_FAILED, one_line(f"unexpected {type(e).__name__}: {e}")
 
 
@@ -479,7 +562,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
 def _compare_command(args: argparse.Namespace) -> int:
     """`mmser compare`: Table 11 per experiment, paired tests, per-class recall, plots. A W&B source
     that cannot be read (offline, no login) is left out with a note saying how to sync it."""
-    from mmser.report import collect_sources, plot_comparison, plot_confusions, write_summary
+    from mmser.report import check_comparable, collect_sources, plot_comparison, plot_confusions, write_summary
 
     pairs = None
     if args.pair:
@@ -490,13 +573,20 @@ def _compare_command(args: argparse.Namespace) -> int:
                 raise ValueError(f"--pair {text}: expected two experiment names, A,B")
             pairs.append((a.strip(), b.strip()))
     results, skipped = collect_sources(list(args.experiments))
-    for note in skipped:
-        print(f"mmser: {note}", file=sys.stderr)
+    partial = []  # experiments with unfinished run folders: their finished runs are compared
+    for r in results:
+        if r.unfinished:
+            shown = ", ".join(r.unfinished[:5]) + (", ..." if len(r.unfinished) > 5 else "")
+            partial.append(f"{r.folder}: {len(r.unfinished)} of {len(r.unfinished) + r.runs} run folders "
+                           f"unfinished (no metrics.json: {shown}); its {r.runs} finished run(s) are compared")
+    for note in skipped + partial:  # one warning line per source left out or incomplete
+        print(f"mmser: warning: {note}", file=sys.stderr)
     if not results:
-        raise ValueError("nothing to compare: " + "; ".join(skipped))
+        raise ValueError("nothing to compare: no experiment has a finished run (" + "; ".join(skipped) + ")")
+    check_comparable(results)
     command = "mmser compare " + " ".join(map(str, args.experiments)) + f" --out {args.out}" + "".join(
         f" --pair {a},{b}" for a, b in pairs or [])
-    notes = [f"Not read: {n}" for n in skipped]
+    notes = [f"Not read: {n}" for n in skipped] + [f"Incomplete: {n}" for n in partial]
     print(write_summary(results, args.out, command=command, stem="comparison", notes=notes, pairs=pairs))
     plot_comparison(results, args.out / "comparison_ua.png")
     plot_confusions(results, args.out)

@@ -362,7 +362,10 @@ class TextConfig:
     freeze: bool = True
     lr: float = ranged(2e-5, "> 0")
     max_length: int = ranged(64, ">= 1")
-    cache_dir: str = "runs/cache/text"
+    # Frozen text features, one file per (texts, source, encoder) key (mmser.text.embed). None =
+    # {output_dir}/cache/text (`text_cache_dir`): beside the runs, wherever the command is started
+    # from (a default relative to the working directory failed in an unwritable one).
+    cache_dir: str | None = None
 
 
 @dataclass
@@ -403,6 +406,8 @@ class FusionConfig:
 
 @dataclass
 class Config:
+    # The experiment's name: its folder output_dir/experiment (cv, train) and its name in reports.
+    # A plain name: no path separator, not "." or ".." (a run must stay inside output_dir).
     experiment: str = "vft"
     # What one run trains: audio V-FT, the text-only baseline, or an audio+text fusion model.
     # (TAPT / P-TAPT are V-FT from a pre-trained checkpoint: `pretrain` says which.)
@@ -473,6 +478,89 @@ _CROSS_CHECKS: list[tuple[tuple[str, ...], typing.Callable[[Config], bool], str]
 # --------------------------------------------------------------------------------------------
 
 
+# What an error message may quote of a value read from a file: enough to recognise it, never the
+# file's content (a `-c /etc/passwd` is one long YAML string).
+_SHOW_CHARS = 60
+
+
+def _show(value: Any) -> str:
+    """repr(value), cut to _SHOW_CHARS characters."""
+    text = repr(value)
+    return text if len(text) <= _SHOW_CHARS else text[:_SHOW_CHARS] + "..."
+
+
+# A config file is a few KB; anything much larger is the wrong file (read whole, so bounded first).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently). Keys brought in by a `<<` merge may be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        if isinstance(node, yaml.MappingNode):
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error says so
+                    continue
+                if first is not None:
+                    raise ConfigError(f"line {line}: duplicate key {_show(key)} "
+                                      f"(first on line {first}; YAML would keep only the last)")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error as 'line L, column C: problem', without the snippet of the file PyYAML quotes."""
+    if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow (control bytes)
+        return f"character {e.position}: {e.reason} (0x{e.character:02x})" if isinstance(e.character, int) \
+            else f"character {e.position}: {e.reason}"
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or getattr(e, "context", None) or type(e).__name__
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text -> Python data, with every failure a ConfigError that starts with `where` (a file
+    name or an override) and quotes none of the text: not YAML, a duplicate key, nesting too deep."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({_yaml_problem(e)})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: not a config (lists or mappings nested too deeply)") from None
+
+
+def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
+    """A YAML file -> Python data (see parse_yaml); one ConfigError naming the file for a missing,
+    oversized, binary or non-UTF-8 file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a {what}")
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: not a {what} ({size:,} bytes; a config is a few KB)")
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise ConfigError(f"{path}: not a {what} (binary data: a NUL byte at offset {data.index(0)})")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                          "save the file as UTF-8") from None
+    return parse_yaml(text, str(path))
+
+
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
@@ -500,41 +588,41 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, a, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({'; '.join(errors)})")
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {_show(value)} ({'; '.join(errors)})")
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{where}: expected one of {list(allowed)}, got {value!r}")
+            raise ConfigError(f"{where}: expected one of {list(allowed)}, got {_show(value)}")
         return value
     if origin is list:
         (item_tp,) = typing.get_args(tp) or (Any,)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_show(value)}")
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is Any:
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+            raise ConfigError(f"{where}: expected true/false, got {_show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {_show(value)}")
         return value
     if tp is float:
         # YAML 1.1 (PyYAML) reads `1e-4` (no dot) as a string: accept numeric strings here.
         if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
             return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {_show(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {_show(value)}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping (section), got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping (section), got {_show(value)}")
         return value
     raise ConfigError(f"{where}: unsupported type {tp}")
 
@@ -543,13 +631,13 @@ def _merge(obj: Any, data: dict, where: str, sources: dict[str, str] | None = No
     """Apply a nested dict onto dataclass instance `obj` in place, checking keys and types.
     `sources` (when given) records, per key set, where its value came from (for error messages)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where}: expected a mapping, got {_show(data)}")
     hints = _hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in names:
-            raise ConfigError(f"unknown key '{path}' (known: {', '.join(sorted(names))})")
+            raise ConfigError(f"unknown key {_show(path)} (known: {', '.join(sorted(names))})")
         tp = hints[key]
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
@@ -570,8 +658,21 @@ def _check_numbers(value: Any, rng: Range, path: str, optional: bool = False) ->
                 return msg
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value not in rng:
-        return f"{path}: must be {rng}{' or null' if optional else ''}, got {value!r}"
+        return f"{path}: must be {rng}{' or null' if optional else ''}, got {_show(value)}"
     return None  # None (an Optional field) or a string ("auto" devices): the type check covered them
+
+
+def _plain_name_problem(name: str) -> str | None:
+    """Why `name` is not a plain folder name (one path component that stays where it is joined), or None."""
+    if not name.strip():
+        return "empty"
+    if "/" in name or "\\" in name:
+        return "a path separator"
+    if name in (".", ".."):
+        return f"{name!r} is not a folder of its own"
+    if any(ord(ch) < 32 for ch in name):
+        return "a control character"
+    return None
 
 
 def validate_config(cfg: Config, sources: dict[str, str] | None = None) -> Config:
@@ -594,6 +695,9 @@ def validate_config(cfg: Config, sources: dict[str, str] | None = None) -> Confi
                     raise ConfigError(origin(path) + msg)
 
     walk(cfg, "")
+    if (problem := _plain_name_problem(cfg.experiment)) is not None:
+        raise ConfigError(f"{origin('experiment')}experiment: must be a plain name, the experiment's folder "
+                          f"under output_dir ({problem}); got {_show(cfg.experiment)}")
     for keys, ok, rule in _CROSS_CHECKS:
         if not ok(cfg):
             got = ", ".join(f"{k}={_get(cfg, k)!r}" for k in keys)
@@ -611,10 +715,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override '{item}' is not of the form key=value (e.g. finetune.epochs=2)")
     key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override '{item}': value does not parse as YAML ({e})") from None
+    value = parse_yaml(raw, f"override {_show(item)}") if raw != "" else ""
     return key.strip().split("."), value
 
 
@@ -666,18 +767,23 @@ def load_config(*paths: str | Path, overrides: list[str] | tuple[str, ...] = ())
     sources: dict[str, str] = {}
     for p in paths:
         p = resolve_config_path(p)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        data = read_yaml_file(p)
+        if data is None:
+            continue  # an empty file (or only comments)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: not a config file (expected a mapping of keys and sections, "
+                              f"got a YAML {type(data).__name__})")
         try:
             _merge(cfg, data, "", sources, str(p))
         except ConfigError as e:
             raise ConfigError(f"{p}: {e}") from None
     _apply_overrides(cfg, overrides, sources)
     return validate_config(cfg, sources)
+
+
+def text_cache_dir(cfg: Config) -> Path:
+    """Where frozen text features are cached: text.cache_dir, or {output_dir}/cache/text by default."""
+    return Path(cfg.text.cache_dir) if cfg.text.cache_dir else Path(cfg.output_dir) / "cache" / "text"
 
 
 def to_dict(cfg: Any) -> dict:
@@ -701,6 +807,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
 # Fields that may differ between invocations of the same experiment without changing its results.
 VOLATILE_FIELDS = {("tracking", "wandb"), ("tracking", "artifacts"), ("trainer", "enable_progress_bar"),
                    ("data", "num_workers"),
+                   # where a content-keyed cache lives: the same features either way
+                   ("text", "cache_dir"),
                    # speed switches: the same computation (float rounding aside)
                    ("encoder", "attn_implementation"), ("trainer", "compile"), ("trainer", "peak_tflops")}
 
@@ -733,10 +841,7 @@ def config_diff(old: dict, new: dict) -> list[str]:
 def check_same_config(saved: str | Path, cfg: Config, what: str) -> None:
     """Raise ConfigError when the config saved at `saved` differs from `cfg` (volatile fields aside)."""
     saved = Path(saved)
-    try:
-        old = yaml.safe_load(saved.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{saved}: not valid YAML ({e})") from None
+    old = read_yaml_file(saved, "saved config") or {}
     diff = config_diff(old, to_dict(cfg))
     if diff:
         raise ConfigError(f"{saved}: {what} was made with another config ({'; '.join(diff[:6])}"

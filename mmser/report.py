@@ -8,7 +8,9 @@ split's test set (column `test`); the chance line of the plot is 1 / the number 
 An experiment can also come from W&B (`wandb:ENTITY/PROJECT/GROUP`, read through
 mmser.tracking, the only module that imports wandb). Beside Table 11: paired tests between
 experiments over their shared (session, seed) runs (mmser.stats), per-class recall and row-normalised
-confusion matrices summed over folds and seeds.
+confusion matrices summed over folds and seeds. `mmser compare` refuses experiments of different
+class sets, corpora or manifests (`check_comparable`: pairing their runs would pair unrelated test
+sets) and leaves out, with a warning, experiment folders without a finished run.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import io
 import json
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from mmser.data.manifest import fold_label, fold_sort_key
-from mmser.io import atomic_write_text
+from mmser.io import INPUTS_FILE, atomic_write_text
 from mmser.metrics import table11
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,12 @@ class ExperimentResult:
     # test confusion matrix summed over every run (rows = true class), and its class names
     confusion: np.ndarray | None = None
     classes: list[str] | None = None  # the runs' class names (runs that disagree are an error)
+    # What the runs are made from, where known (W&B runs carry neither): the corpus names of their
+    # metrics.json ("" = a manifest without one, IEMOCAP's) and the sha256 of their manifest (inputs.json)
+    corpora: set[str] = field(default_factory=set)
+    manifests: set[str] = field(default_factory=set)
+    # run folders (*-seed*) without a metrics.json: running, failed or killed
+    unfinished: list[str] = field(default_factory=list)
 
     def table(self, section: str = "test", metric: str = "ua") -> dict | None:
         s = self.scores.get((section, metric))
@@ -68,8 +77,17 @@ def collect(folder: str | Path, name: str | None = None) -> ExperimentResult:
         try:
             m = json.loads(mfile.read_text())
             add_run(res, m)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{mfile}: not a valid metrics file ({e})") from None
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as e:
+            raise ValueError(f"{mfile}: not a valid metrics file ({type(e).__name__}: {str(e)[:200]})") from None
+        inputs = mfile.parent / INPUTS_FILE
+        if inputs.is_file():
+            try:
+                sha = json.loads(inputs.read_text())["manifest"]["sha256"]
+            except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:
+                raise ValueError(f"{inputs}: not a valid inputs file ({type(e).__name__})") from None
+            res.manifests.add(str(sha))
+    res.unfinished = sorted(d.name for d in folder.glob("*-seed*")
+                            if d.is_dir() and RUN_FOLDER.fullmatch(d.name) and not (d / "metrics.json").is_file())
     return res
 
 
@@ -86,6 +104,8 @@ def add_run(res: ExperimentResult, m: dict) -> None:
         if value is not None:
             res.scores.setdefault((section, metric), {}).setdefault(session, []).append(float(value))
             res.values.setdefault((section, metric), {})[(session, seed)] = float(value)
+    if "corpus" in m:
+        res.corpora.add(str(m["corpus"] or ""))
     test = m.get("test") or {}
     named = m.get("classes") or test.get("classes")
     if named:
@@ -103,6 +123,42 @@ def add_run(res: ExperimentResult, m: dict) -> None:
             res.confusion = res.confusion + cm
 
 
+# A run folder's name (mmser.training.run.run_name): s3-seed0, test1-seed2
+RUN_FOLDER = re.compile(r".+-seed\d+")
+
+
+def _corpus_label(name: str) -> str:
+    return repr(name) if name else "none named (IEMOCAP)"
+
+
+def check_comparable(results: list[ExperimentResult]) -> None:
+    """Raise ValueError, naming both experiments and what differs, unless every experiment's runs are
+    of one task on one data: the same class set, the same corpus and the same manifest (sha256),
+    wherever both sides record it (W&B runs record neither corpus nor manifest). Paired tests pair
+    runs by (session, seed): across corpora or class sets that pairs unrelated test sets."""
+    for r in results:
+        if len(r.manifests) > 1:
+            raise ValueError(f"{r.name} ({r.folder}): its runs are made from {len(r.manifests)} different "
+                             f"manifests (sha256 {', '.join(sorted(x[:12] for x in r.manifests))}); "
+                             "compare runs of one data set")
+        if len(r.corpora) > 1:
+            raise ValueError(f"{r.name} ({r.folder}): its runs are of different corpora "
+                             f"({', '.join(_corpus_label(c) for c in sorted(r.corpora))})")
+    for i, a in enumerate(results):
+        for b in results[i + 1:]:
+            differs = []
+            if a.classes and b.classes and set(a.classes) != set(b.classes):
+                differs.append(f"classes {a.classes} vs {b.classes}")
+            if a.corpora and b.corpora and a.corpora != b.corpora:
+                differs.append(f"corpus {_corpus_label(next(iter(a.corpora)))} vs "
+                               f"{_corpus_label(next(iter(b.corpora)))}")
+            if a.manifests and b.manifests and a.manifests != b.manifests:
+                differs.append(f"manifest sha256 {next(iter(a.manifests))[:12]} vs {next(iter(b.manifests))[:12]}")
+            if differs:
+                raise ValueError(f"{a.name} ({a.folder}) and {b.name} ({b.folder}) are not comparable: "
+                                 f"{'; '.join(differs)}. Compare experiments of one task on one data set")
+
+
 WANDB_PREFIX = "wandb:"
 
 
@@ -117,14 +173,19 @@ def collect_sources(sources: list[str], api=None) -> tuple[list[ExperimentResult
     skipped: list[str] = []
     for source in sources:
         if not str(source).startswith(WANDB_PREFIX):
-            results.append(collect(source))
+            res = collect(source)
+            if res.runs == 0:  # an empty or not yet finished experiment: no row of zeros
+                what = (f"{len(res.unfinished)} run folder(s), none finished (no metrics.json)" if res.unfinished
+                        else "no run folders (*-seed*/metrics.json)")
+                skipped.append(f"{source}: no finished run ({what}); left out")
+            else:
+                results.append(res)
             continue
         from mmser import tracking  # imports Lightning and wandb: only for W&B sources
 
         try:
             runs = tracking.fetch_wandb_runs(str(source)[len(WANDB_PREFIX):], api=api)
-        except tracking.WandbUnavailable as e:
-            log.warning("%s", e)
+        except tracking.WandbUnavailable as e:  # the caller says so (mmser compare: one warning line each)
             skipped.append(str(e))
             continue
         by_experiment: dict[str, ExperimentResult] = {}

@@ -4,7 +4,8 @@ Every run gets a CSVLogger in its run dir (csv/metrics.csv, continued across res
 optional and can never fail or stall a run: mode "offline" writes local files under run_dir/wandb/
 (upload later with `wandb sync run_dir/wandb/offline-run-*`), "online" needs an account and
 network, "disabled" skips it. Any W&B error at start-up or at the end becomes a warning and the run
-goes on without it.
+goes on without it. W&B's own folders (settings, caches, artifact staging) stay in the home folder
+unless it cannot be written: then they go under run_dir/wandb/ (`wandb_home_dirs`).
 
 What a W&B run holds:
 - config: the run identity as flat top-level keys (`run_identity`: experiment, test_session, seed,
@@ -78,6 +79,7 @@ def make_loggers(cfg: Config, run_dir: str | Path, name: str, group: str, job_ty
         return loggers
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_CONSOLE", "off")
+    wandb_home_dirs(run_dir)
     try:
         import wandb
 
@@ -103,6 +105,11 @@ def make_loggers(cfg: Config, run_dir: str | Path, name: str, group: str, job_ty
             settings=wandb.Settings(init_timeout=cfg.tracking.init_timeout_s, silent=True,
                                     console="off"),
         )
+        # Lightning passes anonymous=None to wandb.init, which wandb 0.19+ answers with "The anonymous
+        # setting has no effect and will be removed" on every run: leave the unset value out.
+        init_kwargs = getattr(wandb_logger, "_wandb_init", None)
+        if isinstance(init_kwargs, dict) and init_kwargs.get("anonymous", False) is None:
+            del init_kwargs["anonymous"]
         _ = wandb_logger.experiment  # start now, so a failure is caught here and not inside fit
     except Exception as e:  # W&B must never fail a run
         log.warning("W&B disabled for this run (%s: %s); CSV logs are in %s", type(e).__name__, e, run_dir)
@@ -111,6 +118,59 @@ def make_loggers(cfg: Config, run_dir: str | Path, name: str, group: str, job_ty
     loggers.append(wandb_logger)
     declare_inputs(loggers, inputs)
     return loggers
+
+
+# -- W&B's folders outside the run ---------------------------------------------------------------------
+
+# W&B keeps three folders of its own in the home folder: settings (~/.config/wandb), caches and
+# wandb-core's logs (~/.cache/wandb) and artifact staging (~/.local/share/wandb). With HOME not
+# writable (a container, a cluster job under another user) the run lost its final metrics (the
+# confusion-matrix table is staged there) and wandb-core, without a log file, wrote 17 lines to stderr.
+WANDB_HOME_DIRS = (("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"))
+_moved_by_mmser: dict[str, str] = {}  # the variables of WANDB_HOME_DIRS this process set, and to what
+
+
+def _wandb_default_dir(var: str) -> Path:
+    import platformdirs  # a dependency of wandb; the same calls as wandb.env's defaults
+
+    if var == "WANDB_CONFIG_DIR":
+        return Path("~", ".config", "wandb").expanduser()
+    if var == "WANDB_CACHE_DIR":
+        return Path(platformdirs.user_cache_dir("wandb"))
+    return Path(platformdirs.user_data_dir("wandb"))
+
+
+def _writable_dir(path: Path) -> bool:
+    """Whether a file can be created in `path` (made if missing). A real probe: as root, permission
+    bits do not refuse anything, but a read-only mount or a file in the way still does."""
+    import tempfile
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            return True
+    except OSError:
+        return False
+
+
+def wandb_home_dirs(run_dir: str | Path) -> list[str]:
+    """Point W&B's home-folder dirs (WANDB_HOME_DIRS) whose default cannot be written at
+    run_dir/wandb/{config,cache,data}, before W&B starts; a variable the user set is left alone, the
+    writable defaults too (the user's W&B settings stay in use). Returns the variables set."""
+    moved = []
+    for var, kind in WANDB_HOME_DIRS:
+        current = os.environ.get(var)
+        if current and _moved_by_mmser.get(var) != current:
+            continue  # the user's own choice
+        if var not in _moved_by_mmser and _writable_dir(_wandb_default_dir(var)):
+            continue
+        target = str(Path(run_dir).resolve() / "wandb" / kind)
+        os.environ[var] = _moved_by_mmser[var] = target
+        moved.append(var)
+    if moved and len(_moved_by_mmser) == len(moved):  # said once per process
+        log.info("W&B: %s not writable (HOME=%s); %s under %s", ", ".join(str(_wandb_default_dir(v)) for v in moved),
+                 os.environ.get("HOME", "?"), ", ".join(moved), Path(run_dir) / "wandb")
+    return moved
 
 
 # -- run identity -------------------------------------------------------------------------------------
@@ -331,14 +391,18 @@ def log_final(loggers: Sequence[Logger], metrics: dict, y_true: Sequence[int], y
     (no-op without W&B)."""
     for run in _wandb_runs(loggers):
         try:
-            import wandb
-
             run.summary.update(final_summary(metrics))
-            if len(y_true):
-                run.log({"test/confusion_matrix": wandb.plot.confusion_matrix(
-                    y_true=list(y_true), preds=list(y_pred), class_names=list(class_names))})
         except Exception as e:
             log.warning("W&B: could not log final metrics (%s: %s)", type(e).__name__, e)
+        if not len(y_true):
+            continue
+        try:  # a table, staged as a file: its failure does not take the summary with it
+            import wandb
+
+            run.log({"test/confusion_matrix": wandb.plot.confusion_matrix(
+                y_true=list(y_true), preds=list(y_pred), class_names=list(class_names))})
+        except Exception as e:
+            log.warning("W&B: could not log the test confusion matrix (%s: %s)", type(e).__name__, e)
 
 
 def log_cv_summary(cfg: Config, out_dir: str | Path, *, table_columns: Sequence[str], table_rows: Sequence[Sequence],

@@ -23,7 +23,7 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedModel
 
-from mmser.config import Config
+from mmser.config import Config, text_cache_dir
 from mmser.data.dataset import TextFeatures
 from mmser.data.manifest import FoldId, load_manifest, task_records
 from mmser.models.audio_encoders import build_audio_encoder
@@ -42,11 +42,11 @@ def text_features_for(cfg: Config) -> dict[str, TextFeatures]:
     from mmser.text.embed import TextEncoderSpec, text_features
 
     key = (str(cfg.data.manifest), str(cfg.text.source), cfg.text.encoder, cfg.text.pooling,
-           cfg.text.max_length, str(cfg.text.cache_dir))
+           cfg.text.max_length, str(text_cache_dir(cfg)))
     if key not in _FEATURES:
         records = task_records(load_manifest(cfg.data.manifest))
         spec = TextEncoderSpec.from_config(cfg.text)
-        _FEATURES[key] = text_features(records, cfg.text.source, spec, cfg.text.cache_dir)
+        _FEATURES[key] = text_features(records, cfg.text.source, spec, text_cache_dir(cfg))
     return _FEATURES[key]
 
 
