@@ -42,6 +42,7 @@ from torch import nn
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from mmser.cache_check import tensor_sha256
 from mmser.io import atomic_write_bytes, fingerprint, looks_like_path
 
 log = logging.getLogger(__name__)
@@ -567,14 +568,6 @@ def expected_ct2_frames(num_samples: int) -> int:
     content = int(num_samples) // HOP
     full, rest = divmod(content, 3000)
     return full * 1500 + int(encoder_frames(rest))
-
-
-def tensor_sha256(*tensors: torch.Tensor) -> str:
-    """sha256 of the tensors' bytes (C order), the content checksum of a cache entry."""
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def entry_problem(frames: torch.Tensor, meta: Mapping, expected: tuple[int | None, int | None]) -> str | None:
