@@ -268,7 +268,7 @@ def ct2_device_and_type(compute_type: str = "auto", device: str = "auto") -> tup
     return device, supported_compute_type(compute_type, device)
 
 
-class CudaUnavailable(RuntimeError):
+class CudaUnavailable(OSError):
     """CTranslate2 cannot run on the CUDA device asked for explicitly (libraries or driver)."""
 
 
