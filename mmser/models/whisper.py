@@ -105,6 +105,9 @@ class WhisperAudioEncoder(nn.Module):
         # chunk_length is whole seconds: a window that is not (tiny test configs) is set directly.
         self.feature_extractor.n_samples = self.window_samples
         self.feature_extractor.nb_max_frames = self.window_mel
+        # (n_fft / 2 + 1, n_mel); not saved with the model (persistent=False): it follows the config
+        self.register_buffer("mel_filters", torch.from_numpy(np.asarray(self.feature_extractor.mel_filters,
+                                                                        dtype=np.float32)), persistent=False)
         if self.freeze:
             self.model.requires_grad_(False)
             self.model.eval()
@@ -123,29 +126,46 @@ class WhisperAudioEncoder(nn.Module):
         return {"encoder_kind": "whisper", "encoder_config": self.model.config.to_dict(),
                 "encoder_freeze": self.freeze}
 
-    def log_mel(self, wavs: Sequence[np.ndarray]) -> tuple[list[torch.Tensor], list[int], list[int]]:
-        """Windows of log-mels for utterances (T_i,): (mel windows (n_mel, window_mel) each, owner
-        index of each window, valid encoder frames of each window)."""
-        chunks, owner = [], []
-        for i, wav in enumerate(wavs):
-            for start in range(0, max(len(wav), 1), self.window_samples):
-                chunks.append(wav[start:start + self.window_samples])
+    def log_mel(self, waves: torch.Tensor) -> torch.Tensor:
+        """Whisper's log-mel of 30 s windows on their own device: waves (N, window_samples) ->
+        (N, n_mel, window_mel), the computation of transformers' WhisperFeatureExtractor (power STFT
+        of a centred, reflect-padded Hann window, its mel filters, log10 clamped at 1e-10, floored at
+        each window's max - 8, (x + 4) / 4), in torch, so a training step never copies the batch to
+        the CPU (its numpy path agrees within float32 rounding: tests/test_whisper.py)."""
+        fe = self.feature_extractor
+        window = torch.hann_window(fe.n_fft, device=waves.device)
+        stft = torch.stft(waves.float(), fe.n_fft, fe.hop_length, window=window, return_complex=True)
+        power = (stft[..., :-1].abs() ** 2).contiguous()  # (N, n_fft / 2 + 1, window_mel)
+        mel = self.mel_filters.T @ power  # (N, n_mel, window_mel)
+        log_spec = torch.clamp(mel, min=1e-10).log10()
+        floor = log_spec.amax(dim=(1, 2), keepdim=True) - 8.0  # (N, 1, 1)
+        return (torch.maximum(log_spec, floor) + 4.0) / 4.0
+
+    def windows(self, audio: torch.Tensor, audio_mask: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
+        """The batch cut into 30 s windows on its device: (waves (N, window_samples), zero-padded
+        after each utterance's own samples; owner index of each window; valid encoder frames of
+        each window: ceil(ceil(m / 160) / 2) of m samples, transformers' attention mask rule)."""
+        if audio.dim() != 2 or audio_mask.shape != audio.shape:
+            raise ValueError(f"encode: expected audio (B, T) and a mask of the same shape, got "
+                             f"{tuple(audio.shape)} and {tuple(audio_mask.shape)}")
+        lengths = audio_mask.sum(-1).tolist()  # B integers: the one host sync; the samples stay put
+        chunks, owner, valid = [], [], []
+        for i, n in enumerate(int(x) for x in lengths):
+            for start in range(0, max(n, 1), self.window_samples):
+                m = max(0, min(self.window_samples, n - start))
+                chunks.append(torch.nn.functional.pad(audio[i, start:start + m].float(), (0, self.window_samples - m)))
                 owner.append(i)
-        feats = self.feature_extractor(chunks, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="max_length",
-                                       max_length=self.window_samples, truncation=True,
-                                       return_attention_mask=True)
-        valid_mel = feats["attention_mask"].sum(-1)  # (N,) ceil(n / 160)
-        return list(feats["input_features"]), owner, encoder_frames(valid_mel).tolist()
+                valid.append(int(encoder_frames(-(-m // HOP))))
+        return torch.stack(chunks), owner, valid  # (N, window_samples)
 
     def encode(self, audio: torch.Tensor, audio_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """audio (B, T), audio_mask (B, T) -> frames (B, F, H), frame_mask (B, F) (see module docstring)."""
-        wavs = _valid_waveforms(audio, audio_mask)
-        mels, owner, valid = self.log_mel(wavs)
+        waves, owner, valid = self.windows(audio, audio_mask)
         param = next(self.model.parameters())
-        x = torch.stack(mels).to(device=param.device, dtype=param.dtype)  # (N, n_mel, window_mel)
+        x = self.log_mel(waves.to(param.device)).to(param.dtype)  # (N, n_mel, window_mel)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
             out = self.model(x).last_hidden_state  # (N, window_mel / 2, H)
-        parts: list[list[torch.Tensor]] = [[] for _ in wavs]
+        parts: list[list[torch.Tensor]] = [[] for _ in range(audio.shape[0])]
         for k, (i, n) in enumerate(zip(owner, valid, strict=True)):
             parts[i].append(out[k, :n])  # (n, H): the window's valid frames only
         joined = [torch.cat(p) for p in parts]  # each (F_i, H)
