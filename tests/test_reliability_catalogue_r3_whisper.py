@@ -309,7 +309,8 @@ def test_ctranslate2_cuda_failure_with_explicit_cuda_is_one_error_line(monkeypat
     manifest = write_toy_corpus(tmp_path / "toy", per_class=1, sessions=(1,))
     code, line = cli_last_line(capsys, "transcribe", str(manifest), "--out", str(tmp_path / "a.jsonl"),
                                "--device", "cuda")
-    assert code == 2 and line.startswith("mmser: error: faster-whisper offline-tiny.en: CTranslate2 cannot run on cuda:0")
+    assert code == 2
+    assert line.startswith("mmser: error: faster-whisper offline-tiny.en: CTranslate2 cannot run on cuda:0")
     assert "libcublas.so.12" in line and "cuBLAS 12" in line and "unexpected" not in line
     assert seen == [("cuda", 0)]  # no silent CPU run when cuda was asked for
     catalogue("CTranslate2 without cuBLAS 12, --device cuda", line)

@@ -350,3 +350,34 @@ def test_openai_whisper_sampled_decodes_are_seeded_per_utterance(tmp_path, speec
     assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is untouched
     texts = {asr.transcribe(a, seed=s) for s in range(4)}
     assert len(texts) > 1  # the test can fail: the seed does drive the draws
+
+
+# --------------------------------------------------------------------------------------------
+# Batched ASR (issue 23 item 13): faster-whisper's BatchedInferencePipeline, --batch-size N
+# --------------------------------------------------------------------------------------------
+
+
+def test_batched_pipeline_gives_the_sequential_text(manifest: Path, tmp_path: Path, capsys) -> None:
+    from mmser.cli import main
+
+    seq = transcribe_manifest(manifest, tmp_path / "seq.jsonl", device="cpu")  # batch size 1: one at a time
+    assert main(["transcribe", str(manifest), "--out", str(tmp_path / "bat.jsonl"), "--batch-size", "4",
+                 "--device", "cpu"]) == 0
+    bat = json.loads((tmp_path / "bat.wer.json").read_text())["overall"]["wer"]
+    a, b = load_transcripts(tmp_path / "seq.jsonl"), load_transcripts(tmp_path / "bat.jsonl")
+    assert a.keys() == b.keys() and len(a) == 4
+    same = sum(a[k] == b[k] for k in a)
+    assert same >= 3 and bat <= seq.wer + 0.05, (a, b)  # measured: 4/4 identical, WER equal
+    assert all(x["sampled"] == 0 for x in map(json.loads, (tmp_path / "bat.jsonl").read_text().splitlines()))
+
+
+def test_batched_pipeline_refuses_what_it_cannot_do(manifest: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="need batch size 1"):
+        transcribe_manifest(manifest, tmp_path / "x.jsonl", batch_size=2, audio_features_dir=tmp_path / "audio")
+    asr = make_transcriber("faster-whisper", "offline-tiny.en", device="cpu", temperatures=(0.4, 1.0))
+    with pytest.raises(ValueError, match="temperatures starting at 0.0"):
+        asr.transcribe_batch([np.zeros(16000, np.float32)] * 2)
+    # clips the pipeline cannot take (under 0.1 s) go one at a time, in place
+    texts = make_transcriber("faster-whisper", "offline-tiny.en", device="cpu").transcribe_batch(
+        [np.zeros(800, np.float32), np.zeros(16000, np.float32)])
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
