@@ -346,6 +346,10 @@ def test_each_ddp_rank_puts_whisper_and_the_text_encoder_on_its_own_gpu(monkeypa
     assert embed._device("auto") == embed._device("cuda") == "cuda:1"  # was: "cuda" = cuda:0
     monkeypatch.setenv("LOCAL_RANK", "3")  # one GPU visible per rank (CUDA_VISIBLE_DEVICES): its index 0
     assert W.split_device("cuda") == ("cuda", 0)
+    monkeypatch.delenv("LOCAL_RANK")  # no launcher variable: the device Lightning set for this rank
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert W.split_device("cuda") == ("cuda", 1) and W.split_device("cuda:0") == ("cuda", 0)
     catalogue("DDP rank 1: Whisper and text encoder device", "cuda:1 (LOCAL_RANK), not cuda:0")
 
 
