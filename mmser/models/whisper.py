@@ -133,13 +133,14 @@ class WhisperAudioEncoder(nn.Module):
         each window's max - 8, (x + 4) / 4), in torch, so a training step never copies the batch to
         the CPU (its numpy path agrees within float32 rounding: tests/test_whisper.py)."""
         fe = self.feature_extractor
-        window = torch.hann_window(fe.n_fft, device=waves.device)
-        stft = torch.stft(waves.float(), fe.n_fft, fe.hop_length, window=window, return_complex=True)
-        power = (stft[..., :-1].abs() ** 2).contiguous()  # (N, n_fft / 2 + 1, window_mel)
-        mel = self.mel_filters.T @ power  # (N, n_mel, window_mel)
-        log_spec = torch.clamp(mel, min=1e-10).log10()
-        floor = log_spec.amax(dim=(1, 2), keepdim=True) - 8.0  # (N, 1, 1)
-        return (torch.maximum(log_spec, floor) + 4.0) / 4.0
+        with torch.autocast(device_type=waves.device.type, enabled=False):  # fp32 features under AMP too
+            window = torch.hann_window(fe.n_fft, device=waves.device)
+            stft = torch.stft(waves.float(), fe.n_fft, fe.hop_length, window=window, return_complex=True)
+            power = (stft[..., :-1].abs() ** 2).contiguous()  # (N, n_fft / 2 + 1, window_mel)
+            mel = self.mel_filters.float().T @ power  # (N, n_mel, window_mel)
+            log_spec = torch.clamp(mel, min=1e-10).log10()
+            floor = log_spec.amax(dim=(1, 2), keepdim=True) - 8.0  # (N, 1, 1)
+            return (torch.maximum(log_spec, floor) + 4.0) / 4.0
 
     def windows(self, audio: torch.Tensor, audio_mask: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
         """The batch cut into 30 s windows on its device: (waves (N, window_samples), zero-padded
