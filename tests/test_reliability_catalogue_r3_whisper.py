@@ -256,12 +256,10 @@ def test_saved_whisper_audio_model_records_the_resolved_compute_type(monkeypatch
 LIBCUBLAS = "Library libcublas.so.12 is not found or cannot be loaded"
 
 
-def _cuda_breaks(monkeypatch, seen: list):
-    """faster-whisper models that load on CUDA and fail at the first encode (CTranslate2 loads cuBLAS
-    lazily), as on a machine whose torch brought another CUDA; CPU loads are the real ones."""
-    from mmser.models import whisper as W
-
-    real = W._recording_model_class()
+def _broken_cuda(real: type, seen: list) -> type:
+    """`real` (a faster-whisper model class) that loads on CUDA and fails at the first encode
+    (CTranslate2 loads cuBLAS lazily), as on a machine whose torch brought another CUDA; CPU loads
+    are the real ones."""
 
     class BrokenCuda(real):
         def __init__(self, path, device="auto", device_index=0, **kwargs):
@@ -277,10 +275,17 @@ def _cuda_breaks(monkeypatch, seen: list):
                 raise RuntimeError(LIBCUBLAS)
             return super().encode(features)
 
-    monkeypatch.setattr(W, "_recording_model_class", lambda: BrokenCuda)
+    return BrokenCuda
+
+
+def _cuda_breaks(monkeypatch, seen: list):
+    from mmser.models import whisper as W
+
+    cls = _broken_cuda(W._recording_model_class(), seen)
+    monkeypatch.setattr(W, "_recording_model_class", lambda: cls)
     monkeypatch.setattr(W, "_CUDA_FAILED", None)
     _fake_gpus(monkeypatch)
-    return BrokenCuda
+    return cls
 
 
 def test_ctranslate2_cuda_failure_falls_back_to_the_cpu_under_auto(monkeypatch, tmp_path, caplog, catalogue):
@@ -301,6 +306,29 @@ def test_ctranslate2_cuda_failure_falls_back_to_the_cpu_under_auto(monkeypatch, 
     W.open_faster_whisper(cls, W.resolve_ct2_model("offline-tiny.en"), what="x")
     assert seen == [("cpu", 0)]
     catalogue("CTranslate2 without cuBLAS 12, device=auto", line)
+
+
+def test_whisper_feature_cache_falls_back_to_the_cpu_under_auto(monkeypatch, frames_case, tmp_path, caplog):
+    import faster_whisper
+
+    from mmser.models import whisper as W
+
+    seen: list = []
+    monkeypatch.setattr(faster_whisper, "WhisperModel", _broken_cuda(faster_whisper.WhisperModel, seen))
+    monkeypatch.setattr(W, "_CUDA_FAILED", None)
+    monkeypatch.setattr(W, "_LOADED", {})
+    _fake_gpus(monkeypatch)
+    records, reference = frames_case
+    assert W.WhisperFeatureCache(W.Ct2Spec(), tmp_path).spec.device == "cuda"  # what auto resolves to first
+    with caplog.at_level(logging.WARNING):
+        got = W.whisper_features(records, W.Ct2Spec(), tmp_path)
+    assert seen == [("cuda", 0), ("cpu", 0)]
+    (line,) = _warnings(caplog, "mmser.models.whisper")
+    assert "libcublas.so.12" in line and "using the CPU" in line
+    for r in records:  # CPU int8 frames, cached under the CPU identity (not the CUDA one)
+        assert np.array_equal(got[r["id"]].numpy(), reference[r["id"]])
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert "__int8__" in folder.name
 
 
 def test_ctranslate2_cuda_failure_with_explicit_cuda_is_one_error_line(monkeypatch, tmp_path, capsys, catalogue):
