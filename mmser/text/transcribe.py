@@ -21,8 +21,9 @@ same audio gets the same seed whatever its id, order or batch), recorded as "utt
 "sampled" counts the utterance's sampled decodes. faster-whisper: see
 mmser.models.whisper.SeededSampling (CTranslate2's generator is thread-local and seeded once per
 thread, so a sampled utterance runs on a fresh model copy); openai-whisper: torch's generator,
-seeded inside `torch.random.fork_rng` (the caller's RNG state is untouched). The manifest, with its gold
-transcripts, is only read. WER against the gold transcripts (both sides normalised by
+seeded inside `torch.random.fork_rng` (the caller's RNG state is untouched).
+
+The manifest, with its gold transcripts, is only read. WER against the gold transcripts (both sides normalised by
 `mmser.text.wer.normalize_text`) is written atomically to `out.with_suffix(".wer.json")`.
 
 Backends (both decode one utterance at a time with beam search, beam 5 by default, Whisper's own
