@@ -392,3 +392,22 @@ def test_encode_never_copies_the_batch_to_the_cpu(tiny_whisper, monkeypatch):
     for i, r in enumerate(ref):
         assert int(mask[i].sum()) == r.shape[0]
         torch.testing.assert_close(frames[i, : r.shape[0]], r, rtol=0, atol=2e-4)
+
+
+def test_a_run_on_cached_frames_never_loads_the_ctranslate2_model(ct2_corpus, tmp_path, monkeypatch):
+    """Issue 23 item 6: every DDP rank built the encoder and loaded CTranslate2 just to read its
+    width; on cached frames the width comes from model.bin's header and nothing loads the model."""
+    from mmser.data.manifest import load_manifest, task_records
+    from mmser.models import whisper as W
+    from mmser.training.multimodal import run_task
+
+    manifest, cache_dir = ct2_corpus
+    W.whisper_features(task_records(load_manifest(manifest)), W.Ct2Spec(), cache_dir)  # the cache is full
+
+    def no_load(spec):
+        raise AssertionError("the CTranslate2 model was loaded although every frame is cached")
+
+    monkeypatch.setattr(W, "ct2_model", no_load)
+    cfg = _whisper_audio_config(tmp_path, manifest, cache_dir, CONFIGS / "whisper_audio.yaml", "finetune.epochs=1")
+    metrics = run_task(cfg, 1, 0, tmp_path / "runs" / "cached" / "s1-seed0")  # incl. the saved-model check
+    assert metrics["test"]["n"] == 8
