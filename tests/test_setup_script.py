@@ -11,9 +11,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+CUDA12_INDEX = "https://download.pytorch.org/whl/cu128"
 
 
-def _run(tmp_path: Path, *, gpu: bool, cpu_index_reachable: bool = True, env: dict | None = None) -> list[str]:
+def _run(tmp_path: Path, *, gpu: bool, cpu_index_reachable: bool = True, env: dict | None = None,
+         cuda_index_reachable: bool = True) -> list[str]:
     """Source install_torch.sh and call mmser_install_torch with a fake pip; return pip's argument lines."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -23,10 +25,11 @@ def _run(tmp_path: Path, *, gpu: bool, cpu_index_reachable: bool = True, env: di
         smi.chmod(0o755)
     calls = tmp_path / "pip_calls.txt"
     pip = tmp_path / "fake_pip"
-    # Fails only on an --index-url call when the CPU index is unreachable; bash builtins only.
+    # Fails only on an --index-url call to the index the case makes unreachable; bash builtins only.
     pip.write_text(f"""#!/bin/bash
 echo "$*" >> {calls}
-if [[ "$*" == *--index-url* && "{int(cpu_index_reachable)}" == 0 ]]; then exit 1; fi
+if [[ "$*" == *"--index-url {CPU_INDEX}"* && "{int(cpu_index_reachable)}" == 0 ]]; then exit 1; fi
+if [[ "$*" == *"--index-url {CUDA12_INDEX}"* && "{int(cuda_index_reachable)}" == 0 ]]; then exit 1; fi
 exit 0
 """)
     pip.chmod(0o755)
@@ -51,9 +54,21 @@ def test_no_gpu_and_no_cpu_index_falls_back_to_the_default_index(tmp_path):
     assert second == "-q install torch==2.13.0"
 
 
-def test_gpu_takes_the_default_build(tmp_path):
+def test_gpu_takes_a_cuda_12_build_for_ctranslate2(tmp_path):
+    # CTranslate2 (faster-whisper) needs cuBLAS 12 / cuDNN 9: a torch built for CUDA 12 brings them
     (call,) = _run(tmp_path, gpu=True)
-    assert call == "-q install torch>=2.6"
+    assert call == f"-q install --index-url {CUDA12_INDEX} --timeout 15 --retries 0 torch>=2.6"
+
+
+def test_gpu_without_the_cuda_12_index_falls_back_to_the_default_index_with_a_warning(tmp_path):
+    first, second = _run(tmp_path, gpu=True, cuda_index_reachable=False)
+    assert CUDA12_INDEX in first and second == "-q install torch>=2.6"
+
+
+def test_gpu_index_and_spec_can_be_chosen(tmp_path):
+    (call,) = _run(tmp_path, gpu=True, env={"MMSER_TORCH_CUDA_INDEX": "https://download.pytorch.org/whl/cu126",
+                                            "MMSER_TORCH_GPU_SPEC": "torch==2.8.0"})
+    assert call == "-q install --index-url https://download.pytorch.org/whl/cu126 --timeout 15 --retries 0 torch==2.8.0"
 
 
 @pytest.mark.parametrize("gpu", [False, True])

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from mmser.io import file_sha256
 from mmser.text.transcribe import (
     TranscribeReport,
     load_audio,
@@ -78,7 +79,7 @@ class CountingTranscriber:
         self.fail_at = fail_at
         self.text = text
 
-    def transcribe(self, audio: np.ndarray) -> str:
+    def transcribe(self, audio: np.ndarray, seed: int | None = None) -> str:
         assert audio.dtype == np.float32 and audio.ndim == 1
         self.calls += 1
         if self.fail_at is not None and self.calls == self.fail_at:
@@ -235,3 +236,148 @@ def test_bad_checkpoints_are_named(tmp_path: Path) -> None:
     empty_dir.mkdir()
     with pytest.raises(ValueError, match="cannot load as a faster-whisper"):
         make_transcriber("faster-whisper", str(empty_dir), device="cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# The same command gives the same text: sampled decodes seeded per utterance (issue 22 B)
+# --------------------------------------------------------------------------------------------
+
+
+def _spy_sampled(monkeypatch) -> dict[int, list]:
+    """seed -> the hypotheses of every sampled CTranslate2 decode run under that seed."""
+    from mmser.models.whisper import SeededSampling
+
+    seen: dict[int, list] = {}
+    real = SeededSampling.generate
+
+    def generate(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if kwargs.get("sampling_topk", 1) != 1:
+            seen.setdefault(self.seed, []).append([r.sequences_ids for r in out])
+        return out
+
+    monkeypatch.setattr(SeededSampling, "generate", generate)
+    return seen
+
+
+FORCED_FALLBACK = dict(temperatures=(0.0, 1.0), compression_ratio_threshold=0.0)  # every beam decode fails
+
+
+def test_faster_whisper_sampled_fallback_is_the_same_in_any_order(tmp_path, speech, monkeypatch) -> None:
+    """Real tiny.en with the fallback forced (compression-ratio threshold 0: every decode 'fails' and
+    falls back to sampling at temperature 1, 5 hypotheses): two runs, in opposite orders, give the
+    same sampled hypotheses and the same records; another base seed draws other hypotheses."""
+    seen = _spy_sampled(monkeypatch)
+    records = [_record(i, wav, text) for i, (wav, text) in enumerate(speech[:3])]
+    forward = _write_manifest(tmp_path / "forward.jsonl", records)
+    backward = _write_manifest(tmp_path / "backward.jsonl", records[::-1])
+    runs = []
+    for name, manifest in (("a", forward), ("b", backward)):
+        asr = make_transcriber("faster-whisper", "offline-tiny.en", device="cpu", **FORCED_FALLBACK)
+        transcribe_manifest(manifest, tmp_path / f"{name}.jsonl", model="offline-tiny.en", transcriber=asr)
+        runs.append({e["id"]: e for e in map(json.loads, (tmp_path / f"{name}.jsonl").read_text().splitlines())})
+    assert list(runs[0]) == [r["id"] for r in records] and list(runs[1]) == [r["id"] for r in records[::-1]]
+    paths = {r["id"]: r["path"] for r in records}
+    for uid, a in runs[0].items():
+        assert a == runs[1][uid]  # text, seed, audio sha256, sampled count: all equal
+        assert a["sampled"] >= 1 and a["seed"] == 0 and isinstance(a["utterance_seed"], int)
+        assert a["audio_sha256"] == file_sha256(paths[uid])
+    # each utterance's sampled draws, once per run: the second run's are the first's
+    assert len(seen) == 3
+    for draws in seen.values():
+        half = len(draws) // 2
+        assert len(draws) == 2 * half and draws[:half] == draws[half:]
+    # the test can fail: another base seed draws other hypotheses for the same audio
+    other = make_transcriber("faster-whisper", "offline-tiny.en", device="cpu", seed=1, **FORCED_FALLBACK)
+    before = {k: list(v) for k, v in seen.items()}
+    other.transcribe(load_audio(records[0]["path"]))
+    new = [v for k, v in seen.items() if k not in before]
+    assert len(new) == 1 and new[0][0] != before[runs[0][records[0]["id"]]["utterance_seed"]][0]
+
+
+def test_ctranslate2_reseeding_one_model_does_not_repeat_its_draws() -> None:
+    """Why SeededSampling loads a fresh copy: CTranslate2's generator is thread-local and seeded once,
+    so set_random_seed before each decode of the SAME model gives other draws (what main relied on)."""
+    import ctranslate2
+    from faster_whisper.audio import pad_or_trim
+
+    from mmser.models import whisper as W
+
+    model = W.load_ct2_whisper("offline-tiny.en", device="cpu")
+    wav = (0.1 * np.random.default_rng(0).standard_normal(32000)).astype(np.float32)
+    enc = model.encode(pad_or_trim(model.feature_extractor(wav)[:, :-1]))
+
+    def draw(m):
+        return m.generate(enc, [[50257, 50362]], beam_size=1, num_hypotheses=3, sampling_topk=0,
+                          sampling_temperature=1.0, max_length=16)[0].sequences_ids
+
+    ctranslate2.set_random_seed(7)
+    first = draw(model.model)
+    ctranslate2.set_random_seed(7)
+    assert draw(model.model) != first  # reseeding is not enough
+    seeded = W.SeededSampling(model.model, lambda: W.load_ct2_whisper("offline-tiny.en", device="cpu").model)
+    seeded.start(7)
+    a = seeded.generate(enc, [[50257, 50362]], beam_size=1, num_hypotheses=3, sampling_topk=0,
+                        sampling_temperature=1.0, max_length=16)[0].sequences_ids
+    seeded.start(7)
+    b = seeded.generate(enc, [[50257, 50362]], beam_size=1, num_hypotheses=3, sampling_topk=0,
+                        sampling_temperature=1.0, max_length=16)[0].sequences_ids
+    assert a == b and seeded.sampled == 1
+
+
+def _tiny_openai_checkpoint(tmp_path: Path) -> Path:
+    import torch
+    from whisper.model import ModelDimensions, Whisper
+
+    torch.manual_seed(0)
+    dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=16, n_audio_head=2, n_audio_layer=1,
+                           n_vocab=51864, n_text_ctx=32, n_text_state=16, n_text_head=2, n_text_layer=1)
+    ckpt = tmp_path / "tiny-random.pt"
+    torch.save({"dims": dims.__dict__, "model_state_dict": Whisper(dims).state_dict()}, ckpt)
+    return ckpt
+
+
+def test_openai_whisper_sampled_decodes_are_seeded_per_utterance(tmp_path, speech) -> None:
+    import torch
+
+    asr = make_transcriber("openai-whisper", str(_tiny_openai_checkpoint(tmp_path)), device="cpu", beam_size=1,
+                           temperatures=(0.5,))  # every decode samples
+    a, b = load_audio(speech[0][0]), load_audio(speech[1][0])
+    state = torch.get_rng_state()
+    first = [asr.transcribe(a), asr.transcribe(b)]
+    assert asr.last_sampled >= 1
+    assert [asr.transcribe(b), asr.transcribe(a)][::-1] == first  # order does not matter
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is untouched
+    texts = {asr.transcribe(a, seed=s) for s in range(4)}
+    assert len(texts) > 1  # the test can fail: the seed does drive the draws
+
+
+# --------------------------------------------------------------------------------------------
+# Batched ASR (issue 23 item 13): faster-whisper's BatchedInferencePipeline, --batch-size N
+# --------------------------------------------------------------------------------------------
+
+
+def test_batched_pipeline_gives_the_sequential_text(manifest: Path, tmp_path: Path, capsys) -> None:
+    from mmser.cli import main
+
+    seq = transcribe_manifest(manifest, tmp_path / "seq.jsonl", device="cpu")  # batch size 1: one at a time
+    assert main(["transcribe", str(manifest), "--out", str(tmp_path / "bat.jsonl"), "--batch-size", "4",
+                 "--device", "cpu"]) == 0
+    bat = json.loads((tmp_path / "bat.wer.json").read_text())["overall"]["wer"]
+    a, b = load_transcripts(tmp_path / "seq.jsonl"), load_transcripts(tmp_path / "bat.jsonl")
+    assert a.keys() == b.keys() and len(a) == 4
+    same = sum(a[k] == b[k] for k in a)
+    assert same >= 3 and bat <= seq.wer + 0.05, (a, b)  # measured: 4/4 identical, WER equal
+    assert all(x["sampled"] == 0 for x in map(json.loads, (tmp_path / "bat.jsonl").read_text().splitlines()))
+
+
+def test_batched_pipeline_refuses_what_it_cannot_do(manifest: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="need batch size 1"):
+        transcribe_manifest(manifest, tmp_path / "x.jsonl", batch_size=2, audio_features_dir=tmp_path / "audio")
+    asr = make_transcriber("faster-whisper", "offline-tiny.en", device="cpu", temperatures=(0.4, 1.0))
+    with pytest.raises(ValueError, match="temperatures starting at 0.0"):
+        asr.transcribe_batch([np.zeros(16000, np.float32)] * 2)
+    # clips the pipeline cannot take (under 0.1 s) go one at a time, in place
+    texts = make_transcriber("faster-whisper", "offline-tiny.en", device="cpu").transcribe_batch(
+        [np.zeros(800, np.float32), np.zeros(16000, np.float32)])
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)

@@ -331,3 +331,83 @@ def test_ct2_encoder_ignores_the_batch_padding(ct2_corpus):
         n = int(mask[i].sum())
         assert n == cached[r["id"]].shape[0] and not mask[i, n:].any()
         assert torch.equal(frames[i, :n], cached[r["id"]]) and frames[i, n:].eq(0).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Log-mels on the device (issue 23 item 7): torch equals the feature extractor's numpy path
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window_positions", [100, 1500])  # tiny 2 s windows, real Whisper's 30 s
+def test_torch_log_mel_equals_the_feature_extractors_numpy_path(window_positions):
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    from mmser.models.whisper import WhisperAudioEncoder
+
+    enc = WhisperAudioEncoder(WhisperEncoder(make_whisper_config(32, 1, 2, 64, max_source_positions=window_positions)))
+    rng = np.random.default_rng(0)
+    clips = [tone(300.0, 0.3, rng), tone(900.0, 1.7, rng), 0.01 * tone(150.0, 2.6, rng)]
+    batch = padded_batch(clips, 16000 * 3, float("nan"))  # NaN padding: must never be read
+    waves, owner, valid = enc.windows(batch["audio"], batch["audio_mask"])
+    got = enc.log_mel(waves)  # (N, 80, window_mel)
+    fe = enc.feature_extractor
+    chunks = [c[s:s + enc.window_samples] for c in clips for s in range(0, len(c), enc.window_samples)]
+    ref = fe(chunks, sampling_rate=16000, return_tensors="np", padding="max_length", max_length=enc.window_samples,
+             truncation=True, return_attention_mask=True)
+    numpy_path = fe._np_extract_fbank_features(np.stack([np.pad(c, (0, enc.window_samples - len(c)))
+                                                         for c in chunks]).astype(np.float32), "cpu")
+    assert got.shape == numpy_path.shape == (len(chunks), 80, enc.window_mel)
+    assert owner == [i for i, c in enumerate(clips) for _ in range(0, len(c), enc.window_samples)]
+    assert valid == encoder_frames(torch.from_numpy(ref["attention_mask"].sum(-1))).tolist()
+    np.testing.assert_allclose(got.numpy(), numpy_path, rtol=0, atol=1e-4)  # measured: 1.4e-5
+    np.testing.assert_allclose(got.numpy(), ref["input_features"], rtol=0, atol=1e-4)
+
+
+def test_encode_never_copies_the_batch_to_the_cpu(tiny_whisper, monkeypatch):
+    """The forward pass runs on the batch's device: no .cpu() / .numpy() of any tensor (the lengths
+    are read with one .tolist() of B integers), and its frames are the numpy feature path's."""
+    enc = build_audio_encoder(whisper_encoder_config(tiny_whisper, freeze=True)).eval()
+    rng = np.random.default_rng(3)
+    clips = [tone(440.0, 0.4, rng), tone(660.0, 2.3, rng)]
+    batch = padded_batch(clips, 40000, 0.0)
+    fe = enc.feature_extractor
+    with torch.no_grad():  # the reference: transformers' feature extractor, then the same encoder
+        ref = []
+        for c in clips:
+            chunks = [c[s:s + enc.window_samples] for s in range(0, len(c), enc.window_samples)]
+            f = fe(chunks, sampling_rate=16000, return_tensors="pt", padding="max_length",
+                   max_length=enc.window_samples, truncation=True, return_attention_mask=True)
+            out = enc.model(f["input_features"]).last_hidden_state
+            n = encoder_frames(f["attention_mask"].sum(-1)).tolist()
+            ref.append(torch.cat([out[k, : n[k]] for k in range(len(chunks))]))
+
+    def no_copy(self, *a, **k):
+        raise AssertionError("a tensor was copied to the host inside encode")
+
+    monkeypatch.setattr(torch.Tensor, "cpu", no_copy)
+    monkeypatch.setattr(torch.Tensor, "numpy", no_copy)
+    with torch.no_grad():
+        frames, mask = enc.encode(**batch)
+    monkeypatch.undo()
+    for i, r in enumerate(ref):
+        assert int(mask[i].sum()) == r.shape[0]
+        torch.testing.assert_close(frames[i, : r.shape[0]], r, rtol=0, atol=2e-4)
+
+
+def test_a_run_on_cached_frames_never_loads_the_ctranslate2_model(ct2_corpus, tmp_path, monkeypatch):
+    """Issue 23 item 6: every DDP rank built the encoder and loaded CTranslate2 just to read its
+    width; on cached frames the width comes from model.bin's header and nothing loads the model."""
+    from mmser.data.manifest import load_manifest, task_records
+    from mmser.models import whisper as W
+    from mmser.training.multimodal import run_task
+
+    manifest, cache_dir = ct2_corpus
+    W.whisper_features(task_records(load_manifest(manifest)), W.Ct2Spec(), cache_dir)  # the cache is full
+
+    def no_load(spec):
+        raise AssertionError("the CTranslate2 model was loaded although every frame is cached")
+
+    monkeypatch.setattr(W, "ct2_model", no_load)
+    cfg = _whisper_audio_config(tmp_path, manifest, cache_dir, CONFIGS / "whisper_audio.yaml", "finetune.epochs=1")
+    metrics = run_task(cfg, 1, 0, tmp_path / "runs" / "cached" / "s1-seed0")  # incl. the saved-model check
+    assert metrics["test"]["n"] == 8

@@ -9,14 +9,13 @@ per-utterance normalisation, as in the reference (wav2vec2-base was pre-trained 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mmser.audio import read_audio_file
+from mmser.audio import read_audio  # noqa: F401 - the one strict reader, imported from here by the trainers
 from mmser.labels import CLASSES
 
 
@@ -25,18 +24,6 @@ class TextFeatures(NamedTuple):
 
     tokens: torch.Tensor
     pooled: torch.Tensor
-
-
-def read_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
-    """float32 waveform (T,) of a mono file at `sample_rate`; errors name the file and the problem."""
-    wav, sr = read_audio_file(path)  # the one reader (mmser.audio); training data is never resampled
-    if sr != sample_rate:
-        raise ValueError(f"{path}: sample rate {sr} Hz, expected {sample_rate} Hz (resample the corpus first)")
-    if wav.shape[1] != 1:
-        raise ValueError(f"{path}: {wav.shape[1]} channels, expected mono")
-    if wav.shape[0] == 0:
-        raise ValueError(f"{path}: empty audio file")
-    return wav[:, 0]
 
 
 # The fewest samples a wav2vec 2.0 encoder turns into one frame: the receptive field of its conv

@@ -110,8 +110,8 @@ def audio_encoder_from_dict(d: Mapping, where: str = "config.json") -> nn.Module
     if kind == "whisper-ct2":
         if not isinstance(d.get("encoder_model"), str):
             raise ValueError(f"{where}: a whisper-ct2 encoder needs encoder_model (a name or folder)")
-        return Ct2WhisperEncoder(Ct2Spec(d["encoder_model"], str(d.get("compute_type") or "auto")),
-                                 hidden_size=int(d["hidden_size"]) if d.get("hidden_size") else None)
+        return Ct2WhisperEncoder.from_saved(d["encoder_model"], str(d.get("compute_type") or "auto"),
+                                            hidden_size=int(d["hidden_size"]) if d.get("hidden_size") else None)
     if kind not in ENCODER_CLASSES and kind != "whisper":
         raise ValueError(f"{where}: unknown encoder kind {kind!r} (known: {list(AUDIO_KINDS)})")
     if not isinstance(d.get("encoder_config"), dict):

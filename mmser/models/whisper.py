@@ -32,7 +32,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +42,7 @@ from torch import nn
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from mmser.cache_check import tensor_sha256
 from mmser.io import atomic_write_bytes, fingerprint, looks_like_path
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,9 @@ class WhisperAudioEncoder(nn.Module):
         # chunk_length is whole seconds: a window that is not (tiny test configs) is set directly.
         self.feature_extractor.n_samples = self.window_samples
         self.feature_extractor.nb_max_frames = self.window_mel
+        # (n_fft / 2 + 1, n_mel); not saved with the model (persistent=False): it follows the config
+        self.register_buffer("mel_filters", torch.from_numpy(np.asarray(self.feature_extractor.mel_filters,
+                                                                        dtype=np.float32)), persistent=False)
         if self.freeze:
             self.model.requires_grad_(False)
             self.model.eval()
@@ -122,29 +126,47 @@ class WhisperAudioEncoder(nn.Module):
         return {"encoder_kind": "whisper", "encoder_config": self.model.config.to_dict(),
                 "encoder_freeze": self.freeze}
 
-    def log_mel(self, wavs: Sequence[np.ndarray]) -> tuple[list[torch.Tensor], list[int], list[int]]:
-        """Windows of log-mels for utterances (T_i,): (mel windows (n_mel, window_mel) each, owner
-        index of each window, valid encoder frames of each window)."""
-        chunks, owner = [], []
-        for i, wav in enumerate(wavs):
-            for start in range(0, max(len(wav), 1), self.window_samples):
-                chunks.append(wav[start:start + self.window_samples])
+    def log_mel(self, waves: torch.Tensor) -> torch.Tensor:
+        """Whisper's log-mel of 30 s windows on their own device: waves (N, window_samples) ->
+        (N, n_mel, window_mel), the computation of transformers' WhisperFeatureExtractor (power STFT
+        of a centred, reflect-padded Hann window, its mel filters, log10 clamped at 1e-10, floored at
+        each window's max - 8, (x + 4) / 4), in torch, so a training step never copies the batch to
+        the CPU (its numpy path agrees within float32 rounding: tests/test_whisper.py)."""
+        fe = self.feature_extractor
+        with torch.autocast(device_type=waves.device.type, enabled=False):  # fp32 features under AMP too
+            window = torch.hann_window(fe.n_fft, device=waves.device)
+            stft = torch.stft(waves.float(), fe.n_fft, fe.hop_length, window=window, return_complex=True)
+            power = (stft[..., :-1].abs() ** 2).contiguous()  # (N, n_fft / 2 + 1, window_mel)
+            mel = self.mel_filters.float().T @ power  # (N, n_mel, window_mel)
+            log_spec = torch.clamp(mel, min=1e-10).log10()
+            floor = log_spec.amax(dim=(1, 2), keepdim=True) - 8.0  # (N, 1, 1)
+            return (torch.maximum(log_spec, floor) + 4.0) / 4.0
+
+    def windows(self, audio: torch.Tensor, audio_mask: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
+        """The batch cut into 30 s windows on its device: (waves (N, window_samples), zero-padded
+        after each utterance's own samples; owner index of each window; valid encoder frames of
+        each window: ceil(ceil(m / 160) / 2) of m samples, transformers' attention mask rule)."""
+        if audio.dim() != 2 or audio_mask.shape != audio.shape:
+            raise ValueError(f"encode: expected audio (B, T) and a mask of the same shape, got "
+                             f"{tuple(audio.shape)} and {tuple(audio_mask.shape)}")
+        lengths = audio_mask.sum(-1).tolist()  # B integers: the one host sync; the samples stay put
+        chunks, owner, valid = [], [], []
+        for i, n in enumerate(int(x) for x in lengths):
+            for start in range(0, max(n, 1), self.window_samples):
+                m = max(0, min(self.window_samples, n - start))
+                chunks.append(torch.nn.functional.pad(audio[i, start:start + m].float(), (0, self.window_samples - m)))
                 owner.append(i)
-        feats = self.feature_extractor(chunks, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="max_length",
-                                       max_length=self.window_samples, truncation=True,
-                                       return_attention_mask=True)
-        valid_mel = feats["attention_mask"].sum(-1)  # (N,) ceil(n / 160)
-        return list(feats["input_features"]), owner, encoder_frames(valid_mel).tolist()
+                valid.append(int(encoder_frames(-(-m // HOP))))
+        return torch.stack(chunks), owner, valid  # (N, window_samples)
 
     def encode(self, audio: torch.Tensor, audio_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """audio (B, T), audio_mask (B, T) -> frames (B, F, H), frame_mask (B, F) (see module docstring)."""
-        wavs = _valid_waveforms(audio, audio_mask)
-        mels, owner, valid = self.log_mel(wavs)
+        waves, owner, valid = self.windows(audio, audio_mask)
         param = next(self.model.parameters())
-        x = torch.stack(mels).to(device=param.device, dtype=param.dtype)  # (N, n_mel, window_mel)
+        x = self.log_mel(waves.to(param.device)).to(param.dtype)  # (N, n_mel, window_mel)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
             out = self.model(x).last_hidden_state  # (N, window_mel / 2, H)
-        parts: list[list[torch.Tensor]] = [[] for _ in wavs]
+        parts: list[list[torch.Tensor]] = [[] for _ in range(audio.shape[0])]
         for k, (i, n) in enumerate(zip(owner, valid, strict=True)):
             parts[i].append(out[k, :n])  # (n, H): the window's valid frames only
         joined = [torch.cat(p) for p in parts]  # each (F_i, H)
@@ -204,16 +226,116 @@ def resolve_ct2_model(name: str) -> str:
     return str(Path(name).expanduser()) if name.startswith("~") else name
 
 
+# The first CUDA failure of CTranslate2 in this process (missing cuBLAS 12 / cuDNN 9, a driver too
+# old): from then on device=auto means the CPU, so every later load skips the failing GPU at once.
+_CUDA_FAILED: str | None = None
+# What an unsupported compute type becomes on a device (CTranslate2 refuses it, e.g. float16 on a CPU):
+# int8 variants keep int8 weights, float variants become float32 (closest to float16/bfloat16 frames).
+_SUBSTITUTES = ("int8", "float32")
+
+
+def local_cuda_index(count: int | None = None) -> int:
+    """This process's GPU: LOCAL_RANK (torchrun and Lightning's DDP launcher set it for each rank),
+    else torch's current device once CUDA is initialised (Lightning calls set_device per rank),
+    else 0. An index past the `count` visible GPUs (one GPU per rank via CUDA_VISIBLE_DEVICES) is 0."""
+    rank = os.environ.get("LOCAL_RANK", "").strip()
+    if rank.isdigit():
+        index = int(rank)
+    elif torch.cuda.is_available() and torch.cuda.is_initialized():
+        index = int(torch.cuda.current_device())
+    else:
+        index = 0
+    return index if count is None or index < count else 0
+
+
+def split_device(device: str) -> tuple[str, int]:
+    """"cuda:1" -> ("cuda", 1); "cuda" -> ("cuda", this rank's GPU, `local_cuda_index`); "cpu" -> ("cpu", 0)."""
+    kind, _, index = str(device).partition(":")
+    if index:
+        return kind, int(index)
+    if kind == "cuda":
+        import ctranslate2
+
+        return kind, local_cuda_index(ctranslate2.get_cuda_device_count())
+    return kind, 0
+
+
+def supported_compute_type(compute_type: str, device: str) -> str:
+    """`compute_type` if CTranslate2 runs it on `device`, else its substitute (see _SUBSTITUTES)."""
+    import ctranslate2
+
+    kind, index = split_device(device)
+    try:
+        supported = set(ctranslate2.get_supported_compute_types(kind, index))
+    except (RuntimeError, ValueError):  # no such device: the load reports it
+        return compute_type
+    if compute_type in supported or compute_type in ("default", "auto"):
+        return compute_type
+    want = "int8" if compute_type.startswith("int8") else "float32"
+    return want if want in supported else next(t for t in _SUBSTITUTES if t in supported)
+
+
 def ct2_device_and_type(compute_type: str = "auto", device: str = "auto") -> tuple[str, str]:
-    """(device, compute type): "auto" = CUDA with float16 when CTranslate2 sees a GPU, else CPU with
-    int8, the rule of mmser's faster-whisper ASR (so its one-pass frames share the cache)."""
+    """(device, compute type): "auto" = CUDA with float16 when CTranslate2 sees a GPU (and CUDA has
+    not failed in this process), else CPU with int8, the rule of mmser's faster-whisper ASR (so its
+    one-pass frames share the cache); a type the device does not run is substituted
+    (`supported_compute_type`: a float16 model on a CPU runs float32)."""
     import ctranslate2
 
     if device == "auto":
-        device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+        device = "cuda" if _CUDA_FAILED is None and ctranslate2.get_cuda_device_count() > 0 else "cpu"
     if compute_type == "auto":
         compute_type = "int8" if device.startswith("cpu") else "float16"
-    return device, compute_type
+    return device, supported_compute_type(compute_type, device)
+
+
+class CudaUnavailable(OSError):
+    """CTranslate2 cannot run on the CUDA device asked for explicitly (libraries or driver)."""
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:limit]}"
+
+
+def _probe_encode(model) -> None:
+    """One silent 30 s window through the encoder: CTranslate2 loads cuBLAS / cuDNN lazily, so a
+    missing libcublas.so.12 surfaces here, at load time, instead of on the first utterance."""
+    from faster_whisper.audio import pad_or_trim
+
+    n_mel = int(model.feature_extractor.mel_filters.shape[0])
+    model.encode(pad_or_trim(np.zeros((n_mel, 1), dtype=np.float32)))
+
+
+def open_faster_whisper(cls, path: str, device: str = "auto", compute_type: str = "auto", *, what: str,
+                        **kwargs):
+    """(model, device, compute type): a faster-whisper `cls` (WhisperModel or a subclass) loaded on
+    the resolved device (`ct2_device_and_type`; "cuda" = this rank's GPU, `split_device`). On CUDA
+    one window is encoded at once (`_probe_encode`); if loading or that encode fails, device=auto
+    falls back to the CPU with one warning line (and stays there for the process), while an
+    explicit cuda raises CudaUnavailable with one line saying what CTranslate2 needs."""
+    global _CUDA_FAILED
+
+    dev, ctype = ct2_device_and_type(compute_type, device)
+    kind, index = split_device(dev)
+    try:
+        model = cls(path, device=kind, device_index=index, compute_type=ctype,
+                    cpu_threads=_cpu_threads() if kind == "cpu" else 0, **kwargs)
+        if kind == "cuda":
+            _probe_encode(model)
+    except Exception as e:  # noqa: BLE001 - CTranslate2 raises RuntimeError/ValueError/OSError for these
+        if kind != "cuda":
+            raise
+        cause = _one_line(e)
+        if device != "auto":
+            raise CudaUnavailable(
+                f"{what}: CTranslate2 cannot run on {kind}:{index} ({cause}); it needs CUDA 12 with cuBLAS 12 "
+                f"and cuDNN 9 (scripts/install_torch.sh installs a torch built for CUDA 12, which brings "
+                f"them), or use device cpu") from None
+        _CUDA_FAILED = cause
+        log.warning("%s: CTranslate2 cannot run on CUDA (%s); using the CPU instead (it needs cuBLAS 12 and "
+                    "cuDNN 9: scripts/install_torch.sh)", what, cause)
+        return open_faster_whisper(cls, path, "cpu", compute_type, what=what, **kwargs)
+    return model, f"{kind}:{index}" if kind == "cuda" else kind, ctype
 
 
 def ct2_identity(name: str, compute_type: str, device: str) -> dict:
@@ -267,15 +389,82 @@ def frames_of_pass(model, wav: np.ndarray, encoder_outputs: Sequence) -> np.ndar
     return np.ascontiguousarray(out[0, : encoder_frames(content)])
 
 
+def utterance_seed(base_seed: int, audio: np.ndarray) -> int:
+    """The seed of an utterance's sampled decodes: a hash of `base_seed` and the waveform's samples,
+    31 bits (CTranslate2 takes an unsigned int and reserves 2**32 - 1). The same audio gets the same
+    seed whatever its id, its position in the manifest or the batch it is decoded in."""
+    h = hashlib.sha256(f"mmser-asr-seed:{int(base_seed)}:".encode())
+    h.update(np.ascontiguousarray(audio, dtype=np.float32).tobytes())
+    return int.from_bytes(h.digest()[:4], "little") & 0x7FFFFFFF
+
+
+class SeededSampling:
+    """A CTranslate2 Whisper whose sampled `generate` calls (Whisper's temperature fallback:
+    sampling_topk != 1) are seeded per utterance; every other attribute is the model's own.
+
+    Why a second model: CTranslate2's random generator is thread-local to its worker thread and
+    seeded once, at that thread's first sample, from `ctranslate2.set_random_seed`; a later
+    set_random_seed does not reseed it (measured: two sampled decodes of one model after the same
+    set_random_seed differ). So the first sampled decode of an utterance sets the seed and loads a
+    fresh copy of the model (`load`: new worker threads, whose generator starts from that seed);
+    the utterance's later sampled decodes continue on it, and `start` drops it for the next
+    utterance. Beam-search decodes (temperature 0) run on the model itself. Cost: one model load
+    per utterance that falls back to sampling (tiny.en on 2 CPU cores: ~0.8 s)."""
+
+    def __init__(self, model, load: Callable[[], object]):
+        self._model, self._load = model, load
+        self.seed: int | None = None
+        self.sampled = 0  # sampled decodes since `start`
+        self._sampler = None
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def start(self, seed: int | None) -> None:
+        """Begin an utterance whose sampled decodes use `seed` (None: none may sample)."""
+        self.seed, self.sampled, self._sampler = seed, 0, None
+
+    def generate(self, *args, **kwargs):
+        if kwargs.get("sampling_topk", 1) == 1:  # beam search or greedy: no random draw
+            return self._model.generate(*args, **kwargs)
+        if self.seed is None:
+            raise RuntimeError("a sampled Whisper decode without a seed (call start(seed) first)")
+        if self._sampler is None:
+            import ctranslate2
+
+            ctranslate2.set_random_seed(self.seed)
+            self._sampler = self._load()
+        self.sampled += 1
+        return self._sampler.generate(*args, **kwargs)
+
+
 @functools.cache
 def _recording_model_class():
+    import ctranslate2
     from faster_whisper import WhisperModel as FasterWhisperModel
 
     class RecordingWhisperModel(FasterWhisperModel):
         """faster-whisper's WhisperModel that keeps the encoder outputs of each call in
-        `encoder_outputs` (the caller empties the list), so one pass gives text and frames."""
+        `encoder_outputs` (the caller empties the list), so one pass gives text and frames, and
+        whose sampled decodes are seeded per utterance (`self.model` is a SeededSampling: call
+        `self.model.start(seed)` before each utterance)."""
 
         encoder_outputs: list
+
+        def __init__(self, model_size_or_path: str, *args, cpu_threads: int = 0, **kwargs):
+            super().__init__(model_size_or_path, *args, cpu_threads=cpu_threads, **kwargs)
+            path = model_size_or_path
+            if not os.path.isdir(path):  # a Hub name: faster-whisper has just downloaded it
+                from faster_whisper.utils import download_model
+
+                path = download_model(path, local_files_only=True, cache_dir=kwargs.get("download_root"))
+            ct2 = self.model
+
+            def load():
+                return ctranslate2.models.Whisper(path, device=ct2.device, device_index=ct2.device_index,
+                                                  compute_type=ct2.compute_type, intra_threads=cpu_threads)
+
+            self.model = SeededSampling(ct2, load)
 
         def encode(self, features):
             out = super().encode(features)
@@ -300,21 +489,63 @@ def ct2_hidden_size(model) -> int:
     return int(storage_to_numpy(model.encode(pad_or_trim(mel))).shape[-1])
 
 
+def ct2_header_hidden_size(name: str) -> int | None:
+    """d_model of a CTranslate2 Whisper directory read from its model.bin header (the shape of the
+    encoder's final layer norm), without loading the model; None when the file is absent or not
+    in the layout CTranslate2's model_spec.py writes (version, name, revision, then per variable:
+    name, rank, shape, dtype, byte count, bytes)."""
+    import struct
+
+    path = Path(resolve_ct2_model(name)).expanduser() / "model.bin"
+    if not path.is_file():
+        return None
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            def read(fmt: str):
+                n = struct.calcsize(fmt)
+                data = f.read(n)
+                if len(data) != n:
+                    raise ValueError("truncated")
+                return struct.unpack("<" + fmt, data)[0]
+
+            def string() -> str:
+                return f.read(read("H")).rstrip(b"\0").decode("utf-8")
+
+            if read("I") < 5:  # binary versions before 5 have another header
+                return None
+            string()
+            read("I")
+            count = read("I")
+            for _ in range(min(count, 100_000)):
+                var = string()
+                shape = [read("I") for _ in range(read("B"))]
+                read("B")
+                nbytes = read("I")
+                if var.endswith("encoder/layer_norm/gamma") and len(shape) == 1:
+                    return int(shape[0])
+                if f.seek(nbytes, 1) > size:
+                    return None
+    except (OSError, ValueError, UnicodeDecodeError, struct.error):
+        return None
+    return None
+
+
 def load_ct2_whisper(name: str, compute_type: str = "auto", device: str = "auto"):
-    """A faster-whisper `WhisperModel` (CTranslate2) for frozen encoder frames."""
+    """A faster-whisper `WhisperModel` (CTranslate2) for frozen encoder frames (`open_faster_whisper`:
+    this rank's GPU, the CPU when CUDA fails under device=auto)."""
     from faster_whisper import WhisperModel as FasterWhisperModel
 
     path = resolve_ct2_model(name)
     if looks_like_path(name) and not Path(path).is_dir():
         raise FileNotFoundError(f"Whisper (CTranslate2) model directory not found: {path}")
-    device, compute_type = ct2_device_and_type(compute_type, device)
-    kind, _, index = device.partition(":")
     try:
-        return FasterWhisperModel(path, device=kind, device_index=int(index or 0), compute_type=compute_type,
-                                  cpu_threads=_cpu_threads() if kind == "cpu" else 0)
+        return open_faster_whisper(FasterWhisperModel, path, device, compute_type, what=f"Whisper audio {name!r}")[0]
+    except CudaUnavailable:
+        raise
     except Exception as e:  # noqa: BLE001 - CTranslate2 / the Hub client raise many types
         raise FileNotFoundError(f"Whisper audio {name!r}: cannot load as a CTranslate2 Whisper model "
-                                f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+                                f"({_one_line(e, 200)})") from None
 
 
 @dataclass(frozen=True)
@@ -334,14 +565,16 @@ _LOADED: dict[Ct2Spec, object] = {}
 
 
 def ct2_model(spec: Ct2Spec):
-    """The loaded model of `spec`, kept for reuse within the process."""
-    spec = spec.resolved()
-    if spec not in _LOADED:
-        _LOADED[spec] = load_ct2_whisper(spec.name, spec.compute_type, spec.device)
-    return _LOADED[spec]
+    """The loaded model of `spec`, kept for reuse within the process (device=auto that fell back to
+    the CPU is kept under the CPU spec it resolves to from then on)."""
+    if spec.resolved() not in _LOADED:
+        model = load_ct2_whisper(spec.name, spec.compute_type, spec.device)
+        _LOADED[spec.resolved()] = model
+    return _LOADED[spec.resolved()]
 
 
-_CACHE_FORMAT = 1
+# 2: entries carry a checksum of their tensor bytes and their shape, verified on every read.
+_CACHE_FORMAT = 2
 
 
 def audio_sha256(path: str | Path) -> str:
@@ -350,10 +583,40 @@ def audio_sha256(path: str | Path) -> str:
     return file_sha256(path)
 
 
+def expected_ct2_frames(num_samples: int) -> int:
+    """Valid frames `ct2_frames` gives for `num_samples` 16 kHz samples: n // 160 mel frames
+    (faster-whisper's content_frames), windows of 3,000 of them, ceil(m / 2) encoder frames each."""
+    content = int(num_samples) // HOP
+    full, rest = divmod(content, 3000)
+    return full * 1500 + int(encoder_frames(rest))
+
+
+def entry_problem(frames: torch.Tensor, meta: Mapping, expected: tuple[int | None, int | None]) -> str | None:
+    """Why a cached (F, H) entry cannot be trusted, or None: its checksum or recorded shape does not
+    match the bytes read, it holds NaN/Inf, or it has another frame count / width than the audio
+    and the model give (`expected` = (frames, hidden); None = not known)."""
+    if frames.dtype != torch.float32 or frames.dim() != 2:
+        return f"a {frames.dtype} tensor of shape {tuple(frames.shape)}, not (frames, hidden) float32"
+    if meta.get("shape") != json.dumps(list(frames.shape)):
+        return f"shape {tuple(frames.shape)}, recorded {meta.get('shape')}"
+    if meta.get("sha256") != tensor_sha256(frames):
+        return "content checksum mismatch (the bytes changed after writing)"
+    if not torch.isfinite(frames).all():
+        return "NaN or Inf values"
+    want_f, want_h = expected
+    if want_f is not None and frames.shape[0] != want_f:
+        return f"{frames.shape[0]} frames, the audio gives {want_f}"
+    if want_h is not None and frames.shape[1] != want_h:
+        return f"width {frames.shape[1]}, the model gives {want_h}"
+    return None
+
+
 class WhisperFeatureCache:
     """Frozen CTranslate2 Whisper frames per utterance on disk: one safetensors file per (model
-    identity, audio file sha256) under cache_dir/<model>__<identity hash>/, written atomically,
-    its metadata checked on load (a foreign or truncated file is recomputed, never trusted)."""
+    identity, audio file sha256) under cache_dir/<model>__<identity hash>/, written atomically.
+    Verified, not trusted: each entry records the sha256 of its tensor bytes and its shape, and a
+    read checks them, finiteness, and the frame count the audio's length gives (and the model's
+    width when known); a bad, foreign or truncated entry is recomputed with one warning line."""
 
     def __init__(self, spec: Ct2Spec, cache_dir: str | Path):
         self.spec = spec.resolved()
@@ -363,11 +626,14 @@ class WhisperFeatureCache:
         self.key = key
         slug = "".join(c if c.isalnum() or c in "._-" else "-" for c in Path(self.spec.name).name)[:40]
         self.dir = Path(cache_dir) / f"{slug}__{self.spec.compute_type}__{key[:16]}"
+        self.hidden: int | None = ct2_header_hidden_size(self.spec.name)
 
     def path(self, sha: str) -> Path:
         return self.dir / sha[:2] / f"{sha}.safetensors"
 
-    def load(self, sha: str) -> torch.Tensor | None:
+    def load(self, sha: str, num_samples: int | None = None) -> torch.Tensor | None:
+        """The entry of the audio with this sha256 (and `num_samples` 16 kHz samples, when known),
+        or None (absent, or not trustworthy: warned and left to be recomputed)."""
         from safetensors import safe_open
 
         path = self.path(sha)
@@ -379,45 +645,62 @@ class WhisperFeatureCache:
                 if meta.get("key") != self.key or meta.get("audio_sha256") != sha:
                     log.warning("%s: cache key does not match; recomputing", path)
                     return None
-                return f.get_tensor("frames")
+                frames = f.get_tensor("frames")
         except Exception as e:  # noqa: BLE001 - a truncated or foreign file: recompute rather than fail
-            log.warning("%s: unreadable feature cache (%s); recomputing", path, e)
+            log.warning("%s: unreadable feature cache (%s); recomputing", path, _one_line(e, 120))
             return None
+        expected = (None if num_samples is None else expected_ct2_frames(num_samples), self.hidden)
+        problem = entry_problem(frames, meta, expected)
+        if problem is not None:
+            log.warning("%s: bad cache entry (%s); recomputing", path, problem)
+            return None
+        return frames
 
     def save(self, sha: str, frames: np.ndarray | torch.Tensor, source: str = "") -> None:
         from safetensors.torch import save
 
         frames = torch.as_tensor(np.asarray(frames, dtype=np.float32)).contiguous()  # (F, H)
+        if not torch.isfinite(frames).all():
+            raise ValueError(f"Whisper frames of audio {sha[:12]} hold NaN or Inf; not cached")
         meta = {"key": self.key, "audio_sha256": sha, "identity": json.dumps(self.identity),
-                "format": str(_CACHE_FORMAT), "source": source}
+                "format": str(_CACHE_FORMAT), "source": source, "shape": json.dumps(list(frames.shape)),
+                "sha256": tensor_sha256(frames)}
         atomic_write_bytes(self.path(sha), save({"frames": frames}, metadata=meta))
+
+
+def _num_samples(path: str | Path) -> int:
+    from mmser.audio import audio_info
+
+    return int(audio_info(path).frames)
 
 
 def whisper_features(records: Sequence[Mapping], spec: Ct2Spec, cache_dir: str | Path) -> dict[str, torch.Tensor]:
     """id -> frozen Whisper frames (F, H) float32 of each record's audio file, cached (see
-    WhisperFeatureCache); missing ones are computed with faster-whisper's front end and written."""
-    from mmser.data.dataset import read_audio
+    WhisperFeatureCache); missing or bad ones are computed with faster-whisper's front end and written."""
+    from mmser.audio import read_audio
 
     cache = WhisperFeatureCache(spec, cache_dir)
     out: dict[str, torch.Tensor] = {}
     todo = []
     for r in records:
-        sha = audio_sha256(r["path"])
-        frames = cache.load(sha)
+        sha, n = audio_sha256(r["path"]), _num_samples(r["path"])
+        frames = cache.load(sha, n)
         if frames is None:
-            todo.append((r, sha))
+            todo.append((r, sha, n))
         else:
             out[r["id"]] = frames
     if todo:
         log.info("Whisper audio features: %d of %d utterances to encode with %s (%s) -> %s", len(todo),
                  len(records), cache.spec.name, cache.spec.compute_type, cache.dir)
-        model = ct2_model(cache.spec)
-        for n, (r, sha) in enumerate(todo, 1):
+        model = ct2_model(spec)
+        if spec.resolved() != cache.spec:  # CUDA failed under device=auto: the CPU model's own cache
+            return whisper_features(records, spec, cache_dir)
+        for k, (r, sha, _) in enumerate(todo, 1):
             frames = ct2_frames(model, read_audio(r["path"], SAMPLE_RATE))
             cache.save(sha, frames, source="encode")
             out[r["id"]] = torch.from_numpy(frames)
-            if n % 50 == 0:
-                log.info("Whisper audio features: %d/%d", n, len(todo))
+            if k % 50 == 0:
+                log.info("Whisper audio features: %d/%d", k, len(todo))
     else:
         log.info("Whisper audio features: cache hit for all %d utterances (%s)", len(records), cache.dir)
     return out
@@ -425,9 +708,10 @@ def whisper_features(records: Sequence[Mapping], spec: Ct2Spec, cache_dir: str |
 
 class Ct2WhisperEncoder(nn.Module):
     """Frozen CTranslate2 Whisper encoder behind the batch contract. No torch parameters: nothing to
-    train or save but its name. `encode_batch` takes the cached frames of the batch (keys
-    whisper_frames / whisper_frames_mask) when the data module put them there, else encodes the
-    waveforms (loading the model on first use)."""
+    train or save but its name, its resolved compute type and its width. `encode_batch` takes the
+    cached frames of the batch (keys whisper_frames / whisper_frames_mask) when the data module put
+    them there, else encodes the waveforms (loading the model on first use). The width comes from
+    the model.bin header (`ct2_header_hidden_size`), so a run on cached frames never loads the model."""
 
     attention_mask_policy = "none"
     freeze = True
@@ -437,15 +721,29 @@ class Ct2WhisperEncoder(nn.Module):
         self.spec = spec
         self._hidden = hidden_size
 
+    @classmethod
+    def from_saved(cls, name: str, compute_type: str, hidden_size: int | None = None) -> Ct2WhisperEncoder:
+        """The encoder a saved model recorded: its frames were computed with `compute_type` (resolved
+        when it was saved). One warning line when this machine runs another type (e.g. float16
+        recorded on a GPU, a CPU runs float32): its frames, and so the predictions, differ slightly."""
+        spec = Ct2Spec(name, compute_type)
+        if compute_type not in ("auto", "default"):
+            device, runs = ct2_device_and_type(compute_type, spec.device)
+            if runs != compute_type:
+                log.warning("Whisper audio %r: the model was trained on %s frames; this %s runs %s instead, so "
+                            "its frames (and the predictions) differ slightly from the training ones",
+                            name, compute_type, device.split(":")[0], runs)
+        return cls(spec, hidden_size)
+
     @property
     def hidden_size(self) -> int:
         if self._hidden is None:
-            self._hidden = ct2_hidden_size(ct2_model(self.spec))
+            self._hidden = ct2_header_hidden_size(self.spec.name) or ct2_hidden_size(ct2_model(self.spec))
         return int(self._hidden)
 
     def config_dict(self) -> dict:
         return {"encoder_kind": "whisper-ct2", "encoder_model": self.spec.name,
-                "compute_type": self.spec.compute_type, "hidden_size": self.hidden_size}
+                "compute_type": self.spec.resolved().compute_type, "hidden_size": self.hidden_size}
 
     def encode(self, audio: torch.Tensor, audio_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         model = ct2_model(self.spec)

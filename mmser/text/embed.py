@@ -27,7 +27,10 @@ JSONL written by `mmser transcribe`.
 Features are computed once and cached in one safetensors file per (encoder, source, pooling,
 max_length, texts): the file name carries a hash of the (id, text) pairs and of the encoder
 (for a local directory: its files' sizes and mtimes), so changed texts or a changed model miss
-the cache and are recomputed. Call it once with all records and index by id per fold: every
+the cache and are recomputed. A hit is verified, not trusted: the file records the sha256 of its
+tensor bytes and their shapes, and a read checks them, finiteness, that the token counts add up
+and fit max_length, and the encoder's width (its config.json); a bad file is recomputed with one
+warning line. Call it once with all records and index by id per fold: every
 distinct record set is its own cache file.
 """
 
@@ -59,7 +62,8 @@ Pooling = Literal["cls", "mean", "sentence"]
 # Words every English BERT vocabulary has; if all map to [UNK] the vocabulary did not load
 # (STYLE.md: transformers 5 once built a BertTokenizer that mapped every word to [UNK]).
 _KNOWN_WORDS = ("the", "and", "you", "is")
-_CACHE_FORMAT = 1
+# 2: the file records the sha256 of its tensor bytes and their shapes, verified on every read.
+_CACHE_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -162,8 +166,14 @@ def _frozen(path: str, encoder: str, kind: str, device: str, local_files_only: b
 
 
 def _device(device: str) -> str:
+    """"auto" = CUDA when torch sees it; "cuda" (and "auto" on a GPU) = this rank's GPU (LOCAL_RANK,
+    mmser.models.whisper.local_cuda_index): under DDP every rank encodes on its own device, not cuda:0."""
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        from mmser.models.whisper import local_cuda_index
+
+        device = f"cuda:{local_cuda_index(torch.cuda.device_count())}"
     return device
 
 
@@ -276,7 +286,42 @@ def cache_path(ids_texts: list[tuple[str, str]], source: str | Path, spec: TextE
     return Path(cache_dir) / f"{name}__{h[:16]}.safetensors", h
 
 
-def _load_cache(path: Path, key: str, ids: list[str]) -> dict[str, TextFeatures] | None:
+def _encoder_width(spec: TextEncoderSpec) -> int | None:
+    """The encoder's hidden size from its config.json (local directories), else None (not known)."""
+    config = Path(spec.path).expanduser() / "config.json"
+    try:
+        d = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    width = next((d[k] for k in ("hidden_size", "dim", "d_model") if isinstance(d.get(k), int)), None)
+    return int(width) if width else None
+
+
+def _cache_problem(meta: dict, tokens: torch.Tensor, lengths: torch.Tensor, pooled: torch.Tensor, n: int,
+                   spec: TextEncoderSpec) -> str | None:
+    """Why a text-feature cache file cannot be trusted, or None (see the module docstring)."""
+    from mmser.cache_check import tensor_sha256
+
+    shapes = [list(t.shape) for t in (tokens, lengths, pooled)]
+    if meta.get("shapes") != json.dumps(shapes):
+        return f"shapes {shapes}, recorded {meta.get('shapes')}"
+    if meta.get("sha256") != tensor_sha256(tokens, lengths, pooled):
+        return "content checksum mismatch (the bytes changed after writing)"
+    if tokens.dim() != 2 or lengths.dim() != 1 or pooled.dim() != 2 or lengths.dtype != torch.int64:
+        return f"tensor ranks {[t.dim() for t in (tokens, lengths, pooled)]}, expected 2, 1, 2"
+    if lengths.numel() != n or pooled.shape[0] != n:
+        return f"{lengths.numel()} lengths and {pooled.shape[0]} pooled vectors for {n} utterances"
+    if int(lengths.sum()) != tokens.shape[0] or bool((lengths < 1).any() or (lengths > spec.max_length).any()):
+        return f"token counts do not add up to {tokens.shape[0]} rows within 1..{spec.max_length} each"
+    width = _encoder_width(spec)
+    if pooled.shape[1] != tokens.shape[1] or (width is not None and tokens.shape[1] != width):
+        return f"width {tokens.shape[1]} / {pooled.shape[1]}, the encoder gives {width}"
+    if not (torch.isfinite(tokens).all() and torch.isfinite(pooled).all()):
+        return "NaN or Inf values"
+    return None
+
+
+def _load_cache(path: Path, key: str, ids: list[str], spec: TextEncoderSpec) -> dict[str, TextFeatures] | None:
     from safetensors import safe_open
 
     try:
@@ -287,7 +332,11 @@ def _load_cache(path: Path, key: str, ids: list[str]) -> dict[str, TextFeatures]
                 return None
             tokens, lengths, pooled = f.get_tensor("tokens"), f.get_tensor("lengths"), f.get_tensor("pooled")
     except Exception as e:  # a truncated or foreign file: recompute rather than fail
-        log.warning("%s: unreadable feature cache (%s); recomputing", path, e)
+        log.warning("%s: unreadable feature cache (%s); recomputing", path, " ".join(str(e).split())[:120])
+        return None
+    problem = _cache_problem(meta, tokens, lengths, pooled, len(ids), spec)
+    if problem is not None:
+        log.warning("%s: bad feature cache (%s); recomputing", path, problem)
         return None
     parts = torch.split(tokens, lengths.tolist())  # each (L_i, D)
     return {i: TextFeatures(t, p) for i, t, p in zip(ids, parts, pooled, strict=True)}
@@ -308,7 +357,7 @@ def text_features(records: list[dict], source: str | Path, spec: TextEncoderSpec
     path, key = cache_path([(i, texts[i]) for i in ids], source, spec, cache_dir)
     if path.is_file():
         t0 = time.perf_counter()
-        feats = _load_cache(path, key, ids)
+        feats = _load_cache(path, key, ids, spec)
         if feats is not None:
             log.info("text features: cache hit %s (%d utterances, %.2f s)", path, len(ids),
                      time.perf_counter() - t0)
@@ -321,8 +370,12 @@ def text_features(records: list[dict], source: str | Path, spec: TextEncoderSpec
     pooled = torch.stack([p for _, p in enc])  # (N, D)
     from safetensors.torch import save
 
+    from mmser.cache_check import tensor_sha256
+
     meta = {"key": key, "ids": json.dumps(ids), "encoder": spec.encoder, "source": str(source),
-            "pooling": spec.pooling, "max_length": str(spec.max_length), "format": str(_CACHE_FORMAT)}
+            "pooling": spec.pooling, "max_length": str(spec.max_length), "format": str(_CACHE_FORMAT),
+            "shapes": json.dumps([list(t.shape) for t in (tokens, lengths, pooled)]),
+            "sha256": tensor_sha256(tokens, lengths, pooled)}
     atomic_write_bytes(path, save({"tokens": tokens, "lengths": lengths, "pooled": pooled}, metadata=meta))
     log.info("text features: %d utterances encoded with %s (%s pooling) in %.2f s -> %s", len(ids),
              spec.encoder, spec.pooling, time.perf_counter() - t0, path)
