@@ -313,7 +313,7 @@ class EmotionClassifier:
         except ValueError as e:
             if str(path) in str(e):
                 raise
-            raise ValueError(f"{path}: {e}") from None
+            raise ValueError(f"{path}: {str(e).removeprefix('waveform: ')}") from None
 
 
 # -- mmser predict ------------------------------------------------------------------------------------

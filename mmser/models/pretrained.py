@@ -255,8 +255,8 @@ def check_config(meta: dict, cfg_path: Path | str) -> tuple[str, int]:
     if task not in TASKS:
         raise ModelFormatError(f"{where}: task {task!r} is not one of {', '.join(TASKS)}")
     if implied is not None and task != implied:
-        raise ModelFormatError(f"{where}: task {task!r} but the architecture ({arch.get('model')}) is a "
-                               f"{implied} model")
+        raise ModelFormatError(f"{where}: task {task!r} but the architecture ({arch.get('model')}) is for "
+                               f"task {implied!r}")
     key, value = "sample_rate", meta.get("sample_rate")
     if value is None:  # folders that keep it only in the resolved training config
         key, value = "config.data.sample_rate", ((meta.get("config") or {}).get("data") or {}).get("sample_rate", 16000)
@@ -284,6 +284,8 @@ def _check_architecture_values(d: dict, path: str, where: str) -> None:
     """The enumerated values of an architecture description, each named by its key."""
     if not isinstance(d, dict):
         return
+    if "num_classes" in d and ((n := _integer(d["num_classes"])) is None or n < 1):
+        raise ModelFormatError(f"{where}: {path}.num_classes must be a positive integer, got {d['num_classes']!r}")
     if "encoder_attention_mask" in d and d["encoder_attention_mask"] not in ATTENTION_MASK_POLICIES:
         raise ModelFormatError(f"{where}: {path}.encoder_attention_mask must be one of "
                                f"{', '.join(ATTENTION_MASK_POLICIES)}, got {d['encoder_attention_mask']!r}")
