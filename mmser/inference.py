@@ -25,7 +25,9 @@ No silent wrong results: a recording with a NaN or infinite sample is refused (a
 finite is never turned into a label. Windows (`window_s`) shorter than the encoder's receptive
 field (one output frame: 400 samples for wav2vec 2.0's CNN; at inference nothing is masked, so no
 mask span adds to it) are refused when the classifier is made. Text and fusion models refuse empty
-or whitespace-only text (given, or an ASR transcript with no words): they classify words.
+or whitespace-only text given to them (`--text`, `text=`): they classify words. An ASR transcript
+with no words (`asr=True`, or an entry of `--transcripts`) is classified with a warning naming the
+file: a recording without speech has none, and training on ASR transcripts met the same.
 
 Text and fusion models need text: given (`text=`), or transcribed by the ASR system the model
 records (`asr=True`; a model trained on gold transcripts falls back to faster-whisper
@@ -247,11 +249,18 @@ class EmotionClassifier:
 
     @torch.no_grad()
     def classify_waveform(self, wav: np.ndarray, sample_rate: int, text: str | None = None,
-                          asr: bool = False) -> Prediction:
+                          asr: bool = False, *, empty_text: str = "error", source: str = "waveform") -> Prediction:
         """One recording (T,), (T, C) or (C, T) at `sample_rate` (float, or int16 / int32 / uint8 PCM)
-        -> Prediction with per-window results. ValueError for non-finite samples or empty text."""
-        wav = as_waveform(wav)
-        check_finite_audio(wav, sample_rate)
+        -> Prediction with per-window results. ValueError for non-finite samples.
+
+        Empty or whitespace-only `text` for a text / fusion model: a ValueError (`empty_text="error"`,
+        text the caller gives) or a warning (`"warn"`: ASR output, where a recording with no speech
+        has no words, as in training on ASR transcripts; an ASR transcript made here always warns).
+        `source` names the recording in errors and warnings (classify_file: its path)."""
+        if empty_text not in ("error", "warn"):
+            raise ValueError(f"empty_text must be 'error' or 'warn', got {empty_text!r}")
+        wav = as_waveform(wav, source)
+        check_finite_audio(wav, sample_rate, source)
         wav = resample(wav, sample_rate, self.sample_rate)  # (T,)
         if self.saved.needs_text:
             if text is None:
@@ -259,13 +268,12 @@ class EmotionClassifier:
                     raise ValueError(f"this {self.task} model needs the text of each recording "
                                      "(--text / --transcripts, or --asr to transcribe it); "
                                      "it never answers from audio alone")
-                text = self.transcribe(wav)
-                if not text.strip():
-                    raise ValueError(f"the ASR system found no words in the recording: this {self.task} model "
-                                     "classifies words (give the text with --text / --transcripts)")
-            elif not text.strip():
-                raise ValueError(f"empty text {text!r}: this {self.task} model classifies words; give the "
-                                 "recording's text")
+                text, empty_text = self.transcribe(wav), "warn"
+            if not text.strip():
+                if empty_text == "error":
+                    raise ValueError(f"empty text {text!r}: this {self.task} model classifies words; give the "
+                                     "recording's text")
+                log.warning("%s: empty transcript: the %s model sees no words for it", source, self.task)
         if self.saved.needs_audio and len(wav) < self.min_samples:
             raise ValueError(f"{len(wav) / self.sample_rate:.3f} s of audio: the encoder needs at least "
                              f"{self.min_samples / self.sample_rate:.3f} s")
@@ -297,23 +305,26 @@ class EmotionClassifier:
                           start=round(start, 4), end=round(end, 4), text=text)
 
     def classify_batch(self, waveforms: Sequence[np.ndarray], sample_rate: int,
-                       texts: Sequence[str | None] | None = None, asr: bool = False) -> list[Prediction]:
+                       texts: Sequence[str | None] | None = None, asr: bool = False,
+                       *, empty_text: str = "error") -> list[Prediction]:
         """Several recordings at one sample rate -> one Prediction each (each classified on its own)."""
         texts = list(texts) if texts is not None else [None] * len(waveforms)
         if len(texts) != len(waveforms):
             raise ValueError(f"classify_batch: {len(waveforms)} waveforms but {len(texts)} texts")
-        return [self.classify_waveform(w, sample_rate, t, asr) for w, t in zip(waveforms, texts, strict=True)]
+        return [self.classify_waveform(w, sample_rate, t, asr, empty_text=empty_text)
+                for w, t in zip(waveforms, texts, strict=True)]
 
-    def classify_file(self, path: str | Path, text: str | None = None, asr: bool = False) -> Prediction:
+    def classify_file(self, path: str | Path, text: str | None = None, asr: bool = False,
+                      *, empty_text: str = "error") -> Prediction:
         """A sound file (any format soundfile reads, any rate, mono or multichannel) -> Prediction.
         Errors name the file."""
         wav = load_audio(path, self.sample_rate)
         try:
-            return self.classify_waveform(wav, self.sample_rate, text, asr)
+            return self.classify_waveform(wav, self.sample_rate, text, asr, empty_text=empty_text, source=str(path))
         except ValueError as e:
             if str(path) in str(e):
                 raise
-            raise ValueError(f"{path}: {str(e).removeprefix('waveform: ')}") from None
+            raise ValueError(f"{path}: {e}") from None
 
 
 # -- mmser predict ------------------------------------------------------------------------------------
@@ -425,7 +436,8 @@ def predict_rows(clf: EmotionClassifier, files: Sequence[Path], text: str | None
         base = {"id": path.stem, "path": str(path)}
         try:
             t = text if transcripts is None else transcripts.text_for(path)
-            pred = clf.classify_file(path, text=t, asr=asr)
+            # a transcripts entry is ASR output: no words (no speech) warns; an empty --text was refused
+            pred = clf.classify_file(path, text=t, asr=asr, empty_text="error" if transcripts is None else "warn")
         except (OSError, ValueError, RuntimeError) as e:
             message = " ".join(str(e).split()) or type(e).__name__
             if not message.startswith(str(path)):

@@ -154,7 +154,7 @@ def test_an_id_twice_in_the_transcripts_is_refused(models, tmp_path, capsys, cat
     assert f"{trans}:3" in line and "first on line 1" in line
 
 
-def test_empty_text_is_refused_for_text_models(models, tmp_path, capsys, catalogue):
+def test_empty_text_is_refused_for_text_models(models, tmp_path, capsys, caplog, catalogue):
     wav = _wav(tmp_path / "x.wav")
     for text in ("", "   "):
         cli_error(capsys, catalogue, f"predict a text model --text {text!r}",  # was: classified, exit 0
@@ -162,12 +162,16 @@ def test_empty_text_is_refused_for_text_models(models, tmp_path, capsys, catalog
     clf = EmotionClassifier.from_pretrained(models["text"])
     with pytest.raises(ValueError, match=r"x\.wav: empty text"):
         clf.classify_file(wav, text=" \n")
+    # an ASR transcript with no words (a recording without speech): classified, with a warning naming the file
     trans = tmp_path / "t.jsonl"
     trans.write_text(json.dumps({"id": "x", "text": " "}) + "\n")
-    out = tmp_path / "p.jsonl"
-    assert cli_last_line(capsys, "predict", str(models["text"]), str(wav), "--transcripts", str(trans),
-                         "--out", str(out))[0] == 2
-    assert "empty text" in json.loads(out.read_text())["error"]
+    from mmser.cli import main
+
+    caplog.clear()
+    assert main(["predict", str(models["text"]), str(wav), "--transcripts", str(trans)]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(m.startswith(f"{wav}: empty transcript") for m in warned), warned
+    catalogue("predict --transcripts with an empty ASR transcript", f"classified; warning: {warned[-1]}")
     # an audio model has no use for text: --text "" changes nothing there
     assert cli_last_line(capsys, "predict", str(models["audio"]), str(wav), "--text", "")[0] == 0
 
@@ -210,11 +214,6 @@ def test_integer_pcm_arrays_are_scaled_and_channel_first_arrays_are_read(models,
 
 
 def test_window_shorter_than_the_receptive_field_is_refused(models, tmp_path, capsys, catalogue):
-    from transformers import Wav2Vec2Config, Wav2Vec2Model
-
-    from mmser.inference import encoder_min_samples
-    from mmser.models.wav2vec2 import AudioEncoder
-
     wav = _wav(tmp_path / "a.wav", 1.0)
     # tiny.yaml's CNN (kernels 10, 4, 4; strides 5, 4, 4): 10 + 3*5 + 3*20 = 85 samples
     line = cli_error(capsys, catalogue, "predict --window-s 0.001",  # was: an error row per file
@@ -227,6 +226,11 @@ def test_window_shorter_than_the_receptive_field_is_refused(models, tmp_path, ca
               ["predict", str(models["audio"]), str(wav), "--window-s", "0.5", "--overlap-s", "0.49999"],
               "--overlap-s")
     # wav2vec 2.0's CNN (kernels 10, 3x4, 2x2; strides 5, 2x6): one frame needs 400 samples
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    from mmser.inference import encoder_min_samples
+    from mmser.models.wav2vec2 import AudioEncoder
+
     torch.manual_seed(0)
     w2v2 = AudioEncoder(Wav2Vec2Model(Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                                      intermediate_size=16, conv_dim=[4] * 7)))
