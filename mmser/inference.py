@@ -360,7 +360,10 @@ class Transcripts:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: transcript file not found")
         out = cls(source=str(path))
+        from mmser.text.transcribe import SYSTEM_FIELDS
+
         seen: dict[object, int] = {}
+        systems: dict[tuple, int] = {}  # ASR system -> first line
         lines = path.read_bytes().split(b"\n")
         for number, raw in enumerate(lines, start=1):
             if not raw.strip():
@@ -393,6 +396,12 @@ class Transcripts:
                     raise ValueError(f"{where}: {key[0]} {str(key[1])!r} appears twice (first on line {seen[key]})")
                 seen[key] = number
                 (out.by_path if key[0] == "path" else out.by_id)[key[1]] = entry["text"]
+            system = tuple(entry.get(k) for k in SYSTEM_FIELDS)
+            systems.setdefault(system, number)
+            if len(systems) > 1:  # as load_transcripts: one file, one ASR system
+                first = next(iter(systems))
+                raise ValueError(f"{where}: a transcript of ASR system {system} (fields {', '.join(SYSTEM_FIELDS)}), "
+                                 f"line {systems[first]} of {first}: one file, one ASR system")
         return out
 
     def text_for(self, audio: Path) -> str:

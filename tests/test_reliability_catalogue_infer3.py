@@ -45,7 +45,15 @@ def models(tmp_path_factory):
     torch.manual_seed(0)
     text = save_pretrained(TextClassifier(384, hidden=8), root / "text",
                            {"task": "text", "classes": list(CLASSES), "sample_rate": SR, "text": TEXT_SIDE})
-    return {"audio": audio, "text": text}
+    from transformers import BertConfig, BertModel
+
+    from mmser.models.text_encoder import TextEncoder, WithTextEncoder
+
+    bert = BertModel(BertConfig(vocab_size=50, hidden_size=12, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=16, max_position_embeddings=32))
+    text_ft = save_pretrained(WithTextEncoder(TextClassifier(12, hidden=8), TextEncoder(bert), 1e-5), root / "text_ft",
+                              {"task": "text", "classes": list(CLASSES), "sample_rate": SR, "text": TEXT_SIDE})
+    return {"audio": audio, "text": text, "text_ft": text_ft}
 
 
 def _wav(path: Path, seconds: float = 0.4, seed: int = 0, subtype: str = "PCM_16") -> Path:
@@ -282,6 +290,24 @@ def test_crafted_sizes_are_bounded_by_the_weights_before_building(models, tmp_pa
     if case in ("200,000 layers", "hidden size 2**40", "intermediate size 10**12", "num_labels 10**7",
                 "sample_rate 1e9"):
         assert build_spy == []  # refused before even a shapes-only build
+
+
+def _bert(c) -> dict:
+    return c["architecture"]["text_encoder"]["config"]
+
+
+@pytest.mark.parametrize("case, mutate, expect, built", [
+    ("text encoder vocab 10**9", lambda c: _bert(c).update(vocab_size=10**9), "vocab_size", False),
+    ("text encoder 200,000 layers", lambda c: _bert(c).update(num_hidden_layers=200_000), "num_hidden_layers", False),
+    ("text encoder vocab 60 (the weights' 50)", lambda c: _bert(c).update(vocab_size=60),
+     "word_embeddings.weight is [60, 12] in the architecture but [50, 12]", True),
+])
+def test_a_crafted_text_encoder_is_bounded_too(models, tmp_path, capsys, catalogue, build_spy, case, mutate, expect,
+                                              built):
+    folder = _copy(models["text_ft"], tmp_path / "crafted", config=mutate)
+    cli_error(capsys, catalogue, f"model folder: {case}",
+              ["predict", str(folder), str(_wav(tmp_path / "a.wav")), "--text", "hello"], expect)
+    assert all(device == "meta" for device in build_spy) and bool(build_spy) == built
 
 
 def test_a_good_folder_still_builds_once_for_real_after_one_meta_build(models, monkeypatch):
