@@ -30,8 +30,9 @@ looked up in a closed table of mmser classes (never imported by name), encoder c
 HF config classes' `from_dict`, and weights are read only from model.safetensors (no pickle, no
 `pytorch_model.bin`, no `trust_remote_code`).
 
-Nor can a crafted folder exhaust memory or give silent garbage: everything is checked before the
-model is built (`check_folder`), each refusal one ModelFormatError naming the file and the key.
+Nor can a crafted folder exhaust memory or give silent garbage: `from_pretrained` checks everything
+before the model is built (`check_config`, `check_sizes`, `check_shapes`), each refusal one
+ModelFormatError naming the file and the key or tensor.
 - config.json: at most 16 MiB; "model_type" "mmser"; "task" audio / text / fusion and the one its
   architecture implies; "sample_rate" an integer in [1000, 192000]; the text side's pooling and
   max_length; the audio head's pooling and the encoder's attention-mask policy; a CTranslate2
@@ -40,7 +41,8 @@ model is built (`check_folder`), each refusal one ModelFormatError naming the fi
   only, no tensor data): a layer count may not exceed the number of tensors, and no integer in the
   architecture the number of weights in the file; then the module is built on PyTorch's "meta"
   device (no storage) and every tensor's shape compared with the header's. Only a folder whose
-  shapes all match is built for real, so the allocation is the size of the weights file.
+  shapes all match is built for real, so what it allocates is what the weights file holds (plus
+  constructor temporaries no larger than the integers bounded above).
 - After loading, every floating-point tensor must be finite: a NaN/Inf weight is refused, naming it.
 """
 
@@ -74,7 +76,7 @@ MODEL_TYPE = "mmser"
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
 TASKS = ("audio", "text", "fusion")
 SAMPLE_RATE_RANGE = (1000, 192000)  # Hz: telephone 8 kHz .. studio 192 kHz (and a little below)
-MAX_CONFIG_BYTES = 16 * 2**20  # a real config.json (architecture + resolved training config) is ~20 KB
+MAX_CONFIG_BYTES = 16 * 2**20  # a real config.json (architecture + resolved training config): kilobytes
 ATTENTION_MASK_POLICIES = ("auto", "always", "never")  # wav2vec2.uses_attention_mask
 AUDIO_POOLINGS = ("mean", "attentive")  # heads.AudioClassifier
 TEXT_POOLINGS = ("cls", "mean", "sentence")  # text_encoder.TextEncoder / text.embed.TextEncoderSpec
@@ -509,7 +511,7 @@ def push_to_hub(model_dir: str | Path, repo_id: str, private: bool = True, token
     from huggingface_hub import HfApi
 
     model_dir = Path(model_dir)
-    read_config(model_dir)
+    check_config(read_config(model_dir), model_dir / CONFIG)  # a folder that would not load is not uploaded
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     info = api.upload_folder(repo_id=repo_id, folder_path=str(model_dir),
