@@ -243,6 +243,11 @@ def test_window_shorter_than_the_receptive_field_is_refused(models, tmp_path, ca
     w2v2 = AudioEncoder(Wav2Vec2Model(Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                                      intermediate_size=16, conv_dim=[4] * 7)))
     assert encoder_min_samples(w2v2) == 400
+    w2v2.eval()  # at inference no time mask is drawn: one frame is all the encoder needs
+    with torch.no_grad():
+        assert w2v2.encode(torch.zeros(1, 400), torch.ones(1, 400, dtype=torch.bool))[0].shape[1] == 1
+        with pytest.raises(ValueError, match="shorter than one encoder frame"):
+            w2v2.encode(torch.zeros(1, 399), torch.ones(1, 399, dtype=torch.bool))
 
 
 # -- 4. crafted model folders cannot exhaust memory ---------------------------------------------------------
