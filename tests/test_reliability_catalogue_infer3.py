@@ -371,3 +371,12 @@ def test_a_missing_ct2_encoder_folder_is_refused_at_load(tmp_path, capsys, catal
     line = cli_error(capsys, catalogue, "config.json: CTranslate2 encoder folder missing",  # was: per-file rows
                      ["predict", str(folder), str(_wav(tmp_path / "a.wav"))], "encoder_model")
     assert str(folder / "config.json") in line and "no-such-ct2" in line
+
+
+def test_a_whisper_encoder_at_another_sample_rate_is_refused_at_load(tmp_path, capsys, catalogue):
+    folder = _ct2_folder(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "sample_rate": 8000}))
+    line = cli_error(capsys, catalogue, "config.json: sample_rate 8000 for a Whisper encoder",  # was: misread audio
+                     ["predict", str(folder), str(_wav(tmp_path / "a.wav"))], "sample_rate 8000 for a Whisper encoder")
+    assert str(folder / "config.json") in line

@@ -36,7 +36,7 @@ ModelFormatError naming the file and the key or tensor.
 - config.json: at most 16 MiB; "model_type" "mmser"; "task" audio / text / fusion and the one its
   architecture implies; "sample_rate" an integer in [1000, 192000]; the text side's pooling and
   max_length; the audio head's pooling and the encoder's attention-mask policy; a CTranslate2
-  Whisper encoder given as a folder must exist.
+  Whisper encoder given as a folder must exist, and a Whisper encoder needs 16 kHz.
 - Sizes are bounded by the weights actually present, read from model.safetensors' header (shapes
   only, no tensor data): a layer count may not exceed the number of tensors, and no integer in the
   architecture the number of weights in the file; then the module is built on PyTorch's "meta"
@@ -70,6 +70,7 @@ from mmser.models.fusion import (
 )
 from mmser.models.heads import AudioClassifier
 from mmser.models.text_encoder import TextEncoder, WithTextEncoder
+from mmser.models.whisper import SAMPLE_RATE as WHISPER_SAMPLE_RATE
 
 MODEL_FORMAT = "mmser-classifier/1"
 MODEL_TYPE = "mmser"
@@ -80,6 +81,7 @@ MAX_CONFIG_BYTES = 16 * 2**20  # a real config.json (architecture + resolved tra
 ATTENTION_MASK_POLICIES = ("auto", "always", "never")  # wav2vec2.uses_attention_mask
 AUDIO_POOLINGS = ("mean", "attentive")  # heads.AudioClassifier
 TEXT_POOLINGS = ("cls", "mean", "sentence")  # text_encoder.TextEncoder / text.embed.TextEncoderSpec
+WHISPER_KINDS = {"whisper", "whisper-ct2"}  # audio_encoders.AUDIO_KINDS read through Whisper's frontend
 
 # The closed set of classes a config.json may name (a name outside it is refused, never imported).
 _HEADS: dict[str, type[nn.Module]] = {
@@ -266,6 +268,10 @@ def check_config(meta: dict, cfg_path: Path | str) -> tuple[str, int]:
     if sample_rate is None or not SAMPLE_RATE_RANGE[0] <= sample_rate <= SAMPLE_RATE_RANGE[1]:
         raise ModelFormatError(f"{where}: {key} must be an integer number of Hz in "
                                f"[{SAMPLE_RATE_RANGE[0]}, {SAMPLE_RATE_RANGE[1]}], got {value!r}")
+    whisper = sorted({v for k, v in _walk(arch, "architecture") if k.endswith(".encoder_kind")} & WHISPER_KINDS)
+    if whisper and sample_rate != WHISPER_SAMPLE_RATE:  # Whisper's log-mel frontend reads 16 kHz only
+        raise ModelFormatError(f"{where}: {key} {sample_rate} for a Whisper encoder ({whisper[0]}), which reads "
+                               f"{WHISPER_SAMPLE_RATE} Hz audio only")
     if task in ("text", "fusion"):
         side = meta.get("text")
         if not isinstance(side, dict) or not isinstance(side.get("encoder"), str) or not side["encoder"]:
