@@ -279,12 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("audio", nargs="+", type=Path, help="audio files or folders (WAV/FLAC/OGG, any rate)")
     p.add_argument("--out", type=Path, default=None, help="preds.csv or preds.jsonl (default: CSV on stdout)")
     text = p.add_mutually_exclusive_group()
-    text.add_argument("--text", default=None, help="the text of every file (text and fusion models)")
+    text.add_argument("--text", default=None,
+                      help="the text of every file (text and fusion models; empty text is refused)")
     text.add_argument("--transcripts", type=Path, default=None,
-                      help="JSONL of {id, text} (as `mmser transcribe` writes), id = the file's stem")
+                      help="JSONL of {id, text} (as `mmser transcribe` writes; id = the file's stem, refused when "
+                           "two files share a stem) or {path, text} (path absolute or relative to this file)")
     text.add_argument("--asr", action="store_true", help="transcribe with the model's recorded ASR system")
     p.add_argument("--windows", action="store_true", help="also a row per window of long files")
-    p.add_argument("--window-s", type=float, default=10.0, help="window length in seconds (default 10)")
+    p.add_argument("--window-s", type=float, default=10.0,
+                   help="window length in seconds (default 10; at least the encoder's receptive field, 0.025 s "
+                        "for wav2vec 2.0)")
     p.add_argument("--overlap-s", type=float, default=2.0, help="window overlap in seconds (default 2)")
     p.add_argument("--device", default="cpu")
 

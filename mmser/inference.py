@@ -4,16 +4,30 @@
     p = clf.classify_file("call.flac")                  # any rate / channels / WAV, FLAC, OGG
     p.label, p.probs                                    # "neutral", {"angry": 0.1, ...}
     p.windows                                           # per-window results of a long recording
-    clf.classify_batch([wav1, wav2], sample_rate=44100) # numpy arrays (T,) or (T, channels)
+    clf.classify_batch([wav1, wav2], sample_rate=44100) # numpy arrays (T,), (T, C) or (C, T), C <= 8
     fusion = mmser.EmotionClassifier.from_pretrained("runs/fusion/s1-seed0")
     fusion.classify_file("call.wav", text="I told you already")   # or asr=True
 
 Audio is read with mmser.audio (down-mixed, resampled with scipy's polyphase filter) to the model's
-sample rate. A recording longer than `window_s` (default 10 s) is split into windows of `window_s`
+sample rate. Arrays given to the API are float samples in [-1, 1] or integer PCM, scaled as a WAV
+reader does (int16 / 32768, int32 / 2**31, uint8 as unsigned 8-bit PCM: (x - 128) / 128); any other
+integer type is refused (an int64 array says nothing of its scale). A 2-D array is (T, C) or (C, T):
+the axis of at most 8 is the channels (down-mixed by their mean); any other shape is refused.
+
+A recording longer than `window_s` (default 10 s) is split into windows of `window_s`
 overlapping by `overlap_s` (default 2 s; the last window is aligned to the end of the recording);
 each window is classified, and the recording's probabilities are the mean of the windows' weighted
 by their length. Windows of one recording have the same length, so no padding enters the encoder
 (group-norm wav2vec 2.0 encoders are not padding-invariant, STYLE.md).
+
+No silent wrong results: a recording with a NaN or infinite sample is refused (an error row in
+`mmser predict`, a ValueError in the API) rather than classified, and a model output that is not
+finite is never turned into a label. Windows (`window_s`) shorter than the encoder's receptive
+field (one output frame: 400 samples for wav2vec 2.0's CNN; at inference nothing is masked, so no
+mask span adds to it) are refused when the classifier is made. Text and fusion models refuse empty
+or whitespace-only text given to them (`--text`, `text=`): they classify words. An ASR transcript
+with no words (`asr=True`, or an entry of `--transcripts`) is classified with a warning naming the
+file: a recording without speech has none, and training on ASR transcripts met the same.
 
 Text and fusion models need text: given (`text=`), or transcribed by the ASR system the model
 records (`asr=True`; a model trained on gold transcripts falls back to faster-whisper
@@ -21,6 +35,13 @@ offline-tiny.en). Text is embedded with the model's text encoder (mmser.text.emb
 training, or tokenised for a model whose text encoder was fine-tuned. Every window of a recording
 uses the recording's whole text. A text or fusion model with no text is an error, never an
 audio-only answer.
+
+`mmser predict --transcripts FILE` reads JSON lines {"id", "text"} (as `mmser transcribe` writes) or
+{"path", "text"}. An entry with a "path" matches the audio file at that path only: absolute, or
+relative to the folder of the transcripts file (not to the working directory), compared after
+resolving links. An entry with only an "id" matches a file whose stem is the id, and only when no other input file
+has that stem: two files a/x.wav and b/x.wav are refused as ambiguous (give them "path" entries)
+rather than given one text. An id or path twice in the file is refused, naming the file and line.
 """
 
 from __future__ import annotations
@@ -29,21 +50,85 @@ import csv
 import io
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mmser.audio import load_audio, resample, to_mono
-from mmser.data.dataset import MIN_ENCODER_SAMPLES
+from mmser.audio import load_audio, resample
 from mmser.models.pretrained import SavedModel, from_pretrained
 from mmser.models.text_encoder import WithTextEncoder
 
 log = logging.getLogger(__name__)
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif")
+MAX_CHANNELS = 8  # the channel axis of a 2-D array is the one of at most this many
+# Integer PCM as WAV readers (soundfile, scipy.io.wavfile) scale it: dtype -> (offset, full scale).
+PCM_SCALES = {np.dtype(np.int16): (0.0, 32768.0), np.dtype(np.int32): (0.0, 2.0**31),
+              np.dtype(np.uint8): (128.0, 128.0)}
+
+
+def as_waveform(wav, where: str = "waveform") -> np.ndarray:
+    """Samples (T,), (T, C) or (C, T), float in [-1, 1] or int16 / int32 / uint8 PCM -> (T,) float32 mono.
+    Any other dtype or shape is a ValueError naming `where` (see the module docstring)."""
+    a = np.asarray(wav)
+    if a.dtype in PCM_SCALES:
+        offset, scale = PCM_SCALES[a.dtype]
+        a = (a.astype(np.float32) - offset) / scale
+    elif a.dtype.kind == "f":
+        a = a.astype(np.float32, copy=False)
+    else:
+        raise ValueError(f"{where}: samples of dtype {a.dtype}: give float samples in [-1, 1] or int16, "
+                         "int32 or uint8 PCM")
+    if a.ndim == 2:
+        rows, cols = a.shape
+        if cols <= MAX_CHANNELS < rows:  # (T, C)
+            pass
+        elif rows <= MAX_CHANNELS < cols:  # (C, T)
+            a = a.T
+        else:
+            raise ValueError(f"{where}: shape {a.shape}: give (T,), (T, C) or (C, T) with at most "
+                             f"{MAX_CHANNELS} channels and more samples than channels")
+        a = a[:, 0] if a.shape[1] == 1 else a.mean(axis=1)  # (T,)
+    elif a.ndim != 1:
+        raise ValueError(f"{where}: shape {a.shape}: give (T,), (T, C) or (C, T) samples")
+    if a.shape[0] == 0:
+        raise ValueError(f"{where}: empty audio (no samples)")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def check_finite_audio(wav: np.ndarray, sample_rate: int, where: str = "waveform") -> None:
+    """ValueError naming `where` when a sample of `wav` (T,) is NaN or infinite."""
+    bad = ~np.isfinite(wav)
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise ValueError(f"{where}: {int(bad.sum())} non-finite samples (NaN/Inf) of {len(wav)}, the first at "
+                         f"{first / sample_rate:.3f} s: refusing to classify it")
+
+
+def encoder_min_samples(module: torch.nn.Module) -> int:
+    """The fewest samples the model's audio encoder turns into one frame (its CNN's receptive field:
+    400 for wav2vec 2.0 / HuBERT / WavLM; 1 for Whisper, whose mel frontend pads; 1 with no audio)."""
+    for attr in ("inner", "encoder", "audio_encoder"):  # WithTextEncoder, AudioClassifier, FusionClassifier
+        if isinstance(getattr(module, attr, None), torch.nn.Module):
+            return encoder_min_samples(getattr(module, attr))
+    if hasattr(module, "first") and hasattr(module, "second"):  # PairedAudioEncoder
+        return max(encoder_min_samples(module.first), encoder_min_samples(module.second))
+    frame_lengths = getattr(module, "frame_lengths", None)
+    if not callable(frame_lengths):
+        return 1
+    lo, hi = 1, 1 << 20  # frame_lengths is monotone in the length: the first length with >= 1 frame
+    if int(frame_lengths(torch.tensor([hi]))[0]) < 1:
+        raise ValueError(f"{type(module).__name__}: no output frame from {hi} samples")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if int(frame_lengths(torch.tensor([mid]))[0]) >= 1:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 @dataclass
@@ -78,7 +163,7 @@ class EmotionClassifier:
 
     def __init__(self, saved: SavedModel, window_s: float = 10.0, overlap_s: float = 2.0,
                  device: str = "cpu", batch_size: int = 8):
-        if window_s <= 0 or not 0 <= overlap_s < window_s:
+        if not window_s > 0 or not 0 <= overlap_s < window_s:
             raise ValueError(f"windows: need window_s > 0 and 0 <= overlap_s < window_s, got {window_s}, {overlap_s}")
         self.saved = saved
         self.model = saved.model.to(device).eval()
@@ -86,6 +171,15 @@ class EmotionClassifier:
         self.sample_rate = saved.sample_rate
         self.window = int(round(window_s * self.sample_rate))
         self.hop = self.window - int(round(overlap_s * self.sample_rate))
+        self.min_samples = encoder_min_samples(self.model) if saved.needs_audio else 1
+        sr = self.sample_rate
+        if self.window < self.min_samples:
+            raise ValueError(f"window_s (--window-s) {window_s}: windows of {self.window} samples at {sr} Hz are "
+                             f"shorter than the encoder's minimum of {self.min_samples} samples "
+                             f"({self.min_samples / sr:.4f} s, one frame of its receptive field)")
+        if self.hop < 1:
+            raise ValueError(f"overlap_s (--overlap-s) {overlap_s}: windows of {self.window} samples would not "
+                             "advance (the overlap rounds to the whole window)")
         self.device = device
         self.batch_size = batch_size
         self._tokenizer = None
@@ -155,18 +249,34 @@ class EmotionClassifier:
 
     @torch.no_grad()
     def classify_waveform(self, wav: np.ndarray, sample_rate: int, text: str | None = None,
-                          asr: bool = False) -> Prediction:
-        """One recording (T,) or (T, channels) at `sample_rate` -> Prediction with per-window results."""
-        wav = resample(to_mono(wav), sample_rate, self.sample_rate)  # (T,)
-        if self.saved.needs_text and text is None:
-            if not asr:
-                raise ValueError(f"this {self.task} model needs the text of each recording "
-                                 "(--text / --transcripts, or --asr to transcribe it); "
-                                 "it never answers from audio alone")
-            text = self.transcribe(wav)
-        if self.saved.needs_audio and len(wav) < MIN_ENCODER_SAMPLES:
+                          asr: bool = False, *, empty_text: str = "error", source: str = "waveform") -> Prediction:
+        """One recording (T,), (T, C) or (C, T) at `sample_rate` (float, or int16 / int32 / uint8 PCM)
+        -> Prediction with per-window results. ValueError for non-finite samples.
+
+        Empty or whitespace-only `text` for a text / fusion model: a ValueError (`empty_text="error"`,
+        text the caller gives) or a warning (`"warn"`: ASR output, where a recording with no speech
+        has no words, as in training on ASR transcripts; an ASR transcript made here always warns).
+        `source` names the recording in errors and warnings (classify_file: its path)."""
+        if empty_text not in ("error", "warn"):
+            raise ValueError(f"empty_text must be 'error' or 'warn', got {empty_text!r}")
+        wav = as_waveform(wav, source)
+        check_finite_audio(wav, sample_rate, source)
+        wav = resample(wav, sample_rate, self.sample_rate)  # (T,)
+        if self.saved.needs_text:
+            if text is None:
+                if not asr:
+                    raise ValueError(f"this {self.task} model needs the text of each recording "
+                                     "(--text / --transcripts, or --asr to transcribe it); "
+                                     "it never answers from audio alone")
+                text, empty_text = self.transcribe(wav), "warn"
+            if not text.strip():
+                if empty_text == "error":
+                    raise ValueError(f"empty text {text!r}: this {self.task} model classifies words; give the "
+                                     "recording's text")
+                log.warning("%s: empty transcript: the %s model sees no words for it", source, self.task)
+        if self.saved.needs_audio and len(wav) < self.min_samples:
             raise ValueError(f"{len(wav) / self.sample_rate:.3f} s of audio: the encoder needs at least "
-                             f"{MIN_ENCODER_SAMPLES / self.sample_rate:.3f} s")
+                             f"{self.min_samples / self.sample_rate:.3f} s")
         spans = self._spans(len(wav)) if self.saved.needs_audio else [(0, len(wav))]
         probs = []
         for i in range(0, len(spans), self.batch_size):
@@ -186,22 +296,35 @@ class EmotionClassifier:
         return result
 
     def _prediction(self, probs: torch.Tensor, start: float, end: float, text: str | None) -> Prediction:
+        """The one place probabilities become a label: never from a non-finite output."""
+        if not bool(torch.isfinite(probs).all()):
+            raise ValueError(f"the model gave non-finite probabilities (NaN/Inf) for {start:.2f}-{end:.2f} s: "
+                             "refusing to label it (its weights or the input are broken)")
         return Prediction(label=self.classes[int(probs.argmax())],
                           probs={c: float(v) for c, v in zip(self.classes, probs, strict=True)},
                           start=round(start, 4), end=round(end, 4), text=text)
 
     def classify_batch(self, waveforms: Sequence[np.ndarray], sample_rate: int,
-                       texts: Sequence[str | None] | None = None, asr: bool = False) -> list[Prediction]:
+                       texts: Sequence[str | None] | None = None, asr: bool = False,
+                       *, empty_text: str = "error") -> list[Prediction]:
         """Several recordings at one sample rate -> one Prediction each (each classified on its own)."""
         texts = list(texts) if texts is not None else [None] * len(waveforms)
         if len(texts) != len(waveforms):
             raise ValueError(f"classify_batch: {len(waveforms)} waveforms but {len(texts)} texts")
-        return [self.classify_waveform(np.asarray(w), sample_rate, t, asr)
+        return [self.classify_waveform(w, sample_rate, t, asr, empty_text=empty_text)
                 for w, t in zip(waveforms, texts, strict=True)]
 
-    def classify_file(self, path: str | Path, text: str | None = None, asr: bool = False) -> Prediction:
-        """A sound file (any format soundfile reads, any rate, mono or multichannel) -> Prediction."""
-        return self.classify_waveform(load_audio(path, self.sample_rate), self.sample_rate, text, asr)
+    def classify_file(self, path: str | Path, text: str | None = None, asr: bool = False,
+                      *, empty_text: str = "error") -> Prediction:
+        """A sound file (any format soundfile reads, any rate, mono or multichannel) -> Prediction.
+        Errors name the file."""
+        wav = load_audio(path, self.sample_rate)
+        try:
+            return self.classify_waveform(wav, self.sample_rate, text, asr, empty_text=empty_text, source=str(path))
+        except ValueError as e:
+            if str(path) in str(e):
+                raise
+            raise ValueError(f"{path}: {e}") from None
 
 
 # -- mmser predict ------------------------------------------------------------------------------------
@@ -218,26 +341,115 @@ def audio_files(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
+@dataclass
+class Transcripts:
+    """The text of each audio file for `mmser predict --transcripts` (rules: the module docstring).
+
+    by_path: resolved audio path -> text; by_id: id (a file stem) -> text."""
+
+    source: str = "the transcripts"
+    by_path: dict[Path, str] = field(default_factory=dict)
+    by_id: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Transcripts:
+        """Read a JSONL of {"id" and/or "path", "text"}; ValueError naming the file and line for a bad
+        line, a missing text, or an id or path given twice. A half-written last line (an interrupted
+        `mmser transcribe`) is ignored with a warning, as `load_transcripts` does."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: transcript file not found")
+        out = cls(source=str(path))
+        from mmser.text.transcribe import SYSTEM_FIELDS
+
+        seen: dict[object, int] = {}
+        systems: dict[tuple, int] = {}  # ASR system -> first line
+        lines = path.read_bytes().split(b"\n")
+        for number, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            try:
+                entry = json.loads(raw.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:
+                if number == len(lines):  # no newline after it: a write cut short
+                    log.warning("%s:%d: ignoring a half-written last line", path, number)
+                    break
+                raise ValueError(f"{path}:{number}: not a JSON line ({' '.join(str(e).split())[:120]})") from None
+            where = f"{path}:{number}"
+            if not isinstance(entry, dict) or not isinstance(entry.get("text"), str):
+                raise ValueError(f"{where}: a transcript line needs \"text\" (a string) and \"id\" or \"path\"")
+            keys = []
+            if entry.get("path") is not None:
+                if not isinstance(entry["path"], str) or not entry["path"]:
+                    raise ValueError(f"{where}: \"path\" must be a non-empty string, got {entry['path']!r}")
+                audio = Path(entry["path"]).expanduser()
+                keys.append(("path", (audio if audio.is_absolute() else path.parent / audio).resolve()))
+            if entry.get("id") is not None:
+                if not isinstance(entry["id"], str) or not entry["id"]:
+                    raise ValueError(f"{where}: \"id\" must be a non-empty string, got {entry['id']!r}")
+                if entry.get("path") is None:  # an id beside a path is a label only
+                    keys.append(("id", entry["id"]))
+            if not keys:
+                raise ValueError(f"{where}: a transcript line needs \"id\" or \"path\"")
+            for key in keys:
+                if key in seen:
+                    raise ValueError(f"{where}: {key[0]} {str(key[1])!r} appears twice (first on line {seen[key]})")
+                seen[key] = number
+                (out.by_path if key[0] == "path" else out.by_id)[key[1]] = entry["text"]
+            system = tuple(entry.get(k) for k in SYSTEM_FIELDS)
+            systems.setdefault(system, number)
+            if len(systems) > 1:  # as load_transcripts: one file, one ASR system
+                first = next(iter(systems))
+                raise ValueError(f"{where}: a transcript of ASR system {system} (fields {', '.join(SYSTEM_FIELDS)}), "
+                                 f"line {systems[first]} of {first}: one file, one ASR system")
+        return out
+
+    def text_for(self, audio: Path) -> str:
+        """The text of one audio file (by its path, else by its stem); ValueError when there is none."""
+        resolved = Path(audio).resolve()
+        if resolved in self.by_path:
+            return self.by_path[resolved]
+        if audio.stem in self.by_id:
+            return self.by_id[audio.stem]
+        raise ValueError(f"no transcript with id {audio.stem!r} or path {str(resolved)!r} in {self.source}")
+
+    def check_unambiguous(self, files: Sequence[Path]) -> None:
+        """Refuse (one ValueError) two input files whose text would be looked up by one stem."""
+        by_stem: dict[str, Path] = {}
+        for f in files:
+            if Path(f).resolve() in self.by_path:
+                continue
+            other = by_stem.setdefault(f.stem, f)
+            if other != f:
+                raise ValueError(f"{self.source}: ids are file stems, and {other} and {f} share the stem "
+                                 f"{f.stem!r}: give each a \"path\" entry (absolute, or relative to the "
+                                 "transcripts file)")
+
+
 def predict_rows(clf: EmotionClassifier, files: Sequence[Path], text: str | None = None,
-                 transcripts: dict[str, str] | None = None, asr: bool = False,
+                 transcripts: Transcripts | Mapping[str, str] | None = None, asr: bool = False,
                  windows: bool = False, progress: bool = True) -> list[dict]:
     """A row per file (and per window with `windows`): id, path, window, start, end, duration,
-    label, prob_<class>..., text, error. A file that fails gets a row naming the problem."""
+    label, prob_<class>..., text, error. A file that fails gets a row naming the problem.
+
+    `transcripts`: a Transcripts, or a mapping id (file stem) -> text; files sharing a stem whose
+    text is looked up by it are refused (ValueError) before any file is classified."""
     from tqdm import tqdm
 
+    if transcripts is not None and not isinstance(transcripts, Transcripts):
+        transcripts = Transcripts(by_id=dict(transcripts))
+    if transcripts is not None:
+        transcripts.check_unambiguous(files)
     rows = []
     for path in tqdm(files, desc="predict", unit="file", disable=not progress or len(files) < 2):
         base = {"id": path.stem, "path": str(path)}
         try:
-            t = text
-            if transcripts is not None:
-                if path.stem not in transcripts:
-                    raise ValueError(f"no transcript with id {path.stem!r} in the transcripts file")
-                t = transcripts[path.stem]
-            pred = clf.classify_file(path, text=t, asr=asr)
+            t = text if transcripts is None else transcripts.text_for(path)
+            # a transcripts entry is ASR output: no words (no speech) warns; an empty --text was refused
+            pred = clf.classify_file(path, text=t, asr=asr, empty_text="error" if transcripts is None else "warn")
         except (OSError, ValueError, RuntimeError) as e:
             message = " ".join(str(e).split()) or type(e).__name__
-            if str(path) not in message:
+            if not message.startswith(str(path)):
                 message = f"{path}: {message}"
             rows.append({**base, "window": None, "error": message})
             continue
@@ -281,15 +493,17 @@ def predict_command(model: str, inputs: Sequence[Path], out: Path | None = None,
     files = audio_files(inputs)
     if not files:
         raise FileNotFoundError(f"no audio files in {', '.join(map(str, inputs))}")
+    trans = None
+    if transcripts is not None:  # read and checked before the model is loaded
+        trans = Transcripts.load(transcripts)
+        trans.check_unambiguous(files)
     clf = EmotionClassifier.from_pretrained(model, window_s=window_s, overlap_s=overlap_s, device=device)
     if clf.saved.needs_text and text is None and transcripts is None and not asr:
         raise ValueError(f"{model}: a {clf.task} model needs text: pass --text, --transcripts FILE or --asr "
                          "(it never answers from audio alone)")
-    trans = None
-    if transcripts is not None:
-        from mmser.text.transcribe import load_transcripts
-
-        trans = load_transcripts(transcripts)
+    if clf.saved.needs_text and text is not None and not text.strip():
+        raise ValueError(f"--text {text!r} is empty: a {clf.task} model classifies words (give the recordings' "
+                         "text, or --transcripts / --asr)")
     rows = predict_rows(clf, files, text=text, transcripts=trans, asr=asr, windows=windows,
                         progress=sys.stderr.isatty())
     body = format_rows(rows, clf.classes, kind)

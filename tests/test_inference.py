@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -248,3 +250,34 @@ def test_one_reader_for_headers_too(tmp_path):
     assert e.value.reason and "\n" not in e.value.reason
     with pytest.raises(FileNotFoundError, match=r"gone\.wav: audio file not found"):
         audio_info(tmp_path / "gone.wav")
+
+
+def test_transcripts_file_rules(tmp_path):
+    """mmser predict --transcripts: paths relative to the file, one ASR system per file, a half-written
+    last line ignored (an interrupted `mmser transcribe`), a complete one without a newline kept."""
+    import json
+
+    from mmser.inference import Transcripts
+
+    (tmp_path / "t").mkdir()
+    (tmp_path / "a").mkdir()
+    audio = _wav(tmp_path / "a" / "x.wav", 0.3, 16000)
+    asr = {"backend": "faster-whisper", "model": "offline-tiny.en", "beam_size": 5, "language": "en"}
+    f = tmp_path / "t" / "t.jsonl"
+    f.write_text(json.dumps({"path": "../a/x.wav", "text": "by path", **asr}) + "\n"
+                 + json.dumps({"id": "y", "text": "by id", **asr}) + "\n"
+                 + json.dumps({"id": "z", "text": "last", **asr}))
+    t = Transcripts.load(f)
+    assert t.text_for(audio) == "by path" and t.text_for(tmp_path / "elsewhere" / "y.flac") == "by id"
+    assert t.text_for(Path("z.wav")) == "last"
+    with pytest.raises(ValueError, match="no transcript with id 'w'"):
+        t.text_for(Path("w.wav"))
+    f.write_text(f.read_text() + "\n" + '{"id": "q", "te')  # cut mid-write
+    assert set(Transcripts.load(f).by_id) == {"y", "z"}
+    f.write_text(json.dumps({"id": "y", "text": "a", **asr}) + "\n"
+                 + json.dumps({"id": "z", "text": "b", **asr, "model": "large-v3"}) + "\n")
+    with pytest.raises(ValueError, match=r"t\.jsonl:2: a transcript of ASR system .*one file, one ASR system"):
+        Transcripts.load(f)
+    f.write_text('{"id": "y", "text": 3}\n{"id": "z", "text": "b"}\n')
+    with pytest.raises(ValueError, match=r"t\.jsonl:1: a transcript line needs \"text\""):
+        Transcripts.load(f)

@@ -29,15 +29,32 @@ Nothing in a folder can run code at load: config.json is parsed as JSON and its 
 looked up in a closed table of mmser classes (never imported by name), encoder configs go through the
 HF config classes' `from_dict`, and weights are read only from model.safetensors (no pickle, no
 `pytorch_model.bin`, no `trust_remote_code`).
+
+Nor can a crafted folder exhaust memory or give silent garbage: `from_pretrained` checks everything
+before the model is built (`check_config`, `check_sizes`, `check_shapes`), each refusal one
+ModelFormatError naming the file and the key or tensor.
+- config.json: at most 16 MiB; "model_type" "mmser"; "task" audio / text / fusion and the one its
+  architecture implies; "sample_rate" an integer in [1000, 192000]; the text side's pooling and
+  max_length; the audio head's pooling and the encoder's attention-mask policy; a CTranslate2
+  Whisper encoder given as a folder must exist, and a Whisper encoder needs 16 kHz.
+- Sizes are bounded by the weights actually present, read from model.safetensors' header (shapes
+  only, no tensor data): a layer count may not exceed the number of tensors, and no integer in the
+  architecture the number of weights in the file; then the module is built on PyTorch's "meta"
+  device (no storage) and every tensor's shape compared with the header's. Only a folder whose
+  shapes all match is built for real, so what it allocates is what the weights file holds (plus
+  constructor temporaries no larger than the integers bounded above).
+- After loading, every floating-point tensor must be finite: a NaN/Inf weight is refused, naming it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
@@ -53,10 +70,18 @@ from mmser.models.fusion import (
 )
 from mmser.models.heads import AudioClassifier
 from mmser.models.text_encoder import TextEncoder, WithTextEncoder
+from mmser.models.whisper import SAMPLE_RATE as WHISPER_SAMPLE_RATE
 
 MODEL_FORMAT = "mmser-classifier/1"
 MODEL_TYPE = "mmser"
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
+TASKS = ("audio", "text", "fusion")
+SAMPLE_RATE_RANGE = (1000, 192000)  # Hz: telephone 8 kHz .. studio 192 kHz (and a little below)
+MAX_CONFIG_BYTES = 16 * 2**20  # a real config.json (architecture + resolved training config): kilobytes
+ATTENTION_MASK_POLICIES = ("auto", "always", "never")  # wav2vec2.uses_attention_mask
+AUDIO_POOLINGS = ("mean", "attentive")  # heads.AudioClassifier
+TEXT_POOLINGS = ("cls", "mean", "sentence")  # text_encoder.TextEncoder / text.embed.TextEncoderSpec
+WHISPER_KINDS = {"whisper", "whisper-ct2"}  # audio_encoders.AUDIO_KINDS read through Whisper's frontend
 
 # The closed set of classes a config.json may name (a name outside it is refused, never imported).
 _HEADS: dict[str, type[nn.Module]] = {
@@ -169,6 +194,197 @@ def check_classes(classes, arch: dict, where: str) -> list[str]:
     return list(classes)
 
 
+# -- checks before anything is built (see the module docstring) -----------------------------------------
+
+# An HF config's own label count (unused by mmser's encoders) builds an id2label dict of that size:
+# 10**6 took 30 s and 600 MB in transformers 5. mmser's saved configs carry id2label, never num_labels.
+MAX_HF_LABELS = 1024
+# Integers in an architecture no weight file could justify: above the file's weight count and 2**20
+# (token ids of 51,865-token vocabularies and similar constants stay far below).
+_MIN_INT_BOUND = 2**20
+
+
+def weight_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor in a safetensors file, from its header only (no tensor data)."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return {name: tuple(int(n) for n in f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ModelFormatError(f"{weights}: not a readable safetensors file "
+                               f"({' '.join(str(e).split())[:200]})") from None
+
+
+def task_of_architecture(arch) -> str | None:
+    """The task an architecture description implies (None for a bare head)."""
+    name = arch.get("model") if isinstance(arch, dict) else None
+    if name == "WithTextEncoder":
+        return task_of_architecture(arch.get("inner"))
+    return {"AudioClassifier": "audio", "TextClassifier": "text", "FusionClassifier": "fusion"}.get(name)
+
+
+def _integer(value) -> int | None:
+    """`value` as an int when it is a JSON integer (or an integral number), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _walk(d, path: str):
+    """(dotted key, value) of every entry of nested JSON objects / lists."""
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _walk(v, f"{path}.{k}")
+    elif isinstance(d, list):
+        for i, v in enumerate(d):
+            yield from _walk(v, f"{path}[{i}]")
+    else:
+        yield path, d
+
+
+def check_config(meta: dict, cfg_path: Path | str) -> tuple[str, int]:
+    """(task, sample rate) of a model folder's config.json, or ModelFormatError naming the key."""
+    where = str(cfg_path)
+    if meta.get("model_type") != MODEL_TYPE:
+        raise ModelFormatError(f"{where}: model_type {meta.get('model_type')!r} is not {MODEL_TYPE!r} "
+                               "(not an mmser model)")
+    arch = meta.get("architecture")
+    if not isinstance(arch, dict):
+        raise ModelFormatError(f"{where}: architecture must be a JSON object, got {type(arch).__name__}")
+    implied = task_of_architecture(arch)
+    task = meta.get("task", implied)
+    if task not in TASKS:
+        raise ModelFormatError(f"{where}: task {task!r} is not one of {', '.join(TASKS)}")
+    if implied is not None and task != implied:
+        raise ModelFormatError(f"{where}: task {task!r} but the architecture ({arch.get('model')}) is for "
+                               f"task {implied!r}")
+    key, value = "sample_rate", meta.get("sample_rate")
+    if value is None:  # folders that keep it only in the resolved training config
+        key, value = "config.data.sample_rate", ((meta.get("config") or {}).get("data") or {}).get("sample_rate", 16000)
+    sample_rate = _integer(value)
+    if sample_rate is None or not SAMPLE_RATE_RANGE[0] <= sample_rate <= SAMPLE_RATE_RANGE[1]:
+        raise ModelFormatError(f"{where}: {key} must be an integer number of Hz in "
+                               f"[{SAMPLE_RATE_RANGE[0]}, {SAMPLE_RATE_RANGE[1]}], got {value!r}")
+    whisper = sorted({v for k, v in _walk(arch, "architecture") if k.endswith(".encoder_kind")} & WHISPER_KINDS)
+    if whisper and sample_rate != WHISPER_SAMPLE_RATE:  # Whisper's log-mel frontend reads 16 kHz only
+        raise ModelFormatError(f"{where}: {key} {sample_rate} for a Whisper encoder ({whisper[0]}), which reads "
+                               f"{WHISPER_SAMPLE_RATE} Hz audio only")
+    if task in ("text", "fusion"):
+        side = meta.get("text")
+        if not isinstance(side, dict) or not isinstance(side.get("encoder"), str) or not side["encoder"]:
+            raise ModelFormatError(f"{where}: a {task} model needs text.encoder (its text encoder's name or "
+                                   f"folder), got text={side!r}")
+        if side.get("pooling", "mean") not in TEXT_POOLINGS:
+            raise ModelFormatError(f"{where}: text.pooling must be one of {', '.join(TEXT_POOLINGS)}, "
+                                   f"got {side.get('pooling')!r}")
+        max_length = _integer(side.get("max_length", 64))
+        if max_length is None or not 1 <= max_length <= 2**16:
+            raise ModelFormatError(f"{where}: text.max_length must be an integer in [1, 65536], "
+                                   f"got {side.get('max_length')!r}")
+    _check_architecture_values(arch, "architecture", where)
+    return task, sample_rate
+
+
+def _check_architecture_values(d: dict, path: str, where: str) -> None:
+    """The enumerated values of an architecture description, each named by its key."""
+    if not isinstance(d, dict):
+        return
+    if "num_classes" in d and ((n := _integer(d["num_classes"])) is None or n < 1):
+        raise ModelFormatError(f"{where}: {path}.num_classes must be a positive integer, got {d['num_classes']!r}")
+    if "encoder_attention_mask" in d and d["encoder_attention_mask"] not in ATTENTION_MASK_POLICIES:
+        raise ModelFormatError(f"{where}: {path}.encoder_attention_mask must be one of "
+                               f"{', '.join(ATTENTION_MASK_POLICIES)}, got {d['encoder_attention_mask']!r}")
+    if d.get("model") == "AudioClassifier" and d.get("pooling", "mean") not in AUDIO_POOLINGS:
+        raise ModelFormatError(f"{where}: {path}.pooling must be one of {', '.join(AUDIO_POOLINGS)}, "
+                               f"got {d.get('pooling')!r}")
+    if d.get("model") == "WithTextEncoder" and isinstance(d.get("text_encoder"), dict) and \
+            d["text_encoder"].get("pooling", "mean") not in TEXT_POOLINGS:
+        raise ModelFormatError(f"{where}: {path}.text_encoder.pooling must be one of {', '.join(TEXT_POOLINGS)}, "
+                               f"got {d['text_encoder'].get('pooling')!r}")
+    if d.get("encoder_kind") == "whisper-ct2":
+        _check_ct2_encoder(d, path, where)
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("encoder_config", "config"):  # HF configs: checked by sizes
+            _check_architecture_values(v, f"{path}.{k}", where)
+
+
+def _check_ct2_encoder(d: dict, path: str, where: str) -> None:
+    """A CTranslate2 Whisper encoder named by a folder: the folder must hold a CTranslate2 model (checked
+    here, at load, rather than on the first recording)."""
+    from mmser.io import looks_like_path
+    from mmser.models.whisper import OFFLINE_TINY_EN
+
+    name = d.get("encoder_model")
+    if not isinstance(name, str) or not name:
+        raise ModelFormatError(f"{where}: {path}.encoder_model must name a CTranslate2 Whisper model, got {name!r}")
+    if name == OFFLINE_TINY_EN:
+        from mmser.models.whisper import resolve_ct2_model
+
+        try:
+            folder = Path(resolve_ct2_model(name))
+        except Exception as e:  # noqa: BLE001 - a missing optional package: one message
+            reason = " ".join(str(e).split())[:200]
+            raise ModelFormatError(f"{where}: {path}.encoder_model {name!r}: {reason}") from None
+    elif looks_like_path(name):
+        folder = Path(name).expanduser()
+    else:
+        return  # a Hub name (e.g. "tiny.en"): faster-whisper downloads it on first use
+    if not (folder / "model.bin").is_file():
+        raise ModelFormatError(f"{where}: {path}.encoder_model: CTranslate2 Whisper folder {folder} not found "
+                               "(no model.bin)")
+
+
+def check_sizes(arch: dict, shapes: dict[str, tuple[int, ...]], where: str, weights: Path | str) -> None:
+    """Bound every integer of an architecture by the weights present (before any module is built)."""
+    n_tensors = len(shapes)
+    n_weights = sum(math.prod(s) for s in shapes.values())
+    bound = max(n_weights, _MIN_INT_BOUND)
+    for key, value in _walk(arch, "architecture"):
+        v = _integer(value)
+        if v is None:
+            continue
+        leaf = key.rsplit(".", 1)[-1].split("[", 1)[0]
+        if leaf.endswith("layers") and not 0 <= v <= n_tensors:
+            raise ModelFormatError(f"{where}: {key} = {v} layers, but {weights} holds {n_tensors} tensors")
+        if leaf == "num_labels" and not 0 <= v <= MAX_HF_LABELS:
+            raise ModelFormatError(f"{where}: {key} = {v} (more than {MAX_HF_LABELS} encoder labels)")
+        if abs(v) > bound:
+            raise ModelFormatError(f"{where}: {key} = {v} is larger than the {n_weights} weights in {weights}")
+
+
+def check_shapes(skeleton: nn.Module, shapes: dict[str, tuple[int, ...]], where: str, weights: Path | str) -> None:
+    """Every tensor of `skeleton` (built on the meta device) in the file with the same shape, and no
+    other tensor there. Tensors shared under several names (stored once) need one of the names."""
+    tensors = skeleton.state_dict(keep_vars=True)
+    unexpected = sorted(set(shapes) - set(tensors))
+    if unexpected:
+        raise ModelFormatError(f"{weights}: tensor {unexpected[0]} is not in the architecture of {where} "
+                               f"({len(unexpected)} such tensors)")
+    groups: dict[int, list[str]] = {}
+    for name, t in tensors.items():
+        groups.setdefault(id(t), []).append(name)
+    for names in groups.values():
+        present = [n for n in names if n in shapes]
+        if not present:
+            raise ModelFormatError(f"{weights}: no tensor {names[0]} (the architecture in {where} has it)")
+        for n in present:
+            want = tuple(tensors[n].shape)
+            if shapes[n] != want:
+                raise ModelFormatError(f"{where}: tensor {n} is {list(want)} in the architecture but "
+                                       f"{list(shapes[n])} in {weights}")
+
+
+def check_finite(model: nn.Module, weights: Path | str) -> None:
+    """Every floating-point tensor of a loaded model finite, or ModelFormatError naming the first one."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ModelFormatError(f"{weights}: tensor {name} has {bad} non-finite values (NaN/Inf) of {t.numel()}")
+
+
 # -- folders ------------------------------------------------------------------------------------------
 
 
@@ -237,10 +453,15 @@ def read_config(model_dir: str | Path) -> dict:
     cfg_path = Path(model_dir) / CONFIG
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: missing (not an mmser model folder)")
+    size = cfg_path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ModelFormatError(f"{cfg_path}: {size} bytes, more than a model config's {MAX_CONFIG_BYTES}")
     try:
-        meta = json.loads(cfg_path.read_text())
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelFormatError(f"{cfg_path}: not JSON ({e})") from None
+    except RecursionError:
+        raise ModelFormatError(f"{cfg_path}: JSON nested too deeply to be a model config") from None
     if isinstance(meta, dict) and "format" not in meta and ("architecture" in meta or "task" in meta):
         raise ModelFormatError(f"{cfg_path}: a model folder from before mmser's model format "
                                f"{MODEL_FORMAT!r} (no 'format' key): its architecture cannot be rebuilt; "
@@ -255,21 +476,40 @@ def from_pretrained(name_or_path: str | Path, device: str | torch.device = "cpu"
     """Load a model folder (or a Hub id) in eval mode; no training config or pretrained download."""
     model_dir = _local_or_hub(name_or_path)
     meta = read_config(model_dir)
+    where = str(model_dir / CONFIG)
     weights = model_dir / WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing (mmser reads weights from safetensors only)")
-    model = build_architecture(meta.get("architecture"), str(model_dir / CONFIG))
+    task, sample_rate = check_config(meta, where)
+    arch = meta["architecture"]
+    classes = check_classes(meta.get("classes"), arch, where)
+    shapes = weight_shapes(weights)
+    check_sizes(arch, shapes, where, weights)
+    with torch.device("meta"):  # shapes only, no storage: compared with the file before the real build
+        skeleton = _build_checked(arch, where)
+    check_shapes(skeleton, shapes, where, weights)
+    del skeleton
+    model = _build_checked(arch, where)
     try:
         load_safetensors_model(model, str(weights), strict=True, device=str(device))
-    except RuntimeError as e:  # missing / unexpected keys, shape mismatch
+    except (RuntimeError, SafetensorError) as e:  # missing / unexpected keys, shape or dtype mismatch
         raise ModelFormatError(f"{weights}: does not match the architecture in config.json "
                                f"({' '.join(str(e).split())[:300]})") from None
-    classes = check_classes(meta.get("classes"), meta.get("architecture"), str(model_dir / CONFIG))
-    task = meta.get("task") or ("audio" if isinstance(model, AudioClassifier) else "fusion")
-    return SavedModel(model=model.to(device).eval(), classes=list(classes),
-                      sample_rate=int(meta.get("sample_rate") or meta.get("config", {}).get("data", {})
-                                      .get("sample_rate", 16000)),
+    check_finite(model, weights)
+    return SavedModel(model=model.to(device).eval(), classes=list(classes), sample_rate=sample_rate,
                       task=task, text=meta.get("text"), meta=meta, path=model_dir)
+
+
+def _build_checked(arch: dict, where: str) -> nn.Module:
+    """build_architecture with the constructors' own refusals (a bad HF config value, a head size that
+    does not divide) as one ModelFormatError naming config.json."""
+    try:
+        return build_architecture(arch, where)
+    except ModelFormatError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, OverflowError) as e:
+        raise ModelFormatError(f"{where}: cannot build its architecture ({type(e).__name__}: "
+                               f"{' '.join(str(e).split())[:300]})") from None
 
 
 def push_to_hub(model_dir: str | Path, repo_id: str, private: bool = True, token: str | None = None) -> str:
@@ -277,7 +517,7 @@ def push_to_hub(model_dir: str | Path, repo_id: str, private: bool = True, token
     from huggingface_hub import HfApi
 
     model_dir = Path(model_dir)
-    read_config(model_dir)
+    check_config(read_config(model_dir), model_dir / CONFIG)  # a folder that would not load is not uploaded
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     info = api.upload_folder(repo_id=repo_id, folder_path=str(model_dir),
