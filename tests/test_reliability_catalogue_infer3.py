@@ -94,7 +94,7 @@ def test_non_finite_audio_is_an_error_row_not_a_label(models, tmp_path, capsys, 
     assert code == 0 and "1 of 3 files predicted, 2 failed" in last  # was: 3 of 3, NaN probs, label "angry"
     for name in ("nan", "inf"):
         assert rows[name].get("label") is None and str(tmp_path / f"{name}.wav") in rows[name]["error"]
-        assert "non-finite samples" in rows[name]["error"]
+        assert "NaN/Inf" in rows[name]["error"]
     assert rows["good"]["error"] is None and rows["good"]["label"] in CLASSES
     catalogue("predict: a NaN / an Inf sample in a file", rows["nan"]["error"])
     # the API: a clear ValueError, never NaN probabilities
