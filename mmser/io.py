@@ -194,6 +194,24 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     _fsync_dir(path.parent)
 
 
+def publish_temp(tmp: str | Path, path: str | Path) -> None:
+    """Finish a write that a library made into `tmp` (a file in `path`'s folder, e.g. safetensors'
+    or matplotlib's own writer): fsync it, give it the umask's mode, rename it onto `path`, fsync the
+    folder. The same guarantees as `atomic_open`, for writers that want a file name."""
+    tmp, path = Path(tmp), Path(path)
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise named_os_error(e, path) from e
+    _fsync_dir(path.parent)
+
+
 def remove_stale_temps(folder: str | Path) -> list[Path]:
     """Delete the temp files of `atomic_open` in `folder` whose writer is dead (a kill -9 during a
     write); returns them. A live writer's temp file (another process writing there) is kept."""

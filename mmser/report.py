@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from mmser.data.manifest import fold_label, fold_sort_key
-from mmser.io import INPUTS_FILE, atomic_write_text
+from mmser.io import INPUTS_FILE, atomic_write_text, publish_temp
 from mmser.metrics import table11
 
 log = logging.getLogger(__name__)
@@ -449,7 +449,7 @@ def _save_figure(fig, path: Path) -> Path:
     tmp = Path(tmp_name)
     try:
         fig.savefig(tmp, dpi=120)
-        tmp.replace(path)
+        publish_temp(tmp, path)  # fsync, the umask's mode (mkstemp made it 0600), rename
     finally:
         plt.close(fig)
         tmp.unlink(missing_ok=True)

@@ -477,3 +477,35 @@ def test_a_full_disk_while_writing_resampled_copies_names_the_copy(tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"mmser: error: {out / 'audio'}") and err[0].endswith(
         ".wav: No space left on device"), err
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_saved_models_and_plots_get_the_mode_of_the_umask(tmp_path, catalogue, umask, mode):
+    """The writers that hand a temp file name to a library (safetensors, matplotlib) publish it through
+    mmser.io.publish_temp: the umask's mode (was: 0600 plots from mkstemp), fsynced, no temp left."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from helpers import tiny_audio_classifier
+
+    from mmser.labels import CLASSES
+    from mmser.models.pretrained import save_pretrained
+    from mmser.report import _save_figure
+
+    old = os.umask(umask)
+    try:
+        save_pretrained(tiny_audio_classifier(), tmp_path / "m",
+                        {"task": "audio", "classes": list(CLASSES), "sample_rate": 16000})
+        fig, ax = plt.subplots()
+        ax.plot([0, 1])
+        _save_figure(fig, tmp_path / "plot.png")
+    finally:
+        os.umask(old)
+    files = [tmp_path / "m" / "model.safetensors", tmp_path / "m" / "config.json", tmp_path / "plot.png"]
+    got = {p.name: oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(got.values()) == {oct(mode)}, got
+    assert sorted(p.name for p in (tmp_path / "m").iterdir() if p.name.startswith(".")) == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    if umask == 0o022:
+        catalogue("saved model weights and comparison plots under umask 022", f"mode {oct(mode)}")

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +60,7 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
-from mmser.io import atomic_write_json, atomic_write_text, looks_like_path
+from mmser.io import atomic_write_json, atomic_write_text, looks_like_path, publish_temp
 from mmser.models.audio_encoders import AUDIO_KINDS, audio_encoder_dict, audio_encoder_from_dict
 from mmser.models.fusion import (
     ConcatFusion,
@@ -423,9 +424,12 @@ def save_pretrained(model: nn.Module, out_dir: str | Path, meta: dict, card: str
     config = {"model_type": MODEL_TYPE, "format": MODEL_FORMAT, **meta, "architecture": architecture_of(model)}
     check_classes(meta["classes"], config["architecture"], "save_pretrained")
     json.dumps(config)  # JSON only: fails here, before any file is written, on a non-JSON value
-    tmp = out_dir / f".{WEIGHTS}.tmp"
-    save_safetensors_model(model, str(tmp))  # handles shared tensors
-    tmp.replace(out_dir / WEIGHTS)
+    tmp = out_dir / f".{WEIGHTS}.tmp-{os.getpid()}"
+    try:
+        save_safetensors_model(model, str(tmp))  # handles shared tensors
+        publish_temp(tmp, out_dir / WEIGHTS)  # fsync, the umask's mode, rename, folder fsync
+    finally:
+        tmp.unlink(missing_ok=True)
     atomic_write_json(out_dir / CONFIG, config)
     if card is not None:
         atomic_write_text(out_dir / CARD, card)
