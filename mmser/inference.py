@@ -207,7 +207,8 @@ class EmotionClassifier:
             self._transcriber = make_transcriber(asr.get("backend") or "faster-whisper",
                                                  asr.get("model") or OFFLINE_TINY_EN, device="auto",
                                                  language=asr.get("language") or "en",
-                                                 beam_size=int(asr.get("beam_size") or 5))
+                                                 beam_size=int(asr.get("beam_size") or 5),
+                                                 seed=int(asr.get("seed") or 0))  # the training ASR's base seed
         return self._transcriber.transcribe(resample(wav, self.sample_rate, SAMPLE_RATE))
 
     def _text_batch(self, text: str, n: int) -> dict:

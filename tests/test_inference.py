@@ -172,7 +172,7 @@ def test_fusion_model_predicts_with_asr_text_from_its_recorded_system(tmp_path, 
     d.mkdir()
     config = json.loads((fusion_model / "config.json").read_text())
     config["text"] = {**TEXT, "source": "asr", "asr": {"backend": "faster-whisper", "model": "offline-tiny.en",
-                                                       "beam_size": 1, "language": "en"}}
+                                                       "beam_size": 1, "language": "en", "seed": 7}}
     (d / "config.json").write_text(json.dumps(config))
     (d / "model.safetensors").write_bytes((fusion_model / "model.safetensors").read_bytes())
     asked = []
@@ -180,7 +180,8 @@ def test_fusion_model_predicts_with_asr_text_from_its_recorded_system(tmp_path, 
     monkeypatch.setattr(tr, "make_transcriber", lambda *a, **k: asked.append((a, k)) or real(*a, **k))
     clf = EmotionClassifier.from_pretrained(d)
     p = clf.classify_file(_wav(tmp_path / "a.wav", 1.0, 22050), asr=True)
-    assert asked == [(("faster-whisper", "offline-tiny.en"), {"device": "auto", "language": "en", "beam_size": 1})]
+    assert asked == [(("faster-whisper", "offline-tiny.en"),
+                      {"device": "auto", "language": "en", "beam_size": 1, "seed": 7})]  # the recorded base seed
     assert isinstance(p.text, str) and p.label in CLASSES
 
 
@@ -201,7 +202,7 @@ def test_fusion_model_transcribes_with_a_recorded_openai_whisper_checkpoint(tmp_
     d.mkdir()
     config = json.loads((fusion_model / "config.json").read_text())
     config["text"] = {**TEXT, "source": "asr", "asr": {"backend": "openai-whisper", "model": str(ckpt),
-                                                       "beam_size": 1, "language": "en"}}
+                                                       "beam_size": 1, "language": "en", "seed": 7}}
     (d / "config.json").write_text(json.dumps(config))
     (d / "model.safetensors").write_bytes((fusion_model / "model.safetensors").read_bytes())
     clf = EmotionClassifier.from_pretrained(d)
