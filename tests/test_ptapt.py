@@ -184,6 +184,88 @@ def test_frame_split_is_seeded_90_10_and_disjoint(corpus):
     assert [r["id"] for r in other] != [r["id"] for r in train]
 
 
+def test_frame_split_is_torch_random_split_with_seed_58(corpus):
+    # the reference: random_split(dataset, [int(0.9 n), n - int(0.9 n)], generator=manual_seed(58))
+    train, val = split_train_val(corpus, 0.1, 58)
+    recs = sorted(corpus, key=lambda r: r["id"])
+    n_train = int(len(recs) * 0.9)
+    a, b = torch.utils.data.random_split(recs, [n_train, len(recs) - n_train],
+                                         generator=torch.Generator().manual_seed(58))
+    assert [r["id"] for r in a] == [r["id"] for r in train] and [r["id"] for r in b] == [r["id"] for r in val]
+
+
+def _crop_starts(batch, full: dict) -> list[int]:
+    """Where each cropped item of `batch` starts in its full waveform (exact match of its samples)."""
+    starts = []
+    for uid, row in zip(batch["ids"], batch["audio"], strict=True):
+        wav, n = full[uid], row.shape[0]
+        hits = [s for s in range(wav.shape[0] - n + 1) if torch.equal(wav[s:s + n], row)]
+        assert len(hits) == 1
+        starts.append(hits[0])
+    return starts
+
+
+def test_frame_validation_batches_are_built_like_training_and_fixed_across_validations(corpus):
+    from mmser.data.dataset import UtteranceDataset
+    from mmser.training.ptapt import frame_training as ft
+
+    val_set = UtteranceDataset(corpus, 16000, None)
+    full = {r["id"]: val_set[i]["audio"] for i, r in enumerate(corpus)}
+    pc = PtaptConfig(frame_batch_size=8)
+    assert pc.frame_val_batches == "random"  # the reference's batches by default
+    loader = ft.validation_loader(val_set, pc)
+    first, second = list(loader), list(loader)
+    assert len(first) == 5 and sum(len(b["ids"]) for b in first) == len(corpus)  # every item once
+    lengths = {uid: w.shape[0] for uid, w in full.items()}
+    # random composition and order: not the ascending-length batches of "sorted-centre"
+    order = [uid for b in first for uid in b["ids"]]
+    assert order != sorted(order, key=lambda u: (lengths[u], u))
+    surplus_starts = []
+    for b in first:
+        n = min(lengths[u] for u in b["ids"])
+        assert b["audio"].shape[1] == n and bool(b["audio_mask"].all())  # cropped to its shortest item
+        for uid, s in zip(b["ids"], _crop_starts(b, full), strict=True):
+            if lengths[uid] - n > 10:
+                surplus_starts.append((s, (lengths[uid] - n) // 2))
+    assert len(surplus_starts) > 10
+    assert sum(s != centre for s, centre in surplus_starts) > 0.8 * len(surplus_starts)  # random, not centre
+    # the same batches and crops at every validation (like-for-like checkpoint selection)
+    for a, b in zip(first, second, strict=True):
+        assert a["ids"] == b["ids"] and torch.equal(a["audio"], b["audio"])
+    # the reference's redraw, as a switch: another order / crop at the next validation
+    redrawn = ft.validation_loader(val_set, PtaptConfig(frame_batch_size=8, frame_val_batches="random-redrawn"))
+    r1, r2 = list(redrawn), list(redrawn)
+    assert [b["ids"] for b in r1] == [b["ids"] for b in first]  # draw 0 is the fixed draw
+    assert [b["ids"] for b in r2] != [b["ids"] for b in r1]
+    # mmser's earlier batches: ascending length, centre crop
+    old = list(ft.validation_loader(val_set, PtaptConfig(frame_batch_size=8, frame_val_batches="sorted-centre")))
+    assert [u for b in old for u in b["ids"]] == sorted(order, key=lambda u: (lengths[u], u))
+    for b in old:
+        n = b["audio"].shape[1]
+        assert _crop_starts(b, full) == [(lengths[u] - n) // 2 for u in b["ids"]]
+
+
+def test_frame_model_stage_validates_on_the_configured_batches(corpus, tmp_path, monkeypatch):
+    import pytorch_lightning as pl
+
+    from mmser.training.ptapt import frame_training as ft
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_fit(self, module, train_loader, val_loader, ckpt_path=None):
+        seen["val"] = val_loader
+        raise Stop
+
+    monkeypatch.setattr(pl.Trainer, "fit", fake_fit)
+    with pytest.raises(Stop):
+        ft.train_frame_model(tiny_config(), split_fold(corpus, 2), tmp_path, "fp")
+    assert isinstance(seen["val"].batch_sampler, ft.ValidationBatches)
+    assert not seen["val"].batch_sampler.redraw
+
+
 # ------------------------------------------------------------------------------------------------
 # Step (c): masked pseudo-label loss and alignment
 # ------------------------------------------------------------------------------------------------

@@ -6,6 +6,19 @@ to keep the checkpoint of lowest validation loss; Adam 1e-4, batch 64 cropped to
 shortest item, warm-up 500 / flat 500 / linear decay to 0 at 10,000 steps. Its frame features are
 what step (b) clusters.
 
+Validation batches (`ptapt.frame_val_batches`). The reference validates with a DataLoader built like
+its training one: random batches of 64 (shuffle=True) through the same `truncCollate`, so each batch
+is cropped at random to its shortest item (~0.7 s on IEMOCAP), and, being a shuffled DataLoader, it
+draws a new order and new crops at every validation. The validation loss that picks the checkpoint
+(and so the pseudo-labels) is measured on those short random crops.
+- "random" (default): the reference's batches (random order, random crop to the shortest item),
+  drawn ONCE from a fixed seed (ptapt.seed) and identical at every validation, so the checkpoint
+  selection compares like with like (mmser's only difference: no redraw; README departures).
+- "random-redrawn": the reference exactly, a new draw at every validation (still seeded: draw i of
+  the stage uses the seed and i; the count restarts on resume).
+- "sorted-centre": mmser before: batches in ascending length, each cropped to its shortest item's
+  centre window (~4 s, ~78% of the audio on IEMOCAP's durations).
+
 Output folder (`train_frame_model`; DONE.json last):
     model.pt (best-validation weights), split.json, checkpoints/ (best, last: resume point), csv/, DONE.json
 """
@@ -14,17 +27,18 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mmser import tracking
 from mmser.config import Config, PtaptConfig
-from mmser.data.batching import BucketBatchSampler, collate_batch
+from mmser.data.batching import BucketBatchSampler, _dist_info, collate_batch
 from mmser.data.datamodule import class_weights as compute_class_weights
 from mmser.data.dataset import UtteranceDataset
 from mmser.data.manifest import Fold, fold_tag
@@ -50,7 +64,8 @@ def split_train_val(records: Sequence[dict], val_fraction: float, seed: int) -> 
 
 class CropToShortest:
     """Collate that crops every item to the batch's shortest one (the reference's `truncCollate`):
-    a random window in training, the centre window otherwise (a stable validation loss)."""
+    a random window in training, the centre window otherwise. An item carrying "crop_u" (a uniform
+    draw in [0, 1) made by `ValidationBatches`) starts at floor(crop_u x (its surplus + 1)) instead."""
 
     def __init__(self, random_crop: bool):
         self.random_crop = random_crop
@@ -60,9 +75,79 @@ class CropToShortest:
         out = []
         for it in items:
             over = int(it["audio"].shape[0]) - n
-            start = int(torch.randint(0, over + 1, ()).item()) if self.random_crop else over // 2
-            out.append({**it, "audio": it["audio"][start:start + n]})
+            if "crop_u" in it:
+                start = min(int(it["crop_u"] * (over + 1)), over)
+            elif self.random_crop:
+                start = int(torch.randint(0, over + 1, ()).item())
+            else:
+                start = over // 2
+            out.append({k: v for k, v in it.items() if k != "crop_u"} | {"audio": it["audio"][start:start + n]})
         return collate_batch(out)
+
+
+FRAME_VAL_BATCHES = ("random", "random-redrawn", "sorted-centre")
+
+
+class ValidationBatches(Sampler[list[tuple[int, float]]]):
+    """Step (a)'s validation batches as the reference's shuffled DataLoader makes them: a random
+    permutation of the items cut into batches of `batch_size` (the last one smaller), each item with
+    a uniform crop draw (the collate crops it to the batch's shortest item from there). Yields lists
+    of (index, crop_u) for `CropDraws`. Draw 0 at every pass (redraw=False) or draw i at the i-th
+    pass (redraw=True); each a pure function of (seed, draw). Under several processes rank r takes
+    batches r, r+W, ... (wrapped to a multiple of W, as `BucketBatchSampler`)."""
+
+    def __init__(self, n_items: int, batch_size: int, seed: int, redraw: bool = False):
+        if n_items < 1 or batch_size < 1:
+            raise ValueError(f"ValidationBatches: need items and batch_size >= 1, got {n_items}, {batch_size}")
+        self.n_items, self.batch_size, self.seed, self.redraw = n_items, batch_size, seed, redraw
+        self.passes = 0
+
+    def all_batches(self, draw: int) -> list[list[tuple[int, float]]]:
+        rng = np.random.default_rng([self.seed, draw])
+        perm = rng.permutation(self.n_items)  # (N,)
+        crop_u = rng.random(self.n_items)  # (N,) one crop draw per position
+        return [[(int(perm[j]), float(crop_u[j])) for j in range(s, min(s + self.batch_size, self.n_items))]
+                for s in range(0, self.n_items, self.batch_size)]
+
+    def _mine(self, batches: list) -> list:
+        w, rank = _dist_info(None, None)
+        if w > 1 and len(batches) % w:
+            batches = batches + batches[: w - len(batches) % w]
+        return batches[rank::w]
+
+    def __iter__(self) -> Iterator[list[tuple[int, float]]]:
+        draw = self.passes if self.redraw else 0
+        self.passes += 1
+        yield from self._mine(self.all_batches(draw))
+
+    def __len__(self) -> int:
+        return len(self._mine(self.all_batches(0)))
+
+
+class CropDraws(Dataset):
+    """`dataset[i]` plus the crop draw: the items of `ValidationBatches`' (index, crop_u) keys."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, float]) -> dict:
+        i, u = key
+        return {**self.dataset[i], "crop_u": u}
+
+
+def validation_loader(val_set: UtteranceDataset, pc: PtaptConfig, **kw) -> DataLoader:
+    """Step (a)'s validation loader in `pc.frame_val_batches` (module docstring)."""
+    if pc.frame_val_batches == "sorted-centre":
+        sampler = BucketBatchSampler(val_set.lengths, batch_size=pc.frame_batch_size, shuffle=False)
+        return DataLoader(val_set, batch_sampler=sampler, collate_fn=CropToShortest(False), **kw)
+    if pc.frame_val_batches not in FRAME_VAL_BATCHES:
+        raise ValueError(f"ptapt.frame_val_batches must be one of {FRAME_VAL_BATCHES}, got {pc.frame_val_batches!r}")
+    sampler = ValidationBatches(len(val_set), pc.frame_batch_size, seed=pc.seed,
+                                redraw=pc.frame_val_batches == "random-redrawn")
+    return DataLoader(CropDraws(val_set), batch_sampler=sampler, collate_fn=CropToShortest(False), **kw)
 
 
 class FrameModule(pl.LightningModule):
@@ -122,10 +207,9 @@ def train_frame_model(cfg: Config, fold: Fold, stage_dir: Path, fp: str) -> Fram
     val_set = UtteranceDataset(val, sr, None, classes=classes)
     train_sampler = BucketBatchSampler(train_set.lengths, batch_size=pc.frame_batch_size, num_buckets=1,
                                        shuffle=True, seed=pc.seed, drop_last=len(train) > pc.frame_batch_size)
-    val_sampler = BucketBatchSampler(val_set.lengths, batch_size=pc.frame_batch_size, shuffle=False)
     kw = {"num_workers": cfg.data.num_workers, "pin_memory": torch.cuda.is_available()}
     train_loader = DataLoader(train_set, batch_sampler=train_sampler, collate_fn=CropToShortest(True), **kw)
-    val_loader = DataLoader(val_set, batch_sampler=val_sampler, collate_fn=CropToShortest(False), **kw)
+    val_loader = validation_loader(val_set, pc, **kw)
     ckpt_dir = stage_dir / "checkpoints"
     best_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1,
                               save_last=True)
