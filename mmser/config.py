@@ -110,7 +110,9 @@ class DataConfig:
     eval_batch_size: int = ranged(1, ">= 1")
     # Dynamic fine-tuning batches of this much audio (TAPT has its own); None = data.batch_size items.
     max_batch_seconds: float | None = ranged(None, "> 0")
-    num_buckets: int = ranged(50, ">= 1")  # length buckets (PAPER.md TAPT batching: 50 buckets)
+    # Length buckets of V-FT's (and text / fusion) training batches; 1 = random batches (the reference's
+    # V-FT). TAPT and P-TAPT step (c) have their own (tapt.num_buckets, ptapt.num_buckets).
+    num_buckets: int = ranged(50, ">= 1")
     num_workers: int = ranged(0, ">= 0")
     # Optional cap on utterance count per split (debugging only; None = all).
     limit_train: int | None = ranged(None, ">= 1")
@@ -253,6 +255,7 @@ class TaptConfig:
     hold_steps: int = ranged(1000, ">= 0")
     total_steps: int = ranged(20000, ">= 1")
     max_batch_seconds: float = ranged(250.0, "> 0")
+    num_buckets: int = ranged(50, ">= 1")  # PAPER.md TAPT batching: 50 length buckets
     crop_s: float = ranged(10.0, "> 0")
     mask_time_prob: float = ranged(0.05, "(0, 1]")  # HF wav2vec2-base config value; must be > 0
     mask_time_length: int = ranged(10, ">= 1")
@@ -343,6 +346,7 @@ class PtaptConfig:
     hold_steps: int = ranged(1000, ">= 0")
     total_steps: int = ranged(20000, ">= 1")
     max_batch_seconds: float = ranged(250.0, "> 0")
+    num_buckets: int = ranged(50, ">= 1")  # PAPER.md P-TAPT 3: bucketed like TAPT (50 length buckets)
     crop_s: float = ranged(10.0, "> 0")
     mask_time_prob: float = ranged(0.06, "(0, 1]")
     mask_time_length: int = ranged(15, ">= 1")

@@ -479,3 +479,38 @@ def test_pipeline_refuses_stale_stages_and_resumes_step_c(pipeline, tmp_path):
     assert not (work / "encoder_training" / "checkpoints").exists()
     assert not (work / "frame_model" / "checkpoints").exists()
     assert (work / "frame_model" / "model.pt").is_file() and (work / "encoder" / "config.json").is_file()
+
+
+def test_stage_bucketing_is_independent_of_vft_num_buckets(pipeline, corpus, tmp_path, monkeypatch):
+    """data.num_buckets=1 (the README's exact-V-FT recipe) leaves TAPT's and P-TAPT's 50 buckets."""
+    from mmser.training import tapt as taptmod
+    from mmser.training.ptapt import masked_prediction as mp
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def spy(stage):
+        def make(lengths, **kw):
+            seen[stage] = kw["num_buckets"]
+            raise Stop
+        return make
+
+    cfg = tiny_config("data.num_buckets=1", "tapt.mask_time_length=2", "tapt.num_negatives=4")
+    assert (cfg.tapt.num_buckets, cfg.ptapt.num_buckets) == (50, 50)  # the reference's, per stage
+    monkeypatch.setattr(taptmod, "BucketBatchSampler", spy("tapt"))
+    monkeypatch.setattr(mp, "BucketBatchSampler", spy("ptapt"))
+    fold = split_fold(corpus, 2)
+    with pytest.raises(Stop):
+        taptmod.run_tapt(cfg, fold, tmp_path / "tapt")
+    with pytest.raises(Stop):
+        mp.train_encoder(cfg, fold, pipeline["out"] / "pseudo_labels", tmp_path / "work", tmp_path / "enc", "fp")
+    assert seen == {"tapt": 50, "ptapt": 50}
+    cfg = tiny_config("tapt.num_buckets=3", "ptapt.num_buckets=7", "tapt.mask_time_length=2", "tapt.num_negatives=4")
+    assert cfg.data.num_buckets == 50
+    with pytest.raises(Stop):
+        taptmod.run_tapt(cfg, fold, tmp_path / "tapt2")
+    with pytest.raises(Stop):
+        mp.train_encoder(cfg, fold, pipeline["out"] / "pseudo_labels", tmp_path / "work2", tmp_path / "enc2", "fp")
+    assert seen == {"tapt": 3, "ptapt": 7}

@@ -288,7 +288,7 @@ def run_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int = 0) -> Path:
     # (the attention kernel is a speed switch, not an input: left out, so switching it reuses the stage)
     encoder_fp = {k: v for k, v in to_dict(cfg.encoder).items() if k != "attn_implementation"}
     fp = fingerprint([("tapt", to_dict(tc)), ("encoder", encoder_fp), ("seed", seed),
-                      ("sample_rate", cfg.data.sample_rate), ("num_buckets", cfg.data.num_buckets),
+                      ("sample_rate", cfg.data.sample_rate),
                       ("train_ids", sorted(r["id"] for r in fold.train))])
     if stage_done(out_dir, fp) and (encoder_dir / "config.json").is_file():
         log.info("TAPT fold %s: complete (%s)", fold.test_session, encoder_dir)
@@ -318,7 +318,7 @@ def _train_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int, fp: str) -> P
         raise ValueError(f"TAPT fold {fold.test_session}: no training clip is long enough ({min_len} samples)")
     dataset = RandomCropDataset(records, sr, tc.crop_s, hop=hop, seed=seed, classes=fold.classes or None)
     sampler = BucketBatchSampler(dataset.lengths, max_batch_samples=int(tc.max_batch_seconds * sr),
-                                 num_buckets=cfg.data.num_buckets, shuffle=True, seed=seed)
+                                 num_buckets=tc.num_buckets, shuffle=True, seed=seed)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_batch,
                         num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
     module = TaptModule(model, tc, sample_rate=sr, attention_mask=tc.attention_mask)

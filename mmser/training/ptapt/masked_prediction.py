@@ -266,7 +266,7 @@ def train_encoder(cfg: Config, fold: Fold, labels_dir: Path, work_dir: Path, enc
     dataset = PseudoLabelDataset(keep, labels, hc.conv_kernel, hc.conv_stride, pc.crop_s, sr,
                                  classes=fold.classes or None)
     sampler = BucketBatchSampler(dataset.lengths, max_batch_samples=int(pc.max_batch_seconds * sr),
-                                 num_buckets=cfg.data.num_buckets, shuffle=True, seed=pc.seed)
+                                 num_buckets=pc.num_buckets, shuffle=True, seed=pc.seed)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_pseudo,
                         num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
     module = PtaptModule(encoder, meta["cluster_sizes"], pc, attention_mask=cfg.encoder.attention_mask,
