@@ -336,6 +336,10 @@ class PtaptConfig:
     # Initial centroids: "random" = K distinct frames (faiss' default, the reference); "k-means++"
     # (Arthur & Vassilvitskii 2007) avoids the bad local minima random starts can fall into.
     kmeans_init: Literal["k-means++", "random"] = "k-means++"
+    # An empty cluster after an update: "split" = faiss' rule (the reference's): a cluster drawn about
+    # in proportion to its size is split in two (centroid copied, both moved by a relative 1/1024);
+    # "reseed" = the empty centroid moves to a random frame (mmser before).
+    kmeans_empty: Literal["split", "reseed"] = "split"
     # Fraction of each utterance's frames k-means is fitted on (every frame is then labelled).
     # 1.0 = every training-split frame: PAPER.md, and the reference's run script
     # (bin/run_exp_iemocap.sh passes --sample_ratio 1.0 to cluster.py, whose own default is 0.2).

@@ -77,7 +77,7 @@ def run_ptapt(cfg: Config, fold: Fold, out_dir: str | Path) -> Path:
                         ("sample_rate", cfg.data.sample_rate), ("train_ids", train_ids)])
     fp_b = fingerprint([("stage", "ptapt-pseudo-labels"), ("upstream", fp_a), ("cluster_sizes", list(pc.cluster_sizes)),
                         ("iters", pc.kmeans_iters), ("fit_fraction", pc.kmeans_fit_fraction),
-                        ("init", pc.kmeans_init)])
+                        ("init", pc.kmeans_init), ("empty", pc.kmeans_empty)])
     step_c = {k: v for k, v in to_dict(pc).items()
               if k in ("lr", "warmup_steps", "hold_steps", "total_steps", "max_batch_seconds", "num_buckets", "crop_s",
                        "mask_time_prob", "mask_time_length", "mask_time_min_masks", "head_hidden_size")}
