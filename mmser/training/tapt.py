@@ -6,8 +6,11 @@ all parameters trainable (CNN and quantizer included); Adam 1e-4, warm-up 100, f
 linear decay to 0 at 20,000 steps; dynamic ~250 s batches, random crops <= 10 s.
 
 The model is transformers' `Wav2Vec2ForPreTraining`; its forward gives the projected context and
-quantized vectors, and this module computes the loss itself in float32 with autocast off (the
-reference summed it in fp16 and users report NaN losses). By default the objective is the
+quantized vectors, and this module computes the loss itself in float32 with autocast off. Under
+fp16 AMP the reference's transformers 4.10 rounds the cosine-similarity logits to half precision
+(`logits.type_as(target_features)`, modeling_wav2vec2.py line 1178) and then computes the summed
+cross-entropy on them cast back to fp32 (line 1302); users report NaN losses. mmser keeps the
+logits in fp32 throughout (README departures). By default the objective is the
 reference's (its transformers 4.10 `Wav2Vec2ForPreTraining.forward`, modeling_wav2vec2.py, called
 with `mask_time_indices` only, FT-w2v2-ser modules/FeatureFuser.py `Wav2vec2PretrainWrapper`):
 - time masks from 4.10's sampler (span count from the batch's padded length, min 2 spans, padding
