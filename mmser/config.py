@@ -254,7 +254,12 @@ class TaptConfig:
     warmup_steps: int = ranged(100, ">= 0")
     hold_steps: int = ranged(1000, ">= 0")
     total_steps: int = ranged(20000, ">= 1")
+    # Padded audio per OPTIMIZER step (PAPER.md TAPT: ~250 s), cut into accumulate_grad_batches
+    # micro-batches of max_batch_seconds / accumulate_grad_batches each (gradients summed, one Adam
+    # step; the lr schedule and total_steps count optimizer steps). 250 s in one batch needs ~27-30
+    # GiB at wav2vec2-base size: accumulate_grad_batches=2 fits 24 GB cards.
     max_batch_seconds: float = ranged(250.0, "> 0")
+    accumulate_grad_batches: int = ranged(1, ">= 1")
     num_buckets: int = ranged(50, ">= 1")  # PAPER.md TAPT batching: 50 length buckets
     crop_s: float = ranged(10.0, "> 0")
     mask_time_prob: float = ranged(0.05, "(0, 1]")  # HF wav2vec2-base config value; must be > 0
@@ -349,7 +354,9 @@ class PtaptConfig:
     warmup_steps: int = ranged(100, ">= 0")
     hold_steps: int = ranged(1000, ">= 0")
     total_steps: int = ranged(20000, ">= 1")
+    # Padded audio per optimizer step (~250 s) in accumulate_grad_batches micro-batches (as tapt.*).
     max_batch_seconds: float = ranged(250.0, "> 0")
+    accumulate_grad_batches: int = ranged(1, ">= 1")
     num_buckets: int = ranged(50, ">= 1")  # PAPER.md P-TAPT 3: bucketed like TAPT (50 length buckets)
     crop_s: float = ranged(10.0, "> 0")
     mask_time_prob: float = ranged(0.06, "(0, 1]")

@@ -44,8 +44,10 @@ from mmser.data.dataset import UtteranceDataset
 from mmser.data.manifest import Fold, fold_tag
 from mmser.io import atomic_write_bytes, atomic_write_json, mark_stage_done
 from mmser.models.frame_model import FrameEmotionModel, build_frame_model
+from mmser.training.finite import FiniteGuard
 from mmser.training.ptapt.common import check_no_test_session, stage_trainer
 from mmser.training.schedule import make_scheduler
+from mmser.training.step_rng import micro_batch_number, step_rng
 
 
 def split_train_val(records: Sequence[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -158,12 +160,19 @@ class FrameModule(pl.LightningModule):
         self.model = model
         self.cfg = cfg
         self.register_buffer("class_weights", class_weights, persistent=False)
+        self.finite = FiniteGuard("P-TAPT frame model")
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
-        parts = self.model.loss(batch, self.class_weights)
+        if stage == "train" and self._trainer is not None:
+            # SpecAugment masks from a stream of this rank's own (mmser.training.step_rng)
+            with step_rng(self.cfg.seed, self.global_rank, micro_batch_number(self)):
+                parts = self.model.loss(batch, self.class_weights)
+        else:
+            parts = self.model.loss(batch, self.class_weights)
         bs = batch["labels"].shape[0]
-        fm = parts["frame_mask"]
-        frame_acc = (parts["frame_logits"].argmax(-1) == batch["labels"][:, None])[fm].float().mean()
+        fm = parts["frame_mask"]  # (B, F)
+        hits = (parts["frame_logits"].argmax(-1) == batch["labels"][:, None]) & fm  # (B, F)
+        frame_acc = hits.sum() / fm.sum().clamp(min=1)  # mean over valid frames, no boolean selection (sync)
         utt_acc = (parts["utterance_logits"].argmax(-1) == batch["labels"]).float().mean()
         on_step = stage == "train"
         self.log_dict({f"{stage}/loss": parts["loss"].detach(), f"{stage}/utterance_ce": parts["utterance"].detach(),
@@ -174,9 +183,11 @@ class FrameModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self._step(batch, "train")
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"P-TAPT frame model loss is not finite at step {self.global_step}")
+        self.finite.update(loss, self.global_step, self.trainer.log_every_n_steps if self._trainer is not None else 1)
         return loss
+
+    def on_train_end(self) -> None:
+        self.finite.check(self.global_step)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._step(batch, "val")
