@@ -514,3 +514,111 @@ def test_stage_bucketing_is_independent_of_vft_num_buckets(pipeline, corpus, tmp
     with pytest.raises(Stop):
         mp.train_encoder(cfg, fold, pipeline["out"] / "pseudo_labels", tmp_path / "work2", tmp_path / "enc2", "fp")
     assert seen == {"tapt": 3, "ptapt": 7}
+
+
+def _old_ptapt_loss(frames, heads, labels, time_mask):
+    """ptapt_loss as it was (boolean selections), for comparison."""
+    selected, targets = frames[time_mask], labels[time_mask]
+    total = frames.new_zeros((), dtype=torch.float32)
+    for i, head in enumerate(heads):
+        t = targets[:, i]
+        valid = t != IGNORE_INDEX
+        if not bool(valid.any()):
+            total = total + 0.0 * head(selected).float().sum()
+            continue
+        total = total + F.cross_entropy(head(selected[valid]).float(), t[valid])
+    return total
+
+
+def test_ptapt_loss_is_unchanged_and_reads_nothing_on_the_host():
+    from mmser.training.ptapt.masked_prediction import loss_indices
+
+    heads = _heads(sizes=(5, 9, 3))
+    g = torch.Generator().manual_seed(4)
+    frames = torch.randn(3, 20, 12, generator=g, requires_grad=True)
+    labels = torch.stack([torch.randint(0, 5, (3, 20), generator=g), torch.randint(0, 9, (3, 20), generator=g),
+                          torch.full((3, 20), IGNORE_INDEX)], -1)  # head 3: no target at all
+    labels[0, 2:9, 0] = IGNORE_INDEX  # some masked frames without a target
+    labels[2, 15:, :2] = IGNORE_INDEX  # label padding
+    mask = torch.rand(3, 20, generator=g) < 0.4
+    ix = loss_indices(mask, labels)
+    assert ix["head_counts"][2] == 0 and ix["n_masked"] == int(mask.sum())
+    new = ptapt_loss(frames, heads, labels, mask, ix)
+    old = _old_ptapt_loss(frames, heads, labels, mask)
+    assert torch.equal(new["loss"], old)
+    assert torch.equal(ptapt_loss(frames, heads, labels, mask)["loss"], old)  # indices made inside: the same
+    new["loss"].backward()
+    assert heads[2][0].weight.grad is not None  # the target-less head stays in the graph
+    # meta tensors: no value is read on the host (the old loss's boolean selections fail there)
+    meta_heads = _heads(sizes=(5, 9, 3)).to("meta")
+    mix = {k: ([t.to("meta") for t in v] if isinstance(v, list) and v and torch.is_tensor(v[0]) else v)
+           for k, v in ix.items()}
+    mix["masked_index"] = ix["masked_index"].to("meta")
+    out = ptapt_loss(frames.detach().to("meta"), meta_heads, labels.to("meta"), mask.to("meta"), mix)
+    assert out["loss"].device.type == "meta"
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        _old_ptapt_loss(frames.detach().to("meta"), meta_heads, labels.to("meta"), mask.to("meta"))
+
+
+def test_ptapt_ranks_draw_their_own_masks_and_loss_matches_the_drawn_mask():
+    from types import SimpleNamespace
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    module = PtaptModule(build_ptapt_encoder(cfg), [4, 8], cfg.ptapt)
+    f = conv_frames(6000, [10, 8, 4], [5, 4, 2])
+    g = torch.Generator().manual_seed(0)
+    labels = torch.stack([torch.randint(0, 4, (3, f), generator=g), torch.randint(0, 8, (3, f), generator=g)], -1)
+    amask = torch.ones(3, 6000, dtype=torch.bool)
+    amask[2, 3000:] = False
+    batch = {"audio": torch.randn(3, 6000) * amask, "audio_mask": amask, "pseudo_labels": labels}
+
+    def drawn(rank, fetched):
+        progress = SimpleNamespace(total=SimpleNamespace(ready=fetched))
+        module._trainer = SimpleNamespace(training=True, global_rank=rank, log_every_n_steps=1,
+                                          fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+        torch.manual_seed(5)  # the same global state on every rank (seed_everything)
+        np.random.seed(5)
+        try:
+            return module.on_before_batch_transfer(dict(batch), 0)
+        finally:
+            module._trainer = None
+
+    r0, r1, r0b = drawn(0, 2), drawn(1, 2), drawn(0, 2)
+    assert not torch.equal(r0["time_mask"], r1["time_mask"])  # each rank its own masks
+    assert torch.equal(r0["time_mask"], r0b["time_mask"])
+    assert not r0["time_mask"][2, conv_frames(3000, [10, 8, 4], [5, 4, 2]):].any()  # inside valid frames
+    assert r0["counts"]["masked"] == int(r0["time_mask"].sum()) > 0
+    module.eval()
+    with torch.no_grad():
+        a = module.compute_loss(r0)["loss"]  # the prepared mask and indices
+        b = module.compute_loss(batch, r0["time_mask"])["loss"]  # the same mask, indices made inside
+    assert torch.equal(a, b)
+
+
+def test_ptapt_step_c_accumulates_with_the_step_budget(pipeline, corpus, tmp_path, monkeypatch):
+    from mmser.training.ptapt import common
+    from mmser.training.ptapt import masked_prediction as mp
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+    real_sampler = mp.BucketBatchSampler
+
+    def sampler(lengths, **kw):
+        seen["budget"] = kw["max_batch_samples"]
+        return real_sampler(lengths, **kw)
+
+    def trainer(*a, **kw):
+        seen["accumulate"] = kw.get("accumulate_grad_batches")
+        raise Stop
+
+    monkeypatch.setattr(mp, "BucketBatchSampler", sampler)
+    monkeypatch.setattr(mp, "stage_trainer", trainer)
+    assert common.stage_trainer is not trainer
+    cfg = tiny_config("ptapt.accumulate_grad_batches=3")
+    with pytest.raises(Stop):
+        mp.train_encoder(cfg, split_fold(corpus, 2), pipeline["out"] / "pseudo_labels", tmp_path / "w", tmp_path / "e",
+                         "fp")
+    assert seen == {"budget": int(1.5 * 16000 / 3), "accumulate": 3}  # ptapt.max_batch_seconds=1.5 per step
