@@ -317,12 +317,12 @@ class PtaptConfig:
     frame_batch_size: int = ranged(64, ">= 1")  # PAPER.md P-TAPT 1: batch 64, cropped to the batch's shortest item
     frame_val_fraction: float = ranged(0.1, "(0, 1)")  # PAPER.md P-TAPT 1: training split divided 90/10 (seed 58)
     frame_val_seed: int = ranged(58, ">= 0")
-    # Step (a)'s validation batches (mmser.training.ptapt.frame_training): "random" = the reference's
-    # (random batches of frame_batch_size, each cropped at random to its shortest item), drawn once
-    # from ptapt.seed and the same at every validation; "random-redrawn" = redrawn at every
-    # validation, as the reference's shuffled DataLoader; "sorted-centre" = ascending length, centre
-    # crop (mmser before).
-    frame_val_batches: Literal["random", "random-redrawn", "sorted-centre"] = "random"
+    # Step (a)'s validation batches (mmser.training.ptapt.frame_training): "reference" = the
+    # reference's (batches of frame_batch_size in the split's random order, each cropped at random to
+    # its shortest item), the crops drawn once from ptapt.seed and the same at every validation;
+    # "reference-redrawn" = new crops at every validation, as the reference's unseeded loader
+    # workers; "sorted-centre" = ascending length, centre crop (mmser before).
+    frame_val_batches: Literal["reference", "reference-redrawn", "sorted-centre"] = "reference"
     # PAPER.md P-TAPT 1: SpecAugment on the feature extractor output z, masked values = 0
     # (time p=0.08 span 15; channel p=0.05 span 64; min 2 / 1 spans: reference FeatureFuser.py).
     frame_mask_time_prob: float = ranged(0.08, "[0, 1]")

@@ -6,16 +6,18 @@ to keep the checkpoint of lowest validation loss; Adam 1e-4, batch 64 cropped to
 shortest item, warm-up 500 / flat 500 / linear decay to 0 at 10,000 steps. Its frame features are
 what step (b) clusters.
 
-Validation batches (`ptapt.frame_val_batches`). The reference validates with a DataLoader built like
-its training one: random batches of 64 (shuffle=True) through the same `truncCollate`, so each batch
-is cropped at random to its shortest item (~0.7 s on IEMOCAP), and, being a shuffled DataLoader, it
-draws a new order and new crops at every validation. The validation loss that picks the checkpoint
-(and so the pseudo-labels) is measured on those short random crops.
-- "random" (default): the reference's batches (random order, random crop to the shortest item),
-  drawn ONCE from a fixed seed (ptapt.seed) and identical at every validation, so the checkpoint
-  selection compares like with like (mmser's only difference: no redraw; README departures).
-- "random-redrawn": the reference exactly, a new draw at every validation (still seeded: draw i of
-  the stage uses the seed and i; the count restarts on resume).
+Validation batches (`ptapt.frame_val_batches`). The reference (pretrain/trainer.py
+`PretrainedEmoClassifier.val_dataloader`) validates on DataLoader(valdata, batch_size=64,
+shuffle=False, drop_last=False, collate_fn=truncCollate): batches of 64 in the order of its
+random_split subset (a random permutation, the same at every validation: no reshuffle), each
+cropped by `truncCollate` to its shortest item at a random start (np.random.randint(surplus): ~0.7 s
+on IEMOCAP). Its loader workers are unseeded and fork numpy's state from the main process, which the
+training steps' mask draws move on, so the crops are redrawn at every validation.
+- "reference" (default): the same batches (split order, 64 at a time, random crop to the shortest
+  item, start uniform in [0, surplus)), the crops drawn ONCE from ptapt.seed and identical at every
+  validation, so that checkpoint selection compares like with like (README departures).
+- "reference-redrawn": new crops at every validation (seeded: draw i of the stage uses (seed, i);
+  the count restarts on resume), as the reference.
 - "sorted-centre": mmser before: batches in ascending length, each cropped to its shortest item's
   centre window (~4 s, ~78% of the audio on IEMOCAP's durations).
 
@@ -66,8 +68,9 @@ def split_train_val(records: Sequence[dict], val_fraction: float, seed: int) -> 
 
 class CropToShortest:
     """Collate that crops every item to the batch's shortest one (the reference's `truncCollate`):
-    a random window in training, the centre window otherwise. An item carrying "crop_u" (a uniform
-    draw in [0, 1) made by `ValidationBatches`) starts at floor(crop_u x (its surplus + 1)) instead."""
+    a random window in training (start uniform in [0, surplus), as its np.random.randint(surplus)),
+    the centre window otherwise. An item carrying "crop_u" (a uniform draw in [0, 1) made by
+    `ValidationBatches`) starts at floor(crop_u x surplus) instead."""
 
     def __init__(self, random_crop: bool):
         self.random_crop = random_crop
@@ -78,22 +81,22 @@ class CropToShortest:
         for it in items:
             over = int(it["audio"].shape[0]) - n
             if "crop_u" in it:
-                start = min(int(it["crop_u"] * (over + 1)), over)
+                start = min(int(it["crop_u"] * over), max(over - 1, 0))
             elif self.random_crop:
-                start = int(torch.randint(0, over + 1, ()).item())
+                start = int(torch.randint(0, max(over, 1), ()).item())
             else:
                 start = over // 2
             out.append({k: v for k, v in it.items() if k != "crop_u"} | {"audio": it["audio"][start:start + n]})
         return collate_batch(out)
 
 
-FRAME_VAL_BATCHES = ("random", "random-redrawn", "sorted-centre")
+FRAME_VAL_BATCHES = ("reference", "reference-redrawn", "sorted-centre")
 
 
 class ValidationBatches(Sampler[list[tuple[int, float]]]):
-    """Step (a)'s validation batches as the reference's shuffled DataLoader makes them: a random
-    permutation of the items cut into batches of `batch_size` (the last one smaller), each item with
-    a uniform crop draw (the collate crops it to the batch's shortest item from there). Yields lists
+    """Step (a)'s validation batches as the reference's loader makes them: the items in their order
+    (the random split's) cut into batches of `batch_size` (the last one smaller), each item with a
+    uniform crop draw (the collate crops it to the batch's shortest item from there). Yields lists
     of (index, crop_u) for `CropDraws`. Draw 0 at every pass (redraw=False) or draw i at the i-th
     pass (redraw=True); each a pure function of (seed, draw). Under several processes rank r takes
     batches r, r+W, ... (wrapped to a multiple of W, as `BucketBatchSampler`)."""
@@ -105,10 +108,8 @@ class ValidationBatches(Sampler[list[tuple[int, float]]]):
         self.passes = 0
 
     def all_batches(self, draw: int) -> list[list[tuple[int, float]]]:
-        rng = np.random.default_rng([self.seed, draw])
-        perm = rng.permutation(self.n_items)  # (N,)
-        crop_u = rng.random(self.n_items)  # (N,) one crop draw per position
-        return [[(int(perm[j]), float(crop_u[j])) for j in range(s, min(s + self.batch_size, self.n_items))]
+        crop_u = np.random.default_rng([self.seed, draw]).random(self.n_items)  # (N,) one draw per item
+        return [[(j, float(crop_u[j])) for j in range(s, min(s + self.batch_size, self.n_items))]
                 for s in range(0, self.n_items, self.batch_size)]
 
     def _mine(self, batches: list) -> list:
@@ -141,14 +142,15 @@ class CropDraws(Dataset):
 
 
 def validation_loader(val_set: UtteranceDataset, pc: PtaptConfig, **kw) -> DataLoader:
-    """Step (a)'s validation loader in `pc.frame_val_batches` (module docstring)."""
+    """Step (a)'s validation loader in `pc.frame_val_batches` (module docstring); `val_set` in the
+    split's order (`split_train_val`)."""
     if pc.frame_val_batches == "sorted-centre":
         sampler = BucketBatchSampler(val_set.lengths, batch_size=pc.frame_batch_size, shuffle=False)
         return DataLoader(val_set, batch_sampler=sampler, collate_fn=CropToShortest(False), **kw)
     if pc.frame_val_batches not in FRAME_VAL_BATCHES:
         raise ValueError(f"ptapt.frame_val_batches must be one of {FRAME_VAL_BATCHES}, got {pc.frame_val_batches!r}")
     sampler = ValidationBatches(len(val_set), pc.frame_batch_size, seed=pc.seed,
-                                redraw=pc.frame_val_batches == "random-redrawn")
+                                redraw=pc.frame_val_batches == "reference-redrawn")
     return DataLoader(CropDraws(val_set), batch_sampler=sampler, collate_fn=CropToShortest(False), **kw)
 
 
