@@ -45,7 +45,7 @@ SCRIPT = textwrap.dedent("""
         out_batch = real_hook(self, batch, dataloader_idx)
         m = out_batch["mask_time_indices"]
         with open(out / f"tapt_masks_rank{self.global_rank}.txt", "a") as f:
-            f.write(f"{m.shape[1]} {m.flatten().nonzero().flatten().tolist()}\n")
+            f.write(f"{m.shape[1]} {m.flatten().nonzero().flatten().tolist()}\\n")
         return out_batch
 
     tapt.TaptModule.on_before_batch_transfer = recorded

@@ -386,3 +386,32 @@ def test_tapt_accumulation_keeps_the_optimizer_step_schedule(tmp_path, monkeypat
     assert sum(len(g) for g in g2) >= 11  # two micro-batches per step (an epoch's last step may hold one)
     a1, a2 = np.mean([sum(g) for g in g1]), np.mean([sum(g) for g in g2])
     assert abs(a2 - a1) / a1 < 0.25  # the same audio per optimizer step (tiny corpus: coarse)
+
+
+def test_finite_guard_reports_a_nan_at_the_next_check_without_reading_every_step():
+    from mmser.training.finite import FiniteGuard
+
+    guard = FiniteGuard("TAPT")
+    reads = []
+    real_bool = torch.Tensor.__bool__
+
+    def counting_bool(self):
+        reads.append(1)
+        return real_bool(self)
+
+    torch.Tensor.__bool__ = counting_bool
+    try:
+        for step in range(4):
+            guard.update(torch.tensor(1.0), step, every=5)
+        assert reads == []  # nothing read on the host between checks
+        guard.update(torch.tensor(float("nan")), 4, every=5)  # the 5th call checks
+    except FloatingPointError as e:
+        assert "TAPT loss is not finite at a step in [0, 4]" in str(e)
+    else:
+        raise AssertionError("a NaN loss was not reported")
+    finally:
+        torch.Tensor.__bool__ = real_bool
+    late = FiniteGuard("P-TAPT")
+    late.update(torch.tensor(float("inf")), 7, every=10)
+    with pytest.raises(FloatingPointError, match=r"at a step in \[0, 7\]"):
+        late.check(7)  # the end-of-training check (on_train_end)
