@@ -3,7 +3,10 @@
 PAPER.md "P-TAPT" (reference: FT-w2v2-ser cluster.py) step 2: the 512-d frame features
 ReLU(conv(aggregator)) of step (a)'s model, every 20 ms frame of the training split (full
 utterances, eval mode, fp32); k-means with 20 iterations for each K in (64, 512, 4096); each frame
-gets one cluster id per K.
+gets one cluster id per K. The reference (cluster.py `train_kmeans`): faiss.Clustering with niter=20,
+max_points_per_centroid=500000 (so faiss does not subsample at IEMOCAP's ~1M frames), faiss' default
+initialisation (K random frames) and empty-cluster rule, on a float32 GpuIndexFlatL2; it fits on at
+most max(K) x 1000 sampled frames (all of them with --sample_ratio 1.0).
 
 k-means is hand-written in torch (Lloyd's algorithm, distances by chunked matmul) rather than
 scikit-learn's, because the real problem is ~1M frames x 4,096 clusters x 512 dims (~43 TFLOP for 20
@@ -23,8 +26,9 @@ the clusters cyclically from 0 and take cluster j with probability (n_j - 1) / (
 in proportion to its size; singletons never), copy its centroid into the empty one and move the two
 apart symmetrically by a relative 1/1024 (even dimensions x (1 + eps) / (1 - eps), odd ones the
 other way), and count half of its points for each (the next assignment splits them). "reseed" =
-mmser before: the empty centroid moves to a random frame (seeded). Measured how often it matters:
-benchmarks/kmeans_empty.py.
+mmser before: the empty centroid moves to a random frame (seeded). The draws come from one seeded
+stream per k-means (faiss seeds a generator with 1234 at every call). Measured how often it
+matters: benchmarks/kmeans_empty.py (README departure 7).
 
 Determinism: the per-cluster sums use `index_add_`, whose CUDA kernel (atomic adds) is
 deterministic only under `torch.use_deterministic_algorithms(True)`, which a Lightning Trainer with
