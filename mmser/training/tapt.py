@@ -3,7 +3,10 @@
 PAPER.md "TAPT": contrastive loss over masked frames (cosine similarity, temperature 0.1,
 100 negatives from the same utterance, 2 x 320 codevectors, dim 256) + 0.1 x diversity loss;
 all parameters trainable (CNN and quantizer included); Adam 1e-4, warm-up 100, flat 1,000,
-linear decay to 0 at 20,000 steps; dynamic ~250 s batches, random crops <= 10 s.
+linear decay to 0 at 20,000 steps; dynamic ~250 s batches, random crops <= 10 s. A 250 s batch
+needs ~27-30 GiB at wav2vec2-base size: `tapt.accumulate_grad_batches=k` makes each optimizer step
+of k micro-batches of 250/k s (gradients summed; steps, schedule and checkpoints count optimizer
+steps, so the 20,000-step schedule is unchanged).
 
 The model is transformers' `Wav2Vec2ForPreTraining`; its forward gives the projected context and
 quantized vectors, and this module computes the loss itself in float32 with autocast off. Under

@@ -5,8 +5,9 @@ and masked_spec_embed frozen) trained to predict the pseudo-labels of time-maske
 p=0.06, span 15, min 2, inside valid frames; masked frames replaced by masked_spec_embed (HF
 `mask_time_indices`); one head Linear(H, 256)-Tanh-Linear(256, K) per K on ReLU(encoder output);
 loss = sum over heads of the CE on masked frames only; Adam 1e-4, warm-up 100 / flat 1,000 / linear
-decay to 0 at 20,000 steps; dynamic ~250 s length-bucketed batches; utterances longer than 10 s
-randomly cropped to 10 s, the pseudo-label sequence cropped alongside.
+decay to 0 at 20,000 steps; dynamic ~250 s length-bucketed batches (per optimizer step: in
+`ptapt.accumulate_grad_batches` micro-batches, as TAPT); utterances longer than 10 s randomly
+cropped to 10 s, the pseudo-label sequence cropped alongside.
 
 Label alignment: crops start on a multiple of the encoder's frame hop (320 samples), so frame j of
 a crop starting at frame s is frame s + j of the full utterance; the label sequence (made on the
