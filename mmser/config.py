@@ -110,7 +110,9 @@ class DataConfig:
     eval_batch_size: int = ranged(1, ">= 1")
     # Dynamic fine-tuning batches of this much audio (TAPT has its own); None = data.batch_size items.
     max_batch_seconds: float | None = ranged(None, "> 0")
-    num_buckets: int = ranged(50, ">= 1")  # length buckets (PAPER.md TAPT batching: 50 buckets)
+    # Length buckets of V-FT's (and text / fusion) training batches; 1 = random batches (the reference's
+    # V-FT). TAPT and P-TAPT step (c) have their own (tapt.num_buckets, ptapt.num_buckets).
+    num_buckets: int = ranged(50, ">= 1")
     num_workers: int = ranged(0, ">= 0")
     # Optional cap on utterance count per split (debugging only; None = all).
     limit_train: int | None = ranged(None, ">= 1")
@@ -252,7 +254,13 @@ class TaptConfig:
     warmup_steps: int = ranged(100, ">= 0")
     hold_steps: int = ranged(1000, ">= 0")
     total_steps: int = ranged(20000, ">= 1")
+    # Padded audio per OPTIMIZER step (PAPER.md TAPT: ~250 s), cut into accumulate_grad_batches
+    # micro-batches of max_batch_seconds / accumulate_grad_batches each (gradients summed, one Adam
+    # step; the lr schedule and total_steps count optimizer steps). 250 s in one batch needs ~27-30
+    # GiB at wav2vec2-base size: accumulate_grad_batches=2 fits 24 GB cards.
     max_batch_seconds: float = ranged(250.0, "> 0")
+    accumulate_grad_batches: int = ranged(1, ">= 1")
+    num_buckets: int = ranged(50, ">= 1")  # PAPER.md TAPT batching: 50 length buckets
     crop_s: float = ranged(10.0, "> 0")
     mask_time_prob: float = ranged(0.05, "(0, 1]")  # HF wav2vec2-base config value; must be > 0
     mask_time_length: int = ranged(10, ">= 1")
@@ -309,6 +317,12 @@ class PtaptConfig:
     frame_batch_size: int = ranged(64, ">= 1")  # PAPER.md P-TAPT 1: batch 64, cropped to the batch's shortest item
     frame_val_fraction: float = ranged(0.1, "(0, 1)")  # PAPER.md P-TAPT 1: training split divided 90/10 (seed 58)
     frame_val_seed: int = ranged(58, ">= 0")
+    # Step (a)'s validation batches (mmser.training.ptapt.frame_training): "reference" = the
+    # reference's (batches of frame_batch_size in the split's random order, each cropped at random to
+    # its shortest item), the crops drawn once from ptapt.seed and the same at every validation;
+    # "reference-redrawn" = new crops at every validation, as the reference's unseeded loader
+    # workers; "sorted-centre" = ascending length, centre crop (mmser before).
+    frame_val_batches: Literal["reference", "reference-redrawn", "sorted-centre"] = "reference"
     # PAPER.md P-TAPT 1: SpecAugment on the feature extractor output z, masked values = 0
     # (time p=0.08 span 15; channel p=0.05 span 64; min 2 / 1 spans: reference FeatureFuser.py).
     frame_mask_time_prob: float = ranged(0.08, "[0, 1]")
@@ -327,6 +341,10 @@ class PtaptConfig:
     # Initial centroids: "random" = K distinct frames (faiss' default, the reference); "k-means++"
     # (Arthur & Vassilvitskii 2007) avoids the bad local minima random starts can fall into.
     kmeans_init: Literal["k-means++", "random"] = "k-means++"
+    # An empty cluster after an update: "split" = faiss' rule (the reference's): a cluster drawn about
+    # in proportion to its size is split in two (centroid copied, both moved by a relative 1/1024);
+    # "reseed" = the empty centroid moves to a random frame (mmser before).
+    kmeans_empty: Literal["split", "reseed"] = "split"
     # Fraction of each utterance's frames k-means is fitted on (every frame is then labelled).
     # 1.0 = every training-split frame: PAPER.md, and the reference's run script
     # (bin/run_exp_iemocap.sh passes --sample_ratio 1.0 to cluster.py, whose own default is 0.2).
@@ -336,7 +354,10 @@ class PtaptConfig:
     warmup_steps: int = ranged(100, ">= 0")
     hold_steps: int = ranged(1000, ">= 0")
     total_steps: int = ranged(20000, ">= 1")
+    # Padded audio per optimizer step (~250 s) in accumulate_grad_batches micro-batches (as tapt.*).
     max_batch_seconds: float = ranged(250.0, "> 0")
+    accumulate_grad_batches: int = ranged(1, ">= 1")
+    num_buckets: int = ranged(50, ">= 1")  # PAPER.md P-TAPT 3: bucketed like TAPT (50 length buckets)
     crop_s: float = ranged(10.0, "> 0")
     mask_time_prob: float = ranged(0.06, "(0, 1]")
     mask_time_length: int = ranged(15, ">= 1")

@@ -37,6 +37,18 @@ SCRIPT = textwrap.dedent("""
         return real(*args, **kwargs)
 
     driver.cluster_frames = counted
+
+    from mmser.training import tapt
+    real_hook = tapt.TaptModule.on_before_batch_transfer
+
+    def recorded(self, batch, dataloader_idx):  # each rank's TAPT masks, per micro-batch
+        out_batch = real_hook(self, batch, dataloader_idx)
+        m = out_batch["mask_time_indices"]
+        with open(out / f"tapt_masks_rank{self.global_rank}.txt", "a") as f:
+            f.write(f"{m.shape[1]} {m.flatten().nonzero().flatten().tolist()}\\n")
+        return out_batch
+
+    tapt.TaptModule.on_before_batch_transfer = recorded
     run_ptapt(cfg, fold, out / "ptapt")
     run_tapt(cfg, fold, out / "tapt")
 """)
@@ -67,3 +79,7 @@ def test_tapt_and_ptapt_on_two_cpu_processes(tmp_path):
     assert tapt["world_size"] == 2 and tapt["steps"] == 12
     assert (out / "tapt" / "encoder" / "config.json").is_file()
     assert (out / "ptapt" / "encoder" / "config.json").is_file()
+    # every rank draws its own masks (the global RNGs are seeded alike on both ranks)
+    masks = [(out / f"tapt_masks_rank{r}.txt").read_text().splitlines() for r in (0, 1)]
+    assert len(masks[0]) == len(masks[1]) >= 12
+    assert sum(a != b for a, b in zip(*masks, strict=True)) >= len(masks[0]) - 1  # (a chance match of tiny masks)

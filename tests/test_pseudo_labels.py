@@ -59,16 +59,84 @@ def test_assign_matches_brute_force_distances():
     assert torch.allclose(d, full.min(1).values, atol=1e-4)
 
 
-def test_empty_clusters_are_reseeded_and_bad_input_is_refused():
+@pytest.mark.parametrize("empty", ["split", "reseed"])
+def test_empty_clusters_are_filled_and_bad_input_is_refused(empty):
     # 3 distinct points repeated: with K=5 at least two centroids coincide and one cluster empties.
     x = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]).repeat(20, 1)
-    c, stats = kmeans(x, 5, iters=3, seed=0, init="random")
-    assert stats["reseeded"] > 0 and torch.isfinite(c).all()
+    c, stats = kmeans(x, 5, iters=3, seed=0, init="random", empty=empty)
+    assert stats["empty_clusters"] > 0 and torch.isfinite(c).all()
+    assert stats["empty_clusters"] == sum(stats["empty_per_iter"]) and len(stats["empty_per_iter"]) == 3
     assert stats["inertia"] == pytest.approx(0.0, abs=1e-6)  # the 3 points are still found
     with pytest.raises(ValueError, match="at least K frames"):
         kmeans(x[:3], 4)
     with pytest.raises(ValueError, match="init"):
         kmeans(x, 2, init="kmeans")
+    with pytest.raises(ValueError, match="empty"):
+        kmeans(x, 2, empty="random")
+
+
+def test_empty_cluster_takes_half_of_a_split_cluster_as_faiss():
+    from mmser.training.ptapt.clustering import SPLIT_EPS, split_empty_clusters
+
+    assert PtaptConfig().kmeans_empty == "split"  # faiss' rule by default
+    c = torch.tensor([[9.0, 9.0, 9.0], [1.0, 2.0, 4.0], [5.0, 5.0, 5.0]])
+    before = c[1].clone()
+    # sizes 0 / 10 / 1 (N = 11, K = 3): p = (n_j - 1) / (N - K) -> only cluster 1 can be split
+    assert split_empty_clusters(c, torch.tensor([0, 10, 1]), np.random.default_rng(0)) == 1
+    up = torch.tensor([1 + SPLIT_EPS, 1 - SPLIT_EPS, 1 + SPLIT_EPS])
+    assert torch.allclose(c[0], before * up) and torch.allclose(c[1], before * (2 - up))
+    assert torch.equal(c[2], torch.tensor([5.0, 5.0, 5.0]))  # the singleton is never split
+    assert split_empty_clusters(c, torch.tensor([4, 6, 1]), np.random.default_rng(0)) == 0
+
+
+def test_split_picks_clusters_with_faiss_cyclic_scan_probabilities():
+    from mmser.training.ptapt.clustering import split_empty_clusters
+
+    sizes = np.array([0, 3, 5, 9, 1, 6])
+    n, k = sizes.sum(), len(sizes)
+    p = np.clip((sizes - 1) / (n - k), 0, None)
+    # faiss scans 0, 1, ... cyclically and stops at j with probability p_j: first hit in a cycle
+    first = p * np.concatenate([[1.0], np.cumprod(1 - p)[:-1]])
+    expected = first / first.sum()
+    rng = np.random.default_rng(5)
+    picks = np.zeros(k)
+    trials = 3000
+    for _ in range(trials):
+        c = torch.arange(k, dtype=torch.float32)[:, None].repeat(1, 2) + 1  # centroid j = (j+1, j+1)
+        split_empty_clusters(c, torch.from_numpy(sizes), rng)
+        picks[int(round(float(c[0, 0])))  - 1] += 1  # cluster 0 now holds (1 + eps) x the split one's
+    freq = picks / trials
+    assert freq[0] == 0 and freq[4] == 0  # empty and singleton clusters are never split
+    assert np.abs(freq - expected).max() < 0.03
+
+
+def test_kmeans_is_deterministic_whatever_ran_before(monkeypatch):
+    """The cluster sums run under deterministic algorithms by themselves: a fresh process (P-TAPT
+    resumed at step (b)) clusters as one where a Trainer (deterministic=True) was built first."""
+    import pytorch_lightning as pl
+
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    flags = []
+    real = torch.Tensor.index_add_
+
+    def spy(self, *a, **k):
+        flags.append(torch.are_deterministic_algorithms_enabled())
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "index_add_", spy)
+    x, _, _ = _blobs(n_per=40, k=8, dim=6, seed=2)
+    try:
+        torch.use_deterministic_algorithms(False)  # a fresh process
+        fresh, _ = kmeans(x, 12, iters=4, seed=3)
+        assert flags and all(flags)  # CUDA's index_add_ is deterministic only with the flag on
+        assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting restored
+        pl.Trainer(accelerator="cpu", deterministic=True, logger=False, enable_progress_bar=False)
+        assert torch.are_deterministic_algorithms_enabled()
+        after, _ = kmeans(x, 12, iters=4, seed=3)
+        assert torch.equal(fresh, after)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
 
 
 def test_pseudo_label_files_round_trip(tmp_path):

@@ -184,6 +184,93 @@ def test_frame_split_is_seeded_90_10_and_disjoint(corpus):
     assert [r["id"] for r in other] != [r["id"] for r in train]
 
 
+def test_frame_split_is_torch_random_split_with_seed_58(corpus):
+    # the reference: random_split(dataset, [int(0.9 n), n - int(0.9 n)], generator=manual_seed(58))
+    train, val = split_train_val(corpus, 0.1, 58)
+    recs = sorted(corpus, key=lambda r: r["id"])
+    n_train = int(len(recs) * 0.9)
+    a, b = torch.utils.data.random_split(recs, [n_train, len(recs) - n_train],
+                                         generator=torch.Generator().manual_seed(58))
+    assert [r["id"] for r in a] == [r["id"] for r in train] and [r["id"] for r in b] == [r["id"] for r in val]
+
+
+def _crop_starts(batch, full: dict) -> list[int]:
+    """Where each cropped item of `batch` starts in its full waveform (exact match of its samples)."""
+    starts = []
+    for uid, row in zip(batch["ids"], batch["audio"], strict=True):
+        wav, n = full[uid], row.shape[0]
+        hits = [s for s in range(wav.shape[0] - n + 1) if torch.equal(wav[s:s + n], row)]
+        assert len(hits) == 1
+        starts.append(hits[0])
+    return starts
+
+
+def test_frame_validation_batches_are_the_references_and_fixed_across_validations(corpus):
+    """The reference's val loader: the split's (random) order, batches of 64, shuffle=False, each
+    batch cropped by truncCollate to its shortest item at a random start in [0, surplus)."""
+    from mmser.data.dataset import UtteranceDataset
+    from mmser.training.ptapt import frame_training as ft
+
+    _, val = split_train_val(corpus, 0.5, 58)  # 20 items in the split's permutation order
+    val_set = UtteranceDataset(val, 16000, None)
+    full = {r["id"]: val_set[i]["audio"] for i, r in enumerate(val)}
+    lengths = {uid: w.shape[0] for uid, w in full.items()}
+    pc = PtaptConfig(frame_batch_size=6)
+    assert pc.frame_val_batches == "reference"  # the reference's batches by default
+    loader = ft.validation_loader(val_set, pc)
+    first, second = list(loader), list(loader)
+    ids = [r["id"] for r in val]
+    assert [b["ids"] for b in first] == [ids[i:i + 6] for i in range(0, 20, 6)]  # split order, last one smaller
+    assert ids != sorted(ids, key=lambda u: (lengths[u], u))  # a random order, not ascending length
+    starts = []
+    for b in first:
+        n = min(lengths[u] for u in b["ids"])
+        assert b["audio"].shape[1] == n and bool(b["audio_mask"].all())  # cropped to its shortest item
+        for uid, s in zip(b["ids"], _crop_starts(b, full), strict=True):
+            over = lengths[uid] - n
+            assert 0 <= s < max(over, 1)  # np.random.randint(over)
+            if over > 10:
+                starts.append((s, over // 2))
+    assert len(starts) > 8
+    assert sum(s != centre for s, centre in starts) > 0.8 * len(starts)  # random, not the centre
+    # the same batches and crops at every validation (like-for-like checkpoint selection)
+    for a, b in zip(first, second, strict=True):
+        assert a["ids"] == b["ids"] and torch.equal(a["audio"], b["audio"])
+    # the reference's redrawn crops, as a switch: the same batches, other crops at the next validation
+    redrawn = ft.validation_loader(val_set, PtaptConfig(frame_batch_size=6, frame_val_batches="reference-redrawn"))
+    r1, r2 = list(redrawn), list(redrawn)
+    assert [b["ids"] for b in r1] == [b["ids"] for b in r2] == [b["ids"] for b in first]
+    assert all(torch.equal(a["audio"], b["audio"]) for a, b in zip(r1, first, strict=True))  # draw 0 = the fixed one
+    assert not all(torch.equal(a["audio"], b["audio"]) for a, b in zip(r1, r2, strict=True))
+    # mmser's earlier batches: ascending length, centre crop
+    old = list(ft.validation_loader(val_set, PtaptConfig(frame_batch_size=6, frame_val_batches="sorted-centre")))
+    assert [u for b in old for u in b["ids"]] == sorted(ids, key=lambda u: (lengths[u], ids.index(u)))
+    for b in old:
+        n = b["audio"].shape[1]
+        assert _crop_starts(b, full) == [(lengths[u] - n) // 2 for u in b["ids"]]
+
+
+def test_frame_model_stage_validates_on_the_configured_batches(corpus, tmp_path, monkeypatch):
+    import pytorch_lightning as pl
+
+    from mmser.training.ptapt import frame_training as ft
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_fit(self, module, train_loader, val_loader, ckpt_path=None):
+        seen["val"] = val_loader
+        raise Stop
+
+    monkeypatch.setattr(pl.Trainer, "fit", fake_fit)
+    with pytest.raises(Stop):
+        ft.train_frame_model(tiny_config(), split_fold(corpus, 2), tmp_path, "fp")
+    assert isinstance(seen["val"].batch_sampler, ft.ValidationBatches)
+    assert not seen["val"].batch_sampler.redraw
+
+
 # ------------------------------------------------------------------------------------------------
 # Step (c): masked pseudo-label loss and alignment
 # ------------------------------------------------------------------------------------------------
@@ -397,3 +484,146 @@ def test_pipeline_refuses_stale_stages_and_resumes_step_c(pipeline, tmp_path):
     assert not (work / "encoder_training" / "checkpoints").exists()
     assert not (work / "frame_model" / "checkpoints").exists()
     assert (work / "frame_model" / "model.pt").is_file() and (work / "encoder" / "config.json").is_file()
+
+
+def test_stage_bucketing_is_independent_of_vft_num_buckets(pipeline, corpus, tmp_path, monkeypatch):
+    """data.num_buckets=1 (the README's exact-V-FT recipe) leaves TAPT's and P-TAPT's 50 buckets."""
+    from mmser.training import tapt as taptmod
+    from mmser.training.ptapt import masked_prediction as mp
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def spy(stage):
+        def make(lengths, **kw):
+            seen[stage] = kw["num_buckets"]
+            raise Stop
+        return make
+
+    cfg = tiny_config("data.num_buckets=1", "tapt.mask_time_length=2", "tapt.num_negatives=4")
+    assert (cfg.tapt.num_buckets, cfg.ptapt.num_buckets) == (50, 50)  # the reference's, per stage
+    monkeypatch.setattr(taptmod, "BucketBatchSampler", spy("tapt"))
+    monkeypatch.setattr(mp, "BucketBatchSampler", spy("ptapt"))
+    fold = split_fold(corpus, 2)
+    with pytest.raises(Stop):
+        taptmod.run_tapt(cfg, fold, tmp_path / "tapt")
+    with pytest.raises(Stop):
+        mp.train_encoder(cfg, fold, pipeline["out"] / "pseudo_labels", tmp_path / "work", tmp_path / "enc", "fp")
+    assert seen == {"tapt": 50, "ptapt": 50}
+    cfg = tiny_config("tapt.num_buckets=3", "ptapt.num_buckets=7", "tapt.mask_time_length=2", "tapt.num_negatives=4")
+    assert cfg.data.num_buckets == 50
+    with pytest.raises(Stop):
+        taptmod.run_tapt(cfg, fold, tmp_path / "tapt2")
+    with pytest.raises(Stop):
+        mp.train_encoder(cfg, fold, pipeline["out"] / "pseudo_labels", tmp_path / "work2", tmp_path / "enc2", "fp")
+    assert seen == {"tapt": 3, "ptapt": 7}
+
+
+def _old_ptapt_loss(frames, heads, labels, time_mask):
+    """ptapt_loss as it was (boolean selections), for comparison."""
+    selected, targets = frames[time_mask], labels[time_mask]
+    total = frames.new_zeros((), dtype=torch.float32)
+    for i, head in enumerate(heads):
+        t = targets[:, i]
+        valid = t != IGNORE_INDEX
+        if not bool(valid.any()):
+            total = total + 0.0 * head(selected).float().sum()
+            continue
+        total = total + F.cross_entropy(head(selected[valid]).float(), t[valid])
+    return total
+
+
+def test_ptapt_loss_is_unchanged_and_reads_nothing_on_the_host():
+    from mmser.training.ptapt.masked_prediction import loss_indices
+
+    heads = _heads(sizes=(5, 9, 3))
+    g = torch.Generator().manual_seed(4)
+    frames = torch.randn(3, 20, 12, generator=g, requires_grad=True)
+    labels = torch.stack([torch.randint(0, 5, (3, 20), generator=g), torch.randint(0, 9, (3, 20), generator=g),
+                          torch.full((3, 20), IGNORE_INDEX)], -1)  # head 3: no target at all
+    labels[0, 2:9, 0] = IGNORE_INDEX  # some masked frames without a target
+    labels[2, 15:, :2] = IGNORE_INDEX  # label padding
+    mask = torch.rand(3, 20, generator=g) < 0.4
+    ix = loss_indices(mask, labels)
+    assert ix["head_counts"][2] == 0 and ix["n_masked"] == int(mask.sum())
+    new = ptapt_loss(frames, heads, labels, mask, ix)
+    old = _old_ptapt_loss(frames, heads, labels, mask)
+    assert torch.equal(new["loss"], old)
+    assert torch.equal(ptapt_loss(frames, heads, labels, mask)["loss"], old)  # indices made inside: the same
+    new["loss"].backward()
+    assert heads[2][0].weight.grad is not None  # the target-less head stays in the graph
+    # meta tensors: no value is read on the host (the old loss's boolean selections fail there)
+    meta_heads = _heads(sizes=(5, 9, 3)).to("meta")
+    mix = {k: ([t.to("meta") for t in v] if isinstance(v, list) and v and torch.is_tensor(v[0]) else v)
+           for k, v in ix.items()}
+    mix["masked_index"] = ix["masked_index"].to("meta")
+    out = ptapt_loss(frames.detach().to("meta"), meta_heads, labels.to("meta"), mask.to("meta"), mix)
+    assert out["loss"].device.type == "meta"
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        _old_ptapt_loss(frames.detach().to("meta"), meta_heads, labels.to("meta"), mask.to("meta"))
+
+
+def test_ptapt_ranks_draw_their_own_masks_and_loss_matches_the_drawn_mask():
+    from types import SimpleNamespace
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    module = PtaptModule(build_ptapt_encoder(cfg), [4, 8], cfg.ptapt)
+    f = conv_frames(6000, [10, 8, 4], [5, 4, 2])
+    g = torch.Generator().manual_seed(0)
+    labels = torch.stack([torch.randint(0, 4, (3, f), generator=g), torch.randint(0, 8, (3, f), generator=g)], -1)
+    amask = torch.ones(3, 6000, dtype=torch.bool)
+    amask[2, 3000:] = False
+    batch = {"audio": torch.randn(3, 6000) * amask, "audio_mask": amask, "pseudo_labels": labels}
+
+    def drawn(rank, fetched):
+        progress = SimpleNamespace(total=SimpleNamespace(ready=fetched))
+        module._trainer = SimpleNamespace(training=True, global_rank=rank, log_every_n_steps=1,
+                                          fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+        torch.manual_seed(5)  # the same global state on every rank (seed_everything)
+        np.random.seed(5)
+        try:
+            return module.on_before_batch_transfer(dict(batch), 0)
+        finally:
+            module._trainer = None
+
+    r0, r1, r0b = drawn(0, 2), drawn(1, 2), drawn(0, 2)
+    assert not torch.equal(r0["time_mask"], r1["time_mask"])  # each rank its own masks
+    assert torch.equal(r0["time_mask"], r0b["time_mask"])
+    assert not r0["time_mask"][2, conv_frames(3000, [10, 8, 4], [5, 4, 2]):].any()  # inside valid frames
+    assert r0["counts"]["masked"] == int(r0["time_mask"].sum()) > 0
+    module.eval()
+    with torch.no_grad():
+        a = module.compute_loss(r0)["loss"]  # the prepared mask and indices
+        b = module.compute_loss(batch, r0["time_mask"])["loss"]  # the same mask, indices made inside
+    assert torch.equal(a, b)
+
+
+def test_ptapt_step_c_accumulates_with_the_step_budget(pipeline, corpus, tmp_path, monkeypatch):
+    from mmser.training.ptapt import common
+    from mmser.training.ptapt import masked_prediction as mp
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+    real_sampler = mp.BucketBatchSampler
+
+    def sampler(lengths, **kw):
+        seen["budget"] = kw["max_batch_samples"]
+        return real_sampler(lengths, **kw)
+
+    def trainer(*a, **kw):
+        seen["accumulate"] = kw.get("accumulate_grad_batches")
+        raise Stop
+
+    monkeypatch.setattr(mp, "BucketBatchSampler", sampler)
+    monkeypatch.setattr(mp, "stage_trainer", trainer)
+    assert common.stage_trainer is not trainer
+    cfg = tiny_config("ptapt.accumulate_grad_batches=3")
+    with pytest.raises(Stop):
+        mp.train_encoder(cfg, split_fold(corpus, 2), pipeline["out"] / "pseudo_labels", tmp_path / "w", tmp_path / "e",
+                         "fp")
+    assert seen == {"budget": int(1.5 * 16000 / 3), "accumulate": 3}  # ptapt.max_batch_seconds=1.5 per step

@@ -215,3 +215,203 @@ def test_tapt_stage_sees_only_training_sessions_and_feeds_vft(tmp_path, monkeypa
     with pytest.raises(ValueError, match="was made from other inputs"):
         pretrain_fold(cfg, test_session=2, out_dir=out / "pretrain" / "s2")
     assert seen == []
+
+
+# ------------------------------------------------------------------------------------------------
+# No host-device sync in the step; per-rank mask streams; gradient accumulation
+# ------------------------------------------------------------------------------------------------
+
+
+def _old_contrastive(model, out, mask, negatives, cfg):
+    """The loss as computed before (a boolean selection of the masked frames), for comparison."""
+    pred, q = out.projected_states.float(), out.projected_quantized_states.float()
+    b, f, d = q.shape
+    neg = q.reshape(-1, d)[negatives.long().reshape(-1)].reshape(b, f, -1, d).permute(2, 0, 1, 3)
+    logits = torch.nn.functional.cosine_similarity(pred[None], torch.cat([q[None], neg]), dim=-1)
+    logits = logits / cfg.contrastive_temperature
+    neg_is_pos = (q[None] == neg).all(-1)
+    logits = torch.cat([logits[:1], logits[1:].masked_fill(neg_is_pos, float("-inf"))], dim=0)
+    logits = logits.permute(1, 2, 0)[mask]
+    contrastive = torch.nn.functional.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long),
+                                                    reduction="sum")
+    g, v = model.config.num_codevector_groups, model.config.num_codevectors_per_group
+    diversity = (g * v - out.codevector_perplexity.float()) / (g * v)
+    n = mask.sum()
+    if cfg.loss_form == "reference":
+        return contrastive + cfg.diversity_loss_weight * diversity
+    return (contrastive + cfg.diversity_loss_weight * diversity * n) / n
+
+
+@pytest.mark.parametrize("loss_form", ["reference", "fairseq"])
+def test_step_loss_is_unchanged_and_reads_nothing_on_the_host(loss_form, monkeypatch):
+    import contextlib
+    import dataclasses
+    from types import SimpleNamespace
+
+    cfg = dataclasses.replace(CFG, loss_form=loss_form)
+    model = tiny_pretraining_model()
+    audio, audio_mask = _batch()
+    module = TaptModule(model, cfg)
+    prepared = module.prepare_masks({"audio": audio, "audio_mask": audio_mask})
+    assert prepared["counts"]["masked"] == int(prepared["mask_time_indices"].sum()) > 0
+    assert prepared["counts"]["valid_frames"] == int(frame_lengths(model, audio_mask).sum())
+    torch.manual_seed(0)
+    out = model(audio, mask_time_indices=prepared["mask_time_indices"])
+    new = contrastive_diversity_loss(model, out, prepared["mask_time_indices"], prepared["negatives"], cfg,
+                                     masked_index=prepared["masked_index"])["loss"]
+    old = _old_contrastive(model, out, prepared["mask_time_indices"], prepared["negatives"], cfg)
+    assert torch.equal(new, old)
+    # On meta tensors nothing can be read on the host (no .item(), no boolean selection): the loss
+    # of a training step needs no host-device sync. The old loss fails here.
+    meta = SimpleNamespace(**{k: getattr(out, k).detach().to("meta") for k in
+                              ("projected_states", "projected_quantized_states", "codevector_perplexity")})
+    m = {k: prepared[k].to("meta") for k in ("mask_time_indices", "negatives", "masked_index")}
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: contextlib.nullcontext())  # no meta autocast
+    loss = contrastive_diversity_loss(model, meta, m["mask_time_indices"], m["negatives"], cfg,
+                                      masked_index=m["masked_index"])["loss"]
+    assert loss.device.type == "meta" and loss.shape == ()
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        _old_contrastive(model, meta, m["mask_time_indices"], m["negatives"], cfg)
+
+
+def _fake_trainer(rank: int, fetched: int):
+    from types import SimpleNamespace
+
+    progress = SimpleNamespace(total=SimpleNamespace(ready=fetched))
+    return SimpleNamespace(training=True, global_rank=rank, log_every_n_steps=1,
+                           fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+
+
+def test_each_rank_draws_its_own_masks_and_the_global_rng_is_untouched():
+    model = tiny_pretraining_model()
+    audio, audio_mask = _batch()
+    batch = {"audio": audio, "audio_mask": audio_mask}
+    drawn = {}
+    for rank in (0, 1):
+        for fetched in (3, 4):
+            module = TaptModule(model, CFG, seed=7)
+            module._trainer = _fake_trainer(rank, fetched)  # what Lightning's DDP gives each process
+            torch.manual_seed(123)  # seed_everything: the same global state on every rank
+            np.random.seed(123)
+            before = (torch.get_rng_state(), np.random.get_state()[1].copy())
+            out = module.on_before_batch_transfer(dict(batch), 0)
+            assert torch.equal(torch.get_rng_state(), before[0])  # the global streams are left as they were
+            assert np.array_equal(np.random.get_state()[1], before[1])
+            drawn[rank, fetched] = (out["mask_time_indices"], out["negatives"])
+    assert not torch.equal(drawn[0, 3][0], drawn[1, 3][0])  # ranks differ (today: identical)
+    assert not torch.equal(drawn[0, 3][1], drawn[1, 3][1])
+    assert not torch.equal(drawn[0, 3][0], drawn[0, 4][0])  # successive micro-batches differ
+    module = TaptModule(model, CFG, seed=7)
+    module._trainer = _fake_trainer(1, 3)
+    again = module.on_before_batch_transfer(dict(batch), 0)
+    assert torch.equal(again["mask_time_indices"], drawn[1, 3][0])  # a pure function of (seed, rank, batch)
+    assert torch.equal(again["negatives"], drawn[1, 3][1])
+
+
+def test_accumulation_splits_the_step_budget_into_micro_batches():
+    from mmser.data.batching import BucketBatchSampler, micro_batch_samples
+
+    assert micro_batch_samples(250.0, 1, 16000) == 4_000_000
+    assert micro_batch_samples(250.0, 2, 16000) == 2_000_000
+    # IEMOCAP-like durations (log-normal, median 3.6 s, mean 4.6 s), cropped to 10 s
+    rng = np.random.default_rng(0)
+    sec = np.clip(np.exp(rng.normal(np.log(3.6), 0.70, 4400)), 0.6, 34.0)
+    lengths = (np.minimum(sec, 10.0) * 16000).astype(int)
+    whole = BucketBatchSampler(lengths, max_batch_samples=micro_batch_samples(250.0, 1, 16000), seed=0)
+    halves = BucketBatchSampler(lengths, max_batch_samples=micro_batch_samples(250.0, 2, 16000), seed=0)
+    n_whole, n_half = len(whole.all_batches(0)), len(halves.all_batches(0))
+    # the same audio per optimizer step: 2 micro-batches per step, as many steps per epoch within 2%
+    assert abs(n_half / 2 - n_whole) / n_whole < 0.02
+    audio = lengths.sum() / 16000
+    assert abs(audio / (n_half / 2) - audio / n_whole) < 0.02 * audio / n_whole
+
+
+def test_tapt_accumulation_keeps_the_optimizer_step_schedule(tmp_path, monkeypatch):
+    """accumulate=2 with half-size micro-batches: the same optimizer steps (total_steps), the same
+    lr at each, twice the micro-batches, and the same audio per optimizer step."""
+    from helpers import tiny_config, write_toy_corpus
+
+    from mmser.data.manifest import load_manifest, split_fold
+    from mmser.training import tapt as taptmod
+
+    manifest = write_toy_corpus(tmp_path / "toy", per_class=3, durations=(0.4, 0.6))
+    fold = split_fold(load_manifest(manifest), 2)
+    runs = {}
+    for acc in (1, 2):
+        cfg = tiny_config(tmp_path, manifest, ["tapt.total_steps=6", "tapt.warmup_steps=2", "tapt.hold_steps=1",
+                                               "tapt.mask_time_length=4", "tapt.num_negatives=5",
+                                               "tapt.max_batch_seconds=2.4", f"tapt.accumulate_grad_batches={acc}"])
+        seen = {"micro": [], "lr": [], "budget": []}
+        real_step, real_adam = taptmod.TaptModule.training_step, torch.optim.Adam.step
+        real_sampler = taptmod.BucketBatchSampler
+
+        def step(self, batch, batch_idx, seen=seen, real_step=real_step):
+            seen["micro"].append(int(batch["audio_mask"].sum()))
+            return real_step(self, batch, batch_idx)
+
+        def adam_step(self, *a, seen=seen, real_adam=real_adam, **k):
+            seen["lr"].append(self.param_groups[0]["lr"])
+            out = real_adam(self, *a, **k)  # runs the closure (the step's last training_step) first
+            seen["micro"].append("step")
+            return out
+
+        def sampler(lengths, seen=seen, real_sampler=real_sampler, **kw):
+            seen["budget"].append(kw["max_batch_samples"])
+            return real_sampler(lengths, **kw)
+
+        monkeypatch.setattr(taptmod.TaptModule, "training_step", step)
+        monkeypatch.setattr(torch.optim.Adam, "step", adam_step)
+        monkeypatch.setattr(taptmod, "BucketBatchSampler", sampler)
+        taptmod.run_tapt(cfg, fold, tmp_path / f"tapt{acc}")
+        done = json.loads((tmp_path / f"tapt{acc}" / "DONE.json").read_text())
+        runs[acc] = {**seen, "steps": done["steps"]}
+        monkeypatch.undo()
+    one, two = runs[1], runs[2]
+    assert one["steps"] == two["steps"] == 6  # total_steps counts optimizer steps
+    assert one["budget"] == [int(2.4 * 16000)] and two["budget"] == [int(1.2 * 16000)]
+    assert one["lr"] == two["lr"] and len(one["lr"]) == 6  # the schedule, step by step
+
+    def per_step(events):  # audio samples of each optimizer step, and micro-batches per step
+        groups, cur = [], []
+        for e in events:
+            if e == "step":
+                groups.append(cur)
+                cur = []
+            else:
+                cur.append(e)
+        return groups
+
+    g1, g2 = per_step(one["micro"]), per_step(two["micro"])
+    assert [len(g) for g in g1] == [1] * 6
+    assert sum(len(g) for g in g2) >= 11  # two micro-batches per step (an epoch's last step may hold one)
+    a1, a2 = np.mean([sum(g) for g in g1]), np.mean([sum(g) for g in g2])
+    assert abs(a2 - a1) / a1 < 0.25  # the same audio per optimizer step (tiny corpus: coarse)
+
+
+def test_finite_guard_reports_a_nan_at_the_next_check_without_reading_every_step():
+    from mmser.training.finite import FiniteGuard
+
+    guard = FiniteGuard("TAPT")
+    reads = []
+    real_bool = torch.Tensor.__bool__
+
+    def counting_bool(self):
+        reads.append(1)
+        return real_bool(self)
+
+    torch.Tensor.__bool__ = counting_bool
+    try:
+        for step in range(4):
+            guard.update(torch.tensor(1.0), step, every=5)
+        assert reads == []  # nothing read on the host between checks
+        guard.update(torch.tensor(float("nan")), 4, every=5)  # the 5th call checks
+    except FloatingPointError as e:
+        assert "TAPT loss is not finite at a step in [0, 4]" in str(e)
+    else:
+        raise AssertionError("a NaN loss was not reported")
+    finally:
+        torch.Tensor.__bool__ = real_bool
+    late = FiniteGuard("P-TAPT")
+    late.update(torch.tensor(float("inf")), 7, every=10)
+    with pytest.raises(FloatingPointError, match=r"at a step in \[0, 7\]"):
+        late.check(7)  # the end-of-training check (on_train_end)

@@ -74,6 +74,14 @@ def padding_efficiency(batches: Sequence[Sequence[int]], lengths: Sequence[int])
     return real / padded
 
 
+def micro_batch_samples(max_batch_seconds: float, accumulate: int, sample_rate: int) -> int:
+    """Padded samples per micro-batch when `max_batch_seconds` of audio make one optimizer step in
+    `accumulate` micro-batches (TAPT's and P-TAPT step (c)'s dynamic batches with gradient accumulation)."""
+    if accumulate < 1:
+        raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate}")
+    return int(max_batch_seconds * sample_rate / accumulate)
+
+
 def _dist_info(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
     if num_replicas is None or rank is None:
         if dist.is_available() and dist.is_initialized():

@@ -3,11 +3,17 @@
 PAPER.md "TAPT": contrastive loss over masked frames (cosine similarity, temperature 0.1,
 100 negatives from the same utterance, 2 x 320 codevectors, dim 256) + 0.1 x diversity loss;
 all parameters trainable (CNN and quantizer included); Adam 1e-4, warm-up 100, flat 1,000,
-linear decay to 0 at 20,000 steps; dynamic ~250 s batches, random crops <= 10 s.
+linear decay to 0 at 20,000 steps; dynamic ~250 s batches, random crops <= 10 s. A 250 s batch
+needs ~27-30 GiB at wav2vec2-base size: `tapt.accumulate_grad_batches=k` makes each optimizer step
+of k micro-batches of 250/k s (gradients summed; steps, schedule and checkpoints count optimizer
+steps, so the 20,000-step schedule is unchanged).
 
 The model is transformers' `Wav2Vec2ForPreTraining`; its forward gives the projected context and
-quantized vectors, and this module computes the loss itself in float32 with autocast off (the
-reference summed it in fp16 and users report NaN losses). By default the objective is the
+quantized vectors, and this module computes the loss itself in float32 with autocast off. Under
+fp16 AMP the reference's transformers 4.10 rounds the cosine-similarity logits to half precision
+(`logits.type_as(target_features)`, modeling_wav2vec2.py line 1178) and then computes the summed
+cross-entropy on them cast back to fp32 (line 1302); users report NaN losses. mmser keeps the
+logits in fp32 throughout (README departures). By default the objective is the
 reference's (its transformers 4.10 `Wav2Vec2ForPreTraining.forward`, modeling_wav2vec2.py, called
 with `mask_time_indices` only, FT-w2v2-ser modules/FeatureFuser.py `Wav2vec2PretrainWrapper`):
 - time masks from 4.10's sampler (span count from the batch's padded length, min 2 spans, padding
@@ -43,7 +49,7 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import _sample_negative_indi
 
 from mmser import tracking
 from mmser.config import Config, TaptConfig, save_config, to_dict
-from mmser.data.batching import BucketBatchSampler, collate_batch
+from mmser.data.batching import BucketBatchSampler, collate_batch, micro_batch_samples
 from mmser.data.dataset import UtteranceDataset, read_audio
 from mmser.data.manifest import Fold, fold_seed_offset, fold_sort_key, fold_tag
 from mmser.io import fingerprint, hold_folder, mark_stage_done, stage_done
@@ -56,8 +62,10 @@ from mmser.models.wav2vec2 import (
     uses_attention_mask,
 )
 from mmser.perf import set_attention_implementation
+from mmser.training.finite import FiniteGuard
 from mmser.training.run import apply_speed_switches, make_trainer, throughput_monitor
 from mmser.training.schedule import make_scheduler
+from mmser.training.step_rng import micro_batch_number, step_rng
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +93,7 @@ def tapt_masks(lengths: torch.Tensor, num_frames: int, cfg: TaptConfig) -> tuple
     ("all_frames": the reference; "masked": HF's current sampler, masked frames of the same item).
     """
     b = lengths.numel()
-    frame_mask = torch.arange(num_frames)[None, :] < lengths.cpu()[:, None]  # (B, F)
+    frame_mask = torch.arange(num_frames)[None, :] < lengths.cpu()[:, None]  # (B, F) (lengths: CPU in training)
     if num_frames < cfg.mask_time_length:
         raise ValueError(f"batch of {num_frames} frames is shorter than the mask span "
                          f"{cfg.mask_time_length}; filter such clips out before TAPT")
@@ -104,9 +112,12 @@ def tapt_masks(lengths: torch.Tensor, num_frames: int, cfg: TaptConfig) -> tuple
 
 
 def contrastive_diversity_loss(model: Wav2Vec2ForPreTraining, out, mask: torch.Tensor,
-                               negatives: torch.Tensor, cfg: TaptConfig) -> dict[str, torch.Tensor]:
+                               negatives: torch.Tensor, cfg: TaptConfig,
+                               masked_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """wav2vec 2.0's loss in float32: the training loss ("loss", in `cfg.loss_form`) and its parts
-    per masked frame for logging."""
+    per masked frame for logging. masked_index (M,): the flat (B * F) indices of the masked frames,
+    drawn on the CPU with the mask (`TaptModule.prepare_masks`); without it they are read from
+    `mask` (a boolean selection: one host-device sync)."""
     with torch.autocast(device_type=out.projected_states.device.type, enabled=False):
         pred = out.projected_states.float()  # (B, F, D)
         q = out.projected_quantized_states.float()  # (B, F, D)
@@ -116,7 +127,10 @@ def contrastive_diversity_loss(model: Wav2Vec2ForPreTraining, out, mask: torch.T
         logits = F.cosine_similarity(pred[None], targets, dim=-1) / cfg.contrastive_temperature  # (1+K, B, F)
         neg_is_pos = (q[None] == neg).all(-1)  # (K, B, F): a negative identical to the positive
         logits = torch.cat([logits[:1], logits[1:].masked_fill(neg_is_pos, float("-inf"))], dim=0)
-        logits = logits.permute(1, 2, 0)[mask]  # (M, 1+K): masked frames only
+        flat = logits.permute(1, 2, 0).reshape(b * f, -1)  # (B * F, 1+K)
+        if masked_index is None:
+            masked_index = mask.reshape(-1).nonzero().squeeze(1)  # (M,)
+        logits = flat.index_select(0, masked_index)  # (M, 1+K): masked frames only, row-major order
         target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         contrastive = F.cross_entropy(logits, target, reduction="sum")
         g, v = model.config.num_codevector_groups, model.config.num_codevectors_per_group
@@ -139,10 +153,15 @@ def gumbel_temperature(step: int, start: float = 2.0, end: float = 0.5, decay: f
 
 
 class TaptModule(pl.LightningModule):
-    """Lightning wrapper: one step = masks + negatives -> forward -> fp32 loss / masked frames."""
+    """Lightning wrapper: one step = masks + negatives -> forward -> fp32 loss / masked frames.
+
+    The masks, negatives and every count the step logs are drawn on the CPU batch before it moves
+    to the device (`on_before_batch_transfer` -> `prepare_masks`): no host-device sync in the step.
+    Their random stream is `step_rng(seed, global rank, micro-batch number)`: each rank draws its
+    own masks (the global RNGs, seeded alike on every rank, gave every rank the same ones)."""
 
     def __init__(self, model: Wav2Vec2ForPreTraining, cfg: TaptConfig, sample_rate: int = 16000,
-                 attention_mask: str = "never"):
+                 attention_mask: str = "never", seed: int = 0):
         super().__init__()
         if cfg.mask_time_prob <= 0:
             # transformers: a model built with mask_time_prob = 0 fails when given masks
@@ -150,38 +169,66 @@ class TaptModule(pl.LightningModule):
         self.model = model
         self.cfg = cfg
         self.sample_rate = sample_rate
+        self.seed = seed
         # tapt.attention_mask: "never" = the reference (no padding mask into the model).
         self.pass_attention_mask = uses_attention_mask(model.config, attention_mask)
+        self.finite = FiniteGuard("TAPT")
+
+    def prepare_masks(self, batch: dict, rank: int = 0, draw: int = 0) -> dict:
+        """The batch (on the CPU) plus its time masks "mask_time_indices" (B, F), "negatives"
+        (B, F, K), "masked_index" (M,) (flat indices of the masked frames) and "counts" (Python ints:
+        masked frames, valid frames, valid samples), drawn from `step_rng(self.seed, rank, draw)`."""
+        audio_mask = batch["audio_mask"]  # (B, T) on the CPU
+        lengths = frame_lengths(self.model, audio_mask)  # (B,)
+        num_frames = int(self.model._get_feat_extract_output_lengths(audio_mask.shape[1]))
+        with step_rng(self.seed, rank, draw):
+            mask, negatives = tapt_masks(lengths, num_frames, self.cfg)  # (B, F), (B, F, K)
+        counts = {"masked": int(mask.sum()), "valid_frames": int(lengths.sum()), "samples": int(audio_mask.sum())}
+        return {**batch, "mask_time_indices": mask, "negatives": negatives,
+                "masked_index": mask.reshape(-1).nonzero().squeeze(1), "counts": counts}
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if self._trainer is not None and self.trainer.training:
+            batch = self.prepare_masks(batch, self.global_rank, micro_batch_number(self))
+        return batch
 
     def training_step(self, batch, batch_idx):
+        if "mask_time_indices" not in batch:  # called outside a Trainer's loop: draw here (syncs)
+            device = batch["audio"].device
+            cpu = self.prepare_masks({"audio_mask": batch["audio_mask"].cpu()})
+            batch = {**batch, **{k: v.to(device) if torch.is_tensor(v) else v for k, v in cpu.items()}}
         audio, audio_mask = batch["audio"], batch["audio_mask"]
         c = self.cfg
         temperature = (c.gumbel_temperature if c.gumbel_schedule == "constant"
                        else gumbel_temperature(self.global_step))
         self.model.set_gumbel_temperature(temperature)
-        lengths = frame_lengths(self.model, audio_mask)
-        num_frames = int(self.model._get_feat_extract_output_lengths(audio.shape[1]))
-        mask, negatives = tapt_masks(lengths, num_frames, c)
-        mask, negatives = mask.to(audio.device), negatives.to(audio.device)
+        mask = batch["mask_time_indices"]
         attn = audio_mask.long() if self.pass_attention_mask else None
         out = self.model(audio, attention_mask=attn, mask_time_indices=mask)
-        parts = contrastive_diversity_loss(self.model, out, mask, negatives, c)
+        parts = contrastive_diversity_loss(self.model, out, mask, batch["negatives"], c,
+                                           masked_index=batch["masked_index"])
         loss = parts["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"TAPT loss is not finite at step {self.global_step}: {parts}")
-        bs = audio.shape[0]
+        self.finite.update(loss, self.global_step, self._check_every())
+        n = batch["counts"]
         self.log_dict({"tapt/loss": loss.detach(),
                        "tapt/contrastive": parts["contrastive_per_frame"],
-                       "tapt/diversity": parts["diversity"], "tapt/masked_frames": parts["n_masked"].float(),
-                       "tapt/masked_fraction": parts["n_masked"].float() / lengths.sum().clamp(min=1),
+                       "tapt/diversity": parts["diversity"], "tapt/masked_frames": float(n["masked"]),
+                       "tapt/masked_fraction": n["masked"] / max(n["valid_frames"], 1),
                        "tapt/gumbel_temperature": float(temperature),
                        "tapt/accuracy": parts["accuracy"], "tapt/perplexity": parts["perplexity"],
-                       "tapt/audio_seconds": audio_mask.sum().float() / self.sample_rate},
-                      batch_size=bs, on_step=True, prog_bar=False)
+                       "tapt/audio_seconds": n["samples"] / self.sample_rate},
+                      batch_size=audio.shape[0], on_step=True, prog_bar=False)
         return loss
+
+    def _check_every(self) -> int:
+        return self.trainer.log_every_n_steps if self._trainer is not None else 1
+
+    def on_train_end(self) -> None:
+        self.finite.check(self.global_step)
 
     def configure_optimizers(self):
         opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=self.cfg.lr)
+        # interval "step": once per optimizer step, so accumulation leaves the schedule unchanged
         sched = make_scheduler(opt, self.cfg.warmup_steps, self.cfg.hold_steps, self.cfg.total_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -288,7 +335,7 @@ def run_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int = 0) -> Path:
     # (the attention kernel is a speed switch, not an input: left out, so switching it reuses the stage)
     encoder_fp = {k: v for k, v in to_dict(cfg.encoder).items() if k != "attn_implementation"}
     fp = fingerprint([("tapt", to_dict(tc)), ("encoder", encoder_fp), ("seed", seed),
-                      ("sample_rate", cfg.data.sample_rate), ("num_buckets", cfg.data.num_buckets),
+                      ("sample_rate", cfg.data.sample_rate),
                       ("train_ids", sorted(r["id"] for r in fold.train))])
     if stage_done(out_dir, fp) and (encoder_dir / "config.json").is_file():
         log.info("TAPT fold %s: complete (%s)", fold.test_session, encoder_dir)
@@ -304,7 +351,8 @@ def run_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int = 0) -> Path:
 def _train_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int, fp: str) -> Path:
     encoder_dir = out_dir / "encoder"
     tc = cfg.tapt
-    pl.seed_everything(seed + 1000 * fold_seed_offset(fold.test_session), workers=True)
+    stage_seed = seed + 1000 * fold_seed_offset(fold.test_session)
+    pl.seed_everything(stage_seed, workers=True)
     model = build_pretraining_model(cfg)
     speed = apply_speed_switches(cfg, model)
     hop = int(np.prod(model.config.conv_stride))
@@ -317,11 +365,13 @@ def _train_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int, fp: str) -> P
     if not records:
         raise ValueError(f"TAPT fold {fold.test_session}: no training clip is long enough ({min_len} samples)")
     dataset = RandomCropDataset(records, sr, tc.crop_s, hop=hop, seed=seed, classes=fold.classes or None)
-    sampler = BucketBatchSampler(dataset.lengths, max_batch_samples=int(tc.max_batch_seconds * sr),
-                                 num_buckets=cfg.data.num_buckets, shuffle=True, seed=seed)
+    # tapt.max_batch_seconds of audio per optimizer step, in accumulate_grad_batches micro-batches
+    budget = micro_batch_samples(tc.max_batch_seconds, tc.accumulate_grad_batches, sr)
+    sampler = BucketBatchSampler(dataset.lengths, max_batch_samples=budget,
+                                 num_buckets=tc.num_buckets, shuffle=True, seed=seed)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_batch,
                         num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
-    module = TaptModule(model, tc, sample_rate=sr, attention_mask=tc.attention_mask)
+    module = TaptModule(model, tc, sample_rate=sr, attention_mask=tc.attention_mask, seed=stage_seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
     loggers = tracking.make_loggers(cfg, out_dir, name=f"{cfg.experiment}-tapt-{fold_tag(fold.test_session)}",
@@ -332,7 +382,8 @@ def _train_tapt(cfg: Config, fold: Fold, out_dir: Path, seed: int, fp: str) -> P
                               every_n_train_steps=max(1, min(500, tc.total_steps // 4)),
                               enable_version_counter=False)
     trainer = make_trainer(cfg, max_steps=tc.total_steps, max_epochs=-1, logger=loggers,
-                           callbacks=[last_cb, _CropEpoch()], default_root_dir=str(out_dir))
+                           callbacks=[last_cb, _CropEpoch()], default_root_dir=str(out_dir),
+                           accumulate_grad_batches=tc.accumulate_grad_batches)
     exit_code = 1
     t0 = time.time()
     try:

@@ -3,7 +3,10 @@
 PAPER.md "P-TAPT" (reference: FT-w2v2-ser cluster.py) step 2: the 512-d frame features
 ReLU(conv(aggregator)) of step (a)'s model, every 20 ms frame of the training split (full
 utterances, eval mode, fp32); k-means with 20 iterations for each K in (64, 512, 4096); each frame
-gets one cluster id per K.
+gets one cluster id per K. The reference (cluster.py `train_kmeans`): faiss.Clustering with niter=20,
+max_points_per_centroid=500000 (so faiss does not subsample at IEMOCAP's ~1M frames), faiss' default
+initialisation (K random frames) and empty-cluster rule, on a float32 GpuIndexFlatL2; it fits on at
+most max(K) x 1000 sampled frames (all of them with --sample_ratio 1.0).
 
 k-means is hand-written in torch (Lloyd's algorithm, distances by chunked matmul) rather than
 scikit-learn's, because the real problem is ~1M frames x 4,096 clusters x 512 dims (~43 TFLOP for 20
@@ -12,11 +15,27 @@ no longer installs. The same code runs on CPU for the tiny/synthetic corpora of 
 on the 2-core (shared, loaded) CPU here, 50k x 512 frames, K=512, 20 iterations: this code 14 s,
 sklearn KMeans (Lloyd, random init) 7 s, sklearn with its own k-means++ seeding 160-330 s. sklearn's
 Lloyd loop is ~2x faster on CPU; torch is kept for the GPU and for one code path (same seeding and
-empty-cluster policy on both devices). Initialisation (seeded): k-means++ by default, or K distinct
-random points (faiss' default, the reference's); a cluster left empty is re-seeded on a random point
-(seeded); iterations: exactly `iters` (faiss' `niter`, no early stop). On CPU the result is a
-deterministic function of (data, K, seed); on CUDA `index_add_` is deterministic only under
-`torch.use_deterministic_algorithms(True)`.
+empty-cluster policy on both devices). Initialisation (seeded): k-means++ by default, on a seeded
+subsample of max(8 K, 4,096) frames (32,768 at K=4,096; README departures), or K distinct random
+frames (`ptapt.kmeans_init=random`: faiss' default, the reference's). Iterations: exactly `iters`
+(faiss' `niter`, no early stop).
+
+Empty clusters (`ptapt.kmeans_empty`). "split" (default) is faiss' rule (Clustering.cpp
+`split_clusters`, run after every centroid update): for each empty cluster, in index order, scan
+the clusters cyclically from 0 and take cluster j with probability (n_j - 1) / (N - K) (so about
+in proportion to its size; singletons never), copy its centroid into the empty one and move the two
+apart symmetrically by a relative 1/1024 (even dimensions x (1 + eps) / (1 - eps), odd ones the
+other way), and count half of its points for each (the next assignment splits them). "reseed" =
+mmser before: the empty centroid moves to a random frame (seeded). The draws come from one seeded
+stream per k-means (faiss seeds a generator with 1234 at every call). Measured how often it
+matters: benchmarks/kmeans_empty.py (README departure 7).
+
+Determinism: the per-cluster sums use `index_add_`, whose CUDA kernel (atomic adds) is
+deterministic only under `torch.use_deterministic_algorithms(True)`, which a Lightning Trainer with
+deterministic=True switches on for the whole process: so a fresh process (P-TAPT resumed at step
+(b)) and one that built step (a)'s Trainer gave different pseudo-labels. The sums now run under
+that setting in a block of their own (`deterministic_algorithms`), the caller's setting restored
+after: the same labels whatever ran before, a function of (data, K, seed) on either device.
 
 Output folder (files written atomically; `cluster_frames` adds DONE.json last):
     labels.npz      utterance id -> int32 array (F, len(cluster_sizes)), column i = cluster id for K_i
@@ -30,7 +49,8 @@ import io
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -115,13 +135,65 @@ def _kmeans_pp_init(x: torch.Tensor, k: int, gen: torch.Generator, max_points: i
     return x[torch.tensor(idx, device=x.device)].clone()
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, init: str = "k-means++",
-           chunk: int | None = None, desc: str | None = None) -> tuple[torch.Tensor, dict]:
-    """Lloyd's k-means on x (N, D) float32 (on x's device). Returns centroids (K, D) and stats
-    {"inertia": mean squared distance after the last update, "reseeded": empty clusters re-seeded}.
+EMPTY_POLICIES = ("split", "reseed")
+SPLIT_EPS = 1.0 / 1024  # faiss Clustering.cpp: EPS (1 / 1024), the relative perturbation of a split
 
-    init: "k-means++" or "random" (K distinct points, faiss' default). desc: show progress per
-    iteration under this name (`mmser.progress`)."""
+
+@contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """`torch.use_deterministic_algorithms(True)` inside the block (CUDA `index_add_` then takes its
+    sorted, deterministic path), the caller's setting (and warn_only) restored after."""
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
+def cluster_sums(x: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-cluster sums of the rows of x (N, D) by ids (N,) -> (K, D), deterministic on any device."""
+    with deterministic_algorithms():
+        return torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, ids, x)
+
+
+def split_empty_clusters(centroids: torch.Tensor, counts: torch.Tensor, rng: np.random.Generator) -> int:
+    """faiss' `split_clusters` (Clustering.cpp) on centroids (K, D) in place, given the cluster
+    sizes counts (K,) of N = counts.sum() points; see the module docstring. Returns the number of
+    empty clusters it filled."""
+    h = counts.detach().cpu().double().numpy().copy()  # faiss' hassign (float: halves stay halves)
+    k, n = h.shape[0], float(h.sum())
+    empty = np.flatnonzero(h == 0)
+    if empty.size == 0:
+        return 0
+    d = centroids.shape[1]
+    up = torch.where(torch.arange(d, device=centroids.device) % 2 == 0, 1 + SPLIT_EPS, 1 - SPLIT_EPS)  # (D,)
+    up = up.to(centroids.dtype)
+    down = 2 - up  # (D,) the opposite perturbation
+    for ci in empty.tolist():
+        # faiss: for (cj = 0; ; cj = (cj + 1) % k) if (rand < (h[cj] - 1) / (n - k)) break; one
+        # cycle's draws at a time (the same distribution). n == k: the first cluster with h > 1.
+        p = (h - 1.0) / (n - k) if n > k else np.where(h > 1, 1.0, 0.0)  # (K,)
+        while True:
+            hits = np.flatnonzero(rng.random(k) < p)
+            if hits.size:
+                cj = int(hits[0])
+                break
+        centroids[ci] = centroids[cj] * up
+        centroids[cj] = centroids[cj] * down
+        h[ci] = h[cj] / 2
+        h[cj] -= h[ci]
+    return int(empty.size)
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, init: str = "k-means++",
+           chunk: int | None = None, desc: str | None = None, empty: str = "split") -> tuple[torch.Tensor, dict]:
+    """Lloyd's k-means on x (N, D) float32 (on x's device). Returns centroids (K, D) and stats
+    {"inertia": mean squared distance after the last update, "empty_clusters": empty clusters met
+    over all iterations (each filled by `empty`), "empty_per_iter": that count per iteration}.
+
+    init: "k-means++" or "random" (K distinct points, faiss' default). empty: "split" (faiss) or
+    "reseed" (a random point). desc: show progress per iteration under this name (`mmser.progress`)."""
     if x.dim() != 2:
         raise ValueError(f"kmeans: expected features (N, D), got shape {tuple(x.shape)}")
     n = x.shape[0]
@@ -129,28 +201,35 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, init: str = 
         raise ValueError(f"kmeans: K={k} clusters need at least K frames, got {n}")
     if iters < 1:
         raise ValueError(f"kmeans: iters must be >= 1, got {iters}")
+    if empty not in EMPTY_POLICIES:
+        raise ValueError(f"kmeans: empty must be one of {EMPTY_POLICIES}, got {empty!r}")
     x = x.float()
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    split_rng = np.random.default_rng([seed, 1024])
     if init == "k-means++":
         centroids = _kmeans_pp_init(x, k, gen)  # (K, D)
     elif init == "random":
         centroids = x[torch.randperm(n, generator=gen)[:k].to(x.device)].clone()  # (K, D)
     else:
         raise ValueError(f"kmeans: init must be 'k-means++' or 'random', got {init!r}")
-    reseeded = 0
+    per_iter = []
     for _ in track(range(iters), desc=desc or "", unit="iter", mode=None if desc else "off"):
         ids, _ = assign_clusters(x, centroids, chunk, with_dist=False)
-        sums = torch.zeros_like(centroids).index_add_(0, ids, x)  # (K, D)
-        counts = torch.bincount(ids, minlength=k).to(x.dtype)  # (K,)
-        empty = counts == 0
-        centroids = torch.where(empty[:, None], centroids, sums / counts.clamp_min(1)[:, None])
-        n_empty = int(empty.sum())
-        if n_empty:
-            reseeded += n_empty
-            pick = torch.randint(0, n, (n_empty,), generator=gen).to(x.device)
-            centroids[empty] = x[pick]
+        sums = cluster_sums(x, ids, k)  # (K, D)
+        counts = torch.bincount(ids, minlength=k)  # (K,)
+        is_empty = counts == 0
+        centroids = torch.where(is_empty[:, None], centroids, sums / counts.clamp_min(1)[:, None].to(x.dtype))
+        if empty == "split":
+            per_iter.append(split_empty_clusters(centroids, counts, split_rng))  # one (K,) copy to the CPU
+        else:
+            n_empty = int(is_empty.sum())
+            if n_empty:
+                pick = torch.randint(0, n, (n_empty,), generator=gen).to(x.device)
+                centroids[is_empty] = x[pick]
+            per_iter.append(n_empty)
     _, dist = assign_clusters(x, centroids, chunk)
-    return centroids, {"inertia": float(dist.mean()), "reseeded": reseeded}
+    return centroids, {"inertia": float(dist.mean()), "empty_clusters": int(sum(per_iter)),
+                       "empty_per_iter": per_iter}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,7 +268,8 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 
 def make_pseudo_labels(features: dict[str, np.ndarray], cluster_sizes: Sequence[int], iters: int,
                        seed: int, out_dir: str | Path, fit_fraction: float = 1.0, init: str = "k-means++",
-                       device: torch.device | str = "cpu", extra_meta: dict | None = None) -> Path:
+                       device: torch.device | str = "cpu", extra_meta: dict | None = None,
+                       empty: str = "split") -> Path:
     """k-means for every K on the frames of `features` (id -> (F, D)); label every frame; write the
     folder described in the module docstring (`cluster_frames` then adds DONE.json). Returns out_dir."""
     out_dir = Path(out_dir)
@@ -198,9 +278,9 @@ def make_pseudo_labels(features: dict[str, np.ndarray], cluster_sizes: Sequence[
     if not 0.0 < fit_fraction <= 1.0:
         raise ValueError(f"ptapt.kmeans_fit_fraction must be in (0, 1], got {fit_fraction}")
     ids = list(features)
-    empty = [i for i in ids if features[i].shape[0] == 0]
-    if empty:
-        raise ValueError(f"make_pseudo_labels: utterances without frames: {empty[:5]}")
+    frameless = [i for i in ids if features[i].shape[0] == 0]
+    if frameless:
+        raise ValueError(f"make_pseudo_labels: utterances without frames: {frameless[:5]}")
     counts = [features[i].shape[0] for i in ids]
     x_all = torch.from_numpy(np.concatenate([features[i] for i in ids])).float().to(device)  # (N, D)
     if fit_fraction < 1.0:  # the reference's per-utterance subsample (cluster.py sample_ratio)
@@ -216,7 +296,7 @@ def make_pseudo_labels(features: dict[str, np.ndarray], cluster_sizes: Sequence[
     columns, centroids, stats = [], {}, {}
     for k in cluster_sizes:
         t0 = time.perf_counter()
-        c, st = kmeans(x_fit, int(k), iters=iters, seed=seed, init=init, desc=f"k-means K={k}")
+        c, st = kmeans(x_fit, int(k), iters=iters, seed=seed, init=init, desc=f"k-means K={k}", empty=empty)
         labels, dist = assign_clusters(x_all, c)
         st["inertia_all_frames"] = float(dist.mean())
         st["seconds"] = round(time.perf_counter() - t0, 3)
@@ -224,8 +304,8 @@ def make_pseudo_labels(features: dict[str, np.ndarray], cluster_sizes: Sequence[
         columns.append(labels.cpu().numpy().astype(np.int32))
         centroids[f"k{k}"] = c.cpu().numpy().astype(np.float32)
         stats[str(k)] = st
-        log.info("k-means K=%d: inertia %.4g, %d clusters used, %d re-seeded, %.1f s", k, st["inertia"],
-                 st["clusters_used"], st["reseeded"], st["seconds"])
+        log.info("k-means K=%d: inertia %.4g, %d clusters used, %d empty clusters filled (%s), %.1f s", k,
+                 st["inertia"], st["clusters_used"], st["empty_clusters"], empty, st["seconds"])
     table = np.stack(columns, axis=1)  # (N, len(K))
     per_utt, start = {}, 0
     for uid, n in zip(ids, counts, strict=True):
@@ -234,7 +314,8 @@ def make_pseudo_labels(features: dict[str, np.ndarray], cluster_sizes: Sequence[
     atomic_write_bytes(out_dir / LABELS_FILE, _npz_bytes(per_utt))
     atomic_write_bytes(out_dir / CENTROIDS_FILE, _npz_bytes(centroids))
     meta = {"cluster_sizes": [int(k) for k in cluster_sizes], "iters": iters, "seed": seed,
-            "fit_fraction": fit_fraction, "init": init, "n_utterances": len(ids), "n_frames": int(x_all.shape[0]),
+            "fit_fraction": fit_fraction, "init": init, "empty": empty, "n_utterances": len(ids),
+            "n_frames": int(x_all.shape[0]),
             "n_fit_frames": int(x_fit.shape[0]), "dim": int(x_all.shape[1]), "kmeans": stats, "ids": ids,
             **(extra_meta or {})}
     atomic_write_json(out_dir / META_FILE, meta)
@@ -257,7 +338,8 @@ def cluster_frames(cfg: Config, fold: Fold, model: FrameEmotionModel, stage_dir:
     feats = extract_frame_features(model, records, cfg.data.sample_rate, device)
     t_feat = time.perf_counter() - t0
     make_pseudo_labels(feats, pc.cluster_sizes, pc.kmeans_iters, pc.seed, stage_dir,
-                       fit_fraction=pc.kmeans_fit_fraction, init=pc.kmeans_init, device=device,
+                       fit_fraction=pc.kmeans_fit_fraction, init=pc.kmeans_init, empty=pc.kmeans_empty,
+                       device=device,
                        extra_meta={"hop_samples": model.hop_samples, "feature_seconds": round(t_feat, 3)})
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

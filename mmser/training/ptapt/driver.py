@@ -77,12 +77,13 @@ def run_ptapt(cfg: Config, fold: Fold, out_dir: str | Path) -> Path:
                         ("sample_rate", cfg.data.sample_rate), ("train_ids", train_ids)])
     fp_b = fingerprint([("stage", "ptapt-pseudo-labels"), ("upstream", fp_a), ("cluster_sizes", list(pc.cluster_sizes)),
                         ("iters", pc.kmeans_iters), ("fit_fraction", pc.kmeans_fit_fraction),
-                        ("init", pc.kmeans_init)])
-    step_c = {k: v for k, v in to_dict(pc).items()
-              if k in ("lr", "warmup_steps", "hold_steps", "total_steps", "max_batch_seconds", "crop_s",
-                       "mask_time_prob", "mask_time_length", "mask_time_min_masks", "head_hidden_size")}
+                        ("init", pc.kmeans_init), ("empty", pc.kmeans_empty)])
+    step_c_keys = ("lr", "warmup_steps", "hold_steps", "total_steps", "max_batch_seconds", "accumulate_grad_batches",
+                   "num_buckets", "crop_s", "mask_time_prob", "mask_time_length", "mask_time_min_masks",
+                   "head_hidden_size")
+    step_c = {k: v for k, v in to_dict(pc).items() if k in step_c_keys}
     fp_c = fingerprint([("stage", "ptapt-encoder"), ("upstream", fp_b), ("ptapt", step_c),
-                        ("encoder", _encoder_fingerprint_items(cfg)), ("num_buckets", cfg.data.num_buckets)])
+                        ("encoder", _encoder_fingerprint_items(cfg))])
 
     # One process per fold folder (all three steps); another live one holding it raises
     # mmser.io.FolderHeld. The steps' DONE.json checks run under the lock.

@@ -5,8 +5,9 @@ and masked_spec_embed frozen) trained to predict the pseudo-labels of time-maske
 p=0.06, span 15, min 2, inside valid frames; masked frames replaced by masked_spec_embed (HF
 `mask_time_indices`); one head Linear(H, 256)-Tanh-Linear(256, K) per K on ReLU(encoder output);
 loss = sum over heads of the CE on masked frames only; Adam 1e-4, warm-up 100 / flat 1,000 / linear
-decay to 0 at 20,000 steps; dynamic ~250 s length-bucketed batches; utterances longer than 10 s
-randomly cropped to 10 s, the pseudo-label sequence cropped alongside.
+decay to 0 at 20,000 steps; dynamic ~250 s length-bucketed batches (per optimizer step: in
+`ptapt.accumulate_grad_batches` micro-batches, as TAPT); utterances longer than 10 s randomly
+cropped to 10 s, the pseudo-label sequence cropped alongside.
 
 Label alignment: crops start on a multiple of the encoder's frame hop (320 samples), so frame j of
 a crop starting at frame s is frame s + j of the full utterance; the label sequence (made on the
@@ -44,15 +45,17 @@ from transformers import PreTrainedModel
 
 from mmser import tracking
 from mmser.config import Config, PtaptConfig
-from mmser.data.batching import BucketBatchSampler, collate_batch
+from mmser.data.batching import BucketBatchSampler, collate_batch, micro_batch_samples
 from mmser.data.dataset import UtteranceDataset, num_samples, read_audio
 from mmser.data.manifest import Fold, fold_tag
 from mmser.io import mark_stage_done
 from mmser.models.wav2vec2 import build_encoder, compute_time_mask, uses_attention_mask
+from mmser.training.finite import FiniteGuard
 from mmser.training.ptapt.clustering import load_pseudo_labels, read_meta
 from mmser.training.ptapt.common import check_no_test_session, stage_trainer
 from mmser.training.run import apply_speed_switches, throughput_monitor
 from mmser.training.schedule import make_scheduler
+from mmser.training.step_rng import micro_batch_number, step_rng
 
 log = logging.getLogger(__name__)
 
@@ -127,43 +130,68 @@ def collate_pseudo(items: list[dict]) -> dict:
     return batch
 
 
-def ptapt_loss(frames: torch.Tensor, heads: Sequence[nn.Module], labels: torch.Tensor, time_mask: torch.Tensor
-               ) -> dict[str, torch.Tensor]:
+def loss_indices(time_mask: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Where `ptapt_loss` reads, from the CPU batch: "masked_index" (M,) the flat (B * F) indices of
+    the masked frames; per head i, "head_index"[i] (M_i,) those with a target and "head_targets"[i]
+    (M_i,) their labels, and "head_counts"[i] = M_i (a Python int); "n_masked" = M (int). Row-major
+    order, as a boolean selection `frames[time_mask]` gives it. time_mask (B, F), labels (B, F, n_K)."""
+    flat_mask = time_mask.reshape(-1)  # (B * F,)
+    flat_labels = labels.reshape(-1, labels.shape[-1])  # (B * F, n_K)
+    head_index, head_targets, head_counts = [], [], []
+    for i in range(labels.shape[-1]):
+        idx = (flat_mask & (flat_labels[:, i] != IGNORE_INDEX)).nonzero().squeeze(1)  # (M_i,)
+        head_index.append(idx)
+        head_targets.append(flat_labels[idx, i])
+        head_counts.append(int(idx.numel()))
+    return {"masked_index": flat_mask.nonzero().squeeze(1), "head_index": head_index, "head_targets": head_targets,
+            "head_counts": head_counts, "n_masked": int(flat_mask.sum())}
+
+
+def ptapt_loss(frames: torch.Tensor, heads: Sequence[nn.Module], labels: torch.Tensor, time_mask: torch.Tensor,
+               indices: dict | None = None) -> dict[str, torch.Tensor]:
     """Sum over heads of the CE on MASKED frames only.
 
     frames (B, F, H) = ReLU(encoder output); labels (B, F, n_K) with -100 = no target; time_mask (B, F)
     bool. Each head's CE is the mean over masked frames that have a target (the reference's
-    `CrossEntropyLoss(ignore_index=-100)` on `reps[maskidx]`), in float32."""
+    `CrossEntropyLoss(ignore_index=-100)` on `reps[maskidx]`), in float32. indices: `loss_indices`
+    of (time_mask, labels) made on the CPU batch (`PtaptModule.prepare_masks`: no host-device sync
+    here); without it they are made here (from a GPU batch: a sync)."""
     if labels.shape[:2] != frames.shape[:2] or time_mask.shape != frames.shape[:2]:
         raise ValueError(f"ptapt_loss: frames {tuple(frames.shape)}, labels {tuple(labels.shape)} and mask "
                          f"{tuple(time_mask.shape)} disagree on (B, F)")
     if labels.shape[2] != len(heads):
         raise ValueError(f"ptapt_loss: {labels.shape[2]} label columns for {len(heads)} heads")
-    selected = frames[time_mask]  # (M, H)
-    targets = labels[time_mask]  # (M, n_K)
+    if indices is None:
+        ix = loss_indices(time_mask.cpu(), labels.cpu())
+        indices = {k: ([t.to(frames.device) for t in v] if k in ("head_index", "head_targets")
+                       else v.to(frames.device) if torch.is_tensor(v) else v) for k, v in ix.items()}
+    flat = frames.reshape(-1, frames.shape[-1])  # (B * F, H)
     total = frames.new_zeros((), dtype=torch.float32)
     out: dict[str, torch.Tensor] = {}
     for i, head in enumerate(heads):
-        t = targets[:, i]
-        valid = t != IGNORE_INDEX
-        if not bool(valid.any()):
+        if indices["head_counts"][i] == 0:
             # No target in this batch: contribute 0 while keeping the graph connected.
-            total = total + 0.0 * head(selected).float().sum()
+            total = total + 0.0 * head(flat.index_select(0, indices["masked_index"])).float().sum()
             out[f"ce_{i}"] = total.new_zeros(())
             out[f"acc_{i}"] = total.new_zeros(())
             continue
-        logits = head(selected[valid]).float()  # (M', K_i)
-        ce = F.cross_entropy(logits, t[valid])
+        logits = head(flat.index_select(0, indices["head_index"][i])).float()  # (M_i, K_i)
+        t = indices["head_targets"][i]  # (M_i,)
+        ce = F.cross_entropy(logits, t)
         total = total + ce
         out[f"ce_{i}"] = ce.detach()
-        out[f"acc_{i}"] = (logits.argmax(-1) == t[valid]).float().mean().detach()
+        out[f"acc_{i}"] = (logits.argmax(-1) == t).float().mean().detach()
     out["loss"] = total
-    out["n_masked"] = time_mask.sum()
+    out["n_masked"] = indices["n_masked"]
     return out
 
 
 class PtaptModule(pl.LightningModule):
-    """Step (c): wav2vec 2.0 encoder + one Linear(H, 256)-Tanh-Linear(256, K) head per K."""
+    """Step (c): wav2vec 2.0 encoder + one Linear(H, 256)-Tanh-Linear(256, K) head per K.
+
+    As `TaptModule`: the time masks and the loss's indices are drawn on the CPU batch before the
+    device transfer (`prepare_masks`, no host-device sync in the step), from `step_rng(seed, global
+    rank, micro-batch number)` (each rank its own masks)."""
 
     def __init__(self, encoder: PreTrainedModel, cluster_sizes: Sequence[int], cfg: PtaptConfig,
                  attention_mask: str = "auto", sample_rate: int = 16000):
@@ -181,21 +209,46 @@ class PtaptModule(pl.LightningModule):
             nn.Sequential(nn.Linear(hidden, cfg.head_hidden_size), nn.Tanh(), nn.Linear(cfg.head_hidden_size, k))
             for k in self.cluster_sizes)
         self.pass_attention_mask = uses_attention_mask(encoder.config, attention_mask)
+        self.finite = FiniteGuard("P-TAPT")
 
     def frame_mask(self, audio_mask: torch.Tensor, num_frames: int) -> torch.Tensor:
         lengths = self.encoder._get_feat_extract_output_lengths(audio_mask.sum(-1)).long()  # (B,)
         return torch.arange(num_frames, device=audio_mask.device)[None, :] < lengths[:, None]  # (B, F)
 
+    def _num_frames(self, audio_mask: torch.Tensor) -> int:
+        return int(self.encoder._get_feat_extract_output_lengths(torch.tensor(audio_mask.shape[1])))
+
+    def draw_time_mask(self, audio_mask: torch.Tensor) -> torch.Tensor:
+        """The reference's sampler (transformers 4.10: spans counted from the padded length, min 2,
+        valid frames kept; FeatureFuser.py Wav2vec2Wrapper(pretrain=True)) on bucketed batches, as its.
+        audio_mask (B, T) -> (B, F) bool, from the global RNGs (`prepare_masks` seeds them)."""
+        c = self.cfg
+        return compute_time_mask(self.frame_mask(audio_mask, self._num_frames(audio_mask)), c.mask_time_prob,
+                                 c.mask_time_length, c.mask_time_min_masks, policy="padded")  # (B, F)
+
+    def prepare_masks(self, batch: dict, rank: int = 0, draw: int = 0) -> dict:
+        """The CPU batch plus "time_mask" (B, F), "loss_indices" (`loss_indices`) and "counts" (Python
+        ints), the mask drawn from `step_rng(ptapt.seed, rank, draw)`."""
+        with step_rng(self.cfg.seed, rank, draw):
+            time_mask = self.draw_time_mask(batch["audio_mask"])  # (B, F)
+        ix = loss_indices(time_mask, batch["pseudo_labels"])
+        return {**batch, "time_mask": time_mask, "loss_indices": ix,
+                "counts": {"masked": ix["n_masked"], "samples": int(batch["audio_mask"].sum())}}
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if self._trainer is not None and self.trainer.training:
+            batch = self.prepare_masks(batch, self.global_rank, micro_batch_number(self))
+        return batch
+
     def compute_loss(self, batch: dict, time_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Draw a time mask inside valid frames (unless given), run the encoder with it, `ptapt_loss`."""
+        """Run the encoder with the batch's time mask (`time_mask`, else the batch's "time_mask" from
+        `prepare_masks`, else one drawn here), then `ptapt_loss`."""
         audio, audio_mask = batch["audio"], batch["audio_mask"]
-        num_frames = int(self.encoder._get_feat_extract_output_lengths(torch.tensor(audio.shape[1])))
-        if time_mask is None:
-            c = self.cfg
-            # The reference's sampler (transformers 4.10: spans counted from the padded length, min 2,
-            # valid frames kept; FeatureFuser.py Wav2vec2Wrapper(pretrain=True)) on bucketed batches, as its.
-            time_mask = compute_time_mask(self.frame_mask(audio_mask, num_frames), c.mask_time_prob,
-                                          c.mask_time_length, c.mask_time_min_masks, policy="padded")  # (B, F)
+        indices = None
+        if time_mask is None and "time_mask" in batch:
+            time_mask, indices = batch["time_mask"], batch["loss_indices"]
+        elif time_mask is None:
+            time_mask = self.draw_time_mask(audio_mask)
         attn = audio_mask.long() if self.pass_attention_mask else None
         out = self.encoder(audio, attention_mask=attn, mask_time_indices=time_mask)
         frames = F.relu(out.last_hidden_state)  # (B, F, H)
@@ -203,24 +256,28 @@ class PtaptModule(pl.LightningModule):
         if labels.shape[1] != frames.shape[1]:
             raise ValueError(f"pseudo-labels have {labels.shape[1]} frames, the encoder {frames.shape[1]}: "
                              "collate them with collate_pseudo for this encoder")
-        return ptapt_loss(frames, self.heads, labels, time_mask)
+        return ptapt_loss(frames, self.heads, labels, time_mask, indices)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         parts = self.compute_loss(batch)
         loss = parts["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"P-TAPT loss is not finite at step {self.global_step}")
-        logs = {"ptapt/loss": loss.detach(), "ptapt/masked_frames": parts["n_masked"].float(),
-                "ptapt/audio_seconds": batch["audio_mask"].sum().float() / self.sample_rate}
+        self.finite.update(loss, self.global_step, self.trainer.log_every_n_steps if self._trainer is not None else 1)
+        n = batch.get("counts") or {"masked": parts["n_masked"], "samples": int(batch["audio_mask"].sum())}
+        logs = {"ptapt/loss": loss.detach(), "ptapt/masked_frames": float(n["masked"]),
+                "ptapt/audio_seconds": n["samples"] / self.sample_rate}
         for i, k in enumerate(self.cluster_sizes):
             logs[f"ptapt/ce_k{k}"] = parts[f"ce_{i}"]
             logs[f"ptapt/acc_k{k}"] = parts[f"acc_{i}"]
         self.log_dict(logs, batch_size=batch["audio"].shape[0], on_step=True)
         return loss
 
+    def on_train_end(self) -> None:
+        self.finite.check(self.global_step)
+
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=self.cfg.lr)
+        # interval "step": once per optimizer step, so accumulation leaves the schedule unchanged
         sched = make_scheduler(opt, self.cfg.warmup_steps, self.cfg.hold_steps, self.cfg.total_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -265,8 +322,10 @@ def train_encoder(cfg: Config, fold: Fold, labels_dir: Path, work_dir: Path, enc
         raise ValueError("P-TAPT step (c): no training utterance is longer than the mask span")
     dataset = PseudoLabelDataset(keep, labels, hc.conv_kernel, hc.conv_stride, pc.crop_s, sr,
                                  classes=fold.classes or None)
-    sampler = BucketBatchSampler(dataset.lengths, max_batch_samples=int(pc.max_batch_seconds * sr),
-                                 num_buckets=cfg.data.num_buckets, shuffle=True, seed=pc.seed)
+    # ptapt.max_batch_seconds of audio per optimizer step, in accumulate_grad_batches micro-batches
+    budget = micro_batch_samples(pc.max_batch_seconds, pc.accumulate_grad_batches, sr)
+    sampler = BucketBatchSampler(dataset.lengths, max_batch_samples=budget,
+                                 num_buckets=pc.num_buckets, shuffle=True, seed=pc.seed)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_pseudo,
                         num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
     module = PtaptModule(encoder, meta["cluster_sizes"], pc, attention_mask=cfg.encoder.attention_mask,
@@ -277,7 +336,7 @@ def train_encoder(cfg: Config, fold: Fold, labels_dir: Path, work_dir: Path, enc
                               every_n_train_steps=max(1, min(1000, pc.total_steps)))
     name = f"{cfg.experiment}-ptapt-{fold_tag(fold.test_session)}"
     trainer, loggers = stage_trainer(cfg, work_dir, pc.total_steps, [last_cb], name, "ptapt", validate=False,
-                                     test_session=fold.test_session)
+                                     test_session=fold.test_session, accumulate_grad_batches=pc.accumulate_grad_batches)
     resume = ckpt_dir / "last.ckpt"
     try:
         trainer.fit(module, loader, ckpt_path=str(resume) if resume.is_file() else None)
