@@ -158,3 +158,18 @@ def cli_error(capsys, catalogue, case, argv, expect_in, code=2) -> str:
     assert got == code and line.startswith("mmser: error:") and expect_in in line, (got, line)
     catalogue(case, line)
     return line
+
+
+def random_openai_whisper_state(dims) -> dict:
+    """A state dict of openai-whisper's `Whisper(dims)` with every tensor set from torch's seeded RNG.
+    The text decoder's positional embedding is `torch.empty` (real checkpoints overwrite it), so a
+    freshly built model holds whatever memory it got: NaN now and then, and a flaky test."""
+    import torch
+    from whisper.model import Whisper
+
+    model = Whisper(dims)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not torch.isfinite(p).all() or name.endswith("positional_embedding"):
+                p.normal_(0.0, 0.02)
+    return model.state_dict()

@@ -60,6 +60,10 @@ def test_require_lets_an_error_inside_an_installed_package_through(monkeypatch, 
 
 def test_openai_whisper_backend_without_the_extra_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "whisper", None)
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(str(tmp_path / "a.wav"), np.zeros(16000, dtype="float32"), 16000)  # transcribe hashes its audio first
     record = {"id": "Ses01F_impro01_F000", "path": str(tmp_path / "a.wav"), "session": 1, "speaker": "Ses01F",
               "gender": "F", "dialog": "Ses01F_impro01", "scripted": False, "emotion_code": "neu",
               "label": "neutral", "transcript": "hello", "duration": 2.0}

@@ -10,6 +10,7 @@ import soundfile as sf
 import torch
 from helpers import TEXT_SIDE as TEXT
 from helpers import (  # noqa: F401 (single_torch_thread: autouse fixture)
+    random_openai_whisper_state,
     single_torch_thread,
     tiny_audio_classifier,
     tiny_encoder_config,
@@ -191,13 +192,13 @@ def test_fusion_model_transcribes_with_a_recorded_openai_whisper_checkpoint(tmp_
     import json
 
     import torch
-    from whisper.model import ModelDimensions, Whisper
+    from whisper.model import ModelDimensions
 
     torch.manual_seed(0)
     dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=16, n_audio_head=2, n_audio_layer=1,
                            n_vocab=51864, n_text_ctx=8, n_text_state=16, n_text_head=2, n_text_layer=1)
     ckpt = tmp_path / "tiny-random.pt"
-    torch.save({"dims": dims.__dict__, "model_state_dict": Whisper(dims).state_dict()}, ckpt)
+    torch.save({"dims": dims.__dict__, "model_state_dict": random_openai_whisper_state(dims)}, ckpt)
     d = tmp_path / "m"
     d.mkdir()
     config = json.loads((fusion_model / "config.json").read_text())

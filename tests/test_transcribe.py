@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from helpers import random_openai_whisper_state
 
 from mmser.io import file_sha256
 from mmser.text.transcribe import (
@@ -188,13 +189,13 @@ def test_load_audio_resamples_and_downmixes(tmp_path: Path) -> None:
 
 def test_openai_whisper_tiny_random_checkpoint_end_to_end(tmp_path: Path, speech) -> None:
     import torch
-    from whisper.model import ModelDimensions, Whisper
+    from whisper.model import ModelDimensions
 
     torch.manual_seed(0)
     dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=16, n_audio_head=2, n_audio_layer=1,
                            n_vocab=51864, n_text_ctx=32, n_text_state=16, n_text_head=2, n_text_layer=1)
     ckpt = tmp_path / "tiny-random.pt"
-    torch.save({"dims": dims.__dict__, "model_state_dict": Whisper(dims).state_dict()}, ckpt)
+    torch.save({"dims": dims.__dict__, "model_state_dict": random_openai_whisper_state(dims)}, ckpt)
     manifest = _many(tmp_path, speech, 2)
     out = tmp_path / "ow.jsonl"
     report = transcribe_manifest(manifest, out, backend="openai-whisper", model=str(ckpt), batch_size=1,
@@ -327,13 +328,13 @@ def test_ctranslate2_reseeding_one_model_does_not_repeat_its_draws() -> None:
 
 def _tiny_openai_checkpoint(tmp_path: Path) -> Path:
     import torch
-    from whisper.model import ModelDimensions, Whisper
+    from whisper.model import ModelDimensions
 
     torch.manual_seed(0)
     dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=16, n_audio_head=2, n_audio_layer=1,
                            n_vocab=51864, n_text_ctx=32, n_text_state=16, n_text_head=2, n_text_layer=1)
     ckpt = tmp_path / "tiny-random.pt"
-    torch.save({"dims": dims.__dict__, "model_state_dict": Whisper(dims).state_dict()}, ckpt)
+    torch.save({"dims": dims.__dict__, "model_state_dict": random_openai_whisper_state(dims)}, ckpt)
     return ckpt
 
 
