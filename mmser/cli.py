@@ -12,6 +12,8 @@
     mmser transcribe MANIFEST --backend faster-whisper --model tiny.en --out FILE
     mmser demo [--out DIR]
     mmser predict MODEL AUDIO_OR_DIR... [--out preds.csv|.jsonl] [--text TEXT | --transcripts FILE | --asr] [--windows]
+                  [--embeddings OUT.npy]      (or: mmser predict --onnx DIR AUDIO_OR_DIR...: onnxruntime)
+    mmser export MODEL --format onnx --out DIR   (a run or model folder -> model.onnx + metadata)
     mmser config show -c vft [-c tiny ...] [key=value ...]   |   mmser config list
     mmser push MODEL USER/REPO [--public]     (a run or model folder -> the Hugging Face Hub)
 
@@ -274,9 +276,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("repo", help="Hub repository id, e.g. user/mmser-vft-s1")
     p.add_argument("--public", action="store_true", help="create the repository public (default: private)")
 
+    p = sub.add_parser("export", help="export a saved model (run or model folder) to ONNX")
+    p.add_argument("model", help="a run folder (its model/) or a model folder")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="export format (onnx)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (model.onnx, mmser_onnx.json, ...)")
+
     p = sub.add_parser("predict", help="classify audio files with a saved model (a row per file)")
-    p.add_argument("model", help="run folder (its model/), model folder, or Hugging Face Hub id")
-    p.add_argument("audio", nargs="+", type=Path, help="audio files or folders (WAV/FLAC/OGG, any rate)")
+    p.add_argument("model", help="run folder (its model/), model folder, or Hugging Face Hub id "
+                                 "(with --onnx: the first audio file or folder)")
+    p.add_argument("audio", nargs="*", type=Path, help="audio files or folders (WAV/FLAC/OGG, any rate)")
+    p.add_argument("--onnx", type=Path, default=None,
+                   help="predict with an `mmser export` folder on onnxruntime instead of a saved model")
+    p.add_argument("--embeddings", type=Path, default=None,
+                   help="also write each row's embedding (the vector that feeds the classifier) to OUT.npy, "
+                        "ids in OUT.ids.txt")
     p.add_argument("--out", type=Path, default=None, help="preds.csv or preds.jsonl (default: CSV on stdout)")
     text = p.add_mutually_exclusive_group()
     text.add_argument("--text", default=None,
@@ -551,9 +564,18 @@ def _dispatch(args: argparse.Namespace) -> int | None:
     if args.command == "predict":
         from mmser.inference import predict_command
 
-        return predict_command(args.model, args.audio, out=args.out, text=args.text, transcripts=args.transcripts,
-                               asr=args.asr, windows=args.windows, window_s=args.window_s,
-                               overlap_s=args.overlap_s, device=args.device)
+        audio = [Path(args.model), *args.audio] if args.onnx is not None else args.audio
+        if not audio:
+            raise ValueError("predict: give MODEL and at least one audio file or folder")
+        return predict_command(None if args.onnx is not None else args.model, audio, out=args.out, text=args.text,
+                               transcripts=args.transcripts, asr=args.asr, windows=args.windows,
+                               window_s=args.window_s, overlap_s=args.overlap_s, device=args.device,
+                               onnx=args.onnx, embeddings=args.embeddings)
+    if args.command == "export":
+        from mmser.export.onnx import export_onnx
+
+        print(export_onnx(args.model, args.out))
+        return 0
     if args.command == "demo":
         from mmser.demo import run_demo
 

