@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 ONNX_FORMAT = "mmser-onnx/1"  # = mmser.export.onnx.ONNX_FORMAT (not imported: that module imports torch)
 GRAPH, TOKENIZER = "model.onnx", "tokenizer.json"
+OUTPUTS = ["probs", "utterance_embedding"]  # = mmser.export.onnx.OUTPUTS
 
 
 class OnnxClassifier:
@@ -107,7 +108,7 @@ class OnnxClassifier:
         if ids is not None:
             feed["input_ids"] = np.repeat(ids[None], n, axis=0)  # (n, L)
             feed["attention_mask"] = np.ones_like(feed["input_ids"])  # (n, L)
-        probs, emb = self.session.run(["probs", "embedding"], feed)  # (n, C), (n, D)
+        probs, emb = self.session.run(OUTPUTS, feed)  # (n, C), (n, D)
         return probs, emb
 
     # -- predictions ----------------------------------------------------------------------------

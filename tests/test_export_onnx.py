@@ -158,19 +158,20 @@ def test_fusion_parity_at_three_lengths(models, name):
 def test_metadata_dynamic_axes_and_the_files_beside(models):
     import onnx
 
-    _, export_dir = models["fusion"]
+    model_dir, export_dir = models["fusion"]
     proto = onnx.load(str(export_dir / "model.onnx"))
     props = {p.key: p.value for p in proto.metadata_props}
     meta = json.loads(props["mmser"])
     assert meta["classes"] == list(CLASSES) and meta["sample_rate"] == SR and meta["task"] == "fusion"
     assert json.loads(props["classes"]) == list(CLASSES) and props["sample_rate"] == "16000"
-    assert meta["text"]["max_length"] == 16 and meta["window_s"] == 10.0 and meta["min_samples"] == 400
+    assert meta["text"]["max_length"] == 16 and meta["window_s"] == 10.0
+    assert meta["min_samples"] == EmotionClassifier.from_pretrained(model_dir).min_samples > 1
     assert meta["parity"]["probs"] <= TOL
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     assert set(dims) == {"audio", "input_ids", "attention_mask"}
     assert all(isinstance(d, str) and d for shape in dims.values() for d in shape)  # every axis symbolic
     assert dims["audio"][0] == dims["input_ids"][0]  # one batch axis
-    assert [o.name for o in proto.graph.output] == ["probs", "embedding"]
+    assert [o.name for o in proto.graph.output] == ["probs", "utterance_embedding"]
     assert json.loads((export_dir / "mmser_onnx.json").read_text()) == meta
     assert (export_dir / "tokenizer.json").is_file() and "onnx" in (export_dir / "README.md").read_text().lower()
 
@@ -292,8 +293,9 @@ def test_refusals_are_one_line(tmp_path, capsys, catalogue, monkeypatch):
         check_exportable(Saved())
     cli_error(capsys, catalogue, "export: no such folder",
               ["export", str(tmp_path / "nope"), "--format", "onnx", "--out", str(tmp_path / "x")], "nope")
+    sf.write(str(tmp_path / "a.wav"), _wav(0.3), SR)
     cli_error(capsys, catalogue, "predict --onnx: folder without model.onnx",
-              ["predict", "--onnx", str(tmp_path), str(tmp_path)], "model.onnx")
+              ["predict", "--onnx", str(tmp_path), str(tmp_path / "a.wav")], "model.onnx")
 
     import mmser.extras
 

@@ -12,7 +12,7 @@ The graph (all inputs with dynamic batch and length axes):
     input_ids      (B, L) int64      text and fusion models: token ids of the text encoder's tokenizer
     attention_mask (B, L) int64      1 on real tokens
  -> probs          (B, C) float32    softmax of the logits, classes in metadata order
-    embedding      (B, D) float32    the pooled vector that feeds the classifier (inference.head_layers)
+    utterance_embedding (B, D)       the pooled vector that feeds the classifier (inference.head_layers)
 
 Text: the text encoder is exported inside the graph, and the graph takes token ids, not text
 features. A frozen-text model (the default) reads features of a BERT-family encoder that is not in
@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 ONNX_FORMAT = "mmser-onnx/1"
 GRAPH, METADATA, TOKENIZER, CARD = "model.onnx", "mmser_onnx.json", "tokenizer.json", "README.md"
 OPSET = 18
+# Output names: not "embedding", which the exporter gives BERT's embedding-lookup node (a clash
+# onnxruntime refuses as a duplicate name).
+OUTPUTS = ["probs", "utterance_embedding"]
 PARITY_TOLERANCE = 1e-4  # max abs difference of probabilities, onnxruntime vs PyTorch, checked on export
 EXPORTABLE_AUDIO = ("wav2vec2", "hubert", "wavlm")
 
@@ -227,7 +230,7 @@ def _export_graph(graph: nn.Module, inputs: dict[str, torch.Tensor], path: Path)
     names = list(inputs)
     with torch.no_grad():
         program = torch.onnx.export(graph, tuple(inputs[k] for k in names), dynamo=True, opset_version=OPSET,
-                                    input_names=names, output_names=["probs", "embedding"],
+                                    input_names=names, output_names=OUTPUTS,
                                     dynamic_shapes={k: shapes[k] for k in names}, external_data=False,
                                     verbose=False)
     program.save(str(path), external_data=False)
@@ -237,7 +240,7 @@ def _max_diff(graph_file: Path, graph: nn.Module, inputs: dict[str, torch.Tensor
     """(probs, embedding) max abs difference of onnxruntime vs PyTorch on `inputs`."""
     ort = require("onnxruntime", "onnx", "checking the ONNX graph")
     sess = ort.InferenceSession(str(graph_file), providers=["CPUExecutionProvider"])
-    got = sess.run(["probs", "embedding"], {k: v.numpy() for k, v in inputs.items()})
+    got = sess.run(OUTPUTS, {k: v.numpy() for k, v in inputs.items()})
     with torch.no_grad():
         want = graph(*inputs.values())
     return tuple(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want, strict=True))
@@ -253,7 +256,7 @@ Exported by `mmser export` from `{meta['source']}` (mmser {meta['mmser_version']
 - sample rate: {meta['sample_rate']} Hz mono; windows of {meta['window_s']} s overlapping by {meta['overlap_s']} s,
   the recording's probabilities = the length-weighted mean of its windows'
 - inputs: {inputs}
-- outputs: `probs` (B, C) softmax; `embedding` (B, {meta['embedding_dim']}): {meta['embedding']}
+- outputs: `probs` (B, C) softmax; `utterance_embedding` (B, {meta['embedding_dim']}): {meta['embedding']}
 - parity on export: max abs difference of probabilities, onnxruntime vs PyTorch, {meta['parity']['probs']:.2e}
 {'- text: tokenizer.json of ' + repr(meta['text']['encoder']) + f", at most {meta['text']['max_length']} tokens"
  if meta.get('text') else ''}
@@ -310,7 +313,7 @@ def export_onnx(model: str | Path, out_dir: str | Path, window_s: float = 10.0, 
         spec_inputs = {k: ("(B, T) float32" if k == "audio" else "(B, L) int64") for k in inputs}
         meta = {"format": ONNX_FORMAT, "task": saved.task, "classes": list(saved.classes),
                 "sample_rate": int(saved.sample_rate), "window_s": float(window_s), "overlap_s": float(overlap_s),
-                "min_samples": int(min_samples), "inputs": spec_inputs, "outputs": ["probs", "embedding"],
+                "min_samples": int(min_samples), "inputs": spec_inputs, "outputs": OUTPUTS,
                 "embedding_dim": embedding_dim, "embedding": EMBEDDING_DOC[saved.task],
                 "text": ({"encoder": saved.text["encoder"], "pooling": saved.text.get("pooling", "mean"),
                           "max_length": max_length, "tokenizer": TOKENIZER} if saved.needs_text else None),
