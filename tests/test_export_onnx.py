@@ -89,7 +89,20 @@ def models(tmp_path_factory, bert_dir):
         enc = AudioEncoder.from_config(tiny_encoder_config())
         save_pretrained(FusionClassifier(enc, head(enc.hidden_size)), root / name,
                         {"task": "fusion", "classes": list(CLASSES), "sample_rate": SR, "text": _text_side(bert_dir)})
-    for name in ("audio", "text", "fusion", "fusion_xattn"):
+    # decision fusion with a fine-tuned text encoder (WithTextEncoder: token ids, the model's own BERT)
+    from transformers import AutoModel
+
+    from mmser.models.fusion import DecisionFusion
+    from mmser.models.text_encoder import TextEncoder, WithTextEncoder
+
+    torch.manual_seed(3)
+    enc = AudioEncoder.from_config(tiny_encoder_config())
+    tuned = WithTextEncoder(FusionClassifier(enc, DecisionFusion(enc.hidden_size, 32, hidden=8)),
+                            TextEncoder(AutoModel.from_pretrained(str(bert_dir)), "cls"))
+    save_pretrained(tuned, root / "fusion_tuned", {"task": "fusion", "classes": list(CLASSES), "sample_rate": SR,
+                                                   "text": {**_text_side(bert_dir), "pooling": "cls",
+                                                            "fine_tuned": True}})
+    for name in ("audio", "text", "fusion", "fusion_xattn", "fusion_tuned"):
         export_onnx(root / name, root / f"{name}.onnx")
         out[name] = (root / name, root / f"{name}.onnx")
     yield out
@@ -145,7 +158,7 @@ def test_text_parity_at_three_lengths_and_the_tokenizer(models, bert_dir):
     assert lengths[0] < lengths[1] < lengths[2] == 16  # the last one is truncated to max_length
 
 
-@pytest.mark.parametrize("name", ["fusion", "fusion_xattn"])
+@pytest.mark.parametrize("name", ["fusion", "fusion_xattn", "fusion_tuned"])
 def test_fusion_parity_at_three_lengths(models, name):
     model_dir, export_dir = models[name]
     torch_clf, onnx_clf = EmotionClassifier.from_pretrained(model_dir), OnnxClassifier(export_dir)
