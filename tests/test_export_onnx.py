@@ -102,7 +102,17 @@ def models(tmp_path_factory, bert_dir):
     save_pretrained(tuned, root / "fusion_tuned", {"task": "fusion", "classes": list(CLASSES), "sample_rate": SR,
                                                    "text": {**_text_side(bert_dir), "pooling": "cls",
                                                             "fine_tuned": True}})
-    for name in ("audio", "text", "fusion", "fusion_xattn", "fusion_tuned"):
+    # transformers' Whisper encoder, 1 s windows (max_source_positions 50): recordings span several
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    from mmser.models.heads import AudioClassifier
+    from mmser.models.whisper import WhisperAudioEncoder, make_whisper_config
+
+    torch.manual_seed(4)
+    whisper = AudioClassifier(WhisperAudioEncoder(WhisperEncoder(make_whisper_config(16, 1, 2, 32,
+                                                                                     max_source_positions=50))))
+    save_pretrained(whisper, root / "whisper", {"task": "audio", "classes": list(CLASSES), "sample_rate": SR})
+    for name in ("audio", "text", "fusion", "fusion_xattn", "fusion_tuned", "whisper"):
         export_onnx(root / name, root / f"{name}.onnx")
         out[name] = (root / name, root / f"{name}.onnx")
     yield out
@@ -130,13 +140,14 @@ def _compare(name: str, a, b) -> None:
     assert a.label == b.label and [(w.start, w.end) for w in a.windows] == [(w.start, w.end) for w in b.windows]
 
 
-def test_audio_parity_at_three_lengths(models):
-    model_dir, export_dir = models["audio"]
+@pytest.mark.parametrize("name", ["audio", "whisper"])
+def test_audio_parity_at_three_lengths(models, name):
+    model_dir, export_dir = models[name]
     torch_clf, onnx_clf = EmotionClassifier.from_pretrained(model_dir), OnnxClassifier(export_dir)
     for k, seconds in enumerate(AUDIO_SECONDS):
         wav = _wav(seconds, k)
         a, b = torch_clf.classify_waveform(wav, SR), onnx_clf.classify(wav, SR)
-        _compare(f"audio {seconds} s", a, b)
+        _compare(f"{name} {seconds} s", a, b)
     assert len(b.windows) == 3  # the 23 s recording: windows 0-10, 8-18, 13-23
 
 
@@ -284,18 +295,14 @@ def test_cli_export_predict_onnx_and_embeddings(models, tmp_path, capsys):
 
 
 def test_refusals_are_one_line(tmp_path, capsys, catalogue, monkeypatch):
-    """A Whisper encoder is refused by name; a missing [onnx] extra names the extra; --onnx does no ASR."""
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
+    """A CTranslate2 Whisper encoder is refused by name; a missing [onnx] extra names the extra."""
     from mmser.models.heads import AudioClassifier
-    from mmser.models.whisper import WhisperAudioEncoder, make_whisper_config
+    from mmser.models.whisper import Ct2Spec, Ct2WhisperEncoder
 
-    torch.manual_seed(0)
-    whisper = AudioClassifier(WhisperAudioEncoder(WhisperEncoder(make_whisper_config(16, 1, 2, 32,
-                                                                                     max_source_positions=50))))
-    save_pretrained(whisper, tmp_path / "w", {"task": "audio", "classes": list(CLASSES), "sample_rate": SR})
-    cli_error(capsys, catalogue, "export: transformers Whisper encoder",
-              ["export", str(tmp_path / "w"), "--format", "onnx", "--out", str(tmp_path / "x")], "Whisper")
+    ct2 = AudioClassifier(Ct2WhisperEncoder(Ct2Spec(), hidden_size=384))
+    save_pretrained(ct2, tmp_path / "w", {"task": "audio", "classes": list(CLASSES), "sample_rate": SR})
+    cli_error(capsys, catalogue, "export: CTranslate2 Whisper encoder",
+              ["export", str(tmp_path / "w"), "--format", "onnx", "--out", str(tmp_path / "x")], "CTranslate2")
     assert not (tmp_path / "x" / "model.onnx").exists()
 
     class Saved:  # check_exportable reads only the architecture

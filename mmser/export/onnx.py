@@ -31,8 +31,10 @@ passes no attention mask to the encoder (all-ones, a no-op for an unpadded batch
 measure it on a layer-norm encoder, which EmotionClassifier gives the all-ones mask). A predictor
 must not pad: mmser.onnx batches only windows of one recording.
 
-Refused, one line each (ValueError): Whisper encoders (CTranslate2: not a torch module; transformers'
-WhisperEncoder: its 30 s windowing and log-mel front end are not exported yet), paired audio
+transformers' Whisper encoder: its whole front end is in the graph (cut into 30 s windows, the last
+zero-padded, torch's log-mel, the encoder, the valid frames joined), as WhisperAudioEncoder.encode.
+
+Refused, one line each (ValueError): CTranslate2 Whisper encoders (not a torch module), paired audio
 encoders, a text encoder without a fast tokenizer (no tokenizer.json), a sentence-transformers
 pipeline other than Transformer -> mean Pooling [-> Normalize]. After export the graph is checked
 against PyTorch on a random input (max abs difference of probabilities <= 1e-4, else refused): what
@@ -65,7 +67,7 @@ OPSET = 18
 # onnxruntime refuses as a duplicate name).
 OUTPUTS = ["probs", "utterance_embedding"]
 PARITY_TOLERANCE = 1e-4  # max abs difference of probabilities, onnxruntime vs PyTorch, checked on export
-EXPORTABLE_AUDIO = ("wav2vec2", "hubert", "wavlm")
+EXPORTABLE_AUDIO = ("wav2vec2", "hubert", "wavlm", "whisper")
 
 
 class ExportError(ValueError):
@@ -91,10 +93,8 @@ def check_exportable(saved: SavedModel) -> None:
     for kind in _audio_kinds(saved.meta.get("architecture")):
         if kind == "whisper-ct2":
             raise ExportError(f"{where}: its audio encoder is a CTranslate2 Whisper (faster-whisper), not a torch "
-                              "module: ONNX export covers wav2vec 2.0 / HuBERT / WavLM encoders")
-        if kind == "whisper":
-            raise ExportError(f"{where}: transformers' Whisper encoder (30 s windows, log-mel front end) is not "
-                              "exported yet: ONNX export covers wav2vec 2.0 / HuBERT / WavLM encoders")
+                              "module: ONNX export covers wav2vec 2.0 / HuBERT / WavLM and transformers' Whisper "
+                              "encoders")
         if kind == "paired":
             raise ExportError(f"{where}: a paired audio encoder (fusion.whisper_audio) is not exported: "
                               "ONNX export covers one wav2vec 2.0 / HuBERT / WavLM encoder")
@@ -170,6 +170,32 @@ class _Unpadded(nn.Module):
         return self.encode_batch({"audio": audio, "audio_mask": audio_mask})
 
 
+class _UnpaddedWhisper(nn.Module):
+    """A WhisperAudioEncoder on an unpadded batch, as its `encode`: the recording cut into windows
+    of `window_samples` (30 s for real Whisper), the last zero-padded, log-mel per window, the
+    encoder, and the valid frames of the windows joined: every window but the last is full, so they
+    are the first ceil(ceil(T / 160) / 2) frames of the joined output."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.hidden_size = encoder.hidden_size
+
+    def encode_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        from mmser.models.whisper import HOP, encoder_frames
+
+        audio = batch["audio"]  # (B, T)
+        window = self.encoder.window_samples
+        b, t = audio.shape
+        waves = nn.functional.pad(audio.float(), (0, (-t) % window)).reshape(-1, window)  # (B k, W)
+        out = self.encoder.model(self.encoder.log_mel(waves)).last_hidden_state  # (B k, W / 320, H)
+        frames = out.reshape(b, -1, out.shape[-1])[:, :encoder_frames((t + HOP - 1) // HOP)]  # (B, F, H)
+        return frames, torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device)  # (B, F)
+
+    def encode(self, audio: torch.Tensor, audio_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_batch({"audio": audio, "audio_mask": audio_mask})
+
+
 class _Graph(nn.Module):
     """The exported function: (audio?, input_ids?, attention_mask?) -> (probs (B, C), embedding (B, D))."""
 
@@ -177,8 +203,12 @@ class _Graph(nn.Module):
         super().__init__()
         self.model = model.inner if isinstance(model, WithTextEncoder) else model
         for attr in ("encoder", "audio_encoder"):  # AudioClassifier, FusionClassifier
-            if isinstance(getattr(self.model, attr, None), nn.Module):
-                setattr(self.model, attr, _Unpadded(getattr(self.model, attr)))
+            encoder = getattr(self.model, attr, None)
+            if isinstance(encoder, nn.Module):
+                from mmser.models.whisper import WhisperAudioEncoder
+
+                setattr(self.model, attr, (_UnpaddedWhisper if isinstance(encoder, WhisperAudioEncoder)
+                                           else _Unpadded)(encoder))
         self.text_encoder = text_encoder
         self.capture = EmbeddingCapture(self.model).__enter__()  # hooks live as long as the graph
 
