@@ -329,3 +329,30 @@ def test_refusals_are_one_line(tmp_path, capsys, catalogue, monkeypatch):
     monkeypatch.setattr(mmser.extras.importlib, "import_module", no_onnx)
     cli_error(capsys, catalogue, "export without the [onnx] extra",
               ["export", str(tmp_path / "w"), "--format", "onnx", "--out", str(tmp_path / "x")], "mmser[onnx]")
+
+
+def test_real_minilm_sentence_pooling_and_attentive_audio_pooling(tmp_path):
+    """The real all-MiniLM-L6-v2 (text.encoder=minilm-offline) with sentence pooling (mean + L2 norm,
+    run by sentence-transformers in PyTorch) and a text model on its pooled vector; an audio model with
+    attentive pooling. Both exported and compared at three inputs."""
+    from mmser.models.heads import AudioClassifier
+
+    side = {"encoder": "minilm-offline", "pooling": "sentence", "max_length": 16, "fine_tuned": False,
+            "source": "gold", "asr": None}
+    torch.manual_seed(5)
+    save_pretrained(TextClassifier(384, hidden=8, pooling="pooled"), tmp_path / "minilm",
+                    {"task": "text", "classes": list(CLASSES), "sample_rate": SR, "text": side})
+    torch.manual_seed(6)
+    save_pretrained(AudioClassifier(AudioEncoder.from_config(tiny_encoder_config()), len(CLASSES), pooling="attentive"),
+                    tmp_path / "attentive", {"task": "audio", "classes": list(CLASSES), "sample_rate": SR})
+    for name in ("minilm", "attentive"):
+        export_onnx(tmp_path / name, tmp_path / f"{name}.onnx")
+        torch_clf = EmotionClassifier.from_pretrained(tmp_path / name)
+        onnx_clf = OnnxClassifier(tmp_path / f"{name}.onnx")
+        for k, (seconds, text) in enumerate(zip(AUDIO_SECONDS, TEXTS, strict=True)):
+            wav = _wav(seconds if name == "attentive" else 0.3, k)
+            t = text if name == "minilm" else None
+            _compare(f"{name} {k}", torch_clf.classify_waveform(wav, SR, text=t), onnx_clf.classify(wav, SR, text=t))
+    emb = OnnxClassifier(tmp_path / "minilm.onnx").embed(_wav(0.3), SR, text="I told you already")
+    assert emb.shape == (384,) and abs(float(np.linalg.norm(emb)) - 1.0) < 1e-5  # sentence pooling: unit norm
+    print({k: f"{v:.2e}" for k, v in MEASURED.items() if k.startswith(("minilm", "attentive"))})
