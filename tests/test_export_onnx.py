@@ -20,7 +20,6 @@ import soundfile as sf
 import torch
 from helpers import (  # noqa: F401 (single_torch_thread: autouse fixture)
     REPO,
-    cli_error,
     single_torch_thread,
     tiny_audio_classifier,
     tiny_encoder_config,
@@ -31,7 +30,7 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 pytest.importorskip("onnxruntime")
 
-from mmser.export.onnx import ExportError, check_exportable, export_onnx  # noqa: E402
+from mmser.export.onnx import export_onnx  # noqa: E402
 from mmser.inference import EmotionClassifier  # noqa: E402
 from mmser.labels import CLASSES  # noqa: E402
 from mmser.models.fusion import ConcatFusion, CrossAttentionFusion, FusionClassifier, TextClassifier  # noqa: E402
@@ -292,43 +291,6 @@ def test_cli_export_predict_onnx_and_embeddings(models, tmp_path, capsys):
     ids = (tmp_path / "o.ids.txt").read_text().splitlines()
     assert ids == [r["id"] + ("" if r["window"] is None else f"\t{r['window']}") for r in rows_o]
     assert (tmp_path / "t.ids.txt").read_text().splitlines() == ids
-
-
-def test_refusals_are_one_line(tmp_path, capsys, catalogue, monkeypatch):
-    """A CTranslate2 Whisper encoder is refused by name; a missing [onnx] extra names the extra."""
-    from mmser.models.heads import AudioClassifier
-    from mmser.models.whisper import Ct2Spec, Ct2WhisperEncoder
-
-    ct2 = AudioClassifier(Ct2WhisperEncoder(Ct2Spec(), hidden_size=384))
-    save_pretrained(ct2, tmp_path / "w", {"task": "audio", "classes": list(CLASSES), "sample_rate": SR})
-    cli_error(capsys, catalogue, "export: CTranslate2 Whisper encoder",
-              ["export", str(tmp_path / "w"), "--format", "onnx", "--out", str(tmp_path / "x")], "CTranslate2")
-    assert not (tmp_path / "x" / "model.onnx").exists()
-
-    class Saved:  # check_exportable reads only the architecture
-        path = "m"
-        meta = {"architecture": {"model": "AudioClassifier", "encoder_kind": "whisper-ct2"}}
-
-    with pytest.raises(ExportError, match="CTranslate2"):
-        check_exportable(Saved())
-    cli_error(capsys, catalogue, "export: no such folder",
-              ["export", str(tmp_path / "nope"), "--format", "onnx", "--out", str(tmp_path / "x")], "nope")
-    sf.write(str(tmp_path / "a.wav"), _wav(0.3), SR)
-    cli_error(capsys, catalogue, "predict --onnx: folder without model.onnx",
-              ["predict", "--onnx", str(tmp_path), str(tmp_path / "a.wav")], "model.onnx")
-
-    import mmser.extras
-
-    real = mmser.extras.importlib.import_module
-
-    def no_onnx(name, *a):
-        if name == "onnx":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return real(name, *a)
-
-    monkeypatch.setattr(mmser.extras.importlib, "import_module", no_onnx)
-    cli_error(capsys, catalogue, "export without the [onnx] extra",
-              ["export", str(tmp_path / "w"), "--format", "onnx", "--out", str(tmp_path / "x")], "mmser[onnx]")
 
 
 def test_real_minilm_sentence_pooling_and_attentive_audio_pooling(tmp_path):
