@@ -130,7 +130,7 @@ def head_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
         return [model.audio_head, model.text_branch.mlp]
     if isinstance(model, (TextClassifier, ConcatFusion, CrossAttentionFusion)):
         return [model.mlp]
-    raise ValueError(f"{type(model).__name__}: no known classifier head to take an embedding from")
+    return []  # a head this function does not know: no embedding (predictions are unaffected)
 
 
 class EmbeddingCapture:
@@ -153,14 +153,14 @@ class EmbeddingCapture:
             h.remove()
         self.handles.clear()
 
-    def pop(self) -> torch.Tensor:
-        """The embedding of the last forward (B, D); ValueError when a head layer did not run once."""
-        if any(len(s) != 1 for s in self.seen):
-            raise ValueError(f"embedding: head layers ran {[len(s) for s in self.seen]} times in one forward, not once")
-        out = torch.cat([s[0].float() for s in self.seen], dim=-1)  # (B, D)
+    def pop(self) -> torch.Tensor | None:
+        """The embedding of the last forward (B, D); None when the model has no known head layer or
+        one did not run exactly once (then no vector is a well-defined embedding)."""
+        ran = [len(s) for s in self.seen]
+        out = torch.cat([s[0].float() for s in self.seen], dim=-1) if ran and all(n == 1 for n in ran) else None
         for s in self.seen:
             s.clear()
-        return out
+        return out  # (B, D)
 
 
 class EmotionClassifier:
@@ -285,25 +285,33 @@ class EmotionClassifier:
                 if self.saved.needs_text:
                     batch.update(self._text_batch(text, len(chunk)))
                 probs.append(torch.softmax(self.model(batch).float(), dim=-1).cpu().numpy())  # (n, C)
-                embeddings.append(capture.pop().float().cpu().numpy())  # (n, D)
-        p, emb = np.concatenate(probs), np.concatenate(embeddings)  # (windows, C), (windows, D)
+                vectors = capture.pop()  # (n, D) or None (a head with no known embedding)
+                embeddings.append(None if vectors is None else vectors.cpu().numpy())
+        p = np.concatenate(probs)  # (windows, C)
+        emb = None if any(e is None for e in embeddings) else np.concatenate(embeddings)  # (windows, D)
         sr = self.sample_rate
-        windows = [make_prediction(self.classes, p[k], s / sr, e / sr, text, emb[k])
+        windows = [make_prediction(self.classes, p[k], s / sr, e / sr, text, None if emb is None else emb[k])
                    for k, (s, e) in enumerate(spans)]
         result = make_prediction(self.classes, weighted_mean(p, spans), 0.0, len(wav) / sr, text,
-                                 weighted_mean(emb, spans))  # length-weighted means of the windows
+                                 None if emb is None else weighted_mean(emb, spans))  # length-weighted means
         result.windows = windows if len(windows) > 1 else []
         return result
 
     def embed(self, wav: np.ndarray, sample_rate: int, text: str | None = None, asr: bool = False) -> np.ndarray:
         """The recording's embedding (D,) float32: the pooled vector that feeds the model's classifier
         (see `head_layers`), the length-weighted mean over the windows of a long recording. The same
-        pass as `classify_waveform`, whose Prediction carries it as `.embedding`."""
-        return self.classify_waveform(wav, sample_rate, text, asr).embedding
+        pass as `classify_waveform`, whose Prediction carries it as `.embedding`. ValueError for a
+        model whose head has no known embedding."""
+        return self._embedding(self.classify_waveform(wav, sample_rate, text, asr))
+
+    def _embedding(self, pred: Prediction) -> np.ndarray:
+        if pred.embedding is None:
+            raise ValueError(f"{type(self.model).__name__}: no embedding (its head is not one of head_layers')")
+        return pred.embedding
 
     def embed_file(self, path: str | Path, text: str | None = None, asr: bool = False) -> np.ndarray:
         """`embed` of a sound file (errors name the file)."""
-        return self.classify_file(path, text, asr).embedding
+        return self._embedding(self.classify_file(path, text, asr))
 
     def classify_batch(self, waveforms: Sequence[np.ndarray], sample_rate: int,
                        texts: Sequence[str | None] | None = None, asr: bool = False,
@@ -492,7 +500,7 @@ def write_embeddings(rows: Sequence[dict], out: Path) -> tuple[Path, Path]:
         raise ValueError(f"--embeddings {out}: write a .npy file (ids go beside it, in .ids.txt)")
     dims = {r["embedding"].shape[0] for r in rows if r.get("embedding") is not None}
     if len(dims) != 1:
-        raise ValueError(f"--embeddings {out}: no file was predicted, no embedding to write")
+        raise ValueError(f"--embeddings {out}: no embedding to write (no file predicted, or the head gives none)")
     dim = dims.pop()
     matrix = np.full((len(rows), dim), np.nan, dtype=np.float32)  # (N, D)
     for i, r in enumerate(rows):

@@ -330,7 +330,11 @@ def export_onnx(model: str | Path, out_dir: str | Path, window_s: float = 10.0, 
     graph = cls(saved.model, text_encoder).eval()
     inputs = _example_inputs(saved.task, saved.sample_rate, min_samples, tokenizer)
     with torch.no_grad():
-        embedding_dim = int(graph(*inputs.values())[1].shape[1])
+        embedding = graph(*inputs.values())[1]
+    if embedding is None:
+        raise ExportError(f"{model_dir}: its head ({type(saved.model).__name__}) has no known embedding "
+                          "(mmser.inference.head_layers): not exported")
+    embedding_dim = int(embedding.shape[1])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{GRAPH}.tmp-{os.getpid()}"
