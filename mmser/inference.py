@@ -7,6 +7,11 @@
     clf.classify_batch([wav1, wav2], sample_rate=44100) # numpy arrays (T,), (T, C) or (C, T), C <= 8
     fusion = mmser.EmotionClassifier.from_pretrained("runs/fusion/s1-seed0")
     fusion.classify_file("call.wav", text="I told you already")   # or asr=True
+    clf.embed(wav, 16000)                               # (D,) the pooled vector that feeds the classifier
+
+What a prediction is (the waveform checks, the windows, their length-weighted mean, the label) lives
+in mmser.prediction (numpy only), shared with the torch-free ONNX predictor mmser.onnx. Each
+Prediction carries its embedding (`head_layers`: the input of the classifier), from the same pass.
 
 Audio is read with mmser.audio (down-mixed, resampled with scipy's polyphase filter) to the model's
 sample rate. Arrays given to the API are float samples in [-1, 1] or integer PCM, scaled as a WAV
