@@ -426,6 +426,23 @@ class FusionConfig:
 
 
 @dataclass
+class TargetConfig:
+    # What the model predicts (issue 19; beyond the paper, which is categorical). The section is
+    # `target`, not `task`: `task` already names the modality (audio / text / fusion) in every config.
+    # "categorical" = the classes (the paper); "dimensional" = one regression output per dimension,
+    # trained on values scaled to [0, 1] by the corpus's scale and reported on that scale;
+    # "multitask" = both: cross-entropy + dimensional_weight x the dimensional loss. mmser/tasks.py.
+    kind: Literal["categorical", "dimensional", "multitask"] = "categorical"
+    # The regression outputs, in output order (manifest fields of `mmser prepare`).
+    dimensions: list[Literal["arousal", "valence", "dominance"]] = field(
+        default_factory=lambda: ["arousal", "valence", "dominance"])
+    # "ccc": 1 - CCC per dimension (on the batch), averaged: the MSP-Podcast baseline's loss
+    # (Wagner et al. 2023); "mse": mean squared error on the scaled values.
+    loss: Literal["ccc", "mse"] = "ccc"
+    dimensional_weight: float = ranged(1.0, ">= 0")  # multitask only
+
+
+@dataclass
 class Config:
     # The experiment's name: its folder output_dir/experiment (cv, train) and its name in reports.
     # A plain name: no path separator, not "." or ".." (a run must stay inside output_dir).
@@ -444,6 +461,7 @@ class Config:
     ptapt: PtaptConfig = field(default_factory=PtaptConfig)
     text: TextConfig = field(default_factory=TextConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
 
 
 # Checks between fields, on the final config (after every file and override): each is
@@ -488,6 +506,10 @@ _CROSS_CHECKS: list[tuple[tuple[str, ...], typing.Callable[[Config], bool], str]
      "encoder.freeze is for encoder.kind=whisper (wav2vec 2.0-style encoders: fusion.freeze_audio)"),
     (("encoder.kind", "pretrain"), lambda c: c.encoder.kind != "whisper" or c.pretrain == "none",
      "TAPT / P-TAPT pre-train wav2vec 2.0-style encoders: pretrain must be none with encoder.kind=whisper"),
+    (("target.kind", "target.dimensions"),
+     lambda c: c.target.kind == "categorical" or (c.target.dimensions
+                                                  and len(set(c.target.dimensions)) == len(c.target.dimensions)),
+     "target.dimensions must name each dimension once, and at least one (target.kind dimensional / multitask)"),
     (("fusion.head", "fusion.hidden_size", "fusion.num_heads"),
      lambda c: c.fusion.head != "cross_attention" or c.fusion.hidden_size % c.fusion.num_heads == 0,
      "fusion.hidden_size must be a multiple of fusion.num_heads (cross-attention)"),

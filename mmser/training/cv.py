@@ -45,6 +45,7 @@ from mmser.data.manifest import FoldId, classes_for, fold_tag, load_manifest, re
 from mmser.io import FolderHeld, atomic_write_json, atomic_write_text, check_inputs, write_inputs
 from mmser.metrics import table11
 from mmser.report import METRICS, collect, plot_comparison, plot_confusion, summary_rows, write_summary
+from mmser.tasks import record_filter
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +70,25 @@ def resolve_cv_folds(cfg: Config, sessions=None) -> list[FoldId]:
     """The manifest's folds named by `sessions` (ints or strings, e.g. [1, 2] or ["test1"]; None =
     every fold of the manifest), or a ValueError naming what the manifest has."""
     records = load_manifest(cfg.data.manifest)
-    return resolve_folds(records, sessions, str(cfg.data.manifest), classes_for(records, cfg.data))
+    return resolve_folds(records, sessions, str(cfg.data.manifest), _task_classes(cfg, records), **record_filter(cfg))
+
+
+def _task_classes(cfg: Config, records: list[dict]):
+    """The run's classes (data.classes checked against the manifest); () for a dimensional task."""
+    return classes_for(records, cfg.data) if cfg.target.kind != "dimensional" else ()
 
 
 def check_cv_inputs(cfg: Config, sessions: list[FoldId]) -> dict:
     """Everything a cross-validation can check before writing: the manifest has each session, every
     fold splits (validation speaker, best_val needs a validation set), the trainer settings resolve.
     Returns the data's record for inputs.json."""
+    from mmser.tasks import task_from_config
     from mmser.training.run import build_fold, data_inputs, trainer_kwargs
 
     records = load_manifest(cfg.data.manifest)
-    classes_for(records, cfg.data)  # data.classes fits the manifest
-    for session in resolve_folds(records, sessions, str(cfg.data.manifest), classes_for(records, cfg.data)):
+    classes = _task_classes(cfg, records)  # data.classes fits the manifest
+    task_from_config(cfg, records, classes)  # the task's dimensions have values and one scale each
+    for session in resolve_folds(records, sessions, str(cfg.data.manifest), classes, **record_filter(cfg)):
         build_fold(cfg, records, session, check_audio=False)  # each run checks its fold's audio files
     trainer_kwargs(cfg)
     return data_inputs(cfg)
@@ -234,7 +242,7 @@ def log_cv_summary(cfg: Config, out_dir: Path, res, images: dict[str, Path], com
         if not scores:
             continue
         t = table11(scores)
-        key = f"cv/{section}/{metric}"
+        key = f"cv/{section}/{metric.replace('.', '/')}"  # cv/test/ua, cv/test/ccc/arousal
         for s, st in t["sessions"].items():
             tag = fold_tag(s)  # s1 ... s5, or a named fold's name
             values.update({f"{key}/{tag}/mean": st["mean"], f"{key}/{tag}/std": st["std"], f"{key}/{tag}/n": st["n"]})
@@ -253,11 +261,27 @@ def log_cv_summary(cfg: Config, out_dir: Path, res, images: dict[str, Path], com
 def _cards_with_cross_validation(out_dir: Path, res, command: str | None) -> None:
     """Every fold's model card (run_dir/model/README.md) gains the experiment's per-fold UA/WA."""
     from mmser.card import with_cross_validation
-    from mmser.report import table11_markdown
+    from mmser.report import DIMENSIONAL_METRICS, table11_markdown
 
-    tables = "\n\n".join(table11_markdown([res], metric=m, title=f"test {m.upper()}") for m in ("ua", "wa"))
+    metrics = [(m, f"test {m.upper()}") for m in ("ua", "wa")]
+    if ("test", "ua") not in res.scores:  # a dimensional experiment: its CCC tables
+        metrics = [(m, f"test {label}") for _, m, label in DIMENSIONAL_METRICS if ("test", m) in res.scores]
+    tables = "\n\n".join(table11_markdown([res], metric=m, title=title) for m, title in metrics)
     for card in sorted(out_dir.glob("*-seed*/model/README.md")):  # s1-seed0, test-seed0, ...
         atomic_write_text(card, with_cross_validation(card.read_text(encoding="utf-8"), tables, command))
+
+
+def check_ptapt_has_classes(cfg: Config) -> None:
+    """P-TAPT's step (a) trains a frame-level classifier on the manifest's classes (its training
+    folds' labels), whatever the fine-tuning task: a manifest without two classes (a dimensional-only
+    corpus) is refused in one line (no dimensional frame step is built)."""
+    from mmser.data.manifest import manifest_labels
+
+    labels = manifest_labels(load_manifest(cfg.data.manifest))
+    if len(labels) < 2:
+        raise ValueError(f"pretrain=ptapt: P-TAPT's step (a) trains a frame-level emotion classifier on the "
+                         f"manifest's classes, and {cfg.data.manifest} has {len(labels)} "
+                         f"(target.kind={cfg.target.kind}); use pretrain=tapt or pretrain=none")
 
 
 def pretrained_fold_config(cfg: Config, session: FoldId, out_dir: Path) -> Config:
@@ -269,6 +293,8 @@ def pretrained_fold_config(cfg: Config, session: FoldId, out_dir: Path) -> Confi
     from mmser.training.pretrain import pretrain_fold
     from mmser.training.run import data_inputs
 
+    if cfg.pretrain == "ptapt":
+        check_ptapt_has_classes(cfg)
     stage_dir = out_dir / "pretrain" / fold_tag(session)
     inputs = {"manifest": data_inputs(cfg)["manifest"]}  # pre-training reads the audio only
     if not check_inputs(stage_dir, inputs, "this pre-training stage"):
