@@ -128,7 +128,7 @@ def test_prepare_writes_exact_manifest(fake_iemocap, tmp_path):
     records = load_manifest(res.manifest)
     assert records == expected_records(fake_iemocap)
     assert len(records) == N_UTTERANCES and sum(r["label"] is not None for r in records) == N_TASK
-    assert all(tuple(r) == REQUIRED_FIELDS for r in records)
+    assert all(tuple(r) == REQUIRED_FIELDS + ("arousal", "valence", "dominance", "dim_scales") for r in records)
     assert all(os.path.isabs(r["path"]) and Path(r["path"]).is_file() for r in records)
     # AppleDouble and .DS_Store files sit next to the real ones but are ignored.
     assert not any("/._" in r["path"] or r["id"].startswith(".") for r in records)
