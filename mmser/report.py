@@ -182,6 +182,9 @@ def check_comparable(results: list[ExperimentResult]) -> None:
             if a.corpora and b.corpora and a.corpora != b.corpora:
                 differs.append(f"corpus {_corpus_label(next(iter(a.corpora)))} vs "
                                f"{_corpus_label(next(iter(b.corpora)))}")
+            shared = [m for m in ("ua", "ccc_mean") if ("test", m) in a.scores and ("test", m) in b.scores]
+            if a.scores and b.scores and not shared:
+                differs.append("one is categorical (UA), the other dimensional (CCC): no metric in common")
             if a.manifests and b.manifests and a.manifests != b.manifests:
                 differs.append(f"manifest sha256 {next(iter(a.manifests))[:12]} vs {next(iter(b.manifests))[:12]}")
             if differs:

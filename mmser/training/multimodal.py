@@ -30,7 +30,7 @@ from mmser.models.audio_encoders import build_audio_encoder
 from mmser.models.fusion import FusionClassifier, build_fusion_head, build_text_classifier
 from mmser.models.text_encoder import TextEncoder, WithTextEncoder, tokenize
 from mmser.models.wav2vec2 import AudioEncoder, apply_freezing, set_gradient_checkpointing
-from mmser.tasks import num_dimension_outputs, record_filter
+from mmser.tasks import num_dimension_outputs, record_filter, task_from_config
 from mmser.training.run import data_inputs, finished_run, load_model, run_name, run_one
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ def run_task(cfg: Config, test_session: FoldId, seed: int, run_dir: str | Path) 
         raise ValueError(f"unknown task {cfg.task!r}")
     if cfg.task == "fusion" and cfg.fusion.head == "none":
         raise ValueError("task=fusion needs fusion.head (concat, decision or cross_attention)")
+    task_from_config(cfg, load_manifest(cfg.data.manifest))  # the target fits the manifest, before any text feature
     feats = ids = None
     if cfg.text.freeze:  # cached features: the models read text / text_mask / text_pooled
         feats = text_features_for(cfg)

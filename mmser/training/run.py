@@ -506,8 +506,8 @@ def run_one(
         model_factory = build_audio_model
     # Every check before anything is written: a failed start leaves nothing that refuses the rerun.
     records = load_manifest(cfg.data.manifest)
+    task = task_from_config(cfg, records)  # classes, dimensions and their scales: the manifest's
     fold = build_fold(cfg, records, test_session)
-    task = task_from_config(cfg, records, fold.classes)  # the dimensions' scales: the manifest's
     trainer_kwargs(cfg)  # strategy, devices, precision
     with hold_folder(run_dir, enabled=rank_zero_only.rank == 0):
         done = finished_run(cfg, run_dir, inputs)  # finished by another process in the meantime
