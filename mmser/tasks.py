@@ -147,7 +147,7 @@ def manifest_scales(records: Sequence[Mapping], dimensions: Sequence[str], where
         seen = {tuple(float(x) for x in (r.get(SCALES_FIELD) or {}).get(d, ()))
                 for r in records if r.get(d) is not None}
         if not seen:
-            raise TaskError(f"{where}: no utterance has a {d} value (dimensional targets come from `mmser prepare`: "
+            raise TaskError(f"{where}: no utterance has a value of {d} (dimensional targets come from `mmser prepare`: "
                             "IEMOCAP's consensus [V, A, D], MSP-Podcast's EmoAct / EmoVal / EmoDom, or "
                             f"--column {d}=NAME of a CSV corpus)")
         if len(seen) > 1 or () in seen:

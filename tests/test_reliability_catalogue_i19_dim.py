@@ -53,7 +53,7 @@ def test_dimensional_run_on_a_manifest_without_values(tmp_path, capsys, catalogu
     out = tmp_path / "runs"
     cli_error(capsys, catalogue, "train -c dimensional, no arousal values",
               ["train", *C, "-c", "dimensional", f"data.manifest={manifest}", f"output_dir={out}", "--session", "1"],
-              "no utterance has a arousal value")
+              "no utterance has a value of arousal")
     assert not out.exists()
 
 
