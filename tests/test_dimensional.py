@@ -262,6 +262,22 @@ def test_each_task_kind_trains_end_to_end_and_reloads(toy, kind, model):
         EmotionClassifier.from_pretrained(run_dir)
 
 
+def test_whisper_audio_dimensional_through_mmser_cv(toy, tmp_path):
+    from test_whisper import save_tiny_whisper
+
+    from mmser.cli import main
+
+    root, manifest = toy
+    whisper = save_tiny_whisper(tmp_path / "tiny-whisper")
+    out = tmp_path / "runs" / "whisper-dim"
+    assert main(["cv", *[a for f in TINY_CONFIGS for a in ("-c", str(f))], "-c", "dimensional", "--sessions", "3",
+                 "--seeds", "1", "--out", str(out), f"data.manifest={manifest}", "encoder.kind=whisper",
+                 f"encoder.name={whisper}", "finetune.epochs=1", "experiment=whisper-dim"]) == 0
+    m = json.loads((out / "s3-seed0" / "metrics.json").read_text())
+    assert set(m["test"]["ccc"]) == set(DIMS) and m["target"]["kind"] == "dimensional"
+    assert "**CCC mean (Table 11 form" in (out / "summary.md").read_text()
+
+
 def test_best_val_selects_on_the_validation_mean_ccc(toy):
     from mmser.training.run import run_one
 
