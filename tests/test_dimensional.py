@@ -400,3 +400,75 @@ def test_audio_hears_arousal_text_reads_valence_fusion_both(tmp_path):
     assert out["audio"]["arousal"] > 0.7 and abs(out["audio"]["valence"]) < 0.2, out
     assert out["text"]["valence"] > 0.7 and abs(out["text"]["arousal"]) < 0.2, out
     assert out["fusion"]["arousal"] > 0.5 and out["fusion"]["valence"] > 0.5, out
+
+
+# -- units: the module's whole-split metrics, the multitask loss, decision fusion's dimensions --------
+
+
+class _TableModel(torch.nn.Module):
+    """Outputs looked up by utterance id."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+        self.bias = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, batch):
+        return torch.tensor([self.table[u] for u in batch["ids"]]) + self.bias
+
+
+def test_module_reports_ccc_over_the_whole_split_not_per_batch():
+    from mmser.training.finetune import ClassifierModule
+
+    rng = np.random.default_rng(3)
+    n = 24
+    true = rng.uniform(0, 1, n)
+    pred = true + rng.normal(0, 0.3, n)
+    task = Task(kind="dimensional", dimensions=("valence",), scales={"valence": (1.0, 5.0)})
+    ids = [f"u{i:02d}" for i in range(n)]
+    module = ClassifierModule(_TableModel({u: [float(p)] for u, p in zip(ids, pred, strict=True)}), task=task)
+    for i in range(0, n, 4):  # six batches of four
+        module._eval_step({"ids": ids[i:i + 4], "labels": torch.full((4,), -1),
+                           "targets": torch.tensor(true[i:i + 4], dtype=torch.float32)[:, None]})
+    rows, report = module._eval_epoch_end("test")
+    whole = ccc(1 + 4 * true, 1 + 4 * pred)  # on the corpus's scale (CCC does not depend on it)
+    per_batch = np.mean([ccc(true[i:i + 4], pred[i:i + 4]) for i in range(0, n, 4)])
+    assert report["ccc"]["valence"] == pytest.approx(whole, abs=1e-5)
+    assert abs(per_batch - whole) > 0.02  # what averaging batch CCCs would have reported
+    assert rows[0]["true_dims"]["valence"] == pytest.approx(1 + 4 * true[0], abs=1e-5)
+    assert report["mae"]["valence"] == pytest.approx(np.abs(4 * (true - pred)).mean(), abs=1e-4)
+
+
+def test_multitask_loss_is_ce_plus_weighted_dimensional_loss():
+    from mmser.training.finetune import ClassifierModule
+
+    outputs = torch.tensor([[2.0, 0.0, 0.3], [0.0, 1.0, 0.9], [1.0, 1.0, 0.1]])
+    batch = {"labels": torch.tensor([0, 1, 0]), "targets": torch.tensor([[0.2], [0.8], [0.4]])}
+    for w in (0.0, 2.5):
+        task = Task(kind="multitask", classes=("a", "b"), dimensions=("arousal",), scales={"arousal": (1, 5)},
+                    dimensional_weight=w)
+        module = ClassifierModule(_TableModel({}), task=task)
+        ce = torch.nn.functional.cross_entropy(outputs[:, :2], batch["labels"])
+        p, t = outputs[:, 2], batch["targets"][:, 0]
+        one_minus_ccc = 1 - 2 * ((p - p.mean()) * (t - t.mean())).mean() / (
+            p.var(unbiased=False) + t.var(unbiased=False) + (p.mean() - t.mean()) ** 2)
+        assert float(module.task_loss(outputs, batch)) == pytest.approx(float(ce + w * one_minus_ccc), abs=1e-5)
+    mse = Task(kind="dimensional", dimensions=("arousal",), scales={"arousal": (1, 5)}, loss="mse")
+    assert float(mse.dimensional_loss(p[:, None], t[:, None])) == pytest.approx(float(((p - t) ** 2).mean()))
+
+
+@pytest.mark.parametrize("classes", [0, 4])
+def test_decision_fusion_averages_its_branches_dimensions(classes):
+    from mmser.models.fusion import DecisionFusion
+
+    torch.manual_seed(0)
+    head = DecisionFusion(8, 6, classes + 2, hidden=0, dropout=0.0, num_dims=2).eval()
+    frames, mask = torch.randn(3, 5, 8), torch.ones(3, 5, dtype=torch.bool)
+    tokens, tmask = torch.randn(3, 4, 6), torch.ones(3, 4, dtype=torch.bool)
+    out = head(frames, mask, tokens, tmask)
+    assert out.shape == (3, classes + 2)
+    a, t = head.last_branch_logits
+    assert torch.allclose(out[:, classes:], 0.5 * (a[:, classes:] + t[:, classes:]), atol=1e-6)  # weights start equal
+    if classes:
+        assert torch.allclose(out[:, :classes].exp().sum(-1), torch.ones(3), atol=1e-5)  # log-probabilities
+        assert torch.allclose(out[:, :classes], head._fuse_classes(a[:, :classes], t[:, :classes]))
