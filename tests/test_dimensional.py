@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -472,3 +473,27 @@ def test_decision_fusion_averages_its_branches_dimensions(classes):
     if classes:
         assert torch.allclose(out[:, :classes].exp().sum(-1), torch.ones(3), atol=1e-5)  # log-probabilities
         assert torch.allclose(out[:, :classes], head._fuse_classes(a[:, :classes], t[:, :classes]))
+
+
+def test_fraction_validation_of_a_dimensional_task_needs_no_classes(toy):
+    root, manifest = toy
+    recs = load_manifest(manifest)
+    for r in recs:
+        r["label"] = None
+    data = tiny_config(root, overrides=["data.validation=fraction", "data.val_fraction=0.25"]).data
+    fold = split_fold(recs, 1, data, dimensions=DIMS, categorical=False)
+    assert fold.val and fold.train and not {r["id"] for r in fold.val} & {r["id"] for r in fold.train}
+    assert all(r["session"] != 1 for r in fold.val + fold.train)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("target.dimensions=[]", "target.dimensions must name each dimension once"),
+    ("target.dimensions=[arousal,arousal]", "target.dimensions must name each dimension once"),
+    ("target.dimensions=[joy]", "expected one of ['arousal', 'valence', 'dominance']"),
+    ("target.dimensional_weight=-1", "target.dimensional_weight: must be >= 0"),
+])
+def test_target_config_is_checked(override, message):
+    from mmser.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(*TINY_CONFIGS, "multitask", overrides=[override])
