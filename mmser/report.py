@@ -298,7 +298,8 @@ def comparison_markdown(results: list[ExperimentResult]) -> str:
     if any(m in CATEGORICAL_METRICS for m in metrics):
         metrics = list(CATEGORICAL_METRICS) + [m for m in metrics if m in DIMENSIONAL_METRICS]
     labels = {"UA (improvised only)": "UA improvised"}
-    lines = ["| variant (mean of session means ± std over all runs; UA / WA / F1 in %) | "
+    unit = "%" if all(m in CATEGORICAL_METRICS for m in metrics) else "UA / WA / F1 in %"
+    lines = [f"| variant (mean of session means ± std over all runs, {unit}) | "
              + " | ".join(labels.get(label, label) for _, _, label in metrics) + " | runs |",
              "|---|" + "---|" * (len(metrics) + 1)]
     for r in results:
