@@ -5,6 +5,8 @@ An experiment folder holds one run folder per (test session, seed), each with a 
 (written last by `run_one`, so its presence means the run is complete). Nothing here trains. A
 session is any fold id: IEMOCAP's 1..5 (columns S1..S5), or a named fold such as a predefined
 split's test set (column `test`); the chance line of the plot is 1 / the number of classes.
+Dimensional runs (mmser/tasks.py) get a Table 11 per dimension (each run's CCC over its whole test
+set; session mean ± std over seeds) and the mean CCC, which the paired tests and the plot then use.
 An experiment can also come from W&B (`wandb:ENTITY/PROJECT/GROUP`, read through
 mmser.tracking, the only module that imports wandb). Beside Table 11: paired tests between
 experiments over their shared (session, seed) runs (mmser.stats), per-class recall and row-normalised
