@@ -75,6 +75,23 @@ def peak_flops(precision: str, device: torch.device | str | None = None, overrid
     return None
 
 
+def native_bf16(device: torch.device | int | None = None) -> bool:
+    """Whether the CUDA device computes in bf16 natively: compute capability >= 8.0 (Ampere and later)
+    and `torch.cuda.is_bf16_supported(including_emulation=False)` where torch has that argument.
+    `is_bf16_supported()` alone counts emulation, so it is True on V100 / T4 (7.x), where bf16 has no
+    cuDNN convolution engines and no memory-efficient SDPA kernel (the math kernel keeps full attention
+    matrices: batch 64 x 10 s goes out of memory). The one bf16 check of mmser (trainer.precision=auto-bf16)."""
+    if not torch.cuda.is_available():
+        return False
+    major, _minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return False
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch < 2.3: no such argument, and capability >= 8.0 is native
+        return bool(torch.cuda.is_bf16_supported())
+
+
 # -- FLOPs ----------------------------------------------------------------------------------------
 
 
