@@ -8,7 +8,7 @@ duration distribution (benchmarks/durations.py; 4,446 training utterances in ses
 of the real corpus, and 200 test utterances). Stages, each timed, each failure recorded and the
 next stage run anyway:
 1. **vft**: one V-FT epoch through `run_one` (configs/base.yaml + vft.yaml: batch 64, length buckets,
-   10 s crops, so several batches of 64 x 10 s; precision "auto" = bf16-mixed where supported),
+   10 s crops, so several batches of 64 x 10 s; precision "auto" = 16-mixed on a GPU, the reference's),
    with its test and saved model; seconds per epoch, audio s/s, MFU and peak memory from metrics.json.
 2. **tapt**: 50 TAPT steps (`run_tapt`, 250 s batches).
 3. **ptapt**: P-TAPT steps (a) 20 steps, (b) features + k-means K = 64/512/4,096, (c) 50 steps

@@ -184,14 +184,14 @@ def test_precision_auto_is_the_references_fp16_and_auto_bf16_needs_native_bf16(m
     """issue 22 A2 / issue 23 item 2: "auto" = fp16 AMP on every GPU (the reference's --precision 16);
     "auto-bf16" = bf16 only from compute capability 8.0 (V100 / T4 emulate it: no cuDNN convolutions,
     no memory-efficient attention), whatever is_bf16_supported() says with emulation."""
-    from mmser.perf import native_bf16
-
     _mock_gpu(monkeypatch, capability)
     assert torch.cuda.is_bf16_supported()  # the emulation-counting answer main trusted
     assert resolve_precision(TrainerConfig()) == "16-mixed"
     assert resolve_precision(TrainerConfig(accelerator="gpu", precision="auto-bf16")) == auto_bf16
-    assert native_bf16() is (auto_bf16 == "bf16-mixed")
     assert resolve_precision(TrainerConfig(accelerator="cpu", precision="auto-bf16")) == "32-true"
+    from mmser.perf import native_bf16  # the one check benchmarks/gpu_smoke.py and tests/test_gpu.py use
+
+    assert native_bf16() is (auto_bf16 == "bf16-mixed")
     assert load_config(overrides=["trainer.precision=auto-bf16"]).trainer.precision == "auto-bf16"
     with pytest.raises(ConfigError, match="trainer.precision"):
         load_config(overrides=["trainer.precision=bf17-mixed"])
