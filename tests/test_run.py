@@ -315,3 +315,45 @@ def test_a_run_dir_of_another_config_is_never_reused_or_resumed(tmp_path, toy_ma
     # a volatile field (W&B mode) is not another config: the finished run is returned as it is
     same = tiny_config(tmp_path, toy_manifest, ["finetune.epochs=1", "tracking.wandb=offline"])
     assert run_one(same, test_session=1, seed=0, run_dir=run_dir)["seed"] == 0
+
+
+def test_a_compiled_run_checks_its_saved_model_eagerly(tmp_path, toy_manifest, monkeypatch):
+    """issue 23 item 9: trainer.compile=true compiles the encoder's layers; the saved-model check after
+    testing (on the CPU, where Lightning hands the model back) must not run, nor compile, them. A
+    counting Dynamo backend (eager underneath: no C++ compiler) sees every compile and every compiled
+    call; none may happen inside check_saved_model."""
+    from mmser import perf
+
+    in_check = {"now": False}
+    seen = {"compiled_calls": 0, "in_check": []}
+
+    def counting_backend(gm, example_inputs):
+        if in_check["now"]:
+            seen["in_check"].append("compile")
+
+        def compiled(*args):
+            seen["compiled_calls"] += 1
+            if in_check["now"]:
+                seen["in_check"].append("call")
+            return gm.forward(*args)
+
+        return compiled
+
+    monkeypatch.setattr(runmod, "compile_transformer_layers",
+                        lambda hf: perf.compile_transformer_layers(hf, backend=counting_backend))
+    real_check = runmod.check_saved_model
+
+    def check(*args, **kwargs):
+        in_check["now"] = True
+        try:
+            return real_check(*args, **kwargs)
+        finally:
+            in_check["now"] = False
+
+    monkeypatch.setattr(runmod, "check_saved_model", check)
+    cfg = tiny_config(tmp_path, toy_manifest, ["finetune.epochs=1", "trainer.compile=true"])
+    m = run_one(cfg, test_session=1, seed=0, run_dir=tmp_path / "run")
+    assert m["perf"]["compiled_layers"] == 2
+    assert seen["compiled_calls"] > 0  # training and testing ran the compiled layers
+    assert seen["in_check"] == []  # the check ran them eagerly
+    assert (tmp_path / "run" / "metrics.json").is_file()

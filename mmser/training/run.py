@@ -325,14 +325,20 @@ def load_model(model_dir: str | Path) -> nn.Module:
 @torch.no_grad()
 def check_saved_model(model: nn.Module, model_dir: Path, batch: Mapping) -> None:
     """The saved folder loads back and gives the trained model's logits on `batch` (eval mode),
-    or a RuntimeError: a run never finishes with a model that cannot be used."""
+    or a RuntimeError: a run never finishes with a model that cannot be used.
+
+    Eager, whatever `trainer.compile` compiled: Lightning hands the model back on the CPU after
+    testing, where the compiled layers would compile again for the CPU (a C++ compiler, tens of
+    seconds, or a failure after the whole training). torch.compiler's "force_eager" stance runs
+    every compiled module's own forward (the same weights and code: the check stays exact)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         reloaded = from_pretrained(model_dir, device=device).model
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        expected, got = model(moved).float(), reloaded(moved).float()
+        with torch.compiler.set_stance("force_eager"):
+            expected, got = model(moved).float(), reloaded(moved).float()
     finally:
         model.train(was_training)
     if not torch.allclose(expected, got, atol=1e-4, rtol=1e-4):
