@@ -170,6 +170,28 @@ def trainable_parts(hf_model) -> dict[str, bool]:
 # -- per-epoch measurement ------------------------------------------------------------------------
 
 
+AUDIO_LENGTHS = "audio_lengths"  # batch key: valid samples per item, Python ints (never moved to the device)
+
+
+def add_audio_lengths(batch: dict) -> dict:
+    """Put each item's valid sample count into `batch` as Python ints while it is still on the CPU
+    (a LightningModule's `on_before_batch_transfer`), so that per-step statistics never read a device
+    tensor back: `int(mask.sum())` on a CUDA mask waits for the GPU, every step."""
+    mask = batch.get("audio_mask") if isinstance(batch, dict) else None
+    if mask is not None and AUDIO_LENGTHS not in batch and mask.device.type == "cpu":
+        batch[AUDIO_LENGTHS] = mask.sum(-1).tolist()  # (B,) on the CPU: no device sync
+    return batch
+
+
+def audio_lengths(batch: dict) -> list[int] | None:
+    """Valid samples per item: the CPU-side `AUDIO_LENGTHS` when `add_audio_lengths` put them there,
+    else read from the mask (a host-device sync when the mask is on a GPU); None without a mask."""
+    if AUDIO_LENGTHS in batch:
+        return list(batch[AUDIO_LENGTHS])
+    mask = batch.get("audio_mask")
+    return mask.sum(-1).tolist() if mask is not None else None
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -181,7 +203,9 @@ class ThroughputMonitor(Callback):
     memory. Counts this process's batches; DDP ranks each report their own share (`world_size` lets
     readers scale). Logs train/mfu and train/tflops_per_s; `epochs` holds one dict per epoch.
 
-    Batches must follow the batch contract ("audio_mask" (B, T) bool)."""
+    Batches must follow the batch contract ("audio_mask" (B, T) bool). The valid lengths come from the
+    CPU batch (`add_audio_lengths`, in the module's `on_before_batch_transfer`) where the module puts
+    them there, so that counting reads no device tensor; else from the mask."""
 
     def __init__(self, precision: str, sample_rate: int = 16000, peak_tflops: float | None = None):
         self.precision = precision
@@ -215,14 +239,15 @@ class ThroughputMonitor(Callback):
         if mask is None:
             return
         hf = self._hf
-        lengths = mask.sum(-1).cpu()
-        self._real += int(lengths.sum())
-        self._padded += int(mask.numel())
+        lengths = audio_lengths(batch)  # Python ints from the CPU batch (no device sync)
+        b, t = mask.shape  # (B, T): shapes only, no data read
+        self._real += sum(lengths)
+        self._padded += b * t
         self._steps += 1
         if hf is not None:
             self._counted = True
             self._flops += training_flops(hf.config, lengths, **self._parts)
-            self._padded_flops += training_flops(hf.config, [mask.shape[1]] * mask.shape[0], **self._parts)
+            self._padded_flops += training_flops(hf.config, [t] * b, **self._parts)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._t0 is None or self._steps == 0:

@@ -147,7 +147,8 @@ def test_metrics_json_has_per_epoch_throughput_and_mfu(tmp_path):
 
 
 def test_bf16_autocast_trains_on_cpu(tmp_path):
-    """The GPU default precision (bf16-mixed) through the real run on CPU: finite, complete, recorded."""
+    """bf16-mixed (trainer.precision=auto-bf16 on a GPU with native bf16) through the real run on CPU:
+    finite, complete, recorded."""
     from mmser.training.run import run_one
 
     manifest = write_toy_corpus(tmp_path / "toy", per_class=1)
@@ -161,3 +162,51 @@ def _train_records(manifest):
     from mmser.data.manifest import load_manifest
 
     return [r for r in load_manifest(manifest) if r["label"] is not None and r["session"] != 1]
+
+
+def _on_meta(batch: dict) -> dict:
+    """`batch` as after a transfer to a device whose data cannot be read here: tensors on the meta
+    device (shapes only; any read of a value raises), everything else as it was."""
+    return {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def test_per_step_counts_read_no_device_tensor():
+    """issue 23 item 10: the per-step statistics (ClassifierModule's samples, ThroughputMonitor's audio
+    and FLOPs) come from the CPU batch, read before the transfer. A batch on the meta device (any read
+    of a value raises, as a GPU read would sync) gives the same numbers as the same batch on the CPU."""
+    from torch import nn
+
+    from mmser.perf import ThroughputMonitor, trainable_parts
+    from mmser.training.finetune import ClassifierModule
+
+    lengths = [1600, 1200, 800]
+    hf = build_encoder(tiny_encoder_config())
+
+    def count(batch: dict) -> dict:
+        mon = ThroughputMonitor("32-true")
+        mon._hf, mon._parts = hf, trainable_parts(hf)  # what on_train_epoch_start finds
+        mon.on_train_batch_end(None, None, None, batch, 0)
+        return {"real": mon._real, "padded": mon._padded, "flops": mon._flops, "padded_flops": mon._padded_flops}
+
+    on_cpu = count(make_batch(lengths))  # lengths read from the mask (a CPU tensor: no sync)
+    moved = {**_on_meta(make_batch(lengths)), "audio_lengths": lengths}  # Python ints, read on the CPU
+    assert count(moved) == on_cpu and on_cpu["real"] == sum(lengths) and on_cpu["padded"] == 3 * 1600
+
+    class Constant(nn.Module):  # logits from a parameter: the step needs no audio values
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(4))
+
+        def forward(self, batch):
+            return self.w.expand(len(batch["ids"]), 4)  # (B, C)
+
+    module = ClassifierModule(Constant())
+    module.log = lambda *a, **k: None  # no trainer here
+    batch = module.on_before_batch_transfer(make_batch(lengths), 0)
+    batch = {**_on_meta(batch), "labels": batch["labels"]}  # loss on the CPU, audio and mask "on the device"
+    module.training_step(batch, 0)
+    assert module.stats["real_samples"] == sum(lengths) and module.stats["padded_samples"] == 3 * 1600
+    assert module._epoch_audio == pytest.approx(sum(lengths) / 16000)
+    from mmser.perf import add_audio_lengths
+
+    assert add_audio_lengths(make_batch(lengths))["audio_lengths"] == lengths

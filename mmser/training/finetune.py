@@ -22,6 +22,7 @@ from torch import nn
 
 from mmser.labels import CLASSES
 from mmser.metrics import classification_report
+from mmser.perf import add_audio_lengths, audio_lengths
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,9 @@ class ClassifierModule(pl.LightningModule):
         self._epoch_start: float | None = None
         self._epoch_audio = 0.0
 
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        return add_audio_lengths(batch)  # valid lengths as Python ints, read before the batch moves
+
     def forward(self, batch: dict) -> torch.Tensor:
         return self.model(batch)  # (B, C)
 
@@ -107,10 +111,9 @@ class ClassifierModule(pl.LightningModule):
                 loss = loss + weight * self.loss(extra, batch["labels"])
         bsz = batch["labels"].shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=bsz)
-        mask = batch["audio_mask"]
-        real = int(mask.sum())
+        real = sum(audio_lengths(batch))  # from the CPU batch: no host-device sync per step
         self.stats["real_samples"] += real
-        self.stats["padded_samples"] += int(mask.numel())
+        self.stats["padded_samples"] += batch["audio_mask"].numel()  # (B, T): the shape only
         self.stats["steps"] += 1
         self._epoch_audio += real / self.sample_rate
         return loss
@@ -157,13 +160,16 @@ class ClassifierModule(pl.LightningModule):
         logits = self(batch).float()  # (B, C)
         labels = batch["labels"]
         # Per-item weighted NLL and weight, so the split's loss equals the weighted CE over all of it.
-        wnll, w = (t.cpu() for t in weighted_nll(logits, labels, self.class_weights))
-        probs = torch.softmax(logits, dim=-1).cpu()
-        preds = probs.argmax(dim=-1)
+        wnll, w = weighted_nll(logits, labels, self.class_weights)  # (B,), (B,)
+        probs = torch.softmax(logits, dim=-1)  # (B, C)
+        # one device -> host copy per batch (not one per item and value)
+        host = torch.cat([probs, wnll[:, None], w[:, None]], dim=1).cpu()  # (B, C + 2)
+        trues = labels.tolist()
         for i, uid in enumerate(batch["ids"]):
-            self._eval_outputs.append({"id": uid, "true": int(labels[i]), "pred": int(preds[i]),
-                                       "probs": [float(p) for p in probs[i]],
-                                       "wnll": float(wnll[i]), "w": float(w[i])})
+            row = host[i].tolist()
+            p = row[:-2]
+            self._eval_outputs.append({"id": uid, "true": int(trues[i]), "pred": max(range(len(p)), key=p.__getitem__),
+                                       "probs": p, "wnll": row[-2], "w": row[-1]})
 
     def _eval_epoch_end(self, stage: str) -> tuple[list[dict], dict | None]:
         gathered = _gather_objects(self._eval_outputs)
