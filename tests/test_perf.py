@@ -73,11 +73,60 @@ def test_peak_flops_table_override_and_cpu():
     assert peak_flops("bf16-mixed", "cpu") is None  # no MFU on a CPU unless told the peak
     assert peak_flops("bf16-mixed", "cpu", override_tflops=2.5) == 2.5e12
     assert precision_family("bf16-mixed") == "bf16" and precision_family("16-mixed") == "fp16"
-    names = [name for name, _ in PEAK_TFLOPS]
-    # a more specific name comes before the name it contains (H100 PCIe before H100, A10G before A10)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            assert a not in b, (a, b)
+    assert len({name for name, _ in PEAK_TFLOPS}) == len(PEAK_TFLOPS)
+
+
+@pytest.mark.parametrize("device_name, entry, fp16", [
+    # torch.cuda.get_device_name strings as the drivers report them; dense fp16 peaks from the datasheets
+    ("NVIDIA H100 80GB HBM3", "H100", 989.4), ("NVIDIA H100 PCIe", "H100 PCIe", 756.0),
+    ("NVIDIA H100 NVL", "H100 NVL", 835.5), ("NVIDIA H200", "H200", 989.4), ("NVIDIA H200 NVL", "H200 NVL", 835.5),
+    ("NVIDIA GH200 480GB", "GH200", 989.4), ("NVIDIA A100-SXM4-80GB", "A100", 312.0),
+    ("NVIDIA A100 80GB PCIe", "A100", 312.0), ("NVIDIA A100-PCIE-40GB", "A100", 312.0),
+    ("NVIDIA L40", "L40", 181.05), ("NVIDIA L40S", "L40S", 362.05), ("NVIDIA L4", "L4", 121.0),
+    ("NVIDIA A10G", "A10G", 70.0), ("NVIDIA A10", "A10", 125.0), ("NVIDIA A40", "A40", 149.7),
+    ("NVIDIA A30", "A30", 165.0), ("Tesla V100-SXM2-16GB", "V100", 125.0), ("Tesla V100-PCIE-32GB", "V100 PCIe", 112.0),
+    ("Tesla V100S-PCIE-32GB", "V100S", 130.0), ("Tesla T4", "T4", 65.0),
+    ("NVIDIA GeForce RTX 4090", None, None), ("NVIDIA RTX A6000", None, None), ("NVIDIA H800", None, None),
+])
+def test_peak_table_matches_whole_model_names(device_name, entry, fp16, monkeypatch):
+    """issue 23 item 12: matched by substring, "NVIDIA L40" took the L4's peak and "H100 NVL" the SXM's."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
+    assert peak_flops("16-mixed", "cuda") == (pytest.approx(fp16 * 1e12) if fp16 else None)
+    from mmser.perf import peak_entry
+
+    assert peak_entry(device_name) == entry
+
+
+class _Ranked:
+    """What ThroughputMonitor.on_train_epoch_end reads of a trainer and a module, with the logged calls."""
+
+    def __init__(self, world_size: int):
+        self.world_size, self.current_epoch, self.device, self.calls = world_size, 0, torch.device("cpu"), []
+
+    def log(self, key, value, **kwargs):
+        self.calls.append((key, kwargs))
+
+    def modules(self):  # no encoder found by on_train_epoch_start: the test sets one
+        return iter(())
+
+
+def test_every_rank_logs_the_same_epoch_keys_whether_or_not_it_knows_its_peak():
+    """issue 23 item 12: `train/mfu` is logged with sync_dist (a collective); a rank without a known
+    peak (a node of another GPU model) skipped it on main, leaving the others waiting in it."""
+    from mmser.perf import ThroughputMonitor, trainable_parts
+
+    hf = build_encoder(tiny_encoder_config())
+    logged = []
+    for peak in (100.0, None):  # a rank whose GPU is in the table, and one whose GPU is not
+        mon = ThroughputMonitor("32-true", peak_tflops=peak)
+        ranked = _Ranked(world_size=2)
+        mon.on_train_epoch_start(ranked, ranked)
+        mon._hf, mon._parts = hf, trainable_parts(hf)
+        mon.on_train_batch_end(ranked, ranked, None, make_batch([1600, 800]), 0)
+        mon.on_train_epoch_end(ranked, ranked)
+        logged.append(ranked.calls)
+    assert logged[0] == logged[1] == [("train/tflops_per_s", {"sync_dist": True}), ("train/mfu", {"sync_dist": True})]
 
 
 def test_sdpa_is_the_kernel_taken_by_default_and_eager_on_request(monkeypatch):
