@@ -223,7 +223,7 @@ def strategy_problem(strategy: str) -> str | None:
     unused text-encoder pooler do."""
     if any(word in strategy for word in _CHILD_PROCESS_STRATEGIES):
         return (f"trainer.strategy={strategy}: use 'ddp' or 'auto' (one process per device, started by Lightning), "
-                "not a spawn / fork / notebook strategy (its worker processes would keep the run's results)")
+                "not a spawn-based strategy (spawn / fork / notebook: its workers would keep the run's results)")
     if strategy.startswith("ddp") and strategy.endswith("find_unused_parameters_false"):
         return (f"trainer.strategy={strategy}: mmser's models can leave parameters unused in a step (LayerDrop "
                 "skips whole layers), which DDP without find_unused_parameters rejects or hangs on; use 'ddp'")
