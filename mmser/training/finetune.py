@@ -164,12 +164,12 @@ class ClassifierModule(pl.LightningModule):
         probs = torch.softmax(logits, dim=-1)  # (B, C)
         # one device -> host copy per batch (not one per item and value)
         host = torch.cat([probs, wnll[:, None], w[:, None]], dim=1).cpu()  # (B, C + 2)
+        preds = host[:, :-2].argmax(dim=-1).tolist()  # (B,)
         trues = labels.tolist()
         for i, uid in enumerate(batch["ids"]):
             row = host[i].tolist()
-            p = row[:-2]
-            self._eval_outputs.append({"id": uid, "true": int(trues[i]), "pred": max(range(len(p)), key=p.__getitem__),
-                                       "probs": p, "wnll": row[-2], "w": row[-1]})
+            self._eval_outputs.append({"id": uid, "true": int(trues[i]), "pred": preds[i], "probs": row[:-2],
+                                       "wnll": row[-2], "w": row[-1]})
 
     def _eval_epoch_end(self, stage: str) -> tuple[list[dict], dict | None]:
         gathered = _gather_objects(self._eval_outputs)
