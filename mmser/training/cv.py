@@ -21,7 +21,13 @@ set. Selection (finetune.test_checkpoint=best_val) only ever looks at the valida
 
 A run whose metrics.json exists is complete and is skipped. Pre-training stages run once per
 fold and hand their checkpoint to the fine-tuning runs by explicit path. A failed run is logged
-and reported; it does not stop the others (KeyboardInterrupt does). A run or pre-training stage
+and reported; it does not stop the others (KeyboardInterrupt does) -- except under several
+processes (DDP: every rank runs this loop, in lockstep through each run's collectives): there a
+rank that failed (an out-of-memory on the rank with the longest bucket) re-raises and stops, and
+after every run the ranks agree (`failed_on_any_rank`, an all-reduce) before the next one starts,
+so no rank goes on to another run while a peer is still in, or died in, this one (which would pair
+their collectives across different runs, or leave the others waiting until the backend's timeout).
+The rerun resumes from the finished runs. A run or pre-training stage
 another live process holds (two `mmser cv` on one folder) is skipped and reported as held, not
 failed: the processes share the work.
 
@@ -129,6 +135,48 @@ def _check_same_experiment(cfg: Config, out_dir: Path, inputs: dict) -> None:
         check_inputs(m.parent, inputs, "this finished run")
 
 
+def _distributed() -> bool:
+    """Whether this process is one of several in an initialised torch.distributed process group."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def failed_on_any_rank(failed: bool) -> bool:
+    """`failed` of this process, all-reduced (max) over the default process group when several
+    processes share one; `failed` alone otherwise. Every rank calls it at the same point (after a
+    run that returned). A collective that fails itself (a peer process died: gloo raises at once,
+    NCCL at its timeout) counts as a failure."""
+    if not _distributed():
+        return failed
+    import torch
+    import torch.distributed as dist
+
+    cuda = dist.get_backend() == "nccl"
+    flag = torch.tensor([int(failed)], device=torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu")
+    try:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    except Exception as e:  # noqa: BLE001 - gloo / NCCL raise RuntimeError subclasses of their own
+        log.error("the ranks could not agree after a run (%s: %s): a peer process failed", type(e).__name__, e)
+        return True
+    return bool(flag.item())
+
+
+class RankFailed(RuntimeError):
+    """A run failed on another process of a multi-process cross-validation: this rank stops too."""
+
+
+def _stop_if_distributed(what: str, error: BaseException) -> None:
+    """Under several processes a failed run or stage stops this rank (re-raises `error`): its peers
+    must not go on to another run without it."""
+    if _distributed():
+        import torch.distributed as dist
+
+        log.error("%s failed under %d processes: stopping every rank (rerun to resume; finished runs are kept)",
+                  what, dist.get_world_size())
+        raise error
+
+
 def _held(session: FoldId, seed: int, stage: str, e: FolderHeld) -> dict:
     return {"session": session, "seed": seed, "stage": stage, "holder": e.holder}
 
@@ -162,6 +210,7 @@ def run_cv(cfg: Config, sessions: list[FoldId] | None, seeds: list[int], out_dir
             except KeyboardInterrupt:
                 raise
             except FolderHeld as e:  # another process pre-trains this fold: its runs wait for it
+                _stop_if_distributed(f"fold {session}: pre-training (held by another process)", e)
                 log.info("fold %s: pre-training %s", session, e)
                 summary.held += [_held(session, seed, "pretrain", e) for seed in seeds]
                 continue
@@ -169,7 +218,10 @@ def run_cv(cfg: Config, sessions: list[FoldId] | None, seeds: list[int], out_dir
                 log.error("fold %s: pre-training failed: %s", session, e)
                 for seed in seeds:
                     summary.failed.append(_failure(session, seed, "pretrain", e))
+                _stop_if_distributed(f"fold {session}: pre-training", e)
                 continue
+            if failed_on_any_rank(False):
+                raise RankFailed(f"fold {session}: pre-training failed on another process; stopping this one too")
         for seed in seeds:
             run_dir = run_dir_for(out_dir, session, seed)
             if (run_dir / "metrics.json").exists():
@@ -184,13 +236,21 @@ def run_cv(cfg: Config, sessions: list[FoldId] | None, seeds: list[int], out_dir
             except KeyboardInterrupt:
                 raise
             except FolderHeld as e:
+                _stop_if_distributed(f"{fold_tag(session)} seed {seed} (held by another process)", e)
                 log.info("%s seed %d: %s", fold_tag(session), seed, e)
                 summary.held.append(_held(session, seed, "finetune", e))
+                continue
             except Exception as e:
                 log.error("%s seed %d failed: %s", fold_tag(session), seed, e)
                 run_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(run_dir / "error.txt", traceback.format_exc())
                 summary.failed.append(_failure(session, seed, "finetune", e))
+                if _distributed():
+                    atomic_write_json(out_dir / "failures.json", summary.failed)
+                _stop_if_distributed(f"{fold_tag(session)} seed {seed}", e)
+                continue
+            if failed_on_any_rank(False):
+                raise RankFailed(f"{fold_tag(session)} seed {seed}: failed on another process; stopping this one too")
     if summary.failed:
         atomic_write_json(out_dir / "failures.json", summary.failed)
     elif (out_dir / "failures.json").exists():

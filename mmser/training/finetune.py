@@ -27,6 +27,7 @@ from torch import nn
 
 from mmser.labels import CLASSES
 from mmser.metrics import classification_report, dimensional_report
+from mmser.perf import add_audio_lengths, audio_lengths
 from mmser.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ class ClassifierModule(pl.LightningModule):
         self._epoch_start: float | None = None
         self._epoch_audio = 0.0
 
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        return add_audio_lengths(batch)  # valid lengths as Python ints, read before the batch moves
+
     def forward(self, batch: dict) -> torch.Tensor:
         return self.model(batch)  # (B, C + K): class logits, then the scaled dimensions
 
@@ -126,10 +130,9 @@ class ClassifierModule(pl.LightningModule):
                 loss = loss + weight * self.task_loss(extra, batch)
         bsz = batch["labels"].shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=bsz)
-        mask = batch["audio_mask"]
-        real = int(mask.sum())
+        real = sum(audio_lengths(batch))  # from the CPU batch: no host-device sync per step
         self.stats["real_samples"] += real
-        self.stats["padded_samples"] += int(mask.numel())
+        self.stats["padded_samples"] += batch["audio_mask"].numel()  # (B, T): the shape only
         self.stats["steps"] += 1
         self._epoch_audio += real / self.sample_rate
         return loss
@@ -175,22 +178,29 @@ class ClassifierModule(pl.LightningModule):
     def _eval_step(self, batch: dict) -> None:
         task = self.task
         logits, dims = (t.float() for t in task.split(self(batch)))  # (B, C), (B, K)
-        rows: list[dict] = [{"id": uid} for uid in batch["ids"]]
+        parts = []
         if task.categorical:
             labels = batch["labels"]
             # Per-item weighted NLL and weight, so the split's loss equals the weighted CE over all of it.
-            wnll, w = (t.cpu() for t in weighted_nll(logits, labels, self.class_weights))
-            probs = torch.softmax(logits, dim=-1).cpu()
-            preds = probs.argmax(dim=-1)
-            for i, row in enumerate(rows):
-                row.update({"true": int(labels[i]), "pred": int(preds[i]), "probs": [float(p) for p in probs[i]],
-                            "wnll": float(wnll[i]), "w": float(w[i])})
-        if task.dimensional:
-            pred, true = dims.cpu(), batch["targets"].float().cpu()  # (B, K) scaled to [0, 1]
-            for i, row in enumerate(rows):  # kept scaled here; the corpus scale is applied per split
-                row["pred_scaled"] = [float(v) for v in pred[i]]
-                row["true_scaled"] = [float(v) for v in true[i]]
-        self._eval_outputs.extend(rows)
+            wnll, w = weighted_nll(logits, labels, self.class_weights)  # (B,), (B,)
+            probs = torch.softmax(logits, dim=-1)  # (B, C)
+            parts += [probs, wnll[:, None], w[:, None]]
+        if task.dimensional:  # predictions and targets scaled to [0, 1]; the corpus scale is applied per split
+            parts += [dims, batch["targets"].float()]
+        # one device -> host copy per batch (not one per item and value)
+        host = torch.cat(parts, dim=1).cpu()  # (B, [C + 2] + [2 K])
+        c, k = task.num_classes, len(task.dimensions) if task.dimensional else 0
+        preds = host[:, :c].argmax(dim=-1).tolist() if task.categorical else None  # (B,)
+        trues = batch["labels"].tolist()
+        for i, uid in enumerate(batch["ids"]):
+            row = host[i].tolist()
+            out: dict = {"id": uid}
+            if task.categorical:
+                out.update({"true": int(trues[i]), "pred": preds[i], "probs": row[:c], "wnll": row[c], "w": row[c + 1]})
+            if k:
+                off = c + 2 if task.categorical else 0
+                out.update({"pred_scaled": row[off:off + k], "true_scaled": row[off + k:off + 2 * k]})
+            self._eval_outputs.append(out)
 
     def _eval_epoch_end(self, stage: str) -> tuple[list[dict], dict | None]:
         gathered = _gather_objects(self._eval_outputs)

@@ -53,7 +53,15 @@ from torch import nn
 import mmser
 from mmser import tracking
 from mmser.audio import UnreadableAudio, audio_info
-from mmser.config import Config, TrainerConfig, check_same_config, config_diff, save_config, to_dict
+from mmser.config import (
+    Config,
+    TrainerConfig,
+    check_same_config,
+    config_diff,
+    save_config,
+    strategy_problem,
+    to_dict,
+)
 from mmser.data.datamodule import SERDataModule
 from mmser.data.dataset import TextFeatures
 from mmser.data.manifest import Fold, FoldId, classes_for, fold_tag, load_manifest, split_fold
@@ -73,12 +81,18 @@ from mmser.models.audio_encoders import build_audio_encoder, cached_whisper_spec
 from mmser.models.heads import AudioClassifier
 from mmser.models.pretrained import MODEL_FORMAT, from_pretrained, save_pretrained  # noqa: F401 (MODEL_FORMAT re-exported)
 from mmser.models.wav2vec2 import encoder_provenance
-from mmser.perf import ThroughputMonitor, attention_implementation, compile_transformer_layers, find_hf_encoder
+from mmser.perf import (
+    ThroughputMonitor,
+    attention_implementation,
+    compile_transformer_layers,
+    find_hf_encoder,
+    native_bf16,
+)
 from mmser.provenance import provenance
 from mmser.tasks import Task, headline, record_filter, task_from_config
 from mmser.training.checkpoint_io import AtomicCheckpointIO
 from mmser.training.finetune import ClassifierModule
-from mmser.training.progress import EpochLog
+from mmser.training.progress import BatchArithmetic, EpochLog
 
 log = logging.getLogger(__name__)
 
@@ -115,20 +129,45 @@ def run_inputs(cfg: Config, test_session: int, seed: int) -> list[tuple[str, str
     return inputs
 
 
+def _uses_cuda(trainer_cfg: TrainerConfig) -> bool:
+    return trainer_cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
 def resolve_precision(trainer_cfg: TrainerConfig) -> str:
-    """"auto" -> bf16-mixed on a GPU that supports it, 16-mixed on other GPUs, 32-true on CPU."""
-    if trainer_cfg.precision != "auto":
+    """The Lightning precision of `trainer.precision`. "auto" = the reference's: 16-mixed (fp16 AMP)
+    on a CUDA GPU, 32-true on CPU. "auto-bf16" = bf16-mixed on a GPU with native bf16
+    (`mmser.perf.native_bf16`: compute capability >= 8.0), 16-mixed on older GPUs (V100, T4: bf16 is
+    emulated there, without cuDNN convolution engines or memory-efficient attention), 32-true on CPU.
+    Any other value is Lightning's own."""
+    if trainer_cfg.precision not in ("auto", "auto-bf16"):
         return trainer_cfg.precision
-    wants_gpu = trainer_cfg.accelerator in ("auto", "gpu", "cuda")
-    if wants_gpu and torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32-true"
+    if not _uses_cuda(trainer_cfg):
+        return "32-true"
+    if trainer_cfg.precision == "auto-bf16" and native_bf16():
+        return "bf16-mixed"
+    return "16-mixed"
 
 
 def _devices(value: int | str) -> int | str:
     if isinstance(value, int):
         return value
-    return int(value) if value.strip().isdigit() else value
+    return int(value) if value.strip().lstrip("-").isdigit() else value
+
+
+def devices_per_node(trainer_cfg: TrainerConfig) -> int:
+    """How many processes Lightning starts on each node for `trainer.devices`: a count, a list of
+    device indices ("0,1"), or "auto" / -1 = every visible GPU (one process on a CPU)."""
+    devices = _devices(trainer_cfg.devices)
+    if isinstance(devices, int) and devices != -1:
+        return devices
+    if devices in (-1, "auto"):
+        return max(torch.cuda.device_count(), 1) if _uses_cuda(trainer_cfg) else 1
+    return max(len([d for d in str(devices).strip("[] ").split(",") if d.strip()]), 1)
+
+
+def world_size(trainer_cfg: TrainerConfig) -> int:
+    """Training processes in all: devices per node x nodes."""
+    return devices_per_node(trainer_cfg) * trainer_cfg.num_nodes
 
 
 def trainer_kwargs(cfg: Config) -> dict:
@@ -174,9 +213,11 @@ class TrainMode(Callback):
 def make_trainer(cfg: Config, *, callbacks: Sequence[Callback] = (), **kwargs) -> pl.Trainer:
     """The one Trainer factory of every training stage (fine-tuning, text, fusion, TAPT, P-TAPT):
     `trainer_kwargs(cfg)` plus `TrainMode` and a `ThroughputMonitor` (seconds, audio s/s, MFU per
-    epoch: `throughput_monitor(trainer)`) ahead of the stage's own callbacks."""
+    epoch: `throughput_monitor(trainer)`) ahead of the stage's own callbacks; with more than one
+    process, `BatchArithmetic` logs the global batch."""
     monitor = ThroughputMonitor(resolve_precision(cfg.trainer), cfg.data.sample_rate, cfg.trainer.peak_tflops)
-    return pl.Trainer(**trainer_kwargs(cfg), callbacks=[TrainMode(), EpochLog(), monitor, *callbacks], **kwargs)
+    return pl.Trainer(**trainer_kwargs(cfg), callbacks=[TrainMode(), EpochLog(), BatchArithmetic(cfg.data.sample_rate),
+                                                        monitor, *callbacks], **kwargs)
 
 
 def throughput_monitor(trainer: pl.Trainer) -> ThroughputMonitor | None:
@@ -197,15 +238,20 @@ def apply_speed_switches(cfg: Config, model: nn.Module) -> dict:
 
 
 def resolve_strategy(trainer_cfg: TrainerConfig) -> str:
-    """Lightning strategy name. "ddp" becomes "ddp_find_unused_parameters_true": wav2vec 2.0's
-    LayerDrop (config.layerdrop, 0.1 by default) skips random transformer layers in training, so a
-    step can leave trained parameters unused, which plain DDP rejects. Spawn-based strategies are
-    refused: their worker processes would keep the test predictions that run_one writes."""
+    """Lightning strategy name. Every multi-process DDP finds unused parameters: wav2vec 2.0's
+    LayerDrop (0.1 by default) skips random transformer layers in training, differently on each rank,
+    so a step can leave trained parameters without a gradient, which plain DDP rejects ("parameters
+    that were not used") or, on gloo, hangs on. So "ddp", and "auto" with more than one process (where
+    Lightning would pick plain DDP), become "ddp_find_unused_parameters_true"; "auto" on one process
+    stays Lightning's single-device strategy. Spawn / fork strategies and DDP without unused-parameter
+    search are refused (`mmser.config.strategy_problem`)."""
     strategy = trainer_cfg.strategy
-    if "spawn" in strategy:
-        raise ValueError(f"trainer.strategy={strategy}: use 'ddp' (one process per device, started by "
-                         "Lightning), not a spawn-based strategy")
-    return "ddp_find_unused_parameters_true" if strategy == "ddp" else strategy
+    problem = strategy_problem(strategy)
+    if problem is not None:
+        raise ValueError(problem)
+    if strategy == "ddp" or (strategy == "auto" and world_size(trainer_cfg) > 1):
+        return "ddp_find_unused_parameters_true"
+    return strategy
 
 
 def build_audio_model(cfg: Config, num_classes: int = len(CLASSES)) -> AudioClassifier:
@@ -292,14 +338,20 @@ def load_model(model_dir: str | Path) -> nn.Module:
 def check_saved_model(model: nn.Module, model_dir: Path, batch: Mapping) -> None:
     """The saved folder loads back and gives the trained model's outputs on `batch` (eval mode),
     or a RuntimeError: a run never finishes with a model that cannot be used. The raw outputs are
-    compared: class logits and, for a dimensional or multitask task, the scaled dimensions."""
+    compared: class logits and, for a dimensional or multitask task, the scaled dimensions.
+
+    Eager, whatever `trainer.compile` compiled: Lightning hands the model back on the CPU after
+    testing, where the compiled layers would compile again for the CPU (a C++ compiler, tens of
+    seconds, or a failure after the whole training). torch.compiler's "force_eager" stance runs
+    every compiled module's own forward (the same weights and code: the check stays exact)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         reloaded = from_pretrained(model_dir, device=device).model
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        expected, got = model(moved).float(), reloaded(moved).float()
+        with torch.compiler.set_stance("force_eager"):
+            expected, got = model(moved).float(), reloaded(moved).float()
     finally:
         model.train(was_training)
     if not torch.allclose(expected, got, atol=1e-4, rtol=1e-4):
