@@ -8,26 +8,40 @@ duration distribution (benchmarks/durations.py; 4,446 training utterances in ses
 of the real corpus, and 200 test utterances). Stages, each timed, each failure recorded and the
 next stage run anyway:
 1. **vft**: one V-FT epoch through `run_one` (configs/base.yaml + vft.yaml: batch 64, length buckets,
-   10 s crops, so several batches of 64 x 10 s; precision "auto" = bf16-mixed where supported),
+   10 s crops, so several batches of 64 x 10 s; precision "auto" = 16-mixed on a GPU, the reference's),
    with its test and saved model; seconds per epoch, audio s/s, MFU and peak memory from metrics.json.
 2. **tapt**: 50 TAPT steps (`run_tapt`, 250 s batches).
 3. **ptapt**: P-TAPT steps (a) 20 steps, (b) features + k-means K = 64/512/4,096, (c) 50 steps
    (`run_ptapt`, frame_model=wav2vec2: no wav2vec 1.0 checkpoint here).
 4. **kmeans**: k-means, K = 4,096, 20 iterations, on 1M x 512 random frames (`mmser...kmeans`).
 4b. **batch64x10s**: three V-FT training steps (the real `ClassifierModule.training_step`, at the
-   run's precision) on one batch of 64 utterances of 10 s each, without gradient checkpointing:
-   seconds per step and peak memory (does the paper's batch fit?).
+   run's precision) on one batch of 64 utterances padded to 10 s, without gradient checkpointing:
+   seconds per step and peak memory (does the paper's batch fit?). The real lengths vary (IEMOCAP's
+   durations cropped at 10 s, the longest exactly 10 s), so the padding mask is not all ones and SDPA
+   takes the masked kernel that real batches take (an all-ones mask lets it take the flash kernel).
 5. **ddp**: with >= 2 GPUs, the V-FT epoch again as 2 DDP processes (`mmser train`, trainer.devices=2).
-`--tiny` (the default without a GPU) shrinks every shape so the whole run takes seconds on a CPU (a
-default-suite test runs it). Writes one JSON (machine, setup, one entry per stage, failures) and
-prints a table; exits 1 when a stage failed.
+6. **default_all_gpus**: with >= 2 GPUs, `mmser train -c base -c vft trainer.devices=auto`: the
+   DEFAULT strategy and LayerDrop on every visible GPU (plain DDP used to fail there: issue 23 item 1);
+   its log line with the batch arithmetic is kept. Tiny mode: 2 CPU processes, LayerDrop 0.5.
+7. **precision**: what `trainer.precision=auto` and `auto-bf16` resolve to here, with the device's
+   compute capability and whether its bf16 is native (issue 23 item 2).
+8. **tapt_accumulation**: peak memory and seconds per optimizer step of a few TAPT steps at 250 s per
+   step in one batch vs two accumulated micro-batches of 125 s (issue 23 item 5); skipped when
+   `tapt.accumulate_grad_batches` is unknown to this tree.
+Multi-process stages run in a process group of their own, killed whole on timeout (Lightning's DDP
+launcher starts ranks 1.. as children of rank 0). `--tiny` (the default without a GPU) shrinks every
+shape so the whole run takes seconds on a CPU (a default-suite test runs it). Writes one JSON
+(machine, setup, one entry per stage, failures) and prints a table; exits 1 when a stage failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -35,19 +49,22 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for benchmarks/
 from benchmarks.common import machine, save, shape_overrides, table, write_corpus  # noqa: E402
+from benchmarks.durations import iemocap_like_durations  # noqa: E402
 
 # Full: the GPU run. Tiny: the CPU smoke (tiny.yaml / tiny_pretrain.yaml shapes).
 SCALES = {
     "full": {"n_train": 4446, "n_test": 200, "scale": 1.0, "min_s": 0.6, "shape": "base",
              "tapt_steps": 50, "frame_steps": 20, "ptapt_steps": 50, "clusters": [64, 512, 4096],
-             "kmeans": (1_000_000, 512, 4096), "workers": min(8, os.cpu_count() or 1), "big_batch": (64, 10.0)},
+             "kmeans": (1_000_000, 512, 4096), "workers": min(8, os.cpu_count() or 1), "big_batch": (64, 10.0),
+             "accumulation_steps": 6},
     "tiny": {"n_train": 24, "n_test": 8, "scale": 0.12, "min_s": 0.3, "shape": "tiny",
              "tapt_steps": 3, "frame_steps": 3, "ptapt_steps": 3, "clusters": [4, 8],
-             "kmeans": (2000, 32, 16), "workers": 0, "big_batch": (4, 1.0)},
+             "kmeans": (2000, 32, 16), "workers": 0, "big_batch": (4, 1.0), "accumulation_steps": 2},
 }
 
 
@@ -181,8 +198,18 @@ def run_kmeans(sc: dict) -> dict:
     return time_kmeans(kmeans_frames(n, d, clusters=k), k)
 
 
+def big_batch_lengths(b: int, seconds: float, sample_rate: int, seed: int = 0) -> list[int]:
+    """`b` real lengths (samples): IEMOCAP-like durations scaled to a `seconds` crop (x seconds / 10)
+    and cropped there, the longest exactly `seconds`: the padded shape is (b, seconds), the mask varies."""
+    durations = np.minimum(iemocap_like_durations(b, seed=seed) * seconds / 10.0, seconds)
+    durations[0] = seconds
+    return [int(d * sample_rate) for d in durations]
+
+
 def run_big_batch(cfg, sc: dict) -> dict:
-    """Three V-FT steps on one (B, T) batch of full-length utterances: step seconds, peak memory."""
+    """Three V-FT steps on one (B, T) batch padded to full length, real lengths varied: step seconds,
+    peak memory."""
+    from mmser.perf import add_audio_lengths
     from mmser.training.finetune import ClassifierModule
     from mmser.training.run import apply_speed_switches, build_audio_model, resolve_precision
 
@@ -194,10 +221,12 @@ def run_big_batch(cfg, sc: dict) -> dict:
     speed = apply_speed_switches(cfg, model)
     module = ClassifierModule(model, None, lr=cfg.finetune.lr).to(device).train()
     opt = module.configure_optimizers()
-    n = int(seconds * cfg.data.sample_rate)
-    batch = {"ids": [str(i) for i in range(b)], "audio": 0.1 * torch.randn(b, n, device=device),
-             "audio_mask": torch.ones(b, n, dtype=torch.bool, device=device),
-             "labels": torch.arange(b, device=device) % 4}
+    lengths = big_batch_lengths(b, seconds, cfg.data.sample_rate)
+    n = max(lengths)
+    mask = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]  # (B, T): varied, not all ones
+    cpu_batch = add_audio_lengths({"ids": [str(i) for i in range(b)], "audio": 0.1 * torch.randn(b, n) * mask,
+                                   "audio_mask": mask, "labels": torch.arange(b) % 4})
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in cpu_batch.items()}
     module.log = lambda *a, **k: None  # no trainer here
     _reset_peak()
     times = []
@@ -213,8 +242,33 @@ def run_big_batch(cfg, sc: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return {"batch": b, "seconds_each": seconds, "precision": precision, "gradient_checkpointing":
-            cfg.encoder.gradient_checkpointing, "step_seconds": times, "peak_memory_gb": _peak_gb(), **speed}
+    return {"batch": b, "seconds_each": seconds, "padding_efficiency": sum(lengths) / (b * n), "precision": precision,
+            "gradient_checkpointing": cfg.encoder.gradient_checkpointing, "step_seconds": times,
+            "peak_memory_gb": _peak_gb(), **speed}
+
+
+def run_group(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """`cmd` in a process group of its own, killed whole on timeout or when this script is stopped
+    (gpu.sh's `timeout` sends SIGTERM): Lightning's DDP launcher starts ranks 1.. as children of rank 0,
+    and killing rank 0 alone (what subprocess.run's timeout does) leaves them running on the GPUs."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def run_ddp(cfg_overrides: list[str], work: Path, manifest: Path, sc: dict) -> dict:
@@ -227,7 +281,7 @@ def run_ddp(cfg_overrides: list[str], work: Path, manifest: Path, sc: dict) -> d
            "tracking.wandb=disabled", "trainer.strategy=ddp", 'trainer.devices="2"', *shape_overrides(sc["shape"]),
            *cfg_overrides]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    proc = run_group(cmd, timeout=400)
     if proc.returncode != 0:
         raise RuntimeError(f"mmser train (DDP, 2 GPUs) exited {proc.returncode}: {proc.stderr[-1500:]}")
     m = json.loads((run_dir / "metrics.json").read_text())
@@ -237,14 +291,84 @@ def run_ddp(cfg_overrides: list[str], work: Path, manifest: Path, sc: dict) -> d
             "mfu_rank0": e["mfu"], "peak_memory_gb_rank0": e["peak_memory_gb"], "test_n": m["test"]["n"]}
 
 
+def run_default_all_gpus(cfg_overrides: list[str], work: Path, manifest: Path, sc: dict) -> dict:
+    """`mmser train -c base -c vft` with the default strategy and LayerDrop on every visible GPU
+    (trainer.devices=auto, the opt-in to several); tiny: 2 CPU processes with LayerDrop 0.5."""
+    tiny = sc["shape"] == "tiny"
+    if not tiny and torch.cuda.device_count() < 2:
+        return {"skipped": f"{torch.cuda.device_count()} GPU(s): several devices need 2"}
+    run_dir = work / "default_all_gpus"
+    configs = ["-c", "base", "-c", "vft"] + (["-c", "tiny"] if tiny else [])
+    devices = (["trainer.accelerator=cpu", "trainer.devices=2", "encoder.layerdrop=0.5"] if tiny
+               else ["trainer.devices=auto"])
+    cmd = [sys.executable, "-m", "mmser.cli", "train", *configs, "--session", "1", "--seed", "0",
+           "--run-dir", str(run_dir), f"output_dir={work / 'runs'}", f"data.manifest={manifest}",
+           f"data.num_workers={sc['workers']}", "finetune.epochs=1", "tracking.wandb=disabled",
+           *shape_overrides(sc["shape"]), *devices, *cfg_overrides]
+    t0 = time.perf_counter()
+    proc = run_group(cmd, timeout=400)
+    if proc.returncode != 0:
+        raise RuntimeError(f"mmser train (default config, all devices) exited {proc.returncode}: "
+                           f"{proc.stderr[-1500:]}")
+    m = json.loads((run_dir / "metrics.json").read_text())
+    e = m["perf"]["epochs"][-1]
+    batch_line = next((line.split("INFO mmser.training: ", 1)[-1] for line in proc.stderr.splitlines()
+                       if "per optimizer step (global batch)" in line), None)
+    return {"world_size": m["world_size"], "process_seconds": time.perf_counter() - t0, "batch": batch_line,
+            "precision": m["precision"], "seconds_per_epoch": e["seconds"],
+            "audio_s_per_s_per_rank": e["audio_s_per_s"], "peak_memory_gb_rank0": e["peak_memory_gb"],
+            "test_n": m["test"]["n"]}
+
+
+def run_precision(cfg) -> dict:
+    """What trainer.precision=auto / auto-bf16 resolve to on this machine, with the evidence."""
+    from mmser.perf import native_bf16
+    from mmser.training.run import resolve_precision
+
+    info: dict = {"cuda": torch.cuda.is_available(), "device": None, "capability": None,
+                  "bf16_supported_with_emulation": None, "native_bf16": False}
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        info.update(device=torch.cuda.get_device_name(), capability=f"{major}.{minor}",
+                    bf16_supported_with_emulation=bool(torch.cuda.is_bf16_supported()), native_bf16=native_bf16())
+    for value in ("auto", "auto-bf16"):
+        info[value] = resolve_precision(dataclasses.replace(cfg.trainer, precision=value))
+    print(f"precision: {info['device'] or 'CPU'} (compute capability {info['capability']}, native bf16 "
+          f"{info['native_bf16']}): auto -> {info['auto']}, auto-bf16 -> {info['auto-bf16']}", flush=True)
+    return info
+
+
+def run_tapt_accumulation(cfg, work: Path, sc: dict) -> dict:
+    """A few TAPT optimizer steps of tapt.max_batch_seconds each, in one batch and in two accumulated
+    micro-batches: peak memory and seconds per step of each."""
+    from mmser.config import TaptConfig
+    from mmser.training.tapt import run_tapt
+
+    if "accumulate_grad_batches" not in {f.name for f in dataclasses.fields(TaptConfig)}:
+        return {"skipped": "tapt.accumulate_grad_batches is unknown to this tree"}
+    out: dict = {"max_batch_seconds": cfg.tapt.max_batch_seconds}
+    steps = sc["accumulation_steps"]
+    for k in (1, 2):
+        c = copy.deepcopy(cfg)
+        c.tapt.accumulate_grad_batches, c.tapt.total_steps = k, steps
+        c.tapt.warmup_steps = c.tapt.hold_steps = 1
+        _reset_peak()
+        t0 = time.perf_counter()
+        run_tapt(c, _fold(c), work / f"tapt_accumulate{k}")
+        seconds = time.perf_counter() - t0
+        out[f"accumulate{k}"] = {"micro_batch_seconds": cfg.tapt.max_batch_seconds / k, "steps": steps,
+                                 "stage_seconds": seconds, "peak_memory_gb": _peak_gb()}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (the default without a GPU)")
     ap.add_argument("--full", action="store_true", help="full shapes even without a GPU (slow on a CPU)")
     ap.add_argument("--out", default="runs/bench/gpu.json", help="the JSON file written")
     ap.add_argument("--workdir", default=None, help="corpus and run folders (default: a temporary folder)")
-    ap.add_argument("--only", nargs="+", choices=["vft", "tapt", "ptapt", "kmeans", "batch64x10s", "ddp"],
-                    default=None)
+    ap.add_argument("--only", nargs="+", choices=["vft", "tapt", "ptapt", "kmeans", "batch64x10s", "ddp",
+                                                  "default_all_gpus", "precision", "tapt_accumulation"], default=None)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: 1 in tiny mode, where tiny matrices gain nothing from more "
                          "and threads fight on a busy CPU; torch's default otherwise)")
@@ -272,7 +396,10 @@ def main(argv: list[str] | None = None) -> int:
         stages = {"vft": lambda: run_vft(cfg_for(), work), "tapt": lambda: run_tapt_stage(cfg_for(), work),
                   "ptapt": lambda: run_ptapt_stage(cfg_for(), work), "kmeans": lambda: run_kmeans(sc),
                   "batch64x10s": lambda: run_big_batch(cfg_for(), sc),
-                  "ddp": lambda: run_ddp(args.overrides, work, manifest, sc)}
+                  "ddp": lambda: run_ddp(args.overrides, work, manifest, sc),
+                  "default_all_gpus": lambda: run_default_all_gpus(args.overrides, work, manifest, sc),
+                  "precision": lambda: run_precision(cfg_for()),
+                  "tapt_accumulation": lambda: run_tapt_accumulation(cfg_for(), work, sc)}
         for name, fn in stages.items():
             if args.only and name not in args.only:
                 continue

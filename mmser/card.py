@@ -75,7 +75,7 @@ def model_card(meta: dict, metrics: dict | None = None, command: str | None = No
         "datasets": [] if synthetic else [dataset_type],
         "metrics": ["unweighted_accuracy", "weighted_accuracy"],
     }
-    if test:
+    if test and test.get("ua") is not None:  # a dimensional run's card lists no UA (issue 19 item 4)
         name = f"{'synthetic' if synthetic else dataset} {where}"
         header["model-index"] = [{"name": experiment, "results": [{
             "task": {"type": "audio-classification", "name": "Speech emotion recognition"},
@@ -97,7 +97,7 @@ def model_card(meta: dict, metrics: dict | None = None, command: str | None = No
         lines.append(f"- Text side: encoder `{text.get('encoder')}`, pooling {text.get('pooling')}, "
                      f"{'fine-tuned' if text.get('fine_tuned') else 'frozen'}; training text: "
                      f"{'gold transcripts' if text.get('source') == 'gold' else 'ASR ' + str(text.get('asr'))}")
-    if test:
+    if test and test.get("ua") is not None:  # a dimensional run's card lists no UA (issue 19 item 4)
         protocol = ("predefined split" if not isinstance(session, int) else "leave-one-session-out"
                     if synthetic or dataset == "IEMOCAP" else "leave-one-fold-out")
         lines.append(f"- {'Test session' if isinstance(session, int) else 'Test set'} {session}"

@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write 16-bit mono copies at the sample rate of files that are not (under OUT/audio)")
     q.add_argument("--skip-bad-audio", action="store_true",
                    help="skip rows whose audio is missing, unreadable or empty (listed in the report)")
+    q.add_argument("--scale", default=None, metavar="LOW,HIGH",
+                   help="scale of the arousal / valence / dominance columns, e.g. 1,7 (default: each one's min, max)")
     q.add_argument("--force", action="store_true", help="rebuild even if inputs are unchanged")
     q = psub.add_parser("msp-podcast", help="MSP-Podcast release tree -> OUT/manifest.jsonl (its predefined split)")
     q.add_argument("root", type=Path, help="release folder with Labels/, Audios/, Transcripts/ (read only)")
@@ -526,7 +528,9 @@ def _dispatch(args: argparse.Namespace) -> int | None:
 
             cfg = pretrained_fold_config(cfg, args.session, Path(cfg.output_dir) / cfg.experiment)
         metrics = run_task(cfg, test_session=args.session, seed=args.seed, run_dir=run_dir)
-        print(f"{run_dir}: test UA {metrics['test']['ua']:.4f} WA {metrics['test']['wa']:.4f}")
+        from mmser.tasks import headline
+
+        print(f"{run_dir}: test {headline(metrics['test'])}")
         return 0
     if args.command == "cv":
         cfg = _load(args)
@@ -653,7 +657,7 @@ def _prepare_csv(args: argparse.Namespace):
         spec.map = {**spec.map, **parse_pairs(args.map, "--map")}
     if args.split_map:
         spec.split_map = {**spec.split_map, **parse_pairs(args.split_map, "--split-map")}
-    for key in ("folds", "name", "sample_rate"):
+    for key in ("folds", "name", "sample_rate", "scale"):
         if getattr(args, key) is not None:
             setattr(spec, key, getattr(args, key))
     spec.resample = spec.resample or args.resample

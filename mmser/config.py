@@ -210,14 +210,43 @@ class FinetuneConfig:
     keep_checkpoints: bool = False
 
 
+# Lightning strategies whose training runs in worker processes (spawn / fork / notebook launchers):
+# those workers, not the calling process, would hold the test predictions and metrics a run writes.
+_CHILD_PROCESS_STRATEGIES = ("spawn", "fork", "notebook")
+
+
+def strategy_problem(strategy: str) -> str | None:
+    """Why `trainer.strategy` cannot train mmser's models, or None. Spawn / fork / notebook launchers
+    keep the results in worker processes; plain DDP without unused-parameter search
+    (`ddp_find_unused_parameters_false`) fails or hangs at the first step that leaves a parameter
+    without a gradient, as LayerDrop (on by default), a frozen branch's train-mode modules or an
+    unused text-encoder pooler do."""
+    if any(word in strategy for word in _CHILD_PROCESS_STRATEGIES):
+        return (f"trainer.strategy={strategy}: use 'ddp' or 'auto' (one process per device, started by Lightning), "
+                "not a spawn-based strategy (spawn / fork / notebook: its workers would keep the run's results)")
+    if strategy.startswith("ddp") and strategy.endswith("find_unused_parameters_false"):
+        return (f"trainer.strategy={strategy}: mmser's models can leave parameters unused in a step (LayerDrop "
+                "skips whole layers), which DDP without find_unused_parameters rejects or hangs on; use 'ddp'")
+    return None
+
+
 @dataclass
 class TrainerConfig:
     accelerator: str = "auto"
-    devices: int | str = ranged("auto", "-1 or >= 1")  # "auto", 1, 4, "0,1" (Lightning's own syntax)
+    # Processes per node: 1 by default (the paper's single GPU; batch 64 = data.batch_size). Several
+    # are an opt-in ("auto" = every visible GPU, 4, "0,1": Lightning's syntax); data.batch_size is then
+    # per device, and the run logs per-device batch x devices x nodes = the global batch.
+    devices: int | str = ranged(1, "-1 or >= 1")
     num_nodes: int = ranged(1, ">= 1")
-    strategy: str = "auto"  # "ddp" for several GPUs
-    # "auto": bf16-mixed where the GPU supports it, else 16-mixed on GPU, 32 on CPU.
-    precision: str = "auto"
+    # "auto": one device -> no DDP; several processes -> DDP that finds unused parameters, as "ddp"
+    # does (mmser.training.run.resolve_strategy). Spawn / fork strategies are refused (strategy_problem).
+    strategy: str = "auto"
+    # "auto" = the reference's precision: 16-mixed (fp16 AMP, the reference's --precision 16 in every
+    # stage) on a CUDA GPU, 32-true on CPU. "auto-bf16" = bf16-mixed where the GPU has native bf16
+    # (compute capability >= 8.0: A100, H100, L4, RTX 30xx+), else 16-mixed: a departure (README).
+    # Or any Lightning precision below. TAPT's loss is computed in fp32 whatever the precision.
+    precision: Literal["auto", "auto-bf16", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true",
+                       "64-true"] = "auto"
     deterministic: bool = True
     log_every_n_steps: int = ranged(10, ">= 1")
     gradient_clip_val: float | None = ranged(None, "> 0")
@@ -426,6 +455,23 @@ class FusionConfig:
 
 
 @dataclass
+class TargetConfig:
+    # What the model predicts (issue 19; beyond the paper, which is categorical). The section is
+    # `target`, not `task`: `task` already names the modality (audio / text / fusion) in every config.
+    # "categorical" = the classes (the paper); "dimensional" = one regression output per dimension,
+    # trained on values scaled to [0, 1] by the corpus's scale and reported on that scale;
+    # "multitask" = both: cross-entropy + dimensional_weight x the dimensional loss. mmser/tasks.py.
+    kind: Literal["categorical", "dimensional", "multitask"] = "categorical"
+    # The regression outputs, in output order (manifest fields of `mmser prepare`).
+    dimensions: list[Literal["arousal", "valence", "dominance"]] = field(
+        default_factory=lambda: ["arousal", "valence", "dominance"])
+    # "ccc": 1 - CCC per dimension (on the batch), averaged: the MSP-Podcast baseline's loss
+    # (Wagner et al. 2023); "mse": mean squared error on the scaled values.
+    loss: Literal["ccc", "mse"] = "ccc"
+    dimensional_weight: float = ranged(1.0, ">= 0")  # multitask only
+
+
+@dataclass
 class Config:
     # The experiment's name: its folder output_dir/experiment (cv, train) and its name in reports.
     # A plain name: no path separator, not "." or ".." (a run must stay inside output_dir).
@@ -444,6 +490,7 @@ class Config:
     ptapt: PtaptConfig = field(default_factory=PtaptConfig)
     text: TextConfig = field(default_factory=TextConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
 
 
 # Checks between fields, on the final config (after every file and override): each is
@@ -488,6 +535,13 @@ _CROSS_CHECKS: list[tuple[tuple[str, ...], typing.Callable[[Config], bool], str]
      "encoder.freeze is for encoder.kind=whisper (wav2vec 2.0-style encoders: fusion.freeze_audio)"),
     (("encoder.kind", "pretrain"), lambda c: c.encoder.kind != "whisper" or c.pretrain == "none",
      "TAPT / P-TAPT pre-train wav2vec 2.0-style encoders: pretrain must be none with encoder.kind=whisper"),
+    (("target.kind", "target.dimensions"),
+     lambda c: c.target.kind == "categorical" or (c.target.dimensions
+                                                  and len(set(c.target.dimensions)) == len(c.target.dimensions)),
+     "target.dimensions must name each dimension once, and at least one (target.kind dimensional / multitask)"),
+    (("trainer.strategy",), lambda c: strategy_problem(c.trainer.strategy) is None,
+     "trainer.strategy must be 'auto', 'ddp' or another strategy that trains in this process and finds unused "
+     "parameters (not spawn / fork / notebook, not ddp_find_unused_parameters_false)"),
     (("fusion.head", "fusion.hidden_size", "fusion.num_heads"),
      lambda c: c.fusion.head != "cross_attention" or c.fusion.hidden_size % c.fusion.num_heads == 0,
      "fusion.hidden_size must be a multiple of fusion.num_heads (cross-attention)"),

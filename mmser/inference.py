@@ -175,6 +175,9 @@ class EmotionClassifier:
                  device: str = "cpu", batch_size: int = 8):
         if not window_s > 0 or not 0 <= overlap_s < window_s:
             raise ValueError(f"windows: need window_s > 0 and 0 <= overlap_s < window_s, got {window_s}, {overlap_s}")
+        kind = (saved.meta.get("target") or {}).get("kind", "categorical")
+        if kind != "categorical":  # issue 19 item 4: predict does not give dimensions yet
+            raise ValueError(f"{saved.path}: a {kind} model (target.kind); inference of dimensions is not built yet")
         self.saved = saved
         self.model = saved.model.to(device).eval()
         self.classes = list(saved.classes)

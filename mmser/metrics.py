@@ -5,6 +5,12 @@
 - macro-F1 = mean of per-class F1.
 Classes absent from `y_true` are left out of UA and macro-F1 (their recall is undefined), and the
 classes used are reported. Built on scikit-learn where it does the same thing.
+
+Dimensional emotion (arousal / valence / dominance): the concordance correlation coefficient (CCC,
+Lin 1989), Pearson r and MAE per dimension, and the mean CCC, each computed over the WHOLE set of
+predictions at once: CCC is not a mean of per-item terms, so an average of batch CCCs is a different
+(and batch-size dependent) number. Hand-written CCC (three lines of numpy; neither scikit-learn nor
+scipy has it); Pearson r from numpy's corrcoef.
 """
 
 from __future__ import annotations
@@ -75,6 +81,56 @@ def classification_report(
         "support": {c: int(s) for c, s in zip(class_names, cm.sum(axis=1), strict=True)},
         "confusion": cm.tolist(),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Dimensional metrics
+# --------------------------------------------------------------------------------------------
+
+
+def _pair(y_true: Sequence[float], y_pred: Sequence[float], what: str) -> tuple[np.ndarray, np.ndarray]:
+    t, p = np.asarray(y_true, dtype=np.float64), np.asarray(y_pred, dtype=np.float64)
+    if t.shape != p.shape or t.ndim != 1:
+        raise ValueError(f"{what}: expected two 1-d sequences of one length, got {t.shape} and {p.shape}")
+    if t.size == 0:
+        raise ValueError(f"{what}: empty input")
+    return t, p
+
+
+def ccc(y_true: Sequence[float], y_pred: Sequence[float]) -> float:
+    """Concordance correlation coefficient over the whole set, population moments:
+    2 cov(t, p) / (var t + var p + (mean t - mean p)^2). 1 = identical; 0 when both are constant."""
+    t, p = _pair(y_true, y_pred, "ccc")
+    mt, mp = t.mean(), p.mean()
+    cov = ((t - mt) * (p - mp)).mean()
+    denom = t.var() + p.var() + (mt - mp) ** 2
+    return float(2 * cov / denom) if denom > 0 else (1.0 if np.array_equal(t, p) else 0.0)
+
+
+def pearson(y_true: Sequence[float], y_pred: Sequence[float]) -> float | None:
+    """Pearson r over the whole set; None when either side is constant (undefined)."""
+    t, p = _pair(y_true, y_pred, "pearson")
+    if t.std() == 0 or p.std() == 0:
+        return None
+    return float(np.corrcoef(t, p)[0, 1])
+
+
+def mae(y_true: Sequence[float], y_pred: Sequence[float]) -> float:
+    t, p = _pair(y_true, y_pred, "mae")
+    return float(np.abs(t - p).mean())
+
+
+def dimensional_report(y_true: dict[str, Sequence[float]], y_pred: dict[str, Sequence[float]]) -> dict:
+    """{"ccc": {dim: ...}, "ccc_mean", "pearson": {dim: ...}, "mae": {dim: ...}, "n"} over the whole
+    set of each dimension (values on the corpus's own scale; CCC and r do not depend on it, MAE does)."""
+    dims = list(y_true)
+    if not dims or set(dims) != set(y_pred):
+        raise ValueError(f"dimensional_report: dimensions {dims} vs {list(y_pred)}")
+    cccs = {d: ccc(y_true[d], y_pred[d]) for d in dims}
+    return {"ccc": cccs, "ccc_mean": float(np.mean(list(cccs.values()))),
+            "pearson": {d: pearson(y_true[d], y_pred[d]) for d in dims},
+            "mae": {d: mae(y_true[d], y_pred[d]) for d in dims}, "n": int(len(y_true[dims[0]])),
+            "dimensions": dims}
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ comes from `PEAK_TFLOPS` (dense, no sparsity, vendor datasheets) by GPU name, or
 from __future__ import annotations
 
 import logging
+import math
+import re
 import time
 from collections.abc import Sequence
 
@@ -30,22 +32,52 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-# Dense peak TFLOP/s by GPU name (substring of torch.cuda.get_device_name, checked in order), per
-# precision family: "bf16" (bf16-mixed), "fp16" (16-mixed), "tf32" (32-true with TF32 matmuls),
-# "fp32". Vendor datasheets, without structured sparsity. None = not supported.
+# Dense peak TFLOP/s by GPU model, per precision family: "bf16" (bf16-mixed), "fp16" (16-mixed),
+# "tf32" (32-true with TF32 matmuls), "fp32". Vendor datasheets, without structured sparsity (the
+# sheets' starred figures halved). None = not supported. A key is the whole-word tokens a
+# `torch.cuda.get_device_name` must contain ("H100 NVL" = tokens H100 and NVL); the key with the most
+# tokens wins (`peak_entry`), so "NVIDIA L40" is an L40, never an L4, and "NVIDIA H100 NVL" is not SXM.
+# Sources: NVIDIA H100 Tensor Core GPU datasheet (SXM, PCIe, NVL per GPU); H200 datasheet (SXM, NVL);
+# GH200 Grace Hopper datasheet; A100 datasheet (SXM and PCIe: the same peaks); A30, A40, A10, L40,
+# L40S, L4 datasheets; V100 datasheet (SXM2, PCIe, V100S PCIe); T4 datasheet. A10G (AWS) has no NVIDIA
+# datasheet: the commonly quoted figure.
 PEAK_TFLOPS: list[tuple[str, dict[str, float | None]]] = [
     ("GH200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
-    ("H200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("H200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM
+    ("H200 NVL", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
+    ("H100", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM ("H100 80GB HBM3")
     ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.2}),
-    ("H100", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM
+    ("H100 NVL", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
     ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
-    ("L40S", {"bf16": 362.1, "fp16": 362.1, "tf32": 183.0, "fp32": 91.6}),
+    ("A40", {"bf16": 149.7, "fp16": 149.7, "tf32": 74.8, "fp32": 37.4}),
+    ("A30", {"bf16": 165.0, "fp16": 165.0, "tf32": 82.0, "fp32": 10.3}),
+    ("L40S", {"bf16": 362.05, "fp16": 362.05, "tf32": 183.0, "fp32": 91.6}),
+    ("L40", {"bf16": 181.05, "fp16": 181.05, "tf32": 90.5, "fp32": 90.5}),
+    ("L4", {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3}),
     ("A10G", {"bf16": 70.0, "fp16": 70.0, "tf32": 35.0, "fp32": 31.2}),
     ("A10", {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2}),
-    ("L4", {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3}),
-    ("V100", {"bf16": None, "fp16": 125.0, "tf32": None, "fp32": 15.7}),
+    ("V100", {"bf16": None, "fp16": 125.0, "tf32": None, "fp32": 15.7}),  # SXM2
+    ("V100 PCIe", {"bf16": None, "fp16": 112.0, "tf32": None, "fp32": 14.0}),
+    ("V100S", {"bf16": None, "fp16": 130.0, "tf32": None, "fp32": 16.4}),
     ("T4", {"bf16": None, "fp16": 65.0, "tf32": None, "fp32": 8.1}),
 ]
+
+
+def _tokens(text: str) -> set[str]:
+    return {t for t in re.split(r"[\s\-_/()]+", text.upper()) if t}
+
+
+def peak_entry(device_name: str) -> str | None:
+    """The PEAK_TFLOPS key for a CUDA device name: the key whose tokens are all whole tokens of the
+    name, the one with the most tokens when several are ("NVIDIA H100 NVL" -> "H100 NVL"); None when
+    none is (an unknown GPU: no MFU rather than a wrong one)."""
+    name = _tokens(device_name)
+    best: tuple[int, str] | None = None
+    for key, _ in PEAK_TFLOPS:
+        tokens = _tokens(key)
+        if tokens <= name and (best is None or len(tokens) > best[0]):
+            best = (len(tokens), key)
+    return best[1] if best else None
 
 
 def precision_family(precision: str) -> str:
@@ -67,12 +99,28 @@ def peak_flops(precision: str, device: torch.device | str | None = None, overrid
     device = torch.device(device) if device is not None else None
     if device is None or device.type != "cuda" or not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, peaks in PEAK_TFLOPS:
-        if key in name:
-            value = peaks.get(precision_family(precision))
-            return value * 1e12 if value is not None else None
-    return None
+    key = peak_entry(torch.cuda.get_device_name(device))
+    if key is None:
+        return None
+    value = dict(PEAK_TFLOPS)[key].get(precision_family(precision))
+    return value * 1e12 if value is not None else None
+
+
+def native_bf16(device: torch.device | int | None = None) -> bool:
+    """Whether the CUDA device computes in bf16 natively: compute capability >= 8.0 (Ampere and later)
+    and `torch.cuda.is_bf16_supported(including_emulation=False)` where torch has that argument.
+    `is_bf16_supported()` alone counts emulation, so it is True on V100 / T4 (7.x), where bf16 has no
+    cuDNN convolution engines and no memory-efficient SDPA kernel (the math kernel keeps full attention
+    matrices: batch 64 x 10 s goes out of memory). The one bf16 check of mmser (trainer.precision=auto-bf16)."""
+    if not torch.cuda.is_available():
+        return False
+    major, _minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return False
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch < 2.3: no such argument, and capability >= 8.0 is native
+        return bool(torch.cuda.is_bf16_supported())
 
 
 # -- FLOPs ----------------------------------------------------------------------------------------
@@ -153,6 +201,28 @@ def trainable_parts(hf_model) -> dict[str, bool]:
 # -- per-epoch measurement ------------------------------------------------------------------------
 
 
+AUDIO_LENGTHS = "audio_lengths"  # batch key: valid samples per item, Python ints (never moved to the device)
+
+
+def add_audio_lengths(batch: dict) -> dict:
+    """Put each item's valid sample count into `batch` as Python ints while it is still on the CPU
+    (a LightningModule's `on_before_batch_transfer`), so that per-step statistics never read a device
+    tensor back: `int(mask.sum())` on a CUDA mask waits for the GPU, every step."""
+    mask = batch.get("audio_mask") if isinstance(batch, dict) else None
+    if mask is not None and AUDIO_LENGTHS not in batch and mask.device.type == "cpu":
+        batch[AUDIO_LENGTHS] = mask.sum(-1).tolist()  # (B,) on the CPU: no device sync
+    return batch
+
+
+def audio_lengths(batch: dict) -> list[int] | None:
+    """Valid samples per item: the CPU-side `AUDIO_LENGTHS` when `add_audio_lengths` put them there,
+    else read from the mask (a host-device sync when the mask is on a GPU); None without a mask."""
+    if AUDIO_LENGTHS in batch:
+        return list(batch[AUDIO_LENGTHS])
+    mask = batch.get("audio_mask")
+    return mask.sum(-1).tolist() if mask is not None else None
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -164,7 +234,9 @@ class ThroughputMonitor(Callback):
     memory. Counts this process's batches; DDP ranks each report their own share (`world_size` lets
     readers scale). Logs train/mfu and train/tflops_per_s; `epochs` holds one dict per epoch.
 
-    Batches must follow the batch contract ("audio_mask" (B, T) bool)."""
+    Batches must follow the batch contract ("audio_mask" (B, T) bool). The valid lengths come from the
+    CPU batch (`add_audio_lengths`, in the module's `on_before_batch_transfer`) where the module puts
+    them there, so that counting reads no device tensor; else from the mask."""
 
     def __init__(self, precision: str, sample_rate: int = 16000, peak_tflops: float | None = None):
         self.precision = precision
@@ -198,14 +270,15 @@ class ThroughputMonitor(Callback):
         if mask is None:
             return
         hf = self._hf
-        lengths = mask.sum(-1).cpu()
-        self._real += int(lengths.sum())
-        self._padded += int(mask.numel())
+        lengths = audio_lengths(batch)  # Python ints from the CPU batch (no device sync)
+        b, t = mask.shape  # (B, T): shapes only, no data read
+        self._real += sum(lengths)
+        self._padded += b * t
         self._steps += 1
         if hf is not None:
             self._counted = True
             self._flops += training_flops(hf.config, lengths, **self._parts)
-            self._padded_flops += training_flops(hf.config, [mask.shape[1]] * mask.shape[0], **self._parts)
+            self._padded_flops += training_flops(hf.config, [t] * b, **self._parts)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._t0 is None or self._steps == 0:
@@ -232,11 +305,16 @@ class ThroughputMonitor(Callback):
             "peak_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
         }
         self.epochs.append(row)
-        # sync_dist: every rank logs (the mean over ranks), as Lightning wants for epoch-level values
-        if achieved is not None:
-            pl_module.log("train/tflops_per_s", achieved / 1e12, sync_dist=True)
-        if row["mfu"] is not None:
-            pl_module.log("train/mfu", row["mfu"], sync_dist=True)
+        # sync_dist (the mean over ranks) is a collective: every rank must log the same keys, or the
+        # ranks that log wait for the others forever. Whether to log depends on nothing a rank alone
+        # knows (the model, the world size); the value is NaN on a rank without a known peak (a
+        # node of another GPU model). One process logs only what it has.
+        if not self._counted:
+            return
+        several = trainer.world_size > 1
+        for key, value in (("train/tflops_per_s", row["achieved_tflops_per_s"]), ("train/mfu", row["mfu"])):
+            if value is not None or several:
+                pl_module.log(key, math.nan if value is None else value, sync_dist=True)
 
     def summary(self) -> dict:
         """{"precision", "peak_tflops_per_s", "epochs": [...], "mfu": mean over epochs (None without a peak)}."""

@@ -5,6 +5,8 @@ An experiment folder holds one run folder per (test session, seed), each with a 
 (written last by `run_one`, so its presence means the run is complete). Nothing here trains. A
 session is any fold id: IEMOCAP's 1..5 (columns S1..S5), or a named fold such as a predefined
 split's test set (column `test`); the chance line of the plot is 1 / the number of classes.
+Dimensional runs (mmser/tasks.py) get a Table 11 per dimension (each run's CCC over its whole test
+set; session mean ± std over seeds) and the mean CCC, which the paired tests and the plot then use.
 An experiment can also come from W&B (`wandb:ENTITY/PROJECT/GROUP`, read through
 mmser.tracking, the only module that imports wandb). Beside Table 11: paired tests between
 experiments over their shared (session, seed) runs (mmser.stats), per-class recall and row-normalised
@@ -33,13 +35,43 @@ from mmser.metrics import table11
 
 log = logging.getLogger(__name__)
 
-# (metrics.json section, metric key, column label)
-METRICS = (
+# (metrics.json section, metric key, column label); a dotted key reads a nested value
+# ("ccc.arousal" = metrics["test"]["ccc"]["arousal"]).
+CATEGORICAL_METRICS = (
     ("test", "ua", "UA"),
     ("test", "wa", "WA"),
     ("test", "macro_f1", "macro-F1"),
     ("test_improvised", "ua", "UA (improvised only)"),
 )
+# Dimensional tasks (mmser/tasks.py): CCC over each run's whole test set, per dimension and averaged.
+DIMENSIONAL_METRICS = (
+    ("test", "ccc_mean", "CCC mean"),
+    ("test", "ccc.arousal", "CCC arousal"),
+    ("test", "ccc.valence", "CCC valence"),
+    ("test", "ccc.dominance", "CCC dominance"),
+)
+METRICS = CATEGORICAL_METRICS + DIMENSIONAL_METRICS
+
+
+def metric_value(section: dict | None, metric: str):
+    """`section[metric]`, a dotted metric read as nested keys; None where absent."""
+    value = section
+    for key in metric.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def is_dimensional_metric(metric: str) -> bool:
+    return metric.startswith(("ccc", "pearson", "mae"))
+
+
+def headline_metric(results: list[ExperimentResult]) -> str:
+    """What the paired tests and plots compare: UA, or the mean CCC when no experiment has UA
+    (dimensional runs)."""
+    has = {m for r in results for (_, m) in r.scores}
+    return "ua" if "ua" in has or "ccc_mean" not in has else "ccc_mean"
 
 
 @dataclass
@@ -100,7 +132,7 @@ def add_run(res: ExperimentResult, m: dict) -> None:
     res.runs += 1
     res.seeds.setdefault(session, []).append(seed)
     for section, metric, _ in METRICS:
-        value = (m.get(section) or {}).get(metric)
+        value = metric_value(m.get(section), metric)
         if value is not None:
             res.scores.setdefault((section, metric), {}).setdefault(session, []).append(float(value))
             res.values.setdefault((section, metric), {})[(session, seed)] = float(value)
@@ -152,6 +184,9 @@ def check_comparable(results: list[ExperimentResult]) -> None:
             if a.corpora and b.corpora and a.corpora != b.corpora:
                 differs.append(f"corpus {_corpus_label(next(iter(a.corpora)))} vs "
                                f"{_corpus_label(next(iter(b.corpora)))}")
+            shared = [m for m in ("ua", "ccc_mean") if ("test", m) in a.scores and ("test", m) in b.scores]
+            if a.scores and b.scores and not shared:
+                differs.append("one is categorical (UA), the other dimensional (CCC): no metric in common")
             if a.manifests and b.manifests and a.manifests != b.manifests:
                 differs.append(f"manifest sha256 {next(iter(a.manifests))[:12]} vs {next(iter(b.manifests))[:12]}")
             if differs:
@@ -203,10 +238,16 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _fmt(metric: str):
+    """A value's cell text: % with one decimal (UA, WA, F1), three decimals for CCC-like metrics."""
+    return (lambda x: f"{x:.3f}") if is_dimensional_metric(metric) else _pct
+
+
 def table11_markdown(results: list[ExperimentResult], section: str = "test", metric: str = "ua",
                      title: str | None = None) -> str:
     """One row per experiment: per-session mean±std over seeds (ddof 0), and the average of the
-    session means (the paper's Table 11 form). Values in %."""
+    session means (the paper's Table 11 form). Values in % (CCC: as is, three decimals)."""
+    _pct = _fmt(metric)  # the cell format of this metric
     sessions = sorted({s for r in results for s in (r.scores.get((section, metric)) or {})}, key=fold_sort_key)
     lines = [f"**{title}**", ""] if title else []
     if not sessions:  # no table: a header without session columns is not valid Markdown
@@ -252,14 +293,23 @@ def rows_to_csv(rows: list[dict]) -> str:
 
 def comparison_markdown(results: list[ExperimentResult]) -> str:
     """One row per experiment: for each metric, the average of the session means ± the std over
-    all (session, seed) runs pooled (ddof 0); improvised-only UA beside the full test UA."""
-    lines = ["| variant (mean of session means ± std over all runs, %) | UA | WA | macro-F1 | "
-             "UA improvised | runs |", "|---|---|---|---|---|---|"]
+    all (session, seed) runs pooled (ddof 0); improvised-only UA beside the full test UA. The
+    categorical columns, and the CCC ones where any experiment is dimensional."""
+    has = {key for r in results for key in r.scores}
+    metrics = [m for m in METRICS if m[:2] in has] if has else list(CATEGORICAL_METRICS)
+    if any(m in CATEGORICAL_METRICS for m in metrics):
+        metrics = list(CATEGORICAL_METRICS) + [m for m in metrics if m in DIMENSIONAL_METRICS]
+    labels = {"UA (improvised only)": "UA improvised"}
+    unit = "%" if all(m in CATEGORICAL_METRICS for m in metrics) else "UA / WA / F1 in %"
+    lines = [f"| variant (mean of session means ± std over all runs, {unit}) | "
+             + " | ".join(labels.get(label, label) for _, _, label in metrics) + " | runs |",
+             "|---|" + "---|" * (len(metrics) + 1)]
     for r in results:
         cells = []
-        for section, metric, _ in METRICS:
+        for section, metric, _ in metrics:
             t = r.table(section, metric)
-            cells.append(f"{_pct(t['average'])}±{_pct(t['std_all_runs'])}" if t else "–")
+            f = _fmt(metric)
+            cells.append(f"{f(t['average'])}±{f(t['std_all_runs'])}" if t else "–")
         lines.append(f"| {r.name} | " + " | ".join(cells) + f" | {r.runs} |")
     return "\n".join(lines)
 
@@ -276,15 +326,22 @@ def write_summary(results: list[ExperimentResult], out_dir: Path, command: str |
         parts += ["Produced by:", "", "```", command, "```", ""]
     for line in notes or []:
         parts += [line, ""]
-    parts += [table11_markdown(results, "test", "ua", "UA % (Table 11 form: per session mean±std over "
-                               "seeds, ddof 0; avg = mean of session means)"), ""]
-    parts += [table11_markdown(results, "test_improvised", "ua", "UA % on improvised dialogs only"), ""]
+    has = {key for r in results for key in r.scores}
+    dimensional = [m for m in DIMENSIONAL_METRICS if m[:2] in has]
+    if not dimensional or ("test", "ua") in has:
+        parts += [table11_markdown(results, "test", "ua", "UA % (Table 11 form: per session mean±std over "
+                                   "seeds, ddof 0; avg = mean of session means)"), ""]
+        parts += [table11_markdown(results, "test_improvised", "ua", "UA % on improvised dialogs only"), ""]
+    for section, metric, label in dimensional:  # one Table 11 per dimension (CCC over each whole test set)
+        parts += [table11_markdown(results, section, metric, f"{label} (Table 11 form: per session mean±std "
+                                   "over seeds, ddof 0; each run's CCC over its whole test set)"), ""]
     parts += [comparison_markdown(results)]
     if any(r.confusion is not None for r in results):
         parts += ["", per_class_markdown(results)]
-    tests = paired_tests(results, pairs) if len(results) >= 2 else []
+    metric = headline_metric(results)
+    tests = paired_tests(results, pairs, metric=metric) if len(results) >= 2 else []
     if tests:
-        parts += ["", paired_markdown(tests)]
+        parts += ["", paired_markdown(tests, "CCC mean" if metric == "ccc_mean" else "UA")]
         atomic_write_text(out_dir / f"{stem}_paired.csv", rows_to_csv(paired_rows(tests)))
     md = "\n".join(parts) + "\n"
     atomic_write_text(out_dir / f"{stem}.md", md)
@@ -383,13 +440,14 @@ def _pp(x: float | None, signed: bool = False) -> str:
     return "–" if x is None else f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
 
 
-def paired_markdown(tests: list) -> str:
-    lines = ["**Paired tests, UA (B − A) over the (session, seed) runs both experiments have**: mean "
+def paired_markdown(tests: list, label: str = "UA") -> str:
+    lines = [f"**Paired tests, {label} (B − A) over the (session, seed) runs both experiments have**: mean "
              "difference in points, paired bootstrap 95% CI (10,000 resamples of the pairs, seed 0), "
              "two-sided Wilcoxon signed-rank p (exact up to 50 pairs without ties), seed noise σ = "
              "sqrt(mean over (experiment, session) of the variance over seeds, ddof 1); \"within seed "
              "noise\" = |mean difference| < σ; \"better\" = p < 0.05 and a CI without 0 (mmser/stats.py).",
-             "", "| A | B | pairs | mean ΔUA | 95% CI | Wilcoxon p | seed noise σ | within seed noise | verdict |",
+             "", f"| A | B | pairs | mean Δ{label.replace(' ', '')} | 95% CI | Wilcoxon p | seed noise σ | "
+             "within seed noise | verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
     for t in tests:
         ci = f"[{_pp(t.ci_low, True)}, {_pp(t.ci_high, True)}]" if t.ci_low is not None else "–"
@@ -408,8 +466,11 @@ def paired_rows(tests: list) -> list[dict]:
 
 
 def plot_comparison(results: list[ExperimentResult], path: Path, section: str = "test",
-                    metric: str = "ua") -> Path | None:
-    """Grouped bar chart: per-session mean UA with std error bars, one bar per experiment."""
+                    metric: str | None = None) -> Path | None:
+    """Grouped bar chart: per-session mean UA (metric None: the mean CCC for dimensional runs,
+    `headline_metric`) with std error bars, one bar per experiment."""
+    metric = metric or headline_metric(results)
+    scale = 1.0 if is_dimensional_metric(metric) else 100.0
     import matplotlib
 
     matplotlib.use("Agg")
@@ -426,10 +487,10 @@ def plot_comparison(results: list[ExperimentResult], path: Path, section: str = 
     for i, (name, t) in enumerate(tables):
         means = [t["sessions"].get(s, {}).get("mean", np.nan) for s in sessions] + [t["average"]]
         stds = [t["sessions"].get(s, {}).get("std", 0.0) for s in sessions] + [t["std_of_session_means"]]
-        ax.bar(x + i * width - 0.4 + width / 2, 100 * np.array(means), width, yerr=100 * np.array(stds),
+        ax.bar(x + i * width - 0.4 + width / 2, scale * np.array(means), width, yerr=scale * np.array(stds),
                label=name, capsize=2)
     ax.set_xticks(x, [fold_label(s) for s in sessions] + ["avg"])
-    ax.set_ylabel(f"{metric.upper()} % ({section})")
+    ax.set_ylabel(f"{metric.upper()} ({section})" if scale == 1.0 else f"{metric.upper()} % ({section})")
     n_classes = {len(r.classes) for r in results if r.classes}
     if len(n_classes) == 1 and metric == "ua":  # chance UA: 1 / number of classes
         ax.axhline(100 / n_classes.pop(), color="grey", lw=0.8, ls="--")

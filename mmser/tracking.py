@@ -362,15 +362,21 @@ class _ContinuedCSVLogger(CSVLogger):
 def final_summary(metrics: dict) -> dict:
     """metrics.json -> W&B summary keys, named as Lightning logs them during training (the same for
     every task): test/ua, test/wa, test/macro_f1, test/n, test/confusion, test/classes,
-    test/recall/<class>, test_improvised/..., val/..., train/seconds, ..."""
+    test/recall/<class>, test_improvised/..., val/..., train/seconds, ...; a dimensional task:
+    test/ccc_mean, test/ccc/<dim>, test/pearson/<dim>, test/mae/<dim>."""
     flat: dict = {}
     for split in ("test", "test_improvised", "val"):
         rep = metrics.get(split)
         if not rep:
             continue
-        for key in ("ua", "wa", "macro_f1", "n"):
+        for key in ("ua", "wa", "macro_f1", "n", "ccc_mean"):
             if rep.get(key) is not None:
                 flat[f"{split}/{key}"] = rep[key]
+        # dimensional tasks (mmser/tasks.py): test/ccc/<dim>, test/pearson/<dim>, test/mae/<dim>
+        for key in ("ccc", "pearson", "mae"):
+            for d, v in (rep.get(key) or {}).items():
+                if v is not None:
+                    flat[f"{split}/{key}/{d}"] = v
         if split == "test":
             if rep.get("confusion") is not None:
                 flat["test/confusion"] = rep["confusion"]
@@ -520,17 +526,22 @@ def _run_metrics(run) -> dict | None:
 
     def split(name: str) -> dict | None:
         rep = {}
-        for key in ("ua", "wa", "macro_f1", "n"):
+        for key in ("ua", "wa", "macro_f1", "n", "ccc_mean"):
             value = summary.get(f"{name}/{key}", summary.get(f"final/{name}/{key}"))
             if value is not None:
                 rep[key] = value
+        for key in ("ccc", "pearson", "mae"):  # dimensional tasks: {dim: value}
+            per = {k.rsplit("/", 1)[1]: v for k, v in summary.items()
+                   if isinstance(k, str) and k.startswith(f"{name}/{key}/") and v is not None}
+            if per:
+                rep[key] = per
         if name == "test" and summary.get("test/confusion") is not None:
             rep["confusion"] = summary["test/confusion"]
             rep["classes"] = summary.get("test/classes")
         return rep or None
 
     test = split("test")
-    if not test or test.get("ua") is None:
+    if not test or (test.get("ua") is None and test.get("ccc_mean") is None):
         return None
     session = session if isinstance(session, str) and not session.isdigit() else int(session)  # named fold
     return {"experiment": config.get("experiment") or getattr(run, "group", None), "test_session": session,

@@ -70,6 +70,9 @@ def _utterances() -> list[dict]:
                          "transcript": text, "label": label, "gender": gender})
     for i, r in enumerate(rows):
         r["frames"] = 1600 + 160 * i  # 0.1 s .. ~0.9 s, all different
+        # the consensus line's [V, A, D]: ranges that never overlap (V 1-3, A 3.5-4.5, D 4.75-5), so
+        # a test sees which value went where
+        r["vad"] = (1.0 + 0.5 * (i % 5), 3.5 + 0.5 * (i % 3), 4.75 + 0.25 * (i % 2))
     return rows
 
 
@@ -106,7 +109,8 @@ def _wav(path: Path, frames: int, sr: int = SR, channels: int = 1, fmt: str = "W
 
 def _emo_block(utt: dict, start: float) -> str:
     end = start + utt["frames"] / SR
-    return (f"[{start:.4f} - {end:.4f}]\t{utt['id']}\t{utt['code']}\t[2.5000, 3.0000, 3.5000]\n"
+    v, a, d = utt["vad"]
+    return (f"[{start:.4f} - {end:.4f}]\t{utt['id']}\t{utt['code']}\t[{v:.4f}, {a:.4f}, {d:.4f}]\n"
             f"C-E2:\tNeutral;\t()\nC-E3:\tNeutral;\t()\n"
             f"A-E3:\tval 3; act 2; dom  2;\t()\nA-F1:\tval 2; act 3; dom  3;\t()\n\n")
 
@@ -229,5 +233,10 @@ def expected_records(release: Path, *, missing_transcription: bool = False,
             "label": u["label"],
             "transcript": text,
             "duration": (SHORT_WAV_FRAMES if short_wav and u["id"] == SHORT_WAV_ID else u["frames"]) / SR,
+            # [V, A, D] of the consensus line (none without one), on IEMOCAP's 1-5 scale
+            "arousal": u["vad"][1] if u["code"] is not None else None,
+            "valence": u["vad"][0] if u["code"] is not None else None,
+            "dominance": u["vad"][2] if u["code"] is not None else None,
+            "dim_scales": {"arousal": [1.0, 5.0], "valence": [1.0, 5.0], "dominance": [1.0, 5.0]},
         })
     return sorted(out, key=lambda r: r["id"])

@@ -1,6 +1,7 @@
 """The cross-validation runner: skips finished runs, survives a failed run, writes Table 11."""
 
 import json
+from pathlib import Path
 
 import pytest
 from helpers import write_toy_corpus
@@ -111,3 +112,85 @@ def test_compare_command_writes_one_row_per_experiment(tmp_path, capsys):
     assert (tmp_path / "cmp" / "comparison_ua.png").exists()
     assert main(["compare", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert "no such experiment folder" in capsys.readouterr().err
+
+
+# -- several processes (issue 23 item 8) --------------------------------------------------------------
+
+
+def _cv_rank(rank: int, world: int, init_file: str, manifest: str, out: str, fail_rank: int | None,
+             report: str) -> None:
+    """One rank of a 2-process `run_cv` over gloo. Each fake run does a collective, as a real run's DDP
+    gradient all-reduce does; on `fail_rank` the first run raises before it (an out-of-memory on the
+    rank with the longest bucket). Writes what it attempted and how it ended to `report`."""
+    import datetime
+    import traceback
+
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    attempted: list = []
+
+    def run_fn(cfg, test_session, seed, run_dir):
+        attempted.append([test_session, seed])
+        if rank == fail_rank and len(attempted) == 1:
+            raise RuntimeError(f"injected failure on rank {rank}")
+        total = torch.ones(1)
+        dist.all_reduce(total)  # the run's collectives
+        if rank == 0:  # rank 0 writes the run's outputs, as run_one does
+            atomic_write_json(run_dir / "metrics.json", {"test_session": test_session, "seed": seed,
+                                                         "test": {"ua": float(total)}})
+        return {}
+
+    outcome = "returned"
+    try:
+        cfg = load_config(overrides=["experiment=ddp", f"data.manifest={manifest}", "tracking.wandb=disabled"])
+        cvmod.run_cv(cfg, sessions=[1, 2], seeds=[0], out_dir=Path(out) / f"rank{rank}", run_fn=run_fn)
+    except Exception as e:  # noqa: BLE001 - the outcome is what the test checks
+        outcome = f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+    Path(report).write_text(json.dumps({"attempted": attempted, "outcome": outcome}))
+    # exits without a barrier: a failed rank's process ends, as a real one does after re-raising
+
+
+def _run_ranks(tmp_path, manifest, fail_rank):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    reports = [tmp_path / f"report{r}.json" for r in range(2)]
+    procs = [ctx.Process(target=_cv_rank, args=(r, 2, str(tmp_path / "pg"), str(manifest), str(tmp_path / "out"),
+                                                 fail_rank, str(reports[r]))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=150)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not hung, f"rank(s) {hung} still running after 150 s: the ranks desynchronised"
+    return [json.loads(r.read_text()) for r in reports]
+
+
+def test_a_failed_run_on_one_rank_stops_every_rank_of_a_multi_process_cv(tmp_path, manifest):
+    """Rank 1 fails its first run while rank 0 waits in that run's collective: on main rank 1 went on to
+    the next run, whose collective rank 0 took for the first run's (the ranks trained different runs
+    together). Now the failed rank re-raises, rank 0's collective fails with it, and both stop at the
+    failed run."""
+    r0, r1 = _run_ranks(tmp_path, manifest, fail_rank=1)
+    assert r1["attempted"] == [[1, 0]] and r1["outcome"] == "RuntimeError: injected failure on rank 1"
+    assert r0["attempted"] == [[1, 0]] and r0["outcome"] != "returned", r0
+    assert not (tmp_path / "out" / "rank0" / "s1-seed0" / "metrics.json").exists()
+    assert "injected failure" in (tmp_path / "out" / "rank1" / "s1-seed0" / "error.txt").read_text()
+
+
+def test_a_multi_process_cv_without_failures_runs_every_run_on_every_rank(tmp_path, manifest):
+    """The agreement after each run (an all-reduce of a failure flag) lets every run through when none failed."""
+    r0, r1 = _run_ranks(tmp_path, manifest, fail_rank=None)
+    assert r0 == r1 == {"attempted": [[1, 0], [2, 0]], "outcome": "returned"}
+    assert json.loads((tmp_path / "out" / "rank0" / "s2-seed0" / "metrics.json").read_text())["test"]["ua"] == 2.0
+
+
+def test_failed_on_any_rank_is_the_local_flag_without_a_process_group():
+    assert cvmod.failed_on_any_rank(True) is True and cvmod.failed_on_any_rank(False) is False

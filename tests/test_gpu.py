@@ -11,14 +11,17 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def test_tiny_run_on_the_gpu_uses_mixed_precision_sdpa_and_reports_memory(tmp_path):
+@pytest.mark.parametrize("precision", ["auto", "auto-bf16"])
+def test_tiny_run_on_the_gpu_uses_mixed_precision_sdpa_and_reports_memory(tmp_path, precision):
+    from mmser.perf import native_bf16
     from mmser.training.run import run_one
 
     manifest = write_toy_corpus(tmp_path / "toy", per_class=1)
-    cfg = tiny_config(tmp_path, manifest, ["finetune.epochs=1", "trainer.accelerator=gpu", "trainer.precision=auto",
-                                           "trainer.peak_tflops=100"])
+    cfg = tiny_config(tmp_path, manifest, ["finetune.epochs=1", "trainer.accelerator=gpu",
+                                           f"trainer.precision={precision}", "trainer.peak_tflops=100"])
     m = run_one(cfg, test_session=1, seed=0, run_dir=tmp_path / "run")
-    assert m["precision"] == ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed")
+    # auto = the reference's fp16 AMP on every GPU; auto-bf16 = bf16 only with native support (>= sm80)
+    assert m["precision"] == ("bf16-mixed" if precision == "auto-bf16" and native_bf16() else "16-mixed")
     perf = m["perf"]
     assert perf["attention"] == "sdpa"
     assert perf["epochs"][0]["peak_memory_gb"] > 0 and perf["epochs"][0]["mfu"] > 0

@@ -73,11 +73,60 @@ def test_peak_flops_table_override_and_cpu():
     assert peak_flops("bf16-mixed", "cpu") is None  # no MFU on a CPU unless told the peak
     assert peak_flops("bf16-mixed", "cpu", override_tflops=2.5) == 2.5e12
     assert precision_family("bf16-mixed") == "bf16" and precision_family("16-mixed") == "fp16"
-    names = [name for name, _ in PEAK_TFLOPS]
-    # a more specific name comes before the name it contains (H100 PCIe before H100, A10G before A10)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            assert a not in b, (a, b)
+    assert len({name for name, _ in PEAK_TFLOPS}) == len(PEAK_TFLOPS)
+
+
+@pytest.mark.parametrize("device_name, entry, fp16", [
+    # torch.cuda.get_device_name strings as the drivers report them; dense fp16 peaks from the datasheets
+    ("NVIDIA H100 80GB HBM3", "H100", 989.4), ("NVIDIA H100 PCIe", "H100 PCIe", 756.0),
+    ("NVIDIA H100 NVL", "H100 NVL", 835.5), ("NVIDIA H200", "H200", 989.4), ("NVIDIA H200 NVL", "H200 NVL", 835.5),
+    ("NVIDIA GH200 480GB", "GH200", 989.4), ("NVIDIA A100-SXM4-80GB", "A100", 312.0),
+    ("NVIDIA A100 80GB PCIe", "A100", 312.0), ("NVIDIA A100-PCIE-40GB", "A100", 312.0),
+    ("NVIDIA L40", "L40", 181.05), ("NVIDIA L40S", "L40S", 362.05), ("NVIDIA L4", "L4", 121.0),
+    ("NVIDIA A10G", "A10G", 70.0), ("NVIDIA A10", "A10", 125.0), ("NVIDIA A40", "A40", 149.7),
+    ("NVIDIA A30", "A30", 165.0), ("Tesla V100-SXM2-16GB", "V100", 125.0), ("Tesla V100-PCIE-32GB", "V100 PCIe", 112.0),
+    ("Tesla V100S-PCIE-32GB", "V100S", 130.0), ("Tesla T4", "T4", 65.0),
+    ("NVIDIA GeForce RTX 4090", None, None), ("NVIDIA RTX A6000", None, None), ("NVIDIA H800", None, None),
+])
+def test_peak_table_matches_whole_model_names(device_name, entry, fp16, monkeypatch):
+    """issue 23 item 12: matched by substring, "NVIDIA L40" took the L4's peak and "H100 NVL" the SXM's."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
+    assert peak_flops("16-mixed", "cuda") == (pytest.approx(fp16 * 1e12) if fp16 else None)
+    from mmser.perf import peak_entry
+
+    assert peak_entry(device_name) == entry
+
+
+class _Ranked:
+    """What ThroughputMonitor.on_train_epoch_end reads of a trainer and a module, with the logged calls."""
+
+    def __init__(self, world_size: int):
+        self.world_size, self.current_epoch, self.device, self.calls = world_size, 0, torch.device("cpu"), []
+
+    def log(self, key, value, **kwargs):
+        self.calls.append((key, kwargs))
+
+    def modules(self):  # no encoder found by on_train_epoch_start: the test sets one
+        return iter(())
+
+
+def test_every_rank_logs_the_same_epoch_keys_whether_or_not_it_knows_its_peak():
+    """issue 23 item 12: `train/mfu` is logged with sync_dist (a collective); a rank without a known
+    peak (a node of another GPU model) skipped it on main, leaving the others waiting in it."""
+    from mmser.perf import ThroughputMonitor, trainable_parts
+
+    hf = build_encoder(tiny_encoder_config())
+    logged = []
+    for peak in (100.0, None):  # a rank whose GPU is in the table, and one whose GPU is not
+        mon = ThroughputMonitor("32-true", peak_tflops=peak)
+        ranked = _Ranked(world_size=2)
+        mon.on_train_epoch_start(ranked, ranked)
+        mon._hf, mon._parts = hf, trainable_parts(hf)
+        mon.on_train_batch_end(ranked, ranked, None, make_batch([1600, 800]), 0)
+        mon.on_train_epoch_end(ranked, ranked)
+        logged.append(ranked.calls)
+    assert logged[0] == logged[1] == [("train/tflops_per_s", {"sync_dist": True}), ("train/mfu", {"sync_dist": True})]
 
 
 def test_sdpa_is_the_kernel_taken_by_default_and_eager_on_request(monkeypatch):
@@ -147,7 +196,8 @@ def test_metrics_json_has_per_epoch_throughput_and_mfu(tmp_path):
 
 
 def test_bf16_autocast_trains_on_cpu(tmp_path):
-    """The GPU default precision (bf16-mixed) through the real run on CPU: finite, complete, recorded."""
+    """bf16-mixed (trainer.precision=auto-bf16 on a GPU with native bf16) through the real run on CPU:
+    finite, complete, recorded."""
     from mmser.training.run import run_one
 
     manifest = write_toy_corpus(tmp_path / "toy", per_class=1)
@@ -161,3 +211,51 @@ def _train_records(manifest):
     from mmser.data.manifest import load_manifest
 
     return [r for r in load_manifest(manifest) if r["label"] is not None and r["session"] != 1]
+
+
+def _on_meta(batch: dict) -> dict:
+    """`batch` as after a transfer to a device whose data cannot be read here: tensors on the meta
+    device (shapes only; any read of a value raises), everything else as it was."""
+    return {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def test_per_step_counts_read_no_device_tensor():
+    """issue 23 item 10: the per-step statistics (ClassifierModule's samples, ThroughputMonitor's audio
+    and FLOPs) come from the CPU batch, read before the transfer. A batch on the meta device (any read
+    of a value raises, as a GPU read would sync) gives the same numbers as the same batch on the CPU."""
+    from torch import nn
+
+    from mmser.perf import ThroughputMonitor, trainable_parts
+    from mmser.training.finetune import ClassifierModule
+
+    lengths = [1600, 1200, 800]
+    hf = build_encoder(tiny_encoder_config())
+
+    def count(batch: dict) -> dict:
+        mon = ThroughputMonitor("32-true")
+        mon._hf, mon._parts = hf, trainable_parts(hf)  # what on_train_epoch_start finds
+        mon.on_train_batch_end(None, None, None, batch, 0)
+        return {"real": mon._real, "padded": mon._padded, "flops": mon._flops, "padded_flops": mon._padded_flops}
+
+    on_cpu = count(make_batch(lengths))  # lengths read from the mask (a CPU tensor: no sync)
+    moved = {**_on_meta(make_batch(lengths)), "audio_lengths": lengths}  # Python ints, read on the CPU
+    assert count(moved) == on_cpu and on_cpu["real"] == sum(lengths) and on_cpu["padded"] == 3 * 1600
+
+    class Constant(nn.Module):  # logits from a parameter: the step needs no audio values
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(4))
+
+        def forward(self, batch):
+            return self.w.expand(len(batch["ids"]), 4)  # (B, C)
+
+    module = ClassifierModule(Constant())
+    module.log = lambda *a, **k: None  # no trainer here
+    batch = module.on_before_batch_transfer(make_batch(lengths), 0)
+    batch = {**_on_meta(batch), "labels": batch["labels"]}  # loss on the CPU, audio and mask "on the device"
+    module.training_step(batch, 0)
+    assert module.stats["real_samples"] == sum(lengths) and module.stats["padded_samples"] == 3 * 1600
+    assert module._epoch_audio == pytest.approx(sum(lengths) / 16000)
+    from mmser.perf import add_audio_lengths
+
+    assert add_audio_lengths(make_batch(lengths))["audio_lengths"] == lengths

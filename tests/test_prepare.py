@@ -128,7 +128,7 @@ def test_prepare_writes_exact_manifest(fake_iemocap, tmp_path):
     records = load_manifest(res.manifest)
     assert records == expected_records(fake_iemocap)
     assert len(records) == N_UTTERANCES and sum(r["label"] is not None for r in records) == N_TASK
-    assert all(tuple(r) == REQUIRED_FIELDS for r in records)
+    assert all(tuple(r) == REQUIRED_FIELDS + ("arousal", "valence", "dominance", "dim_scales") for r in records)
     assert all(os.path.isabs(r["path"]) and Path(r["path"]).is_file() for r in records)
     # AppleDouble and .DS_Store files sit next to the real ones but are ignored.
     assert not any("/._" in r["path"] or r["id"].startswith(".") for r in records)
@@ -144,7 +144,10 @@ def test_manifest_fields_spelled_out(fake_iemocap, tmp_path):
     assert recs["Ses01F_impro01_M000"] == {
         "id": "Ses01F_impro01_M000", "path": str(wav), "session": 1, "speaker": "Ses01M",
         "gender": "M", "dialog": "Ses01F_impro01", "scripted": False, "emotion_code": "exc",
-        "label": "happy", "transcript": "Do you have your forms? [LAUGHTER]", "duration": 1760 / 16000}
+        "label": "happy", "transcript": "Do you have your forms? [LAUGHTER]", "duration": 1760 / 16000,
+        # its consensus line ends in [1.5000, 4.0000, 5.0000]: [V, A, D]
+        "arousal": 4.0, "valence": 1.5, "dominance": 5.0,
+        "dim_scales": {"arousal": [1.0, 5.0], "valence": [1.0, 5.0], "dominance": [1.0, 5.0]}}
     assert recs["Ses01F_impro01_M001"]["emotion_code"] == "fru"
     assert recs["Ses01F_impro01_M001"]["label"] is None  # out of the 4-class task, still listed
     assert recs["Ses01F_impro01_F002"]["emotion_code"] is None  # wav without a consensus line

@@ -594,6 +594,9 @@ def test_ptapt_ranks_draw_their_own_masks_and_loss_matches_the_drawn_mask():
     assert torch.equal(r0["time_mask"], r0b["time_mask"])
     assert not r0["time_mask"][2, conv_frames(3000, [10, 8, 4], [5, 4, 2]):].any()  # inside valid frames
     assert r0["counts"]["masked"] == int(r0["time_mask"].sum()) > 0
+    from mmser.perf import AUDIO_LENGTHS
+
+    assert r0[AUDIO_LENGTHS] == amask.sum(-1).tolist()  # lengths for the ThroughputMonitor, read on the CPU
     module.eval()
     with torch.no_grad():
         a = module.compute_loss(r0)["loss"]  # the prepared mask and indices

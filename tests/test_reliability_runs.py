@@ -242,7 +242,8 @@ def test_a_resumed_run_logs_every_epoch_once(tmp_path, manifest):
 
 def test_a_failed_start_writes_nothing_and_an_unfinished_folder_takes_a_new_config(tmp_path, manifest, caplog):
     run_dir = tmp_path / "run"
-    bad = tiny_config(tmp_path, manifest, ["trainer.strategy=ddp_spawn"])
+    bad = tiny_config(tmp_path, manifest)
+    bad.trainer.strategy = "ddp_spawn"  # refused at load since issue 23; run_one refuses it again
     with pytest.raises(ValueError, match="not a spawn-based strategy"):
         run_one(bad, test_session=1, seed=0, run_dir=run_dir)
     assert not run_dir.exists()

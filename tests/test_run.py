@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -160,15 +164,115 @@ def test_wandb_failure_does_not_fail_the_run(tmp_path, monkeypatch):
 
 def test_precision_auto_is_fp32_on_cpu():
     assert resolve_precision(TrainerConfig(accelerator="cpu")) == "32-true"
+    assert resolve_precision(TrainerConfig(accelerator="cpu", precision="auto-bf16")) == "32-true"
     assert resolve_precision(TrainerConfig(precision="16-mixed")) == "16-mixed"
+
+
+def _mock_gpu(monkeypatch, capability: tuple[int, int], count: int = 1) -> None:
+    """A CUDA machine as torch reports it: `count` GPUs of compute `capability`; is_bf16_supported
+    counts emulation by default (True on 7.x), as torch's does."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: capability[0] >= 8 or including_emulation)
+
+
+@pytest.mark.parametrize("capability, auto_bf16", [((7, 0), "16-mixed"), ((7, 5), "16-mixed"),
+                                                   ((8, 0), "bf16-mixed"), ((9, 0), "bf16-mixed")])
+def test_precision_auto_is_the_references_fp16_and_auto_bf16_needs_native_bf16(monkeypatch, capability, auto_bf16):
+    """issue 22 A2 / issue 23 item 2: "auto" = fp16 AMP on every GPU (the reference's --precision 16);
+    "auto-bf16" = bf16 only from compute capability 8.0 (V100 / T4 emulate it: no cuDNN convolutions,
+    no memory-efficient attention), whatever is_bf16_supported() says with emulation."""
+    _mock_gpu(monkeypatch, capability)
+    assert torch.cuda.is_bf16_supported()  # the emulation-counting answer main trusted
+    assert resolve_precision(TrainerConfig()) == "16-mixed"
+    assert resolve_precision(TrainerConfig(accelerator="gpu", precision="auto-bf16")) == auto_bf16
+    assert resolve_precision(TrainerConfig(accelerator="cpu", precision="auto-bf16")) == "32-true"
+    from mmser.perf import native_bf16  # the one check benchmarks/gpu_smoke.py and tests/test_gpu.py use
+
+    assert native_bf16() is (auto_bf16 == "bf16-mixed")
+    assert load_config(overrides=["trainer.precision=auto-bf16"]).trainer.precision == "auto-bf16"
+    with pytest.raises(ConfigError, match="trainer.precision"):
+        load_config(overrides=["trainer.precision=bf17-mixed"])
+
+
+def test_one_device_by_default_and_every_multi_process_strategy_finds_unused_parameters(monkeypatch):
+    """issue 23 item 1: the default config trains on one device; "auto" with several processes (where
+    Lightning picks plain DDP, which LayerDrop breaks) and "ddp" both find unused parameters."""
+    from mmser.training.run import resolve_strategy, trainer_kwargs, world_size
+
+    assert TrainerConfig().devices == 1 and load_config("base").trainer.devices == 1
+    _mock_gpu(monkeypatch, (8, 0), count=4)
+    assert trainer_kwargs(load_config("base"))["strategy"] == "auto"  # one GPU of four: no DDP
+    cases = [(dict(), 1, "auto"),
+             (dict(devices="auto"), 4, "ddp_find_unused_parameters_true"),
+             (dict(devices=-1), 4, "ddp_find_unused_parameters_true"),
+             (dict(devices="0,1"), 2, "ddp_find_unused_parameters_true"),
+             (dict(devices=2, accelerator="cpu"), 2, "ddp_find_unused_parameters_true"),
+             (dict(devices="auto", accelerator="cpu"), 1, "auto"),
+             (dict(num_nodes=2), 2, "ddp_find_unused_parameters_true"),
+             (dict(strategy="ddp"), 1, "ddp_find_unused_parameters_true"),
+             (dict(devices=2, strategy="ddp_find_unused_parameters_true"), 2, "ddp_find_unused_parameters_true"),
+             (dict(devices=2, strategy="fsdp"), 2, "fsdp")]
+    for fields, processes, strategy in cases:
+        tc = TrainerConfig(**fields)
+        assert (world_size(tc), resolve_strategy(tc)) == (processes, strategy), fields
+    for bad in ("ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_false"):
+        with pytest.raises(ValueError, match=bad):
+            resolve_strategy(TrainerConfig(strategy=bad))
+        with pytest.raises(ConfigError, match="trainer.strategy"):
+            load_config(overrides=[f"trainer.strategy={bad}"])
+
+
+def test_batch_arithmetic_line():
+    from mmser.training.progress import batch_line
+
+    assert batch_line(16, "utterances", 4, 1) == \
+        "batch: 16 utterances per device x 4 devices x 1 node = 64 utterances per optimizer step (global batch)"
+    assert batch_line(125, "s of padded audio", 2, 2, accumulate=2) == \
+        ("batch: 125 s of padded audio per device x 2 devices x 2 nodes x 2 accumulated = 1000 s of padded audio "
+         "per optimizer step (global batch)")
+
+
+def _run_process_group(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run `cmd` in a session of its own; on timeout kill the whole group (Lightning's DDP launcher
+    starts rank 1 as a child of rank 0: killing rank 0 alone would leave it behind) and fail."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:4])} ...: no result after {timeout:.0f} s (ranks hung); stderr: {err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def test_two_processes_with_the_default_strategy_and_layerdrop_train_via_the_cli(tmp_path):
+    """issue 23 item 1, as the issue reproduced it: `mmser train ... trainer.accelerator=cpu
+    trainer.devices=2 encoder.layerdrop=0.5` with the default strategy (auto). On main Lightning took
+    plain DDP: LayerDrop left parameters unused and the ranks hung in their collectives (or DDP raised
+    "parameters that were not used"). ~12 s on 2 busy CPU cores."""
+    from helpers import TINY_CONFIGS
+
+    manifest = write_toy_corpus(tmp_path / "toy", per_class=1, with_unlabelled=False)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mmser.cli", "train", "--session", "1", "--seed", "0", "--run-dir", str(run_dir)]
+    for c in TINY_CONFIGS:
+        cmd += ["-c", str(c)]
+    cmd += [f"data.manifest={manifest}", "trainer.accelerator=cpu", "trainer.devices=2", "encoder.layerdrop=0.5",
+            "finetune.epochs=2"]
+    proc = _run_process_group(cmd, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["test"]["n"] == 8
+    assert m["train_steps"] == 2 * 32 // 8 // 2  # 2 epochs, 4 batches of 8 shared by 2 ranks
+    assert "batch: 8 utterances per device x 2 devices x 1 node = 16 utterances per optimizer step" in proc.stderr
 
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_via_the_cli(tmp_path, toy_manifest):
     """`mmser train` with strategy=ddp, 2 CPU processes (gloo): no code change, one complete run."""
-    import subprocess
-    import sys
-
     from helpers import TINY_CONFIGS
 
     run_dir = tmp_path / "run"
@@ -211,3 +315,45 @@ def test_a_run_dir_of_another_config_is_never_reused_or_resumed(tmp_path, toy_ma
     # a volatile field (W&B mode) is not another config: the finished run is returned as it is
     same = tiny_config(tmp_path, toy_manifest, ["finetune.epochs=1", "tracking.wandb=offline"])
     assert run_one(same, test_session=1, seed=0, run_dir=run_dir)["seed"] == 0
+
+
+def test_a_compiled_run_checks_its_saved_model_eagerly(tmp_path, toy_manifest, monkeypatch):
+    """issue 23 item 9: trainer.compile=true compiles the encoder's layers; the saved-model check after
+    testing (on the CPU, where Lightning hands the model back) must not run, nor compile, them. A
+    counting Dynamo backend (eager underneath: no C++ compiler) sees every compile and every compiled
+    call; none may happen inside check_saved_model."""
+    from mmser import perf
+
+    in_check = {"now": False}
+    seen = {"compiled_calls": 0, "in_check": []}
+
+    def counting_backend(gm, example_inputs):
+        if in_check["now"]:
+            seen["in_check"].append("compile")
+
+        def compiled(*args):
+            seen["compiled_calls"] += 1
+            if in_check["now"]:
+                seen["in_check"].append("call")
+            return gm.forward(*args)
+
+        return compiled
+
+    monkeypatch.setattr(runmod, "compile_transformer_layers",
+                        lambda hf: perf.compile_transformer_layers(hf, backend=counting_backend))
+    real_check = runmod.check_saved_model
+
+    def check(*args, **kwargs):
+        in_check["now"] = True
+        try:
+            return real_check(*args, **kwargs)
+        finally:
+            in_check["now"] = False
+
+    monkeypatch.setattr(runmod, "check_saved_model", check)
+    cfg = tiny_config(tmp_path, toy_manifest, ["finetune.epochs=1", "trainer.compile=true"])
+    m = run_one(cfg, test_session=1, seed=0, run_dir=tmp_path / "run")
+    assert m["perf"]["compiled_layers"] == 2
+    assert seen["compiled_calls"] > 0  # training and testing ran the compiled layers
+    assert seen["in_check"] == []  # the check ran them eagerly
+    assert (tmp_path / "run" / "metrics.json").is_file()

@@ -306,6 +306,10 @@ def test_each_rank_draws_its_own_masks_and_the_global_rng_is_untouched():
     again = module.on_before_batch_transfer(dict(batch), 0)
     assert torch.equal(again["mask_time_indices"], drawn[1, 3][0])  # a pure function of (seed, rank, batch)
     assert torch.equal(again["negatives"], drawn[1, 3][1])
+    from mmser.perf import AUDIO_LENGTHS, audio_lengths
+
+    # the ThroughputMonitor's per-item lengths are read here, on the CPU batch, not from a device mask
+    assert again[AUDIO_LENGTHS] == audio_mask.sum(-1).tolist() == audio_lengths(again)
 
 
 def test_accumulation_splits_the_step_budget_into_micro_batches():

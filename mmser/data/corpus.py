@@ -14,7 +14,13 @@ writes, like `mmser prepare iemocap` (mmser.data.iemocap), atomically:
 Columns (roles; rename with `--column ROLE=NAME` or a spec file's `columns:`): `path` (audio file,
 relative to --audio-root unless absolute), `label`, `speaker` (required); `id` (default: the path
 relative to the audio root, without its suffix), `session`, `fold`, `split`, `transcript`,
-`gender` (optional). Every value is read as text (JSONL numbers too).
+`gender`, and the dimensional targets `arousal`, `valence`, `dominance` (optional). Every value is
+read as text (JSONL numbers too).
+
+Dimensions (issue 19): a number per row on the corpus's scale, or empty (outside the dimensional
+task, counted in the report's `counts.dimensional`). The scale is `--scale LOW,HIGH` (a spec's
+`scale: [1, 7]`; values outside it are errors) or, without one, each dimension's min and max in the
+table (reported as inferred). Records get the values and `dim_scales` {dimension: [low, high]}.
 
 Labels: spellings that differ only in case (`ang`, `ANG`, ` Ang `) are one label, in lower case
 (listed in the report's `label_case_merged` and a warning). `--map RAW=CLASS` renames raw labels
@@ -100,7 +106,8 @@ log = logging.getLogger(__name__)
 
 # Bump when the outputs for the same inputs change (a folder of an older version is rebuilt). 2: labels
 # differing only in case merged, NaN / Inf audio refused, the same audio across folds refused.
-CORPUS_FORMAT_VERSION = 2
+# 3: dimensional targets (arousal / valence / dominance columns, dim_scales, counts.dimensional).
+CORPUS_FORMAT_VERSION = 3
 MANIFEST_NAME = "manifest.jsonl"
 REPORT_NAME = "prepare_report.json"
 FOLDS_DIR = "folds"
@@ -108,7 +115,8 @@ AUDIO_DIR = "audio"  # resampled copies (--resample)
 MIN_DURATION_S = 0.1  # as IEMOCAP's prepare: shorter clips are kept and reported
 _MAX_LISTED = 20
 
-ROLES = ("id", "path", "label", "speaker", "session", "fold", "split", "transcript", "gender")
+DIMENSION_ROLES = ("arousal", "valence", "dominance")  # numbers on the corpus's scale (mmser/tasks.py)
+ROLES = ("id", "path", "label", "speaker", "session", "fold", "split", "transcript", "gender", *DIMENSION_ROLES)
 REQUIRED_ROLES = ("path", "label", "speaker")
 SPLIT_ALIASES = {
     "train": TRAIN_SPLIT, "training": TRAIN_SPLIT, "trn": TRAIN_SPLIT,
@@ -144,6 +152,9 @@ class CorpusSpec:
     sample_rate: int = 16000
     resample: bool = False
     skip_bad_audio: bool = False
+    # [low, high] of the dimension columns (arousal / valence / dominance), e.g. [1, 7]; None = each
+    # dimension's min and max in the table (reported as inferred in counts.dimensional)
+    scale: list[float] | None = None
 
     def column(self, role: str) -> str:
         return self.columns.get(role, role)
@@ -192,6 +203,17 @@ class CorpusSpec:
                 raise ValueError(f"{where}: split_map {raw}={target}: the target must be train, dev or a test set "
                                  "name starting with 'test'")
         parse_folds_option(self.folds, where)
+        if self.scale is not None:
+            if isinstance(self.scale, str):
+                self.scale = split_list(self.scale)
+            try:
+                lo, hi = (float(x) for x in self.scale)
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: scale must be two numbers LOW,HIGH (e.g. 1,7), "
+                                 f"got {self.scale!r}") from None
+            if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+                raise ValueError(f"{where}: scale {self.scale!r}: LOW must be below HIGH")
+            self.scale = [lo, hi]
         if not isinstance(self.sample_rate, int) or self.sample_rate < 1:
             raise ValueError(f"{where}: sample_rate must be a positive integer, got {self.sample_rate!r}")
 
@@ -460,6 +482,18 @@ def build_records(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec,
                            f"test<name>; or map it with --split-map {raw_split}=dev)")
         if group_col is not None and row.values.get(group_col) is None:
             bad.append(f"empty {group_col} (the fold column)")
+        dims: dict[str, float | None] = {}
+        for d in DIMENSION_ROLES:
+            raw = get(row, d)
+            try:
+                dims[d] = None if raw is None else float(raw)
+            except ValueError:
+                bad.append(f"{spec.column(d)} {raw!r} is not a number")
+                continue
+            if dims[d] is not None and not np.isfinite(dims[d]):
+                bad.append(f"{spec.column(d)} {raw!r} is not a finite number")
+            elif dims[d] is not None and spec.scale is not None and not spec.scale[0] <= dims[d] <= spec.scale[1]:
+                bad.append(f"{spec.column(d)} {raw!r} is outside the scale {spec.scale}")
         if bad:
             problems += [f"{row.where}: {b}" for b in bad]
             continue
@@ -523,6 +557,8 @@ def build_records(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec,
             "dialog": None, "scripted": None, "emotion_code": raw_label, "label": label,
             "transcript": get(row, "transcript"), "duration": duration,
             **({"split": split} if kind == "split" else {}), "corpus": corpus,
+            **({d: dims[d] for d in DIMENSION_ROLES} if any(spec.column(d) in columns for d in DIMENSION_ROLES)
+               else {}),
         })
     if problems:
         raise CorpusError(problems)
@@ -550,6 +586,10 @@ def build_records(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec,
             r["session"] = by_speaker.get(r["speaker"], 1)
         assignment = dict(sorted(by_speaker.items()))
     records.sort(key=lambda r: r["id"])
+    scales = _dimension_scales(records, spec)
+    for r in records:
+        if scales:
+            r["dim_scales"] = scales
     # the same audio under two ids: refused across folds / splits (leakage), a warning within one
     source_of = {uid: src for uid, (src, _) in to_resample.items()}
     warnings = []
@@ -567,6 +607,37 @@ def build_records(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec,
         raise CorpusError(problems)
     return _Build(records=records, skipped=skipped, warnings=warnings, to_resample=to_resample, fold_mode=fold_mode,
                   fold_assignment=assignment, sources=sources, label_case_merged=case_merged)
+
+
+def _dimension_scales(records: list[dict], spec: CorpusSpec) -> dict[str, list[float]]:
+    """{dimension: [low, high]} of the dimension columns with any value: spec.scale, else each
+    dimension's min and max over the table (a constant column: [v - 0.5, v + 0.5])."""
+    out = {}
+    for d in DIMENSION_ROLES:
+        values = [r[d] for r in records if r.get(d) is not None]
+        if not values:
+            continue
+        if spec.scale is not None:
+            out[d] = list(spec.scale)
+        else:
+            lo, hi = min(values), max(values)
+            out[d] = [lo, hi] if lo < hi else [lo - 0.5, hi + 0.5]
+    return out
+
+
+def dimensional_counts(records: list[dict], scale_source: str | None) -> dict | None:
+    """counts.dimensional of a prepare report: the scale of each dimension and where it comes from
+    (given, inferred from the data's min / max, or the corpus's own), and the utterances with and
+    without a value of each (those without are outside the dimensional task); None without any."""
+    scales = {}
+    for r in records:
+        scales.update(r.get("dim_scales") or {})
+    dims = [d for d in DIMENSION_ROLES if any(r.get(d) is not None for r in records)]
+    if not dims:
+        return None
+    with_values = {d: sum(r.get(d) is not None for r in records) for d in dims}
+    return {"scales": {d: scales[d] for d in dims}, "scale_source": scale_source, "with_values": with_values,
+            "without_values": {d: len(records) - n for d, n in with_values.items()}}
 
 
 def _write_copies(build: _Build, sample_rate: int) -> None:
@@ -646,7 +717,7 @@ class CorpusPrepareResult:
         return "\n".join(lines)
 
 
-def corpus_counts(records: list[dict], fold_mode: str) -> dict:
+def corpus_counts(records: list[dict], fold_mode: str, scale_source: str | None = None) -> dict:
     from mmser.data.manifest import fold_of, manifest_labels
 
     task = [r for r in records if r["label"] is not None]
@@ -680,6 +751,7 @@ def corpus_counts(records: list[dict], fold_mode: str) -> dict:
         **({"per_split": per_split} if per_split is not None else {}),
         "speakers": len({r["speaker"] for r in task}),
         "outside_task": dict(sorted(outside.items())),
+        **({"dimensional": dim} if (dim := dimensional_counts(records, scale_source)) else {}),
     }
 
 
@@ -774,7 +846,7 @@ def prepare_rows(columns: Sequence[str], rows: Sequence[Row], spec: CorpusSpec, 
     manifest = out_dir / MANIFEST_NAME
     write_jsonl(manifest, records)
     load_manifest(manifest)  # the contract every stage relies on (raises on a bug here, not later)
-    counts = corpus_counts(records, build.fold_mode)
+    counts = corpus_counts(records, build.fold_mode, "given" if spec.scale is not None else "inferred (min, max)")
     report = {
         "format_version": CORPUS_FORMAT_VERSION,
         "corpus": corpus,

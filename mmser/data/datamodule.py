@@ -37,6 +37,15 @@ def class_weights(records: list[dict], classes: Sequence[str] | None = None) -> 
     return w / w.sum()
 
 
+def collate_with_targets(items: list[dict]) -> dict:
+    """collate_batch, plus "targets" (B, K) float: the items' scaled dimensions (dimensional and
+    multitask tasks; mmser.data.dataset.UtteranceDataset)."""
+    batch = collate_batch(items)
+    if "targets" in items[0]:
+        batch["targets"] = torch.stack([it["targets"] for it in items]).float()  # (B, K)
+    return batch
+
+
 class SERDataModule(pl.LightningDataModule):
     """Train / val / test loaders of one fold (mmser.data.manifest.split_fold).
 
@@ -60,12 +69,16 @@ class SERDataModule(pl.LightningDataModule):
                  text_features: Mapping[str, TextFeatures] | None = None,
                  text_ids: Mapping[str, torch.Tensor] | None = None,
                  min_samples: int = MIN_ENCODER_SAMPLES,
-                 audio_features: Mapping[str, torch.Tensor] | None = None):
+                 audio_features: Mapping[str, torch.Tensor] | None = None, task=None):
         super().__init__()
         if min_samples < 1:
             raise ValueError(f"min_samples must be >= 1, got {min_samples}")
         self.fold = fold
-        self.classes = tuple(fold.classes) if fold.classes else CLASSES
+        # mmser.tasks.Task (None = categorical over the fold's classes); the dimensional kind has no
+        # classes and no class weights, and its batches carry "targets" (B, K)
+        self.task = task
+        self.categorical = task is None or task.categorical
+        self.classes = tuple(task.classes) if task is not None else tuple(fold.classes) if fold.classes else CLASSES
         self.cfg = data_cfg
         self.seed = seed
         self.text_features = text_features
@@ -83,9 +96,9 @@ class SERDataModule(pl.LightningDataModule):
         self.test_records = test
         if not self.train_records:
             raise ValueError(f"fold {fold.test_session}: empty training split")
-        self.class_weights = class_weights(self.train_records, self.classes)
+        self.class_weights = class_weights(self.train_records, self.classes) if self.categorical else None
         text = {"text_features": text_features, "text_ids": text_ids, "audio_features": audio_features,
-                "classes": self.classes}
+                "classes": self.classes, "task": task}
         self.train_set = UtteranceDataset(self.train_records, sr, data_cfg.train_crop_s, **text)
         self.val_set = UtteranceDataset(self.val_records, sr, None, **text) if self.val_records else None
         self.test_set = UtteranceDataset(self.test_records, sr, None, **text)
@@ -94,7 +107,7 @@ class SERDataModule(pl.LightningDataModule):
         """Split sizes and per-class counts (for metrics.json)."""
         out = {}
         for name, recs in (("train", self.train_records), ("val", self.val_records), ("test", self.test_records)):
-            out[name] = {"n": len(recs), "classes": class_counts(recs, self.classes)}
+            out[name] = {"n": len(recs), "classes": class_counts(recs, self.classes) if self.categorical else {}}
         # Clips left out for being shorter than the encoder's minimum (see the class docstring).
         out["skipped_too_short"] = {"min_samples": self.min_samples,
                                     **{name: len(recs) for name, recs in self.too_short.items()}}
@@ -116,7 +129,7 @@ class SERDataModule(pl.LightningDataModule):
         # datasets here hold no per-epoch state: the crop is the first train_crop_s seconds), and
         # batches land in pinned memory on a CUDA machine (asynchronous host-to-device copies).
         workers = self.cfg.num_workers
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_batch,
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_with_targets,
                           num_workers=workers, persistent_workers=workers > 0,
                           pin_memory=torch.cuda.is_available())
 

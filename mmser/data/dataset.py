@@ -52,7 +52,12 @@ def num_samples(record: dict, sample_rate: int, crop_s: float | None = None) -> 
 
 
 class UtteranceDataset(Dataset):
-    """Items: {"id", "audio" FloatTensor (T,), "label" int, ["text" (L, D), "text_pooled" (D,)]}.
+    """Items: {"id", "audio" FloatTensor (T,), "label" int, ["text" (L, D), "text_pooled" (D,)],
+    ["targets" (K,)]}.
+
+    `task` (mmser.tasks.Task; None = categorical over `classes`): a dimensional or multitask task
+    adds "targets", the record's dimensions scaled to [0, 1]; the dimensional kind has no classes
+    (every "label" is -1).
 
     Pre-training datasets that crop otherwise or return more (P-TAPT's `PseudoLabelDataset`)
     subclass it: same records, label check and bucketing lengths, items built by `make_item`."""
@@ -66,18 +71,26 @@ class UtteranceDataset(Dataset):
         text_ids: Mapping[str, torch.Tensor] | None = None,
         audio_features: Mapping[str, torch.Tensor] | None = None,
         classes: Sequence[str] | None = None,
+        task=None,
     ):
         self.records = list(records)
+        self.task = task
         # Class index order (the run's classes: mmser.data.manifest.resolve_classes); None = IEMOCAP's.
-        self.classes = tuple(classes) if classes is not None else CLASSES
+        self.classes = tuple(task.classes) if task is not None else tuple(classes) if classes is not None else CLASSES
         self.class_to_index = {c: i for i, c in enumerate(self.classes)}
+        self.categorical = task is None or task.categorical
         # Cached frozen Whisper frames (F, H) per utterance (mmser.models.whisper), cropped like the audio.
         self.audio_features = audio_features
         self.sample_rate = sample_rate
         self.crop_s = crop_s
         self.text_features = text_features
         self.text_ids = text_ids  # token ids per utterance, for a fine-tuned text encoder
-        for r in self.records:
+        if task is not None and task.dimensional:
+            lacking = [r["id"] for r in self.records if not task.in_task(r)]
+            if lacking:
+                raise ValueError(f"utterance {lacking[0]}: no value of every dimension of {list(task.dimensions)} "
+                                 f"({len(lacking)} such)")
+        for r in self.records if self.categorical else ():
             if r.get("label") not in self.class_to_index:
                 raise ValueError(f"utterance {r.get('id')}: label {r.get('label')!r} is not one of "
                                  f"{list(self.classes)}")
@@ -108,7 +121,9 @@ class UtteranceDataset(Dataset):
         """The item of record `r` holding the (already cropped) waveform `wav` (T,): what every
         dataset over manifest records returns; subclasses crop differently or add fields."""
         item = {"id": r["id"], "audio": torch.from_numpy(np.ascontiguousarray(wav)),
-                "label": self.class_to_index[r["label"]]}
+                "label": self.class_to_index[r["label"]] if self.categorical else -1}
+        if self.task is not None and self.task.dimensional:
+            item["targets"] = torch.tensor(self.task.scaled_targets(r), dtype=torch.float32)  # (K,)
         if self.text_features is not None:
             feats = self.text_features[r["id"]]
             item["text"] = torch.as_tensor(feats[0], dtype=torch.float32)

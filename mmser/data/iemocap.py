@@ -2,10 +2,13 @@
 
 Reads `IEMOCAP_full_release/` READ-ONLY (layout: /work/shared/IEMOCAP.md) and writes, atomically:
 - `DIR/manifest.jsonl`: one record per utterance wav under `SessionN/sentences/wav/<dialog>/`,
-  sorted by id, with exactly the fields of `mmser.data.manifest.REQUIRED_FIELDS`. Utterances
+  sorted by id, with the fields of `mmser.data.manifest.REQUIRED_FIELDS`, then the consensus line's
+  [V, A, D] as `valence`, `arousal`, `dominance` (1-5; null without a consensus line) and
+  `dim_scales` (the 1-5 scale of each; the dimensional task, mmser/tasks.py). Utterances
   outside the 4-class task are kept with `label: null` (their `emotion_code` as given, or null
   when the turn has no consensus line).
-- `DIR/prepare_report.json`: counts per session/class/code, skipped files with reasons,
+- `DIR/prepare_report.json`: counts per session/class/code (and `counts.dimensional`: the scales,
+  turns with and without the three values), skipped files with reasons,
   clips under MIN_DURATION_S (`too_short`), warnings, the input fingerprint, the manifest's sha256.
 - `DIR/folds/fold{k}.json`: leave-one-session-out ids (paper default: no validation).
 
@@ -77,7 +80,8 @@ log = logging.getLogger(__name__)
 # Bump when the manifest's or the report's content or format changes: it invalidates earlier
 # outputs. 2: the report lists too-short clips and every warning (transcript decoding, duplicates).
 # 3: float wavs with NaN / Inf samples are skipped; the same audio under two ids is a warning.
-MANIFEST_FORMAT_VERSION = 3
+# 4: the consensus line's [V, A, D] kept (valence, arousal, dominance + dim_scales; report "dimensional").
+MANIFEST_FORMAT_VERSION = 4
 SAMPLE_RATE = 16000  # IEMOCAP.md: sentence wavs are 16 kHz mono 16-bit PCM
 # Clips under this are reported (`too_short`). IEMOCAP's shortest utterance is 0.6 s (IEMOCAP.md), so
 # anything under 0.1 s on a real copy is damage (a truncated file), not speech; 0.1 s = 1,600 samples
@@ -90,6 +94,10 @@ EXPECTED_PER_SESSION = {1: 1085, 2: 1023, 3: 1151, 4: 1031, 5: 1241}
 REAL_CORPUS_MIN_LABELLED = 5000
 # Consensus codes of the release (IEMOCAP.md); xxx = no agreement.
 EMOTION_CODES = frozenset({"neu", "hap", "exc", "ang", "sad", "fru", "sur", "fea", "oth", "dis", "xxx"})
+# The consensus line's [V, A, D]: the mean of the evaluators' 1-5 ratings (IEMOCAP.md), IN THAT ORDER
+# (valence first, arousal = "act" second). A value outside the scale is left out (null, counted).
+DIM_SCALE = (1.0, 5.0)
+DIM_ORDER = ("valence", "arousal", "dominance")
 
 MANIFEST_NAME = "manifest.jsonl"
 REPORT_NAME = "prepare_report.json"
@@ -344,6 +352,11 @@ def _scan(inputs: _Inputs) -> _Scan:
                 n_no_label += lab is None
                 rec["emotion_code"] = lab["code"] if lab else None
                 rec["label"] = label_of_code(rec["emotion_code"])
+                for d, v in zip(DIM_ORDER, lab["vad"] if lab else (None,) * 3, strict=True):
+                    rec[d] = v if v is None or DIM_SCALE[0] <= v <= DIM_SCALE[1] else None
+                    if v is not None and rec[d] is None:
+                        warnings.append(f"{emo_files[dialog]}: {rec['id']}: {d} {v} outside {list(DIM_SCALE)}; "
+                                        "left out of the dimensional task")
                 if texts is not None:
                     rec["transcript"] = texts.get(rec["id"])
                     if rec["transcript"] is None:
@@ -416,6 +429,9 @@ def _record(wav: Path, session: int, dialog: str, skipped: list[dict], errors: l
         "label": None,
         "transcript": None,
         "duration": info.frames / info.samplerate,
+        # dimensional targets (filled in from the consensus line by the caller; null without one)
+        "arousal": None, "valence": None, "dominance": None,
+        "dim_scales": {d: list(DIM_SCALE) for d in ("arousal", "valence", "dominance")},
     }
 
 
@@ -518,7 +534,11 @@ def _counts(records: list[dict]) -> dict:
                                "utterances": len(srecs),
                                "task_hours": round(sum(r["duration"] for r in stask) / 3600, 4)}
     cc = Counter(r["label"] for r in task)
+    with_values = sum(all(r.get(d) is not None for d in DIM_ORDER) for r in records)
     return {
+        # the dimensional task (mmser/tasks.py): every turn with the three values, on the 1-5 scale
+        "dimensional": {"scales": {d: list(DIM_SCALE) for d in ("arousal", "valence", "dominance")},
+                        "with_values": with_values, "without_values": len(records) - with_values},
         "utterances": len(records),
         "task": len(task),
         "task_hours": round(sum(r["duration"] for r in task) / 3600, 4),

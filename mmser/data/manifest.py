@@ -45,8 +45,12 @@ SESSIONS = (1, 2, 3, 4, 5)  # IEMOCAP's sessions
 REQUIRED_FIELDS = ("id", "path", "session", "speaker", "gender", "dialog", "scripted",
                    "emotion_code", "label", "transcript", "duration")
 # Optional fields: "split" (predefined-split protocol, see the module docstring) and "corpus" (the
-# corpus name, for reports and model cards; absent = IEMOCAP or its synthetic stand-in).
-OPTIONAL_FIELDS = ("split", "corpus")
+# corpus name, for reports and model cards; absent = IEMOCAP or its synthetic stand-in); the
+# dimensional targets "arousal", "valence", "dominance" (a number on the corpus's own scale, or null:
+# outside the dimensional task) with "dim_scales" {dimension: [low, high]}, the scale of each value
+# given (IEMOCAP [1, 5], MSP-Podcast [1, 7], a CSV corpus's given or inferred one; mmser/tasks.py).
+DIMENSION_FIELDS = ("arousal", "valence", "dominance")
+OPTIONAL_FIELDS = ("split", "corpus", *DIMENSION_FIELDS, "dim_scales")
 TRAIN_SPLIT, DEV_SPLIT = "train", "dev"
 # A fold name (a string session, a test set's name): safe as part of a folder name, starts with a
 # letter (so it never reads as a number on the command line).
@@ -126,6 +130,27 @@ def _record_problems(r: dict) -> list[str]:
                         "set name (a letter, then letters, digits, '.', '_' or '-')")
     if "corpus" in r and not _opt_str(r["corpus"]):
         problems.append(f"corpus is {_short_repr(r['corpus'])}; expected a string or null")
+    return problems + _dimension_problems(r)
+
+
+def _dimension_problems(r: dict) -> list[str]:
+    """A dimension value is a finite number on the scale its record's dim_scales gives, or null."""
+    scales = r.get("dim_scales")
+    if scales is not None and not (isinstance(scales, dict) and all(
+            k in DIMENSION_FIELDS and isinstance(v, list) and len(v) == 2 and all(map(_is_number, v)) and v[0] < v[1]
+            for k, v in scales.items())):
+        return [f"dim_scales is {_short_repr(scales)}; expected {{dimension: [low, high]}} with low < high"]
+    problems = []
+    for d in DIMENSION_FIELDS:
+        v = r.get(d)
+        if v is None:
+            continue
+        if not _is_number(v):
+            problems.append(f"{d} is {_short_repr(v)}; expected a number or null")
+        elif not scales or d not in scales:
+            problems.append(f"{d} is {v} but dim_scales gives no scale for it")
+        elif not scales[d][0] <= v <= scales[d][1]:
+            problems.append(f"{d} is {v}, outside its scale {scales[d]}")
     return problems
 
 
@@ -181,12 +206,18 @@ def load_manifest(path: str | Path) -> list[dict]:
     return records
 
 
-def task_records(records: Iterable[dict], classes: Sequence[str] | None = None) -> list[dict]:
-    """Only the utterances inside the task: label not null (and, given `classes`, one of them)."""
+def task_records(records: Iterable[dict], classes: Sequence[str] | None = None, *,
+                 dimensions: Sequence[str] | None = None, categorical: bool = True) -> list[dict]:
+    """Only the utterances inside the task: label not null (and, given `classes`, one of them);
+    with `dimensions`, also a value for each of them; `categorical=False` (the dimensional task):
+    the label does not matter (mmser.tasks.record_filter gives these keywords for a config)."""
+    out = [r for r in records if all(r.get(d) is not None for d in dimensions)] if dimensions else list(records)
+    if not categorical:
+        return out
     if classes is None:
-        return [r for r in records if r["label"] is not None]
+        return [r for r in out if r["label"] is not None]
     keep = set(classes)
-    return [r for r in records if r["label"] in keep]
+    return [r for r in out if r["label"] in keep]
 
 
 def manifest_labels(records: Iterable[dict]) -> list[str]:
@@ -263,9 +294,10 @@ def fold_of(record: dict) -> FoldId | None:
     return record["session"]
 
 
-def fold_ids(records: Iterable[dict], classes: Sequence[str] | None = None) -> list[FoldId]:
+def fold_ids(records: Iterable[dict], classes: Sequence[str] | None = None, *,
+             dimensions: Sequence[str] | None = None, categorical: bool = True) -> list[FoldId]:
     """Every fold of the manifest (one with task utterances to test on), in order."""
-    recs = task_records(records, classes)
+    recs = task_records(records, classes, dimensions=dimensions, categorical=categorical)
     proto = protocol(recs)
     ids = {fold_of(r) for r in recs if proto == "session" or r.get("split") is not None}
     ids.discard(None)
@@ -273,10 +305,11 @@ def fold_ids(records: Iterable[dict], classes: Sequence[str] | None = None) -> l
 
 
 def resolve_folds(records: Sequence[dict], requested: Sequence | None, where: str = "the manifest",
-                  classes: Sequence[str] | None = None) -> list[FoldId]:
+                  classes: Sequence[str] | None = None, **task_filter) -> list[FoldId]:
     """The manifest's folds named by `requested` (ints or strings: `3`, `"3"`, `"test1"`, matched
-    by their text), in the order given; None = every fold. An unknown one is a ValueError."""
-    present = fold_ids(records, classes)
+    by their text), in the order given; None = every fold. An unknown one is a ValueError.
+    `task_filter`: task_records' `dimensions` / `categorical`."""
+    present = fold_ids(records, classes, **task_filter)
     if requested is None:
         return present
     by_text = {str(f): f for f in present}
@@ -312,6 +345,7 @@ class Fold:
     val_detail: str = ""
     protocol: str = "session"
     classes: tuple[str, ...] = ()  # the task's classes, in class-index order (resolve_classes)
+    dimensions: tuple[str, ...] = ()  # a dimensional / multitask task's dimensions (its records have them)
 
     def is_test(self, r: dict) -> bool:
         """Whether record r belongs to this fold's test set (the guard every stage applies)."""
@@ -362,24 +396,31 @@ def default_val_speaker(test_session: FoldId, records: Sequence[dict] | None = N
 
 
 def split_fold(records: list[dict], test_session: FoldId, data_cfg=None,
-               classes: Sequence[str] | None = None) -> Fold:
+               classes: Sequence[str] | None = None, *, dimensions: Sequence[str] | None = None,
+               categorical: bool = True) -> Fold:
     """The fold `test_session` of the task records (see the module docstring for both protocols).
 
     `data_cfg` is a `mmser.config.DataConfig` (or None for the paper's default: no validation).
-    `classes` (default: `classes_for(records, data_cfg)`) is the task's class set.
+    `classes` (default: `classes_for(records, data_cfg)`) is the task's class set. `dimensions` /
+    `categorical`: a dimensional or multitask task's records (task_records); the dimensional task
+    (categorical=False) has no classes (Fold.classes is empty, the fraction split is not stratified).
     """
-    if classes is None:
+    if not categorical:
+        classes = ()
+    elif classes is None:
         classes = classes_for(records, data_cfg) if data_cfg is not None else None
     policy = getattr(data_cfg, "validation", "none") if data_cfg is not None else "none"
-    recs = task_records(records, classes)
+    filt = {"dimensions": dimensions, "categorical": categorical}
+    recs = task_records(records, classes, **filt)
     proto = protocol(records)
-    present = fold_ids(records, classes)
+    present = fold_ids(records, classes, **filt)
     by_text = {str(f): f for f in present}
     if str(test_session) not in by_text:
         raise ValueError(f"test session must be one of {tuple(present)}, got {test_session!r}")
     test_session = by_text[str(test_session)]
     fold = Fold(test_session=test_session, val_policy=policy, protocol=proto,
                 classes=tuple(classes) if classes is not None else tuple(manifest_labels(recs)))
+    fold.dimensions = tuple(dimensions or ())
     fold.test = [r for r in recs if fold.is_test(r)]
     if not fold.test:
         raise ValueError(f"no task utterances in test session {test_session}")
@@ -418,8 +459,10 @@ def split_fold(records: list[dict], test_session: FoldId, data_cfg=None,
             raise ValueError(f"data.val_fraction must be in (0, 1), got {frac}")
         rng = random.Random(int(data_cfg.val_seed) * 1000 + fold_seed_offset(test_session))
         val_ids: set[str] = set()
-        for c in classes if classes is not None else manifest_labels(rest):  # stratified by class
-            ids = sorted(r["id"] for r in rest if r["label"] == c)
+        strata = [[r for r in rest if r["label"] == c] for c in (classes if classes is not None
+                                                                   else manifest_labels(rest))]
+        for group in strata if categorical else [rest]:  # stratified by class (a dimensional task: not)
+            ids = sorted(r["id"] for r in group)
             rng.shuffle(ids)
             val_ids.update(ids[: round(len(ids) * frac)])
         fold.val = [r for r in rest if r["id"] in val_ids]

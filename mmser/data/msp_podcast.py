@@ -21,6 +21,9 @@ Layout read:
   selection with finetune.test_checkpoint=best_val looks at it only) and testing on its test set.
   `mmser cv --sessions test1` runs one of them.
 - speaker: SpkrID (an empty one becomes "Unknown"); gender: Gender; id: FileName without `.wav`.
+- arousal / valence / dominance: EmoAct / EmoVal / EmoDom, the consensus of the 1-7 ratings
+  (`dim_scales` [1, 7]; issue 19's dimensional task, mmser/tasks.py). An empty one (e.g. a Test3
+  turn) is null: outside the dimensional task, counted in the report's `counts.dimensional`.
 
 What was checked against public descriptions, and what is a guess (no copy of the corpus here):
 - Checked: the folder names Labels/, Audios/, Transcripts/ and the files Labels/labels_consensus.csv
@@ -56,6 +59,9 @@ COLUMNS = ("FileName", "EmoClass", "EmoAct", "EmoVal", "EmoDom", "SpkrID", "Gend
 EMO_CODES = {"N": "neutral", "H": "happy", "S": "sad", "A": "angry", "U": "surprise", "C": "contempt",
              "D": "disgust", "F": "fear", "O": "other", "X": "no agreement"}
 CLASS_SETS = {4: ("N", "H", "S", "A"), 8: ("N", "H", "S", "A", "U", "C", "D", "F")}
+# manifest dimension <- the labels file's column (all on MSP-Podcast's 1-7 scale)
+DIMENSION_COLUMNS = {"arousal": "EmoAct", "valence": "EmoVal", "dominance": "EmoDom"}
+DIM_SCALE = [1.0, 7.0]
 SPLITS = {"Train": "train", "Development": "dev", "Test1": "test1", "Test2": "test2", "Test3": "test3"}
 
 
@@ -115,14 +121,16 @@ def read_msp_rows(root: Path, warnings: list[str]) -> tuple[Path, list[str], lis
         no_text += transcript is None
         rows.append(Row(str(labels), lineno, {
             "id": stem, "path": str(audios / file_name), "label": code, "speaker": v.get("SpkrID") or "Unknown",
-            "gender": v.get("Gender") or None, "split": split, "transcript": transcript}))
+            "gender": v.get("Gender") or None, "split": split, "transcript": transcript,
+            **{role: v.get(col) or None for role, col in DIMENSION_COLUMNS.items()}}))
     if problems:
         from mmser.data.corpus import CorpusError
 
         raise CorpusError(problems)
     if no_text and transcripts.is_dir():
         warnings.append(f"{no_text} turn(s) have no transcript file in {transcripts}; their transcripts are null")
-    return labels, ["id", "path", "label", "speaker", "gender", "split", "transcript"], rows
+    dims = [role for role, col in DIMENSION_COLUMNS.items() if col in header]
+    return labels, ["id", "path", "label", "speaker", "gender", "split", "transcript", *dims], rows
 
 
 def prepare_msp_podcast(root: str | Path, out_dir: str | Path, classes: int = 4, resample: bool = False,
@@ -140,7 +148,7 @@ def prepare_msp_podcast(root: str | Path, out_dir: str | Path, classes: int = 4,
     codes = CLASS_SETS[classes]
     spec = CorpusSpec(name=CORPUS_NAME, labels=[EMO_CODES[c] for c in codes],
                       map={c: EMO_CODES[c] for c in codes}, folds="split", resample=resample,
-                      skip_bad_audio=skip_bad_audio)
+                      skip_bad_audio=skip_bad_audio, scale=list(DIM_SCALE))
     transcripts = root / "Transcripts"
     extra = sorted(transcripts.glob("*.txt")) if transcripts.is_dir() else []
     result = prepare_rows(columns, rows, spec, root, out_dir, labels, corpus=CORPUS_NAME, force=force,

@@ -241,9 +241,14 @@ class DecisionFusion(nn.Module):
           a branch's arbitrary split between the classes it cannot tell apart decides the output.
 
     forward returns log p (B, C) computed in log space (logsumexp, no log(0)): a valid logit
-    vector (softmax(log p) = p), so cross-entropy works on it unchanged. After each forward the
-    branch logits are in `last_branch_logits` = (audio (B, C), text (B, C)), for a loss that also
-    supervises each branch; `branch_logits(...)` computes them directly.
+    vector (softmax(log p) = p), so cross-entropy works on it unchanged. With `num_dims` > 0 (a
+    dimensional or multitask task, mmser/tasks.py; `num_classes` then counts all C + K outputs)
+    each branch also outputs K scaled dimensions after its C logits, and the fused output's last K
+    columns are their weighted average with one learned (audio, text) weight pair per dimension
+    (softmax, starting at 0.5 / 0.5): posteriors are pooled as probabilities, regression outputs as
+    values. Output (B, C + K). After each forward the branch logits are in `last_branch_logits` =
+    (audio (B, C), text (B, C)), for a loss that also supervises each branch; `branch_logits(...)`
+    computes them directly.
     """
 
     def __init__(
@@ -256,6 +261,7 @@ class DecisionFusion(nn.Module):
         text_pooling: TextPooling = "mean",
         weights: Literal["class", "global"] = "class",
         rule: Literal["log_linear", "linear"] = "log_linear",
+        num_dims: int = 0,
     ) -> None:
         super().__init__()
         if weights not in ("class", "global"):
@@ -264,12 +270,23 @@ class DecisionFusion(nn.Module):
             raise ValueError(f"DecisionFusion: rule must be 'log_linear' or 'linear', got {rule!r}")
         self.init_args = dict(audio_dim=audio_dim, text_dim=text_dim, num_classes=num_classes, hidden=hidden,
                               dropout=dropout, text_pooling=text_pooling, weights=weights, rule=rule)
+        if num_dims:
+            self.init_args["num_dims"] = num_dims
         self.weights = weights
         self.rule = rule
-        self.audio_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(audio_dim, num_classes))
-        self.text_branch = TextClassifier(text_dim, num_classes, hidden, dropout, text_pooling)
+        # num_classes counts every output (as every head's: what a saved config.json says); the
+        # last num_dims of them are regression outputs
+        if not 0 <= num_dims <= num_classes:
+            raise ValueError(f"DecisionFusion: num_dims {num_dims} not in [0, num_classes {num_classes}]")
+        outputs = num_classes
+        num_classes -= num_dims
+        self.num_classes, self.num_dims = num_classes, num_dims
+        self.audio_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(audio_dim, outputs))
+        self.text_branch = TextClassifier(text_dim, outputs, hidden, dropout, text_pooling)
         # Row 0 = audio, row 1 = text; softmax over the rows (dim 0).
         self.weight_logits = nn.Parameter(torch.zeros(2, num_classes if weights == "class" else 1))
+        # per dimension (audio, text) weights of the regression outputs (only with num_dims)
+        self.dim_weight_logits = nn.Parameter(torch.zeros(2, num_dims)) if num_dims else None
         self.last_branch_logits: tuple[Tensor, Tensor] | None = None
 
     def modality_weights(self) -> Tensor:
@@ -298,7 +315,18 @@ class DecisionFusion(nn.Module):
         return self.audio_head(audio), self.text_branch.classify(text_tokens, text_mask, text_pooled)
 
     def fuse(self, audio_logits: Tensor, text_logits: Tensor) -> Tensor:
-        """Fused log-probabilities (B, C) from the two branches' logits (B, C)."""
+        """Fused log-probabilities (B, C) from the two branches' logits (B, C); with num_dims, the
+        branches' (B, C + K) outputs -> (B, C + K), the dimensions a weighted average."""
+        if self.dim_weight_logits is None:
+            return self._fuse_classes(audio_logits, text_logits)
+        c = self.num_classes
+        w = torch.softmax(self.dim_weight_logits, dim=0)  # (2, K)
+        dims = w[0] * audio_logits[:, c:] + w[1] * text_logits[:, c:]  # (B, K)
+        if c == 0:
+            return dims
+        return torch.cat([self._fuse_classes(audio_logits[:, :c], text_logits[:, :c]), dims], dim=-1)
+
+    def _fuse_classes(self, audio_logits: Tensor, text_logits: Tensor) -> Tensor:
         branch_logp = torch.stack(
             [torch.log_softmax(audio_logits, dim=-1), torch.log_softmax(text_logits, dim=-1)], dim=0
         )  # (2, B, C)
@@ -486,19 +514,22 @@ class FusionClassifier(nn.Module):
 
 
 def build_fusion_head(
-    cfg: FusionConfig, audio_dim: int, text_dim: int, num_classes: int = len(CLASSES)
+    cfg: FusionConfig, audio_dim: int, text_dim: int, num_classes: int = len(CLASSES), num_dims: int = 0
 ) -> nn.Module:
-    """The fusion head `cfg.head` names, sized for the given feature widths."""
+    """The fusion head `cfg.head` names, sized for the given feature widths, with `num_classes`
+    class logits then `num_dims` regression outputs (mmser/tasks.py: one final Linear of C + K
+    outputs; decision fusion pools the two kinds differently, so it is told K)."""
     if cfg.head == "concat":
-        return ConcatFusion(audio_dim, text_dim, num_classes, cfg.hidden_size, cfg.dropout, cfg.text_pooling)
+        return ConcatFusion(audio_dim, text_dim, num_classes + num_dims, cfg.hidden_size, cfg.dropout,
+                            cfg.text_pooling)
     if cfg.head == "decision":
         return DecisionFusion(
-            audio_dim, text_dim, num_classes, cfg.hidden_size, cfg.dropout, cfg.text_pooling,
-            cfg.decision_weights, cfg.decision_rule,
+            audio_dim, text_dim, num_classes + num_dims, cfg.hidden_size, cfg.dropout, cfg.text_pooling,
+            cfg.decision_weights, cfg.decision_rule, num_dims=num_dims,
         )
     if cfg.head == "cross_attention":
         return CrossAttentionFusion(
-            audio_dim, text_dim, num_classes, cfg.hidden_size, cfg.num_heads, cfg.dropout,
+            audio_dim, text_dim, num_classes + num_dims, cfg.hidden_size, cfg.num_heads, cfg.dropout,
             cfg.num_layers, cfg.ffn,
         )
     raise ValueError(

@@ -21,7 +21,13 @@ set. Selection (finetune.test_checkpoint=best_val) only ever looks at the valida
 
 A run whose metrics.json exists is complete and is skipped. Pre-training stages run once per
 fold and hand their checkpoint to the fine-tuning runs by explicit path. A failed run is logged
-and reported; it does not stop the others (KeyboardInterrupt does). A run or pre-training stage
+and reported; it does not stop the others (KeyboardInterrupt does) -- except under several
+processes (DDP: every rank runs this loop, in lockstep through each run's collectives): there a
+rank that failed (an out-of-memory on the rank with the longest bucket) re-raises and stops, and
+after every run the ranks agree (`failed_on_any_rank`, an all-reduce) before the next one starts,
+so no rank goes on to another run while a peer is still in, or died in, this one (which would pair
+their collectives across different runs, or leave the others waiting until the backend's timeout).
+The rerun resumes from the finished runs. A run or pre-training stage
 another live process holds (two `mmser cv` on one folder) is skipped and reported as held, not
 failed: the processes share the work.
 
@@ -45,6 +51,7 @@ from mmser.data.manifest import FoldId, classes_for, fold_tag, load_manifest, re
 from mmser.io import FolderHeld, atomic_write_json, atomic_write_text, check_inputs, write_inputs
 from mmser.metrics import table11
 from mmser.report import METRICS, collect, plot_comparison, plot_confusion, summary_rows, write_summary
+from mmser.tasks import record_filter
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +76,25 @@ def resolve_cv_folds(cfg: Config, sessions=None) -> list[FoldId]:
     """The manifest's folds named by `sessions` (ints or strings, e.g. [1, 2] or ["test1"]; None =
     every fold of the manifest), or a ValueError naming what the manifest has."""
     records = load_manifest(cfg.data.manifest)
-    return resolve_folds(records, sessions, str(cfg.data.manifest), classes_for(records, cfg.data))
+    return resolve_folds(records, sessions, str(cfg.data.manifest), _task_classes(cfg, records), **record_filter(cfg))
+
+
+def _task_classes(cfg: Config, records: list[dict]):
+    """The run's classes (data.classes checked against the manifest); () for a dimensional task."""
+    return classes_for(records, cfg.data) if cfg.target.kind != "dimensional" else ()
 
 
 def check_cv_inputs(cfg: Config, sessions: list[FoldId]) -> dict:
     """Everything a cross-validation can check before writing: the manifest has each session, every
     fold splits (validation speaker, best_val needs a validation set), the trainer settings resolve.
     Returns the data's record for inputs.json."""
+    from mmser.tasks import task_from_config
     from mmser.training.run import build_fold, data_inputs, trainer_kwargs
 
     records = load_manifest(cfg.data.manifest)
-    classes_for(records, cfg.data)  # data.classes fits the manifest
-    for session in resolve_folds(records, sessions, str(cfg.data.manifest), classes_for(records, cfg.data)):
+    classes = _task_classes(cfg, records)  # data.classes fits the manifest
+    task_from_config(cfg, records, classes)  # the task's dimensions have values and one scale each
+    for session in resolve_folds(records, sessions, str(cfg.data.manifest), classes, **record_filter(cfg)):
         build_fold(cfg, records, session, check_audio=False)  # each run checks its fold's audio files
     trainer_kwargs(cfg)
     return data_inputs(cfg)
@@ -121,6 +135,48 @@ def _check_same_experiment(cfg: Config, out_dir: Path, inputs: dict) -> None:
         check_inputs(m.parent, inputs, "this finished run")
 
 
+def _distributed() -> bool:
+    """Whether this process is one of several in an initialised torch.distributed process group."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def failed_on_any_rank(failed: bool) -> bool:
+    """`failed` of this process, all-reduced (max) over the default process group when several
+    processes share one; `failed` alone otherwise. Every rank calls it at the same point (after a
+    run that returned). A collective that fails itself (a peer process died: gloo raises at once,
+    NCCL at its timeout) counts as a failure."""
+    if not _distributed():
+        return failed
+    import torch
+    import torch.distributed as dist
+
+    cuda = dist.get_backend() == "nccl"
+    flag = torch.tensor([int(failed)], device=torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu")
+    try:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    except Exception as e:  # noqa: BLE001 - gloo / NCCL raise RuntimeError subclasses of their own
+        log.error("the ranks could not agree after a run (%s: %s): a peer process failed", type(e).__name__, e)
+        return True
+    return bool(flag.item())
+
+
+class RankFailed(RuntimeError):
+    """A run failed on another process of a multi-process cross-validation: this rank stops too."""
+
+
+def _stop_if_distributed(what: str, error: BaseException) -> None:
+    """Under several processes a failed run or stage stops this rank (re-raises `error`): its peers
+    must not go on to another run without it."""
+    if _distributed():
+        import torch.distributed as dist
+
+        log.error("%s failed under %d processes: stopping every rank (rerun to resume; finished runs are kept)",
+                  what, dist.get_world_size())
+        raise error
+
+
 def _held(session: FoldId, seed: int, stage: str, e: FolderHeld) -> dict:
     return {"session": session, "seed": seed, "stage": stage, "holder": e.holder}
 
@@ -154,6 +210,7 @@ def run_cv(cfg: Config, sessions: list[FoldId] | None, seeds: list[int], out_dir
             except KeyboardInterrupt:
                 raise
             except FolderHeld as e:  # another process pre-trains this fold: its runs wait for it
+                _stop_if_distributed(f"fold {session}: pre-training (held by another process)", e)
                 log.info("fold %s: pre-training %s", session, e)
                 summary.held += [_held(session, seed, "pretrain", e) for seed in seeds]
                 continue
@@ -161,7 +218,10 @@ def run_cv(cfg: Config, sessions: list[FoldId] | None, seeds: list[int], out_dir
                 log.error("fold %s: pre-training failed: %s", session, e)
                 for seed in seeds:
                     summary.failed.append(_failure(session, seed, "pretrain", e))
+                _stop_if_distributed(f"fold {session}: pre-training", e)
                 continue
+            if failed_on_any_rank(False):
+                raise RankFailed(f"fold {session}: pre-training failed on another process; stopping this one too")
         for seed in seeds:
             run_dir = run_dir_for(out_dir, session, seed)
             if (run_dir / "metrics.json").exists():
@@ -176,13 +236,21 @@ def run_cv(cfg: Config, sessions: list[FoldId] | None, seeds: list[int], out_dir
             except KeyboardInterrupt:
                 raise
             except FolderHeld as e:
+                _stop_if_distributed(f"{fold_tag(session)} seed {seed} (held by another process)", e)
                 log.info("%s seed %d: %s", fold_tag(session), seed, e)
                 summary.held.append(_held(session, seed, "finetune", e))
+                continue
             except Exception as e:
                 log.error("%s seed %d failed: %s", fold_tag(session), seed, e)
                 run_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(run_dir / "error.txt", traceback.format_exc())
                 summary.failed.append(_failure(session, seed, "finetune", e))
+                if _distributed():
+                    atomic_write_json(out_dir / "failures.json", summary.failed)
+                _stop_if_distributed(f"{fold_tag(session)} seed {seed}", e)
+                continue
+            if failed_on_any_rank(False):
+                raise RankFailed(f"{fold_tag(session)} seed {seed}: failed on another process; stopping this one too")
     if summary.failed:
         atomic_write_json(out_dir / "failures.json", summary.failed)
     elif (out_dir / "failures.json").exists():
@@ -234,7 +302,7 @@ def log_cv_summary(cfg: Config, out_dir: Path, res, images: dict[str, Path], com
         if not scores:
             continue
         t = table11(scores)
-        key = f"cv/{section}/{metric}"
+        key = f"cv/{section}/{metric.replace('.', '/')}"  # cv/test/ua, cv/test/ccc/arousal
         for s, st in t["sessions"].items():
             tag = fold_tag(s)  # s1 ... s5, or a named fold's name
             values.update({f"{key}/{tag}/mean": st["mean"], f"{key}/{tag}/std": st["std"], f"{key}/{tag}/n": st["n"]})
@@ -253,11 +321,27 @@ def log_cv_summary(cfg: Config, out_dir: Path, res, images: dict[str, Path], com
 def _cards_with_cross_validation(out_dir: Path, res, command: str | None) -> None:
     """Every fold's model card (run_dir/model/README.md) gains the experiment's per-fold UA/WA."""
     from mmser.card import with_cross_validation
-    from mmser.report import table11_markdown
+    from mmser.report import DIMENSIONAL_METRICS, table11_markdown
 
-    tables = "\n\n".join(table11_markdown([res], metric=m, title=f"test {m.upper()}") for m in ("ua", "wa"))
+    metrics = [(m, f"test {m.upper()}") for m in ("ua", "wa")]
+    if ("test", "ua") not in res.scores:  # a dimensional experiment: its CCC tables
+        metrics = [(m, f"test {label}") for _, m, label in DIMENSIONAL_METRICS if ("test", m) in res.scores]
+    tables = "\n\n".join(table11_markdown([res], metric=m, title=title) for m, title in metrics)
     for card in sorted(out_dir.glob("*-seed*/model/README.md")):  # s1-seed0, test-seed0, ...
         atomic_write_text(card, with_cross_validation(card.read_text(encoding="utf-8"), tables, command))
+
+
+def check_ptapt_has_classes(cfg: Config) -> None:
+    """P-TAPT's step (a) trains a frame-level classifier on the manifest's classes (its training
+    folds' labels), whatever the fine-tuning task: a manifest without two classes (a dimensional-only
+    corpus) is refused in one line (no dimensional frame step is built)."""
+    from mmser.data.manifest import manifest_labels
+
+    labels = manifest_labels(load_manifest(cfg.data.manifest))
+    if len(labels) < 2:
+        raise ValueError(f"pretrain=ptapt: P-TAPT's step (a) trains a frame-level emotion classifier on the "
+                         f"manifest's classes, and {cfg.data.manifest} has {len(labels)} "
+                         f"(target.kind={cfg.target.kind}); use pretrain=tapt or pretrain=none")
 
 
 def pretrained_fold_config(cfg: Config, session: FoldId, out_dir: Path) -> Config:
@@ -269,6 +353,8 @@ def pretrained_fold_config(cfg: Config, session: FoldId, out_dir: Path) -> Confi
     from mmser.training.pretrain import pretrain_fold
     from mmser.training.run import data_inputs
 
+    if cfg.pretrain == "ptapt":
+        check_ptapt_has_classes(cfg)
     stage_dir = out_dir / "pretrain" / fold_tag(session)
     inputs = {"manifest": data_inputs(cfg)["manifest"]}  # pre-training reads the audio only
     if not check_inputs(stage_dir, inputs, "this pre-training stage"):

@@ -3,8 +3,13 @@
 PAPER.md V-FT: cross-entropy weighted by N/n_c (normalised to sum 1) from the training split;
 Adam, lr 1e-4, no scheduler, over the trainable parameters only.
 
-Evaluation metrics (UA / WA / macro-F1) are computed by `mmser.metrics` from the predictions
-collected over the whole split, gathered across processes and de-duplicated by utterance id (the
+The task (mmser.tasks.Task: categorical / dimensional / multitask) decides what the model's outputs
+mean and the loss: the classes' logits and / or the dimensions (scaled to [0, 1]) of one output row;
+cross-entropy, 1 - CCC (or MSE) per dimension on the batch, or both (multitask).
+
+Evaluation metrics (UA / WA / macro-F1; CCC / Pearson r / MAE per dimension and the mean CCC) are
+computed by `mmser.metrics` from the predictions collected over the whole split (never an average
+of batch values), gathered across processes and de-duplicated by utterance id (the
 distributed sampler may repeat a few items to even out ranks), so the logged numbers are exactly
 those of metrics.json.
 """
@@ -21,7 +26,9 @@ import torch.distributed as dist
 from torch import nn
 
 from mmser.labels import CLASSES
-from mmser.metrics import classification_report
+from mmser.metrics import classification_report, dimensional_report
+from mmser.perf import add_audio_lengths, audio_lengths
+from mmser.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +61,20 @@ class ClassifierModule(pl.LightningModule):
     """Weighted-CE training of `model`, with evaluation that collects per-utterance predictions.
 
     After `trainer.test`, `test_predictions` holds one dict per test utterance:
-    {"id", "true", "pred", "probs"} (class indices into `class_names`), and `test_report` the
-    mmser.metrics classification report. Likewise `val_predictions` / `val_report` after each
-    validation epoch.
+    {"id", "true", "pred", "probs"} (class indices into `class_names`; categorical and multitask)
+    and {"true_dims", "pred_dims"} ({dimension: value on the corpus's scale}; dimensional and
+    multitask), and `test_report` the mmser.metrics classification and / or dimensional report.
+    Likewise `val_predictions` / `val_report` after each validation epoch. `task` (default: the
+    categorical task over `class_names`) says what the outputs are.
     """
 
     def __init__(self, model: nn.Module, class_weights: torch.Tensor | None = None, lr: float = 1e-4,
-                 class_names: Sequence[str] = CLASSES, sample_rate: int = 16000):
+                 class_names: Sequence[str] = CLASSES, sample_rate: int = 16000, task: Task | None = None):
         super().__init__()
         self.model = model
         self.lr = lr
-        self.class_names = tuple(class_names)
+        self.task = task if task is not None else Task(kind="categorical", classes=tuple(class_names))
+        self.class_names = tuple(self.task.classes)
         self.sample_rate = sample_rate
         if class_weights is not None:
             class_weights = torch.as_tensor(class_weights, dtype=torch.float32)
@@ -83,13 +93,26 @@ class ClassifierModule(pl.LightningModule):
         self._epoch_start: float | None = None
         self._epoch_audio = 0.0
 
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        return add_audio_lengths(batch)  # valid lengths as Python ints, read before the batch moves
+
     def forward(self, batch: dict) -> torch.Tensor:
-        return self.model(batch)  # (B, C)
+        return self.model(batch)  # (B, C + K): class logits, then the scaled dimensions
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Class-weighted cross-entropy (fp32 under mixed precision)."""
         wnll, w = weighted_nll(logits, labels, self.class_weights)
         return wnll.sum() / w.sum()
+
+    def task_loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The task's training loss on one batch: cross-entropy (categorical), the dimensional loss
+        (dimensional), or cross-entropy + target.dimensional_weight x the dimensional loss (multitask)."""
+        logits, dims = self.task.split(outputs)  # (B, C), (B, K)
+        loss = self.loss(logits, batch["labels"]) if self.task.categorical else None
+        if self.task.dimensional:
+            dim_loss = self.task.dimensional_loss(dims, batch["targets"])
+            loss = dim_loss if loss is None else loss + self.task.dimensional_weight * dim_loss
+        return loss
 
     # -- training -----------------------------------------------------------------------------
 
@@ -98,19 +121,18 @@ class ClassifierModule(pl.LightningModule):
         self._epoch_audio = 0.0
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self(batch)
-        loss = self.loss(logits, batch["labels"])
+        outputs = self(batch)
+        loss = self.task_loss(outputs, batch)
         # Models with extra supervised outputs (decision fusion's branches) name them here.
         aux = getattr(self.model, "auxiliary_logits", None)
         if callable(aux):
             for weight, extra in aux():
-                loss = loss + weight * self.loss(extra, batch["labels"])
+                loss = loss + weight * self.task_loss(extra, batch)
         bsz = batch["labels"].shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=bsz)
-        mask = batch["audio_mask"]
-        real = int(mask.sum())
+        real = sum(audio_lengths(batch))  # from the CPU batch: no host-device sync per step
         self.stats["real_samples"] += real
-        self.stats["padded_samples"] += int(mask.numel())
+        self.stats["padded_samples"] += batch["audio_mask"].numel()  # (B, T): the shape only
         self.stats["steps"] += 1
         self._epoch_audio += real / self.sample_rate
         return loss
@@ -154,16 +176,31 @@ class ClassifierModule(pl.LightningModule):
     # -- evaluation ---------------------------------------------------------------------------
 
     def _eval_step(self, batch: dict) -> None:
-        logits = self(batch).float()  # (B, C)
-        labels = batch["labels"]
-        # Per-item weighted NLL and weight, so the split's loss equals the weighted CE over all of it.
-        wnll, w = (t.cpu() for t in weighted_nll(logits, labels, self.class_weights))
-        probs = torch.softmax(logits, dim=-1).cpu()
-        preds = probs.argmax(dim=-1)
+        task = self.task
+        logits, dims = (t.float() for t in task.split(self(batch)))  # (B, C), (B, K)
+        parts = []
+        if task.categorical:
+            labels = batch["labels"]
+            # Per-item weighted NLL and weight, so the split's loss equals the weighted CE over all of it.
+            wnll, w = weighted_nll(logits, labels, self.class_weights)  # (B,), (B,)
+            probs = torch.softmax(logits, dim=-1)  # (B, C)
+            parts += [probs, wnll[:, None], w[:, None]]
+        if task.dimensional:  # predictions and targets scaled to [0, 1]; the corpus scale is applied per split
+            parts += [dims, batch["targets"].float()]
+        # one device -> host copy per batch (not one per item and value)
+        host = torch.cat(parts, dim=1).cpu()  # (B, [C + 2] + [2 K])
+        c, k = task.num_classes, len(task.dimensions) if task.dimensional else 0
+        preds = host[:, :c].argmax(dim=-1).tolist() if task.categorical else None  # (B,)
+        trues = batch["labels"].tolist()
         for i, uid in enumerate(batch["ids"]):
-            self._eval_outputs.append({"id": uid, "true": int(labels[i]), "pred": int(preds[i]),
-                                       "probs": [float(p) for p in probs[i]],
-                                       "wnll": float(wnll[i]), "w": float(w[i])})
+            row = host[i].tolist()
+            out: dict = {"id": uid}
+            if task.categorical:
+                out.update({"true": int(trues[i]), "pred": preds[i], "probs": row[:c], "wnll": row[c], "w": row[c + 1]})
+            if k:
+                off = c + 2 if task.categorical else 0
+                out.update({"pred_scaled": row[off:off + k], "true_scaled": row[off + k:off + 2 * k]})
+            self._eval_outputs.append(out)
 
     def _eval_epoch_end(self, stage: str) -> tuple[list[dict], dict | None]:
         gathered = _gather_objects(self._eval_outputs)
@@ -174,14 +211,41 @@ class ClassifierModule(pl.LightningModule):
         rows = [unique[k] for k in sorted(unique)]
         if not rows:
             return [], None
-        loss = sum(r.pop("wnll") for r in rows) / max(sum(r.pop("w") for r in rows), 1e-12)
-        report = classification_report([r["true"] for r in rows], [r["pred"] for r in rows], self.class_names)
+        task = self.task
+        report: dict = {}
+        loss = 0.0
+        if task.categorical:
+            ce = sum(r.pop("wnll") for r in rows) / max(sum(r.pop("w") for r in rows), 1e-12)
+            report.update(classification_report([r["true"] for r in rows], [r["pred"] for r in rows],
+                                                self.class_names))
+            loss = float(ce)
+        if task.dimensional:
+            dims = task.dimensions
+            pred_s = torch.tensor([r.pop("pred_scaled") for r in rows])  # (N, K)
+            true_s = torch.tensor([r.pop("true_scaled") for r in rows])  # (N, K)
+            for r, p, t in zip(rows, pred_s.tolist(), true_s.tolist(), strict=True):
+                r["pred_dims"] = {d: task.to_corpus_scale([p[k]], d)[0] for k, d in enumerate(dims)}
+                r["true_dims"] = {d: task.to_corpus_scale([t[k]], d)[0] for k, d in enumerate(dims)}
+            # CCC, r and MAE over the WHOLE split, on the corpus's own scale (mmser.metrics)
+            dim_report = dimensional_report({d: [r["true_dims"][d] for r in rows] for d in dims},
+                                            {d: [r["pred_dims"][d] for r in rows] for d in dims})
+            n = report.get("n")
+            report.update(dim_report)
+            if n is not None:
+                report["n"] = n
+            # the split's dimensional loss, as training defines it but over the whole split
+            dim_loss = float(task.dimensional_loss(pred_s, true_s))
+            loss = dim_loss if not task.categorical else loss + task.dimensional_weight * dim_loss
         report["loss"] = float(loss)
         # Every rank holds the same gathered numbers; sync_dist only averages identical values.
         self.log(f"{stage}/loss", float(loss), sync_dist=True)
-        self.log(f"{stage}/ua", report["ua"], sync_dist=True)
-        self.log(f"{stage}/wa", report["wa"], sync_dist=True)
-        self.log(f"{stage}/macro_f1", report["macro_f1"], sync_dist=True)
+        if task.categorical:
+            for key in ("ua", "wa", "macro_f1"):
+                self.log(f"{stage}/{key}", report[key], sync_dist=True)
+        if task.dimensional:
+            self.log(f"{stage}/ccc_mean", report["ccc_mean"], sync_dist=True)
+            for d, v in report["ccc"].items():
+                self.log(f"{stage}/ccc/{d}", v, sync_dist=True)
         return rows, report
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

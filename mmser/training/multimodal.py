@@ -30,6 +30,7 @@ from mmser.models.audio_encoders import build_audio_encoder
 from mmser.models.fusion import FusionClassifier, build_fusion_head, build_text_classifier
 from mmser.models.text_encoder import TextEncoder, WithTextEncoder, tokenize
 from mmser.models.wav2vec2 import AudioEncoder, apply_freezing, set_gradient_checkpointing
+from mmser.tasks import num_dimension_outputs, record_filter, task_from_config
 from mmser.training.run import data_inputs, finished_run, load_model, run_name, run_one
 
 log = logging.getLogger(__name__)
@@ -38,13 +39,15 @@ _FEATURES: dict[tuple, dict[str, TextFeatures]] = {}  # per-process memo over th
 
 
 def text_features_for(cfg: Config) -> dict[str, TextFeatures]:
-    """Frozen text features of every task utterance (label not null) of the manifest (cached on disk)."""
+    """Frozen text features of every task utterance of the manifest (label not null; a dimensional
+    task: its dimensions not null) (cached on disk)."""
     from mmser.text.embed import TextEncoderSpec, text_features
 
+    filt = record_filter(cfg)  # the task's utterances (a dimensional task: those with its dimensions)
     key = (str(cfg.data.manifest), str(cfg.text.source), cfg.text.encoder, cfg.text.pooling,
-           cfg.text.max_length, str(text_cache_dir(cfg)))
+           cfg.text.max_length, str(text_cache_dir(cfg)), str(filt))
     if key not in _FEATURES:
-        records = task_records(load_manifest(cfg.data.manifest))
+        records = task_records(load_manifest(cfg.data.manifest), **filt)
         spec = TextEncoderSpec.from_config(cfg.text)
         _FEATURES[key] = text_features(records, cfg.text.source, spec, text_cache_dir(cfg))
     return _FEATURES[key]
@@ -96,6 +99,7 @@ def run_task(cfg: Config, test_session: FoldId, seed: int, run_dir: str | Path) 
         raise ValueError(f"unknown task {cfg.task!r}")
     if cfg.task == "fusion" and cfg.fusion.head == "none":
         raise ValueError("task=fusion needs fusion.head (concat, decision or cross_attention)")
+    task_from_config(cfg, load_manifest(cfg.data.manifest))  # the target fits the manifest, before any text feature
     feats = ids = None
     if cfg.text.freeze:  # cached features: the models read text / text_mask / text_pooled
         feats = text_features_for(cfg)
@@ -105,16 +109,19 @@ def run_task(cfg: Config, test_session: FoldId, seed: int, run_dir: str | Path) 
 
         spec = TextEncoderSpec.from_config(cfg.text)
         tokenizer, text_model = build_text_model(spec)
-        ids = tokenize(texts_for(task_records(load_manifest(cfg.data.manifest)), cfg.text.source),
+        ids = tokenize(texts_for(task_records(load_manifest(cfg.data.manifest), **record_filter(cfg)),
+                                 cfg.text.source),
                        tokenizer, cfg.text.max_length)
         text_dim = int(text_model.config.hidden_size)
 
-    def factory(c: Config, num_classes: int) -> nn.Module:
+    def factory(c: Config, num_outputs: int) -> nn.Module:
+        # num_outputs = classes + dimensions (mmser/tasks.py): one final Linear of that width
         if c.task == "text":
-            model = build_text_classifier(c.fusion, text_dim, num_classes)
+            model = build_text_classifier(c.fusion, text_dim, num_outputs)
         else:
             encoder = _audio_encoder(c, test_session, seed)
-            head = build_fusion_head(c.fusion, encoder.hidden_size, text_dim, num_classes)
+            k = num_dimension_outputs(c)
+            head = build_fusion_head(c.fusion, encoder.hidden_size, text_dim, num_outputs - k, num_dims=k)
             model = FusionClassifier(encoder, head, freeze_audio=c.fusion.freeze_audio,
                                      branch_loss_weight=c.fusion.branch_loss_weight)
         if ids is None:

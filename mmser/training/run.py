@@ -13,12 +13,15 @@ saved with the model.
     run_dir/csv/metrics.csv      per-step / per-epoch logs, every epoch once across resumes (plus
                                  run_dir/wandb/ when W&B is on)
     run_dir/.lock                held by the process training the run (another one skips it)
-    run_dir/predictions.csv      id, true, pred, one probability column per class (test set)
+    run_dir/predictions.csv      id, true, pred, one probability column per class (test set); a
+                                 dimensional task (target.kind): id, true_<dim>, pred_<dim> per
+                                 dimension on the corpus's scale (multitask: the class columns too)
     run_dir/model/               model.safetensors + config.json (rebuild with `load_model`)
     run_dir/metrics.json         written LAST, atomically: its presence means "complete"
 
 The tested weights are those of the last epoch ("last", the paper) or of the best validation
-epoch ("best_val", needs a validation set: a predefined split's dev part, or data.validation).
+epoch ("best_val", needs a validation set: a predefined split's dev part, or data.validation), by
+validation UA (the mean CCC for a dimensional task: mmser.tasks.Task.monitor).
 Nothing is ever selected on the test set.
 
 Everything that can be checked is checked before anything is written (the fold, the audio files,
@@ -50,7 +53,15 @@ from torch import nn
 import mmser
 from mmser import tracking
 from mmser.audio import UnreadableAudio, audio_info
-from mmser.config import Config, TrainerConfig, check_same_config, config_diff, save_config, to_dict
+from mmser.config import (
+    Config,
+    TrainerConfig,
+    check_same_config,
+    config_diff,
+    save_config,
+    strategy_problem,
+    to_dict,
+)
 from mmser.data.datamodule import SERDataModule
 from mmser.data.dataset import TextFeatures
 from mmser.data.manifest import Fold, FoldId, classes_for, fold_tag, load_manifest, split_fold
@@ -70,11 +81,18 @@ from mmser.models.audio_encoders import build_audio_encoder, cached_whisper_spec
 from mmser.models.heads import AudioClassifier
 from mmser.models.pretrained import MODEL_FORMAT, from_pretrained, save_pretrained  # noqa: F401 (MODEL_FORMAT re-exported)
 from mmser.models.wav2vec2 import encoder_provenance
-from mmser.perf import ThroughputMonitor, attention_implementation, compile_transformer_layers, find_hf_encoder
+from mmser.perf import (
+    ThroughputMonitor,
+    attention_implementation,
+    compile_transformer_layers,
+    find_hf_encoder,
+    native_bf16,
+)
 from mmser.provenance import provenance
+from mmser.tasks import Task, headline, record_filter, task_from_config
 from mmser.training.checkpoint_io import AtomicCheckpointIO
 from mmser.training.finetune import ClassifierModule
-from mmser.training.progress import EpochLog
+from mmser.training.progress import BatchArithmetic, EpochLog
 
 log = logging.getLogger(__name__)
 
@@ -111,20 +129,45 @@ def run_inputs(cfg: Config, test_session: int, seed: int) -> list[tuple[str, str
     return inputs
 
 
+def _uses_cuda(trainer_cfg: TrainerConfig) -> bool:
+    return trainer_cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
 def resolve_precision(trainer_cfg: TrainerConfig) -> str:
-    """"auto" -> bf16-mixed on a GPU that supports it, 16-mixed on other GPUs, 32-true on CPU."""
-    if trainer_cfg.precision != "auto":
+    """The Lightning precision of `trainer.precision`. "auto" = the reference's: 16-mixed (fp16 AMP)
+    on a CUDA GPU, 32-true on CPU. "auto-bf16" = bf16-mixed on a GPU with native bf16
+    (`mmser.perf.native_bf16`: compute capability >= 8.0), 16-mixed on older GPUs (V100, T4: bf16 is
+    emulated there, without cuDNN convolution engines or memory-efficient attention), 32-true on CPU.
+    Any other value is Lightning's own."""
+    if trainer_cfg.precision not in ("auto", "auto-bf16"):
         return trainer_cfg.precision
-    wants_gpu = trainer_cfg.accelerator in ("auto", "gpu", "cuda")
-    if wants_gpu and torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32-true"
+    if not _uses_cuda(trainer_cfg):
+        return "32-true"
+    if trainer_cfg.precision == "auto-bf16" and native_bf16():
+        return "bf16-mixed"
+    return "16-mixed"
 
 
 def _devices(value: int | str) -> int | str:
     if isinstance(value, int):
         return value
-    return int(value) if value.strip().isdigit() else value
+    return int(value) if value.strip().lstrip("-").isdigit() else value
+
+
+def devices_per_node(trainer_cfg: TrainerConfig) -> int:
+    """How many processes Lightning starts on each node for `trainer.devices`: a count, a list of
+    device indices ("0,1"), or "auto" / -1 = every visible GPU (one process on a CPU)."""
+    devices = _devices(trainer_cfg.devices)
+    if isinstance(devices, int) and devices != -1:
+        return devices
+    if devices in (-1, "auto"):
+        return max(torch.cuda.device_count(), 1) if _uses_cuda(trainer_cfg) else 1
+    return max(len([d for d in str(devices).strip("[] ").split(",") if d.strip()]), 1)
+
+
+def world_size(trainer_cfg: TrainerConfig) -> int:
+    """Training processes in all: devices per node x nodes."""
+    return devices_per_node(trainer_cfg) * trainer_cfg.num_nodes
 
 
 def trainer_kwargs(cfg: Config) -> dict:
@@ -170,9 +213,11 @@ class TrainMode(Callback):
 def make_trainer(cfg: Config, *, callbacks: Sequence[Callback] = (), **kwargs) -> pl.Trainer:
     """The one Trainer factory of every training stage (fine-tuning, text, fusion, TAPT, P-TAPT):
     `trainer_kwargs(cfg)` plus `TrainMode` and a `ThroughputMonitor` (seconds, audio s/s, MFU per
-    epoch: `throughput_monitor(trainer)`) ahead of the stage's own callbacks."""
+    epoch: `throughput_monitor(trainer)`) ahead of the stage's own callbacks; with more than one
+    process, `BatchArithmetic` logs the global batch."""
     monitor = ThroughputMonitor(resolve_precision(cfg.trainer), cfg.data.sample_rate, cfg.trainer.peak_tflops)
-    return pl.Trainer(**trainer_kwargs(cfg), callbacks=[TrainMode(), EpochLog(), monitor, *callbacks], **kwargs)
+    return pl.Trainer(**trainer_kwargs(cfg), callbacks=[TrainMode(), EpochLog(), BatchArithmetic(cfg.data.sample_rate),
+                                                        monitor, *callbacks], **kwargs)
 
 
 def throughput_monitor(trainer: pl.Trainer) -> ThroughputMonitor | None:
@@ -193,15 +238,20 @@ def apply_speed_switches(cfg: Config, model: nn.Module) -> dict:
 
 
 def resolve_strategy(trainer_cfg: TrainerConfig) -> str:
-    """Lightning strategy name. "ddp" becomes "ddp_find_unused_parameters_true": wav2vec 2.0's
-    LayerDrop (config.layerdrop, 0.1 by default) skips random transformer layers in training, so a
-    step can leave trained parameters unused, which plain DDP rejects. Spawn-based strategies are
-    refused: their worker processes would keep the test predictions that run_one writes."""
+    """Lightning strategy name. Every multi-process DDP finds unused parameters: wav2vec 2.0's
+    LayerDrop (0.1 by default) skips random transformer layers in training, differently on each rank,
+    so a step can leave trained parameters without a gradient, which plain DDP rejects ("parameters
+    that were not used") or, on gloo, hangs on. So "ddp", and "auto" with more than one process (where
+    Lightning would pick plain DDP), become "ddp_find_unused_parameters_true"; "auto" on one process
+    stays Lightning's single-device strategy. Spawn / fork strategies and DDP without unused-parameter
+    search are refused (`mmser.config.strategy_problem`)."""
     strategy = trainer_cfg.strategy
-    if "spawn" in strategy:
-        raise ValueError(f"trainer.strategy={strategy}: use 'ddp' (one process per device, started by "
-                         "Lightning), not a spawn-based strategy")
-    return "ddp_find_unused_parameters_true" if strategy == "ddp" else strategy
+    problem = strategy_problem(strategy)
+    if problem is not None:
+        raise ValueError(problem)
+    if strategy == "ddp" or (strategy == "auto" and world_size(trainer_cfg) > 1):
+        return "ddp_find_unused_parameters_true"
+    return strategy
 
 
 def build_audio_model(cfg: Config, num_classes: int = len(CLASSES)) -> AudioClassifier:
@@ -223,10 +273,11 @@ def audio_features_for(cfg: Config) -> dict[str, torch.Tensor] | None:
     from mmser.data.manifest import task_records
     from mmser.models.whisper import whisper_features
 
+    filt = record_filter(cfg)
     key = (str(Path(cfg.data.manifest).resolve()), file_sha256(cfg.data.manifest), spec,
-           str(cfg.encoder.feature_cache_dir))
+           str(cfg.encoder.feature_cache_dir), str(filt))
     if key not in _AUDIO_FEATURES:
-        _AUDIO_FEATURES[key] = whisper_features(task_records(load_manifest(cfg.data.manifest)), spec,
+        _AUDIO_FEATURES[key] = whisper_features(task_records(load_manifest(cfg.data.manifest), **filt), spec,
                                                 cfg.encoder.feature_cache_dir)
     return _AUDIO_FEATURES[key]
 
@@ -257,15 +308,22 @@ def text_side(cfg: Config) -> dict | None:
 
 
 def save_model(model: nn.Module, cfg: Config, out_dir: str | Path, metrics: dict | None = None,
-               classes: Sequence[str] = CLASSES, corpus: str | None = None) -> None:
+               classes: Sequence[str] = CLASSES, corpus: str | None = None, task: Task | None = None) -> None:
     """out_dir/model.safetensors + config.json (architecture, labels `classes` in output order,
     sample rate, text side, corpus name, resolved config) + README.md (model card), in
-    mmser.models.pretrained's format."""
+    mmser.models.pretrained's format. A dimensional or multitask `task`: "classes" names every
+    output (the classes, then the dimensions) and "target" says which are which (kind, classes,
+    dimensions, their corpus scales); inference does not read dimensions yet (issue 19 item 4)."""
     from mmser.card import model_card
     from mmser.provenance import command
 
-    meta = {"mmser_version": mmser.__version__, "task": cfg.task, "classes": list(classes),
+    outputs = list(classes)
+    if task is not None and task.kind != "categorical":
+        outputs = list(task.classes) + list(task.dimensions)
+    meta = {"mmser_version": mmser.__version__, "task": cfg.task, "classes": outputs,
             "sample_rate": cfg.data.sample_rate, "text": text_side(cfg), "config": to_dict(cfg)}
+    if task is not None and task.kind != "categorical":
+        meta["target"] = task.describe()
     if corpus is not None:
         meta["corpus"] = corpus
     save_pretrained(model, out_dir, meta, card=model_card(meta, metrics, command=command()))
@@ -278,15 +336,22 @@ def load_model(model_dir: str | Path) -> nn.Module:
 
 @torch.no_grad()
 def check_saved_model(model: nn.Module, model_dir: Path, batch: Mapping) -> None:
-    """The saved folder loads back and gives the trained model's logits on `batch` (eval mode),
-    or a RuntimeError: a run never finishes with a model that cannot be used."""
+    """The saved folder loads back and gives the trained model's outputs on `batch` (eval mode),
+    or a RuntimeError: a run never finishes with a model that cannot be used. The raw outputs are
+    compared: class logits and, for a dimensional or multitask task, the scaled dimensions.
+
+    Eager, whatever `trainer.compile` compiled: Lightning hands the model back on the CPU after
+    testing, where the compiled layers would compile again for the CPU (a C++ compiler, tens of
+    seconds, or a failure after the whole training). torch.compiler's "force_eager" stance runs
+    every compiled module's own forward (the same weights and code: the check stays exact)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         reloaded = from_pretrained(model_dir, device=device).model
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        expected, got = model(moved).float(), reloaded(moved).float()
+        with torch.compiler.set_stance("force_eager"):
+            expected, got = model(moved).float(), reloaded(moved).float()
     finally:
         model.train(was_training)
     if not torch.allclose(expected, got, atol=1e-4, rtol=1e-4):
@@ -297,20 +362,40 @@ def check_saved_model(model: nn.Module, model_dir: Path, batch: Mapping) -> None
 # -- outputs ----------------------------------------------------------------------------------------
 
 
-def predictions_csv(rows: Sequence[dict], class_names: Sequence[str] = CLASSES) -> str:
+def predictions_csv(rows: Sequence[dict], class_names: Sequence[str] = CLASSES, task: Task | None = None) -> str:
+    """id, true, pred, prob_<class> per class; a dimensional task: id, then true_<dim>, pred_<dim>
+    per dimension (the corpus's scale); multitask: the class columns, then the dimension columns."""
+    categorical = task is None or task.categorical
+    dims = list(task.dimensions) if task is not None and task.dimensional else []
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["id", "true", "pred"] + [f"prob_{c}" for c in class_names])
+    head = ["id"] + (["true", "pred"] + [f"prob_{c}" for c in class_names] if categorical else [])
+    w.writerow(head + [x for d in dims for x in (f"true_{d}", f"pred_{d}")])
     for r in rows:
-        w.writerow([r["id"], class_names[r["true"]], class_names[r["pred"]]]
-                   + [f"{p:.6f}" for p in r["probs"]])
+        row = [r["id"]]
+        if categorical:
+            row += [class_names[r["true"]], class_names[r["pred"]]] + [f"{p:.6f}" for p in r["probs"]]
+        row += [f"{r[k][d]:.6f}" for d in dims for k in ("true_dims", "pred_dims")]
+        w.writerow(row)
     return buf.getvalue()
 
 
-def _report(rows: Sequence[dict], classes: Sequence[str] = CLASSES) -> dict | None:
+def _report(rows: Sequence[dict], classes: Sequence[str] = CLASSES, task: Task | None = None) -> dict | None:
+    """The test report of `rows` over the whole set: UA / WA / macro-F1 and / or CCC, Pearson r,
+    MAE per dimension and the mean CCC (mmser.metrics)."""
     if not rows:
         return None
-    return classification_report([r["true"] for r in rows], [r["pred"] for r in rows], classes)
+    from mmser.metrics import dimensional_report
+
+    report: dict = {}
+    if task is None or task.categorical:
+        report.update(classification_report([r["true"] for r in rows], [r["pred"] for r in rows], classes))
+    if task is not None and task.dimensional:
+        dims = task.dimensions
+        report.update({k: v for k, v in dimensional_report(
+            {d: [r["true_dims"][d] for r in rows] for d in dims},
+            {d: [r["pred_dims"][d] for r in rows] for d in dims}).items() if k != "n" or "n" not in report})
+    return report
 
 
 def corpus_name(records: Sequence[dict]) -> str | None:
@@ -367,8 +452,11 @@ def check_audio_files(records: Sequence[dict], sample_rate: int, what: str, show
 
 def build_fold(cfg: Config, records: list[dict], test_session: FoldId, check_audio: bool = True) -> Fold:
     """The run's fold, checked: test_checkpoint=best_val has a validation set, and (check_audio)
-    every train / val / test audio file is there and readable."""
-    fold = split_fold(records, test_session, cfg.data, classes_for(records, cfg.data))
+    every train / val / test audio file is there and readable. The fold's utterances are the task's
+    (target.kind: a dimensional task's are those with its dimensions, mmser.tasks.record_filter)."""
+    filt = record_filter(cfg)
+    classes = classes_for(records, cfg.data) if filt["categorical"] else ()
+    fold = split_fold(records, test_session, cfg.data, classes, **filt)
     if cfg.finetune.test_checkpoint == "best_val" and not fold.val:
         raise ValueError("finetune.test_checkpoint=best_val needs a validation set "
                          "(data.validation=speaker or fraction, or a predefined split's dev part); "
@@ -470,6 +558,7 @@ def run_one(
         model_factory = build_audio_model
     # Every check before anything is written: a failed start leaves nothing that refuses the rerun.
     records = load_manifest(cfg.data.manifest)
+    task = task_from_config(cfg, records)  # classes, dimensions and their scales: the manifest's
     fold = build_fold(cfg, records, test_session)
     trainer_kwargs(cfg)  # strategy, devices, precision
     with hold_folder(run_dir, enabled=rank_zero_only.rank == 0):
@@ -479,22 +568,25 @@ def run_one(
         check_inputs(run_dir, inputs, "this unfinished run")  # never resume a run of other data
         return _train(cfg, fold, fold.test_session, seed, run_dir, inputs, model_factory=model_factory,
                       text_features=text_features, text_ids=text_ids, callbacks=callbacks, job_type=job_type,
-                      corpus=corpus_name(records))
+                      corpus=corpus_name(records), task=task)
 
 
 def _train(cfg: Config, fold: Fold, test_session: FoldId, seed: int, run_dir: Path, inputs: dict, *,
            model_factory: Callable[[Config, int], nn.Module], text_features: Mapping[str, TextFeatures] | None,
            text_ids: Mapping[str, torch.Tensor] | None, callbacks: Sequence[Callback], job_type: str,
-           corpus: str | None = None) -> dict:
+           corpus: str | None = None, task: Task | None = None) -> dict:
     metrics_path = run_dir / "metrics.json"
+    if task is None:
+        task = Task(kind="categorical", classes=tuple(fold.classes) or CLASSES)
     pl.seed_everything(seed, workers=True)
     dm = SERDataModule(fold, cfg.data, seed=seed, text_features=text_features, text_ids=text_ids,
-                       audio_features=audio_features_for(cfg))
+                       audio_features=audio_features_for(cfg), task=task)
     classes = dm.classes
-    model = model_factory(cfg, len(classes))
+    model = model_factory(cfg, task.num_outputs)  # classes + dimensions (mmser/tasks.py)
     speed = apply_speed_switches(cfg, model)
-    module = ClassifierModule(model, dm.class_weights if cfg.finetune.class_weighted_loss else None,
-                              lr=cfg.finetune.lr, class_names=classes, sample_rate=cfg.data.sample_rate)
+    weighted = cfg.finetune.class_weighted_loss and task.categorical
+    module = ClassifierModule(model, dm.class_weights if weighted else None,
+                              lr=cfg.finetune.lr, class_names=classes, sample_rate=cfg.data.sample_rate, task=task)
 
     if rank_zero_only.rank == 0:
         _claim_run_dir(cfg, run_dir, inputs)
@@ -517,7 +609,7 @@ def _train(cfg: Config, fold: Fold, test_session: FoldId, seed: int, run_dir: Pa
     cbs: list[Callback] = [last_cb]
     best_cb = None
     if fold.val:
-        best_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/ua", mode="max",
+        best_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=task.monitor, mode="max",
                                   save_top_k=1, every_n_epochs=1, enable_version_counter=False)
         cbs.append(best_cb)
     precision = resolve_precision(cfg.trainer)
@@ -555,13 +647,15 @@ def _train(cfg: Config, fold: Fold, test_session: FoldId, seed: int, run_dir: Pa
         improvised = [r for r in rows if by_id[r["id"]].get("scripted") is False] if known else []
         summary = module.training_summary()
         metrics = {
-            "test": _report(rows, classes),
-            "test_improvised": _report(improvised, classes),
+            "test": _report(rows, classes, task),
+            "test_improvised": _report(improvised, classes, task),
             "val": val_report,
             "counts": dm.counts(),
+            # what the model predicts: kind, classes, dimensions and their corpus scales (mmser/tasks.py)
+            "target": task.describe(),
             # the CE weights used (None = unweighted loss)
             "class_weights": ({c: float(w) for c, w in zip(classes, dm.class_weights, strict=True)}
-                              if cfg.finetune.class_weighted_loss else None),
+                              if weighted else None),
             "experiment": cfg.experiment,
             "test_session": test_session,
             "seed": seed,
@@ -584,22 +678,23 @@ def _train(cfg: Config, fold: Fold, test_session: FoldId, seed: int, run_dir: Pa
             "provenance": provenance(),  # mmser version, git commit + dirty flag, library versions
         }
         if trainer.is_global_zero:
-            atomic_write_text(run_dir / "predictions.csv", predictions_csv(rows, classes))
-            save_model(module.model, cfg, run_dir / "model", metrics, classes=classes, corpus=corpus)
+            atomic_write_text(run_dir / "predictions.csv", predictions_csv(rows, classes, task))
+            save_model(module.model, cfg, run_dir / "model", metrics, classes=classes, corpus=corpus, task=task)
             check_saved_model(module.model, run_dir / "model", next(iter(dm.test_dataloader())))
-            tracking.log_final(loggers, metrics, [r["true"] for r in rows], [r["pred"] for r in rows], classes)
+            tracking.log_final(loggers, metrics, [r["true"] for r in rows] if task.categorical else [],
+                               [r["pred"] for r in rows] if task.categorical else [], classes)
             tracking.log_artifact(loggers, cfg, tracking.predictions_artifact(cfg.experiment, test_session, seed),
                                   "predictions", run_dir / "predictions.csv", large=False,
                                   metadata={"test_session": test_session, "seed": seed})
             tracking.log_artifact(loggers, cfg, tracking.model_artifact(cfg.experiment, test_session, seed), "model",
                                   run_dir / "model", large=True,
                                   metadata={"test_session": test_session, "seed": seed, "method": identity["method"],
-                                            "test_ua": metrics["test"]["ua"]})
+                                            "test_ua": metrics["test"].get("ua"),
+                                            "test_ccc_mean": metrics["test"].get("ccc_mean")})
             atomic_write_json(metrics_path, metrics)  # last: marks the run complete
             if not cfg.finetune.keep_checkpoints:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)  # only needed to resume an unfinished run
-        log.info("%s: test UA %.4f WA %.4f (%d utterances)", run_dir, metrics["test"]["ua"],
-                 metrics["test"]["wa"], metrics["test"]["n"])
+        log.info("%s: test %s (%d utterances)", run_dir, headline(metrics["test"]), metrics["test"]["n"])
         exit_code = 0
         return metrics
     finally:

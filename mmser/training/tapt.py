@@ -61,7 +61,7 @@ from mmser.models.wav2vec2 import (
     set_gradient_checkpointing,
     uses_attention_mask,
 )
-from mmser.perf import set_attention_implementation
+from mmser.perf import add_audio_lengths, set_attention_implementation
 from mmser.training.finite import FiniteGuard
 from mmser.training.run import apply_speed_switches, make_trainer, throughput_monitor
 from mmser.training.schedule import make_scheduler
@@ -190,7 +190,7 @@ class TaptModule(pl.LightningModule):
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self._trainer is not None and self.trainer.training:
             batch = self.prepare_masks(batch, self.global_rank, micro_batch_number(self))
-        return batch
+        return add_audio_lengths(batch)  # the ThroughputMonitor's lengths, read before the batch moves
 
     def training_step(self, batch, batch_idx):
         if "mask_time_indices" not in batch:  # called outside a Trainer's loop: draw here (syncs)

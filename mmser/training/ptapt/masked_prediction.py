@@ -50,6 +50,7 @@ from mmser.data.dataset import UtteranceDataset, num_samples, read_audio
 from mmser.data.manifest import Fold, fold_tag
 from mmser.io import mark_stage_done
 from mmser.models.wav2vec2 import build_encoder, compute_time_mask, uses_attention_mask
+from mmser.perf import add_audio_lengths
 from mmser.training.finite import FiniteGuard
 from mmser.training.ptapt.clustering import load_pseudo_labels, read_meta
 from mmser.training.ptapt.common import check_no_test_session, stage_trainer
@@ -238,7 +239,7 @@ class PtaptModule(pl.LightningModule):
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self._trainer is not None and self.trainer.training:
             batch = self.prepare_masks(batch, self.global_rank, micro_batch_number(self))
-        return batch
+        return add_audio_lengths(batch)  # the ThroughputMonitor's lengths, read before the batch moves
 
     def compute_loss(self, batch: dict, time_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Run the encoder with the batch's time mask (`time_mask`, else the batch's "time_mask" from
