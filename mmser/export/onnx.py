@@ -34,8 +34,9 @@ must not pad: mmser.onnx batches only windows of one recording.
 transformers' Whisper encoder: its whole front end is in the graph (cut into 30 s windows, the last
 zero-padded, torch's log-mel, the encoder, the valid frames joined), as WhisperAudioEncoder.encode.
 
-Refused, one line each (ValueError): CTranslate2 Whisper encoders (not a torch module), paired audio
-encoders, a text encoder without a fast tokenizer (no tokenizer.json), a sentence-transformers
+Refused, one line each (ValueError): dimensional and multitask models (target.kind; as
+EmotionClassifier, which does not predict dimensions yet), CTranslate2 Whisper encoders (not a torch
+module), paired audio encoders, a text encoder without a fast tokenizer (no tokenizer.json), a sentence-transformers
 pipeline other than Transformer -> mean Pooling [-> Normalize]. After export the graph is checked
 against PyTorch on a random input (max abs difference of probabilities <= 1e-4, else refused): what
 is written is known to agree.
@@ -90,6 +91,10 @@ def _audio_kinds(arch) -> list[str]:
 def check_exportable(saved: SavedModel) -> None:
     """ExportError naming the first part of `saved` the exporter cannot export."""
     where = saved.path
+    kind = (saved.meta.get("target") or {}).get("kind", "categorical")
+    if kind != "categorical":  # as EmotionClassifier: dimensions are not predicted yet (issue 19 item 4)
+        raise ExportError(f"{where}: a {kind} model (target.kind): ONNX export covers categorical models "
+                          "(the graph outputs class probabilities)")
     for kind in _audio_kinds(saved.meta.get("architecture")):
         if kind == "whisper-ct2":
             raise ExportError(f"{where}: its audio encoder is a CTranslate2 Whisper (faster-whisper), not a torch "
