@@ -168,7 +168,12 @@ def test_unknown_dtypes_byte_counts_names_and_shapes_are_refused(tmp_path, catal
           {**v, "encoder/layer_1/ffn/linear_0/weight": np.zeros((48, 32), np.float32)}, "shape")
     check("CTranslate2 Whisper with 5 heads for d_model 32",
           {**v, "encoder/num_heads": np.array(5, np.int16)}, "num_heads")
-    check("a CTranslate2 model of another architecture", {"decoder/num_heads": np.array(2, np.int16)}, "missing")
+    check("a CTranslate2 WhisperSpec without encoder layers", {"decoder/num_heads": np.array(2, np.int16)},
+          "no encoder layers")
+    path = write_ct2_model(tmp_path / "translator.bin", v, spec="TransformerSpec")
+    with pytest.raises(Ct2FormatError) as exc:
+        whisper_encoder_state_dict(read_ct2_model(path))
+    catalogue("a CTranslate2 translation model (TransformerSpec) as a Whisper", _one_line_naming(exc, path, "Whisper"))
 
     # an unknown dtype id (9) and a byte count that does not match the shape: patched bytes
     one = write_ct2_model(tmp_path / "one.bin", {"x": np.zeros(4, np.float32)}).read_bytes()
@@ -177,7 +182,7 @@ def test_unknown_dtypes_byte_counts_names_and_shapes_are_refused(tmp_path, catal
     for case, data, word in (("CTranslate2 variable of unknown dtype id 9", one[:at] + b"\x09" + one[at + 1:], "dtype"),
                              ("CTranslate2 variable whose byte count is not its shape's",
                               one[:at + 1] + np.uint32(12).tobytes() + one[at + 5:], "bytes")):
-        path = _rewrite(tmp_path / f"patched{len(word)}.bin", data)
+        path = _rewrite(tmp_path / f"patched-{word}.bin", data)
         with pytest.raises(Ct2FormatError) as exc:
             read_ct2_model(path)
         catalogue(case, _one_line_naming(exc, path, word))

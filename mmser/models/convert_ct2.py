@@ -209,8 +209,10 @@ def whisper_encoder_state_dict(ct2: Ct2Model) -> tuple[dict, dict[str, np.ndarra
             f"float16`), or use it frozen with encoder.backend=ctranslate2")
     v = {k.removeprefix("encoder/"): a for k, a in ct2.variables.items() if k.startswith("encoder/")}
     layers = sorted({int(m.group(1)) for k in v if (m := re.match(r"layer_(\d+)/", k))})
-    if layers != list(range(len(layers))) or not layers:
-        raise Ct2FormatError(f"{path}: encoder layers {layers} are not 0..N-1")
+    if not layers:
+        raise Ct2FormatError(f"{path}: no encoder layers (encoder/layer_0/...) in the file: not a Whisper model")
+    if layers != list(range(len(layers))):
+        raise Ct2FormatError(f"{path}: encoder layers {layers} are not numbered 0..N-1")
     expected = set(_TOP_NAMES) | {f"layer_{i}/{n}" for i in layers for n in _LAYER_NAMES}
     missing, unexpected = sorted(expected - set(v)), sorted(set(v) - expected)
     if missing:
@@ -305,7 +307,7 @@ def write_ct2_model(path: str | Path, variables: dict[str, np.ndarray], spec: st
 
     out = [struct.pack("<I", version), string(spec), struct.pack("<I", revision), struct.pack("<I", len(variables))]
     for name in sorted(variables):
-        a = np.ascontiguousarray(variables[name])
+        a = np.asarray(variables[name], order="C")  # ascontiguousarray would make a scalar 1-d
         out += [string(name), struct.pack("<B", a.ndim), *(struct.pack("<I", n) for n in a.shape),
                 struct.pack("<B", ids[a.dtype]), struct.pack("<I", a.nbytes),
                 a.astype(a.dtype.newbyteorder("<")).tobytes()]
