@@ -150,7 +150,7 @@ def _batch(clips: list[np.ndarray], fill: float = 0.0) -> dict:
     return {"audio": audio, "audio_mask": mask}
 
 
-def test_clip_window_frames_padding_invariance_and_cost():
+def test_clip_window_frames_padding_invariance_and_hidden_states():
     enc = tiny_encoder()
     clip, full = WhisperAudioEncoder(enc, window="clip").eval(), WhisperAudioEncoder(enc, window="30s").eval()
     rng = np.random.default_rng(0)
