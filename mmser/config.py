@@ -137,6 +137,11 @@ class EncoderConfig:
     # int8 on CPU, float16 on CUDA, as mmser's ASR, so the ASR pass fills the same cache).
     backend: Literal["transformers", "ctranslate2"] = "transformers"
     freeze: bool = False
+    # Whisper's encoder window (backend transformers; README "Whisper as the audio branch"). "30s" =
+    # Whisper's own: every clip zero-padded to 3,000 mel frames, as it was trained and as CTranslate2
+    # runs it. "clip" = each clip's own length, positional embeddings sliced (a departure from Whisper,
+    # mmser.models.whisper.clip_forward): 11-17x cheaper on 3 s clips, other frames (cosine 0.95).
+    whisper_window: Literal["30s", "clip"] = "30s"
     compute_type: Literal["auto", "int8", "int8_float32", "float16", "float32"] = "auto"
     feature_cache_dir: str = "runs/cache/audio"
     # The audio head's pooling over valid frames: "mean" = the paper's (ReLU -> masked mean -> Linear);
@@ -533,6 +538,11 @@ _CROSS_CHECKS: list[tuple[tuple[str, ...], typing.Callable[[Config], bool], str]
      "encoder.backend=ctranslate2 is for encoder.kind=whisper only"),
     (("encoder.kind", "encoder.freeze"), lambda c: not c.encoder.freeze or c.encoder.kind == "whisper",
      "encoder.freeze is for encoder.kind=whisper (wav2vec 2.0-style encoders: fusion.freeze_audio)"),
+    (("encoder.kind", "encoder.backend", "encoder.whisper_window"),
+     lambda c: c.encoder.whisper_window == "30s"
+     or (c.encoder.kind == "whisper" and c.encoder.backend == "transformers"),
+     "encoder.whisper_window=clip is for encoder.kind=whisper with encoder.backend=transformers (CTranslate2 runs "
+     "30 s windows)"),
     (("encoder.kind", "pretrain"), lambda c: c.encoder.kind != "whisper" or c.pretrain == "none",
      "TAPT / P-TAPT pre-train wav2vec 2.0-style encoders: pretrain must be none with encoder.kind=whisper"),
     (("target.kind", "target.dimensions"),

