@@ -62,7 +62,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmser.audio import load_audio, resample
+from mmser.audio import resample
 from mmser.io import atomic_write_text
 from mmser.models.pretrained import SavedModel, from_pretrained
 from mmser.models.text_encoder import WithTextEncoder
@@ -72,6 +72,7 @@ from mmser.prediction import (  # noqa: F401 (MAX_CHANNELS, PCM_SCALES: re-expor
     Prediction,
     as_waveform,
     check_finite_audio,
+    classify_file,
     make_prediction,
     weighted_mean,
     window_samples,
@@ -335,13 +336,7 @@ class EmotionClassifier:
                       *, empty_text: str = "error") -> Prediction:
         """A sound file (any format soundfile reads, any rate, mono or multichannel) -> Prediction.
         Errors name the file."""
-        wav = load_audio(path, self.sample_rate)
-        try:
-            return self.classify_waveform(wav, self.sample_rate, text, asr, empty_text=empty_text, source=str(path))
-        except ValueError as e:
-            if str(path) in str(e):
-                raise
-            raise ValueError(f"{path}: {e}") from None
+        return classify_file(self, path, text, asr, empty_text=empty_text)
 
 
 # -- mmser predict ------------------------------------------------------------------------------------

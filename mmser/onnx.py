@@ -29,12 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mmser.audio import load_audio, resample
+from mmser.audio import resample
 from mmser.extras import require
 from mmser.prediction import (
     Prediction,
     as_waveform,
     check_finite_audio,
+    classify_file,
     make_prediction,
     weighted_mean,
     window_samples,
@@ -161,13 +162,7 @@ class OnnxClassifier:
                       empty_text: str = "error") -> Prediction:
         """A sound file (any format soundfile reads, any rate, mono or multichannel) -> Prediction.
         Errors name the file."""
-        wav = load_audio(path, self.sample_rate)
-        try:
-            return self.classify(wav, self.sample_rate, text, asr, empty_text=empty_text, source=str(path))
-        except ValueError as e:
-            if str(path) in str(e):
-                raise
-            raise ValueError(f"{path}: {e}") from None
+        return classify_file(self, path, text, asr, empty_text=empty_text)
 
     def embed(self, wav, sample_rate: int, text: str | None = None) -> np.ndarray:
         """The recording's embedding (D,) float32 (see EmotionClassifier.embed)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -139,3 +140,20 @@ def make_prediction(classes: Sequence[str], probs, start: float, end: float, tex
                          "refusing to label it (its weights or the input are broken)")
     return Prediction(label=classes[int(p.argmax())], probs={c: float(v) for c, v in zip(classes, p, strict=True)},
                       start=round(start, 4), end=round(end, 4), text=text, embedding=embedding)
+
+
+def classify_file(classifier, path: str | Path, text: str | None = None, asr: bool = False, *,
+                  empty_text: str = "error") -> Prediction:
+    """`classifier.classify_waveform` of a sound file (any format soundfile reads, any rate, mono or
+    multichannel), read at the classifier's `sample_rate`: the one file path of EmotionClassifier and
+    the torch-free OnnxClassifier. Errors name the file."""
+    from mmser.audio import load_audio
+
+    wav = load_audio(path, classifier.sample_rate)
+    try:
+        return classifier.classify_waveform(wav, classifier.sample_rate, text, asr, empty_text=empty_text,
+                                            source=str(path))
+    except ValueError as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: {e}") from None
