@@ -173,3 +173,56 @@ def random_openai_whisper_state(dims) -> dict:
             if not torch.isfinite(p).all() or name.endswith("positional_embedding"):
                 p.normal_(0.0, 0.02)
     return model.state_dict()
+
+
+def espeak_speech(root: Path, sentences: Sequence[str]) -> list[np.ndarray]:
+    """espeak-ng speaking each sentence, resampled to 16 kHz mono float32 with scipy (skips the test
+    where espeak-ng is not installed)."""
+    import shutil
+    import subprocess
+    from math import gcd
+
+    from scipy.signal import resample_poly
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    out = []
+    for i, text in enumerate(sentences):
+        raw = Path(root) / f"raw{i}.wav"
+        subprocess.run(["espeak-ng", "-w", str(raw), text], check=True, capture_output=True)
+        audio, sr = sf.read(raw, dtype="float32")
+        g = gcd(sr, 16000)
+        out.append(resample_poly(audio, 16000 // g, sr // g).astype(np.float32))
+    return out
+
+
+def signal_mid_training(args: Sequence[str], sig: int, epoch_line: str = "epoch 2/200") -> tuple[int, str]:
+    """Run `python -m mmser ARGS` from the repo, send it `sig` once its stderr shows `epoch_line`
+    (training is under way), and return (exit code, the rest of its stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "mmser", *args], stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        for line in proc.stderr:
+            if epoch_line in line:
+                break
+        proc.send_signal(sig)
+        err = proc.stderr.read()
+        code = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    return code, err
+
+
+def write_csv_table(path: Path, rows: Sequence[dict]) -> Path:
+    """`rows` (dicts with the same keys) as a CSV file with a header line."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path

@@ -8,15 +8,12 @@ checked on tiny random encoders."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from math import gcd
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import single_torch_thread, tone  # noqa: F401
+from helpers import espeak_speech, single_torch_thread, tone  # noqa: F401
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from mmser.models.convert_ct2 import read_ct2_model, whisper_encoder_state_dict, write_ct2_model
@@ -205,20 +202,7 @@ def test_the_window_is_saved_with_the_model_and_validated():
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory) -> list[np.ndarray]:
     """espeak-ng utterances (2-5 s), 16 kHz float32 (resampled with scipy)."""
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed")
-    import soundfile as sf
-    from scipy.signal import resample_poly
-
-    root = tmp_path_factory.mktemp("speech")
-    out = []
-    for i, text in enumerate(SENTENCES):
-        raw = root / f"raw{i}.wav"
-        subprocess.run(["espeak-ng", "-w", str(raw), text], check=True, capture_output=True)
-        audio, sr = sf.read(raw, dtype="float32")
-        g = gcd(sr, 16000)
-        out.append(resample_poly(audio, 16000 // g, sr // g).astype(np.float32))
-    return out
+    return espeak_speech(tmp_path_factory.mktemp("speech"), SENTENCES)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from fake_msp_podcast import LAYOUT, make_fake_msp_podcast
-from helpers import CONFIGS, single_torch_thread, tone, write_toy_corpus  # noqa: F401 (fixture)
+from helpers import CONFIGS, single_torch_thread, tone, write_csv_table, write_toy_corpus  # noqa: F401 (fixture)
 
 from mmser.cli import main
 from mmser.config import DataConfig
@@ -57,12 +57,7 @@ def write_csv_corpus(root: Path, speakers: dict[str, str | None], per_class: int
             if split is not None:
                 row["part"] = split
             rows.append(row)
-    table = root / "corpus.csv"
-    with open(table, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return table
+    return write_csv_table(root / "corpus.csv", rows)
 
 
 COLUMNS = ["--column", "path=file", "--column", "label=emotion", "--column", "speaker=spk",

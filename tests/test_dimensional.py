@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import CONFIGS, SAMPLE_RATE, TINY_CONFIGS, tiny_config, tone, write_toy_corpus
+from helpers import CONFIGS, SAMPLE_RATE, TINY_CONFIGS, tiny_config, tone, write_csv_table, write_toy_corpus
 
 from mmser.data.iemocap import prepare_iemocap
 from mmser.data.manifest import ManifestError, load_manifest, split_fold, task_records
@@ -132,12 +132,7 @@ def _csv_corpus(root: Path, values: list[tuple], extra_rows: int = 0) -> Path:
         sf.write(str(root / name), tone(220.0 * (1 + i % 4), 0.3, rng), SAMPLE_RATE, subtype="PCM_16")
         lines.append({"file": name, "emotion": ["ang", "hap", "neu", "sad"][i % 4], "spk": f"s{i % 4}",
                       "act": act, "val": val})
-    table = root / "labels.csv"
-    with open(table, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(lines[0]))
-        w.writeheader()
-        w.writerows(lines)
-    return table
+    return write_csv_table(root / "labels.csv", lines)
 
 
 def test_csv_columns_reach_the_manifest_with_a_given_or_inferred_scale(tmp_path, capsys):

@@ -11,7 +11,6 @@ would, one after another, on one tiny corpus.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import REPO, TINY_CONFIGS, cli_error, cli_last_line, write_toy_corpus
+from helpers import REPO, TINY_CONFIGS, cli_error, cli_last_line, signal_mid_training, write_toy_corpus
 
 from mmser.io import read_jsonl, write_jsonl
 
@@ -204,17 +203,7 @@ def test_sigterm_stops_a_run_with_exit_143_and_the_same_command_resumes(corpus, 
     out = tmp_path / "runs"
     args = ["train", *C, f"data.manifest={manifest}", f"output_dir={out}", "finetune.epochs=200",
             "data.batch_size=4", "tracking.wandb=disabled", "--session", "1"]
-    proc = subprocess.Popen([sys.executable, "-m", "mmser", *args], stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        for line in proc.stderr:  # wait until training runs (an epoch line, after its last.ckpt)
-            if "epoch 2/200" in line:
-                break
-        proc.send_signal(signal.SIGTERM)
-        err = proc.stderr.read()
-        code = proc.wait(timeout=120)
-    finally:
-        proc.kill()
+    code, err = signal_mid_training(args, signal.SIGTERM)  # sent once an epoch line shows (after last.ckpt)
     last = [x for x in err.splitlines() if x.strip()][-1]
     run_dir = out / "tiny-vft" / "s1-seed0"
     assert code == 143 and last.startswith("mmser: terminated (SIGTERM)"), (code, err[-2000:])

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, TINY_CONFIGS, cli_error, cli_last_line, write_toy_corpus
+from helpers import REPO, TINY_CONFIGS, cli_error, cli_last_line, signal_mid_training, write_toy_corpus
 
 C = [x for f in TINY_CONFIGS for x in ("-c", str(f))]
 
@@ -126,17 +126,7 @@ def test_ctrl_c_during_training_exits_130(corpus, tmp_path, catalogue, command):
     fold = ["--session", "1"] if command == "train" else ["--sessions", "1", "--seeds", "1"]
     args = [command, *C, f"data.manifest={manifest}", f"output_dir={out}", "finetune.epochs=200",
             "data.batch_size=4", "tracking.wandb=disabled", *fold]
-    proc = subprocess.Popen([sys.executable, "-m", "mmser", *args], stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        for line in proc.stderr:  # wait until Lightning trains (an epoch line)
-            if "epoch 2/200" in line:
-                break
-        proc.send_signal(signal.SIGINT)
-        err = proc.stderr.read()
-        code = proc.wait(timeout=120)
-    finally:
-        proc.kill()
+    code, err = signal_mid_training(args, signal.SIGINT)  # sent once Lightning trains (an epoch line)
     last = ([x for x in err.splitlines() if x.strip()] or [""])[-1]
     assert code == 130 and last == "mmser: interrupted", (code, err[-2000:])
     assert "Traceback" not in err, err[-2000:]

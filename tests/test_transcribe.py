@@ -4,15 +4,12 @@ openai-whisper plumbing with a tiny random checkpoint, and clear errors."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-from math import gcd
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
-from helpers import random_openai_whisper_state
+from helpers import espeak_speech, random_openai_whisper_state
 
 from mmser.io import file_sha256
 from mmser.text.transcribe import (
@@ -47,19 +44,11 @@ def _write_manifest(path: Path, records: list[dict]) -> Path:
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory) -> list[tuple[Path, str]]:
     """espeak-ng utterances, resampled to 16 kHz mono with scipy: [(wav, text)]."""
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed")
-    from scipy.signal import resample_poly
-
     root = tmp_path_factory.mktemp("speech")
     out = []
-    for i, text in enumerate(SENTENCES):
-        raw = root / f"raw{i}.wav"
-        subprocess.run(["espeak-ng", "-w", str(raw), text], check=True, capture_output=True)
-        audio, sr = sf.read(raw, dtype="float32")
-        g = gcd(sr, 16000)
+    for i, (audio, text) in enumerate(zip(espeak_speech(root, SENTENCES), SENTENCES, strict=True)):
         wav = root / f"utt{i}.wav"
-        sf.write(wav, resample_poly(audio, 16000 // g, sr // g).astype(np.float32), 16000, subtype="PCM_16")
+        sf.write(wav, audio, 16000, subtype="PCM_16")
         out.append((wav, text))
     return out
 

